@@ -1,0 +1,63 @@
+// lowbit._C — the only CPU file that sees pybind11. Arguments are raw pointers (Python ints from
+// tensor.data_ptr()), sizes and enum ids; python/lowbit/ops.py validates everything first.
+// The GIL is released while a kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu/common.h"
+#include "lowbit/formats.h"
+#include "lowbit/quant.h"
+
+namespace py = pybind11;
+using namespace lowbit;
+
+template <class T>
+static T* ptr(intptr_t p) { return reinterpret_cast<T*>(p); }
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit CPU kernels (raw-pointer interface; use lowbit.ops)";
+  py::call_guard<py::gil_scoped_release> nogil;
+
+  m.def("cpu_path", &cpu::cpu_path, "'avx2' when the AVX2+FMA+F16C kernels are in use, else 'portable'");
+  m.def("set_cpu_path", &cpu::set_cpu_path, py::arg("path"),
+        "Force 'avx2' or 'portable' (tests use it to check both paths); returns the path in use");
+  m.def("num_threads", &cpu::num_threads);
+  m.def("tables", [] {
+    py::dict d;
+    d["nf4"] = std::vector<float>(kNF4, kNF4 + 16);
+    d["fp4"] = std::vector<float>(kFP4, kFP4 + 16);
+    d["fp4_sorted_codes"] = std::vector<int>(kFP4SortedCodes, kFP4SortedCodes + 16);
+    d["dynamic_signed"] = std::vector<float>(kDynamicSigned, kDynamicSigned + 256);
+    d["dynamic_unsigned"] = std::vector<float>(kDynamicUnsigned, kDynamicUnsigned + 256);
+    d["nested_block"] = kNestedBlock;
+    return d;
+  });
+
+  // ---- quant
+  m.def("quantize", [](intptr_t w, int w_dtype, int64_t numel, int block, int fmt, intptr_t codes,
+                       intptr_t scale, intptr_t zero) {
+    cpu::quantize({ptr<const void>(w), DType(w_dtype), numel, block, Fmt(fmt), ptr<uint8_t>(codes),
+                   ptr<float>(scale), ptr<float>(zero)});
+  }, nogil);
+  m.def("dequantize", [](intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q,
+                         intptr_t scale_nested, float scale_offset, intptr_t out, int out_dtype,
+                         int64_t numel, int block, int fmt) {
+    cpu::dequantize({ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero),
+                     ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset,
+                     ptr<void>(out), DType(out_dtype), numel, block, Fmt(fmt)});
+  }, nogil);
+  m.def("quantize8", [](intptr_t x, int64_t numel, int block, bool is_signed, float offset,
+                        intptr_t q, intptr_t absmax) {
+    cpu::quantize8({ptr<const float>(x), numel, block, is_signed, offset, ptr<uint8_t>(q), ptr<float>(absmax)});
+  }, nogil);
+  m.def("dequantize8", [](intptr_t q, intptr_t absmax, int64_t numel, int block, bool is_signed,
+                          float offset, intptr_t out) {
+    cpu::dequantize8({ptr<const uint8_t>(q), ptr<const float>(absmax), numel, block, is_signed, offset, ptr<float>(out)});
+  }, nogil);
+
+  // ---- families register below (one line each): gemm, lowrank, hadamard, optim
+}
