@@ -1,0 +1,50 @@
+// lowbit/gemm.h — the `gemm` family contract: products with a packed low-bit weight, never
+// materialising the dense weight.
+//
+//   gemm:    y (m, n)  = x (m, k) · dequant(W)ᵀ (+ bias)      forward of QuantLinear
+//   gemm_t:  gx (m, k) = gy (m, n) · dequant(W)               backward to the input
+//
+// W is (n, k) in the canonical layout of quant.h (flat row-major codes, first element in the most
+// significant bits, one fp32 scale (+ zero) per block of `block` consecutive elements along k,
+// optionally double-quantized scales decoded inside the kernel). Activations and outputs share one
+// dtype (fp32 / bf16 / fp16); accumulation is fp32. The spec is python/lowbit/reference.py::gemm_ref:
+// equal to x @ dequantize_ref(W).T up to fp32 accumulation error (documented per path in
+// docs/kernels.md).
+#pragma once
+#include <cstdint>
+
+#include "lowbit/formats.h"
+
+namespace lowbit {
+
+struct GemmWeight {
+  const uint8_t* codes;       // (n, k * bits / 8)
+  const float* scale;         // (n * k / block,) or null when scale_q is given
+  const float* zero;          // int formats only
+  const uint8_t* scale_q;     // double quant: (n * k / block,) uint8, or null
+  const float* scale_nested;  // (ceil(n * k / block / 256),)
+  float scale_offset;
+  int64_t n, k;
+  int32_t block;
+  Fmt fmt;
+};
+
+struct GemmParams {
+  GemmWeight w;
+  const void* x;     // gemm: (m, k); gemm_t: gy (m, n)
+  void* y;           // gemm: (m, n); gemm_t: gx (m, k)
+  const void* bias;  // gemm only: (n,) in dtype, or null
+  DType dtype;
+  int64_t m;
+};
+
+namespace cpu {  // csrc/cpu/gemm.cpp (+ gemm_avx2.cpp)
+void gemm(const GemmParams& p);
+void gemm_t(const GemmParams& p);
+}  // namespace cpu
+namespace kernels {  // csrc/launch/gemm.inl (CUDA; nvcc and simt)
+int gemm(const GemmParams& p, intptr_t stream);
+int gemm_t(const GemmParams& p, intptr_t stream);
+}  // namespace kernels
+
+}  // namespace lowbit
