@@ -5,6 +5,7 @@
 // ~20 GB/s per core both are memory-bound only if the inner loop costs < ~1 ns per 8 weights, which
 // the scalar code does not reach (table search, nibble packing) — hence the AVX2 path.
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -58,6 +59,18 @@ std::string set_cpu_path(const std::string& path) {
   return cpu_path();
 }
 int num_threads() { return omp_get_max_threads(); }
+
+void hint_huge_pages(void* p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)p; (void)bytes;
+#endif
+}
 
 // ---------------------------------------------------------------- portable block loops
 static void quantize_blocks_portable(const QuantizeParams& p, int64_t b0, int64_t b1) {
@@ -130,6 +143,7 @@ static void parallel_blocks(int64_t n_blocks, int block, F&& f) {
 void quantize(const QuantizeParams& p) {
   LOWBIT_CHECK(p.block > 0 && p.block <= 4096 && p.numel % p.block == 0, "quantize: bad block");
   const int64_t n_blocks = p.numel / p.block;
+  hint_huge_pages(p.codes, size_t(p.numel) * fmt_bits(p.fmt) / 8);
   const bool avx2 = use_avx2();
   parallel_blocks(n_blocks, p.block, [&](int64_t b0, int64_t b1) {
 #if LOWBIT_HAVE_AVX2_TU
@@ -143,6 +157,7 @@ void quantize(const QuantizeParams& p) {
 void dequantize(const DequantizeParams& p) {
   LOWBIT_CHECK(p.block > 0 && p.numel % p.block == 0, "dequantize: bad block");
   const int64_t n_blocks = p.numel / p.block;
+  hint_huge_pages(p.out, size_t(p.numel) * (p.out_dtype == DType::f32 ? 4 : 2));
   const bool avx2 = use_avx2();
   parallel_blocks(n_blocks, p.block, [&](int64_t b0, int64_t b1) {
 #if LOWBIT_HAVE_AVX2_TU

@@ -1,0 +1,86 @@
+"""Shared test helpers: backends to run every kernel family on, and the one tolerance rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import _native
+
+# In CI, a backend that should have been built but was not is a failure, never a silent skip.
+REQUIRED = {b for b in os.environ.get("LOWBIT_REQUIRE_BACKENDS", "").split(",") if b}
+
+# (id, backend, kwargs for use_backend, cpu path to force)
+_BACKEND_CASES = [
+    ("reference", "reference", {}, None),
+    ("cpu", "cpu", {}, "auto"),
+    ("cpu-portable", "cpu", {}, "portable"),
+    ("sim-forward", "sim", {"schedule": "forward", "threads": 2}, None),
+    ("sim-reverse", "sim", {"schedule": "reverse", "threads": 2}, None),
+    ("sim-random7", "sim", {"schedule": "random:7", "threads": 2}, None),
+    ("sim-random123", "sim", {"schedule": "random:123", "threads": 1}, None),
+]
+
+
+def require_backend(backend: str) -> None:
+    if _native.has(backend):
+        return
+    why = _native._import_errors.get(backend, "not built")
+    if backend in REQUIRED:
+        pytest.fail(f"backend {backend!r} is required here (LOWBIT_REQUIRE_BACKENDS) but unavailable: {why}")
+    pytest.skip(f"backend {backend!r} unavailable: {why}")
+
+
+def _backend_ctx(request):
+    _, backend, kwargs, cpu_path = request.param
+    require_backend(backend)
+    if cpu_path is not None:
+        _native.module("cpu").set_cpu_path(cpu_path)
+    try:
+        with lowbit.use_backend(backend, **kwargs):
+            yield backend
+    finally:
+        if cpu_path is not None:
+            _native.module("cpu").set_cpu_path("auto")
+
+
+@pytest.fixture(params=_BACKEND_CASES, ids=[c[0] for c in _BACKEND_CASES])
+def backend(request):
+    """Every implementation: reference, cpu (avx2 and portable), sim under several schedules."""
+    yield from _backend_ctx(request)
+
+
+@pytest.fixture(params=[c for c in _BACKEND_CASES if c[1] != "reference"],
+                ids=[c[0] for c in _BACKEND_CASES if c[1] != "reference"])
+def kernel_backend(request):
+    """The compiled implementations only (compared against the reference)."""
+    yield from _backend_ctx(request)
+
+
+def eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype, k: int,
+                 scale: torch.Tensor | float | None = None, factor: float = 4.0, name: str = "") -> None:
+    """The one tolerance rule: an accumulation of ``k`` products rounded to ``dtype``.
+
+    ``|actual - expected| <= factor * (eps(dtype) * |expected| + sqrt(k) * eps(fp32) * scale)``
+    where ``scale`` bounds ``sum |x_i w_i|`` per output (pass it from the inputs; default
+    ``|expected|``). NaN anywhere fails (NaN never compares as close).
+    """
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape, f"{name} shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{name} has NaN"
+    s = e.abs() if scale is None else (scale.double() if isinstance(scale, torch.Tensor) else torch.full_like(e, scale))
+    tol = factor * (eps(dtype) * e.abs() + (k ** 0.5) * eps(torch.float32) * s) + 1e-30
+    err = (a - e).abs()
+    bad = err > tol
+    if bad.any():
+        i = int(torch.argmax((err / tol).reshape(-1)))
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; worst at flat "
+                             f"{i}: got {a.reshape(-1)[i].item():.9g}, expected {e.reshape(-1)[i].item():.9g}, "
+                             f"tol {tol.reshape(-1)[i].item():.3g}")
