@@ -10,6 +10,7 @@
 
 #include "cpu/common.h"
 #include "lowbit/formats.h"
+#include "lowbit/gemm.h"
 #include "lowbit/quant.h"
 
 namespace py = pybind11;
@@ -60,4 +61,6 @@ PYBIND11_MODULE(_C, m) {
   }, nogil);
 
   // ---- families register below (one line each): gemm, lowrank, hadamard, optim
+  m.def("gemm", [](intptr_t x, intptr_t y, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) { cpu::gemm({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_}); }, nogil);
+  m.def("gemm_t", [](intptr_t gy, intptr_t gx, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) { cpu::gemm_t({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(gy), ptr<void>(gx), nullptr, DType(dtype), m_}); }, nogil);
 }

@@ -1,0 +1,138 @@
+// csrc/cpu/gemm.cpp — gemm family on the CPU: argument checks, run-time dispatch to the AVX2 file
+// (gemm_avx2.cpp) and the portable fp32 path that any x86-64 / ARM build runs.
+//
+//   gemm:    y (m, n)  = x (m, k) · dequant(W)ᵀ (+ bias)
+//   gemm_t:  gx (m, k) = gy (m, n) · dequant(W)
+//
+// Portable path: each weight row segment is decoded to fp32 exactly as cpu::dequantize does
+// (table[q] * s, or (q - z) * s, double-quant scale rebuilt first), then plain fp32 dot products /
+// axpys. Error vs x @ dequant(W).T in fp64: fp32 accumulation only, ≤ ~k · 2^-24 · Σ|x||w| worst
+// case (sequential sums), typically sqrt(k) · 2^-24 relative. Speed is not the point here (scalar,
+// ~1-2 GFLOP/s per core); it is the fallback and the second opinion the tests compare against.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/common.h"
+#include "lowbit/gemm.h"
+
+namespace lowbit::cpu {
+
+#if LOWBIT_HAVE_AVX2_TU
+void gemm_avx2(const GemmParams& p);    // gemm_avx2.cpp
+void gemm_t_avx2(const GemmParams& p);  // gemm_avx2.cpp
+#endif
+
+namespace {
+
+// Scale of block b of the weight (flat block index over all n * k / block blocks).
+inline float weight_scale(const GemmWeight& w, int64_t b) {
+  if (!w.scale_q) return w.scale[b];
+  float s = kDynamicSigned[w.scale_q[b]] * w.scale_nested[b / kNestedBlock];
+  return s + w.scale_offset;
+}
+
+// Row n, elements [k0, k1) (block aligned) -> fp32, bit-identical to cpu::dequantize.
+void decode_row(const GemmWeight& w, int64_t n, int64_t k0, int64_t k1, float* out) {
+  const int bits = fmt_bits(w.fmt), per_byte = 8 / bits, mask = (1 << bits) - 1;
+  const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
+  const int64_t row0 = n * w.k;
+  for (int64_t kb = k0; kb < k1; kb += w.block) {
+    const int64_t b = (row0 + kb) / w.block;
+    const float s = weight_scale(w, b);
+    const float z = fmt_is_table(w.fmt) ? 0.0f : w.zero[b];
+    for (int i = 0; i < w.block; ++i) {
+      const int64_t e = row0 + kb + i;
+      const int q = (w.codes[e / per_byte] >> pack_shift(bits, int(e % per_byte))) & mask;
+      out[kb - k0 + i] = fmt_is_table(w.fmt) ? table[q] * s : (float(q) - z) * s;
+    }
+  }
+}
+
+void check(const GemmParams& p, const char* who) {
+  const GemmWeight& w = p.w;
+  LOWBIT_CHECK(w.block == 32 || w.block == 64 || w.block == 128 || w.block == 256,
+               std::string(who) + ": block must be 32/64/128/256");
+  LOWBIT_CHECK(w.n > 0 && w.k > 0 && w.k % w.block == 0, std::string(who) + ": k % block != 0");
+  LOWBIT_CHECK(p.m >= 0 && w.codes && (w.scale || (w.scale_q && w.scale_nested)),
+               std::string(who) + ": missing weight buffers");
+  LOWBIT_CHECK(fmt_is_table(w.fmt) || w.zero, std::string(who) + ": int formats need zero");
+}
+
+// y = x · Wᵀ + bias. Threads split n; each thread decodes one weight row at a time (fp32, k floats)
+// and dots it with every row of x (converted to fp32 once, shared).
+void gemm_portable(const GemmParams& p) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;
+  std::vector<float> xf(static_cast<size_t>(M * K));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_float(p.x, p.dtype, i);
+#pragma omp parallel
+  {
+    std::vector<float> wrow(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      decode_row(p.w, n, 0, K, wrow.data());
+      const float b = p.bias ? load_as_float(p.bias, p.dtype, n) : 0.0f;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xf.data() + m * K;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += xr[k] * wrow[k];
+        store_from_float(p.y, p.dtype, m * N + n, acc + b);
+      }
+    }
+  }
+}
+
+// gx = gy · W. Threads split k (in whole blocks, so no two threads write one gx element); each
+// thread walks n, decodes its segment of row n and does gx[m, seg] += gy[m, n] · w[seg] for a
+// block of rows of gy at a time (fp32 accumulators of kMRows × segment).
+void gemm_t_portable(const GemmParams& p) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
+  constexpr int64_t kMRows = 64;
+#pragma omp parallel
+  {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t k0 = nbk * t / T * p.w.block, k1 = nbk * (t + 1) / T * p.w.block, ks = k1 - k0;
+    if (ks > 0) {
+      std::vector<float> wseg(static_cast<size_t>(ks)), acc(static_cast<size_t>(kMRows * ks)), gyf(static_cast<size_t>(kMRows * N));
+      for (int64_t m0 = 0; m0 < M; m0 += kMRows) {
+        const int64_t mr = std::min(kMRows, M - m0);
+        for (int64_t i = 0; i < mr * N; ++i) gyf[i] = load_as_float(p.x, p.dtype, m0 * N + i);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t n = 0; n < N; ++n) {
+          decode_row(p.w, n, k0, k1, wseg.data());
+          for (int64_t m = 0; m < mr; ++m) {
+            const float g = gyf[m * N + n];
+            float* a = acc.data() + m * ks;
+            for (int64_t k = 0; k < ks; ++k) a[k] += g * wseg[k];
+          }
+        }
+        for (int64_t m = 0; m < mr; ++m)
+          for (int64_t k = 0; k < ks; ++k) store_from_float(p.y, p.dtype, (m0 + m) * K + k0 + k, acc[m * ks + k]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gemm(const GemmParams& p) {
+  check(p, "gemm");
+  if (p.m == 0) return;
+#if LOWBIT_HAVE_AVX2_TU
+  if (use_avx2()) return gemm_avx2(p);
+#endif
+  gemm_portable(p);
+}
+
+void gemm_t(const GemmParams& p) {
+  check(p, "gemm_t");
+  if (p.m == 0) return;
+#if LOWBIT_HAVE_AVX2_TU
+  if (use_avx2()) return gemm_t_avx2(p);
+#endif
+  gemm_t_portable(p);
+}
+
+}  // namespace lowbit::cpu

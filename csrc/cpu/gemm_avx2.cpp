@@ -1,0 +1,301 @@
+// csrc/cpu/gemm_avx2.cpp — AVX2/FMA/F16C kernels of the gemm family (this file alone is compiled
+// with -mavx2 -mfma -mf16c; gemm.cpp calls it only when the CPU has them).
+//
+// Two kernels per direction, chosen by M (see gemm_avx2 / gemm_t_avx2 at the bottom):
+//
+//  * gemv_i16 (forward, M ≤ kGemvMaxM): the weight streams from DRAM once and must be decoded at
+//    memory speed. Codes are decoded to int16 with byte shuffles / masks and multiplied with
+//    vpmaddwd against activations quantized per group of 32 to int16; int32 partial sums are
+//    converted to fp32 every 64 (4-bit) / 128 (2-bit) weights. See the comment above gemv_i16.
+//
+//  * tile GEMM (forward, larger M; and gemm_t always): a tile of W is decoded exactly to fp32
+//    (bit-identical to cpu::dequantize) into L2, then a register-blocked 6×16 FMA micro-kernel runs
+//    over it for many rows of x; decode cost is amortised over the rows. Error: fp32 accumulation
+//    only (same as a dense fp32 GEMM on dequant(W)).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+#include "lowbit/gemm.h"
+
+namespace lowbit::cpu {
+
+namespace {
+
+// ============================================================================ shared helpers
+
+inline float weight_scale(const GemmWeight& w, int64_t b) {
+  if (!w.scale_q) return w.scale[b];
+  float s = kDynamicSigned[w.scale_q[b]] * w.scale_nested[b / kNestedBlock];
+  return s + w.scale_offset;
+}
+
+// A buffer aligned for AVX loads, reused across calls on the same thread.
+struct AlignedBuf {
+  float* p = nullptr;
+  size_t cap = 0;
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n + 15) & ~size_t(15);
+      p = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
+  }
+  ~AlignedBuf() { std::free(p); }
+};
+
+// Codes of 8 elements in the packed stream, as int32 lanes in element order (as in quant_avx2.cpp).
+inline __m256i unpack8(const uint8_t* src, int bits) {
+  uint32_t word = 0;
+  if (bits == 4) {
+    std::memcpy(&word, src, 4);
+    const __m256i sh = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0xf));
+  }
+  std::memcpy(&word, src, 2);
+  const __m256i sh = _mm256_setr_epi32(6, 4, 2, 0, 14, 12, 10, 8);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0x3));
+}
+
+// Exact fp32 decode of rows [n0, n0 + rows) × columns [k0, k0 + kc) of W into out (row stride ld);
+// rows [rows, rows_pad) are zero-filled. k0 and kc are multiples of 32, so every run of 32
+// elements lies in one block. Same fp32 operations as cpu::dequantize (no FMA): bit-identical.
+// Cost ≈ 7 vector instructions per 8 weights (broadcast, srlv, and, 2 vpermps, blend, mul, store).
+void decode_tile_f32(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc,
+                     float* out, int64_t ld) {
+  const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
+  const bool is_table = fmt_is_table(w.fmt);
+  const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
+  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = _mm256_loadu_ps(table + 8);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row0 = (n0 + r) * w.k;
+    float* o = out + r * ld;
+    for (int i = 0; i < kc; i += 32) {
+      const int64_t e0 = row0 + k0 + i, b = e0 / w.block;
+      const __m256 s = _mm256_set1_ps(weight_scale(w, b));
+      const __m256 z = _mm256_set1_ps(is_table ? 0.0f : w.zero[b]);
+      const uint8_t* src = w.codes + e0 / per_byte;
+      for (int j = 0; j < 32; j += 8) {
+        const __m256i idx = unpack8(src + j / per_byte, bits);
+        __m256 v;
+        if (is_table) {
+          __m256 a = _mm256_permutevar8x32_ps(t_lo, idx), c = _mm256_permutevar8x32_ps(t_hi, idx);
+          v = _mm256_mul_ps(_mm256_blendv_ps(a, c, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))), s);
+        } else {
+          v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), s);
+        }
+        _mm256_store_ps(o + i + j, v);
+      }
+    }
+  }
+  for (int r = rows; r < rows_pad; ++r) std::memset(out + r * ld, 0, sizeof(float) * size_t(kc));
+}
+
+// fp32 -> output dtype for one element (round to nearest even; scalar is fine: O(m·n) stores).
+inline void store_out(void* y, DType t, int64_t i, float v) { store_from_float(y, t, i, v); }
+
+// ============================================================================ tile GEMM (forward)
+// y (M, N) = x (M, K) · Wᵀ. Loop nest per m-block of kMC rows of x:
+//   pack x → xp[m/16][k][16] fp32 (shared by the threads; converts bf16/fp16 once)
+//   each thread, over its range of n, in blocks of kNC rows:
+//     for each k-block of kKC: decode W[n-block, k-block] → Wt (fp32, kNC × kKC, L2 resident)
+//       for each sliver of 16 rows of x (16 × kKC floats: L1 resident)
+//         for each group of 6 rows of W: micro_fwd (6 × 16 outputs in 12 ymm accumulators)
+//   the per-thread C buffer (kNC × kMC fp32, n-major) is transposed into y with bias at the end.
+// Roofline: per k step the micro-kernel issues 12 FMA, 2 loads, 6 broadcasts: FMA-bound (2/cycle
+// on Zen 3), ≈ 85-90% of the fp32 FMA peak in the loop; the decode (≈ 0.9 instr/weight) is paid
+// once per kMC rows of x (≤ 2-4% at M ≥ 128). Weight bytes read: M/kMC passes over the packed W.
+constexpr int kMR = 16;   // rows of x per micro tile (two ymm)
+constexpr int kNR = 6;    // rows of W per micro tile (broadcasts)
+constexpr int kKC = 256;  // k per decoded tile (multiple of every block size)
+constexpr int kNC = 96;   // rows of W per decoded tile: 96 KB of fp32 in L2
+constexpr int kMC = 256;  // rows of x per m-block (decode amortised over these)
+static_assert(kNC % kNR == 0 && kMC % kMR == 0 && kKC % 32 == 0, "tile sizes");
+
+// c[i][0..15] (+)= Σ_k w_i[k] · xs[k][0..15] for i < 6: x vectors loaded, w broadcast.
+template <bool kFirst>
+inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, float* c, int64_t ldc) {
+  __m256 acc[kNR][2];
+  for (int i = 0; i < kNR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const float* w0 = w;
+  const float* w1 = w + ldw;
+  const float* w2 = w + 2 * ldw;
+  const float* w3 = w + 3 * ldw;
+  const float* w4 = w + 4 * ldw;
+  const float* w5 = w + 5 * ldw;
+  for (int k = 0; k < kc; ++k) {
+    const __m256 a0 = _mm256_load_ps(xs + kMR * k), a1 = _mm256_load_ps(xs + kMR * k + 8);
+    __m256 b;
+    b = _mm256_broadcast_ss(w0 + k); acc[0][0] = _mm256_fmadd_ps(b, a0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(b, a1, acc[0][1]);
+    b = _mm256_broadcast_ss(w1 + k); acc[1][0] = _mm256_fmadd_ps(b, a0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(b, a1, acc[1][1]);
+    b = _mm256_broadcast_ss(w2 + k); acc[2][0] = _mm256_fmadd_ps(b, a0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(b, a1, acc[2][1]);
+    b = _mm256_broadcast_ss(w3 + k); acc[3][0] = _mm256_fmadd_ps(b, a0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(b, a1, acc[3][1]);
+    b = _mm256_broadcast_ss(w4 + k); acc[4][0] = _mm256_fmadd_ps(b, a0, acc[4][0]); acc[4][1] = _mm256_fmadd_ps(b, a1, acc[4][1]);
+    b = _mm256_broadcast_ss(w5 + k); acc[5][0] = _mm256_fmadd_ps(b, a0, acc[5][0]); acc[5][1] = _mm256_fmadd_ps(b, a1, acc[5][1]);
+  }
+  for (int i = 0; i < kNR; ++i) {
+    float* ci = c + i * ldc;
+    if (kFirst) {
+      _mm256_store_ps(ci, acc[i][0]);
+      _mm256_store_ps(ci + 8, acc[i][1]);
+    } else {
+      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), acc[i][0]));
+      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
+    }
+  }
+}
+
+void gemm_tile(const GemmParams& p) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;
+  static thread_local AlignedBuf xp_buf;  // owned by the calling thread, shared inside the region
+  const int64_t mc_max = std::min<int64_t>(kMC, (M + kMR - 1) / kMR * kMR);
+  float* xp = xp_buf.get(size_t(mc_max * K));
+#pragma omp parallel
+  {
+    static thread_local AlignedBuf wt_buf, c_buf;
+    float* wt = wt_buf.get(size_t(kNC) * kKC);
+    float* cb = c_buf.get(size_t(kNC) * size_t(mc_max));
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t na = N * t / T, nb = N * (t + 1) / T;
+    for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+      const int64_t mv = std::min<int64_t>(kMC, M - m0), mcp = (mv + kMR - 1) / kMR * kMR;
+      const int64_t nsl = mcp / kMR;
+      // pack x rows [m0, m0 + mv) as 16-row slivers, k-major; pad rows with zeros
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < nsl; ++s) {
+        float* dst = xp + s * K * kMR;
+        for (int j = 0; j < kMR; ++j) {
+          const int64_t m = m0 + s * kMR + j;
+          if (m < M) {
+            for (int64_t k = 0; k < K; ++k) dst[k * kMR + j] = load_as_float(p.x, p.dtype, m * K + k);
+          } else {
+            for (int64_t k = 0; k < K; ++k) dst[k * kMR + j] = 0.0f;
+          }
+        }
+      }  // implicit barrier: xp complete
+      for (int64_t n0 = na; n0 < nb; n0 += kNC) {
+        const int nv = int(std::min<int64_t>(kNC, nb - n0)), ng = (nv + kNR - 1) / kNR;
+        for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+          const int kc = int(std::min<int64_t>(kKC, K - k0));
+          decode_tile_f32(p.w, n0, nv, ng * kNR, k0, kc, wt, kKC);
+          for (int64_t s = 0; s < nsl; ++s) {
+            const float* xs = xp + (s * K + k0) * kMR;
+            for (int g = 0; g < ng; ++g) {
+              float* c = cb + g * kNR * mcp + s * kMR;
+              if (k0 == 0) micro_fwd<true>(kc, xs, wt + g * kNR * kKC, kKC, c, mcp);
+              else micro_fwd<false>(kc, xs, wt + g * kNR * kKC, kKC, c, mcp);
+            }
+          }
+        }
+        for (int64_t m = 0; m < mv; ++m)
+          for (int n = 0; n < nv; ++n) {
+            const float b = p.bias ? load_as_float(p.bias, p.dtype, n0 + n) : 0.0f;
+            store_out(p.y, p.dtype, (m0 + m) * N + n0 + n, cb[n * mcp + m] + b);
+          }
+      }
+#pragma omp barrier  // xp is rewritten for the next m-block
+    }
+  }
+}
+
+// ============================================================================ tile GEMM (gemm_t)
+// gx (M, K) = gy (M, N) · W. Threads split k in whole blocks (disjoint columns of gx). Per m-block
+// of kTM rows of gy (converted to fp32 once, shared, rows zero-padded to a multiple of 6):
+//   for each k-tile of kTK columns: C (kTM × kTK fp32) accumulates over n-tiles of kTN rows of W,
+//   each decoded exactly to fp32 (kTN × kTK, 128 KB, L2); micro_t: 6 rows of gy × 16 columns of
+//   gx, W loaded (2 ymm per n), gy broadcast, 12 FMA per n.
+// Roofline: as the forward tile kernel (FMA-bound at large M); decode amortised over kTM rows.
+// At small M it is decode-bound (≈ 0.9 instr/weight): "decent", not bandwidth.
+constexpr int kTM = 96;   // rows of gy per m-block (multiple of 6)
+constexpr int kTK = 128;  // columns of gx per tile (multiple of 32)
+constexpr int kTN = 256;  // rows of W per decoded tile
+static_assert(kTM % kNR == 0 && kTK % 32 == 0, "tile sizes");
+
+template <bool kFirst>
+inline void micro_t(int nn, const float* wt, int64_t ldw, const float* g, int64_t ldg, float* c, int64_t ldc) {
+  __m256 acc[kNR][2];
+  for (int i = 0; i < kNR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const float* g0 = g;
+  const float* g1 = g + ldg;
+  const float* g2 = g + 2 * ldg;
+  const float* g3 = g + 3 * ldg;
+  const float* g4 = g + 4 * ldg;
+  const float* g5 = g + 5 * ldg;
+  for (int n = 0; n < nn; ++n) {
+    const __m256 a0 = _mm256_load_ps(wt + n * ldw), a1 = _mm256_load_ps(wt + n * ldw + 8);
+    __m256 b;
+    b = _mm256_broadcast_ss(g0 + n); acc[0][0] = _mm256_fmadd_ps(b, a0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(b, a1, acc[0][1]);
+    b = _mm256_broadcast_ss(g1 + n); acc[1][0] = _mm256_fmadd_ps(b, a0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(b, a1, acc[1][1]);
+    b = _mm256_broadcast_ss(g2 + n); acc[2][0] = _mm256_fmadd_ps(b, a0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(b, a1, acc[2][1]);
+    b = _mm256_broadcast_ss(g3 + n); acc[3][0] = _mm256_fmadd_ps(b, a0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(b, a1, acc[3][1]);
+    b = _mm256_broadcast_ss(g4 + n); acc[4][0] = _mm256_fmadd_ps(b, a0, acc[4][0]); acc[4][1] = _mm256_fmadd_ps(b, a1, acc[4][1]);
+    b = _mm256_broadcast_ss(g5 + n); acc[5][0] = _mm256_fmadd_ps(b, a0, acc[5][0]); acc[5][1] = _mm256_fmadd_ps(b, a1, acc[5][1]);
+  }
+  for (int i = 0; i < kNR; ++i) {
+    float* ci = c + i * ldc;
+    if (kFirst) {
+      _mm256_store_ps(ci, acc[i][0]);
+      _mm256_store_ps(ci + 8, acc[i][1]);
+    } else {
+      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), acc[i][0]));
+      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
+    }
+  }
+}
+
+void gemm_t_tile(const GemmParams& p) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
+  static thread_local AlignedBuf gy_buf;
+  const int64_t tm_max = std::min<int64_t>(kTM, (M + kNR - 1) / kNR * kNR);
+  float* gyf = gy_buf.get(size_t(tm_max * N));
+#pragma omp parallel
+  {
+    static thread_local AlignedBuf wt_buf, c_buf;
+    float* wt = wt_buf.get(size_t(kTN) * kTK);
+    float* cb = c_buf.get(size_t(kTM) * kTK);
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t ka = nbk * t / T * p.w.block, kb = nbk * (t + 1) / T * p.w.block;
+    for (int64_t m0 = 0; m0 < M; m0 += kTM) {
+      const int64_t mv = std::min<int64_t>(kTM, M - m0), mp = (mv + kNR - 1) / kNR * kNR;
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < mp; ++m) {
+        float* dst = gyf + m * N;
+        if (m < mv) {
+          for (int64_t n = 0; n < N; ++n) dst[n] = load_as_float(p.x, p.dtype, (m0 + m) * N + n);
+        } else {
+          std::memset(dst, 0, sizeof(float) * size_t(N));
+        }
+      }
+      for (int64_t k0 = ka; k0 < kb; k0 += kTK) {
+        const int kt = int(std::min<int64_t>(kTK, kb - k0));
+        for (int64_t n0 = 0; n0 < N; n0 += kTN) {
+          const int nn = int(std::min<int64_t>(kTN, N - n0));
+          decode_tile_f32(p.w, n0, nn, nn, k0, kt, wt, kTK);
+          for (int ks = 0; ks < kt; ks += 16)
+            for (int64_t g = 0; g < mp / kNR; ++g) {
+              float* c = cb + g * kNR * kTK + ks;
+              const float* gg = gyf + g * kNR * N + n0;
+              if (n0 == 0) micro_t<true>(nn, wt + ks, kTK, gg, N, c, kTK);
+              else micro_t<false>(nn, wt + ks, kTK, gg, N, c, kTK);
+            }
+        }
+        for (int64_t m = 0; m < mv; ++m)
+          for (int k = 0; k < kt; ++k) store_out(p.y, p.dtype, (m0 + m) * K + k0 + k, cb[m * kTK + k]);
+      }
+#pragma omp barrier  // gyf is rewritten for the next m-block
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_avx2(const GemmParams& p) { gemm_tile(p); }
+void gemm_t_avx2(const GemmParams& p) { gemm_t_tile(p); }
+
+}  // namespace lowbit::cpu

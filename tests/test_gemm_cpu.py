@@ -1,0 +1,209 @@
+"""CPU gemm / gemm_t kernels (lowbit._C) against a dense fp64 product on the dequantized weight.
+
+Self-contained (talks to lowbit._C directly): only accumulation error remains, so the tolerance
+follows from the precision of each path (docs/kernels.md, "CPU gemm"):
+
+  |y - y_ref| <= c * (2^-24 * sqrt(k) * ||x∘w||  +  EPS_I16 * ||xg∘w||)  +  eps(dtype) * |y_ref|
+
+where ||x∘w|| = sqrt(Σ_k x_k² w_k²) per output (fp32 accumulation, random-walk growth), xg is |x|
+replaced by the max of its group of 32 (the int16 activation quantization of the small-M path is
+relative to that max), and eps(dtype) covers the final rounding of the output.
+"""
+import math
+
+import pytest
+import torch
+
+_C = pytest.importorskip("lowbit._C")
+
+FMT = {"nf4": 0, "fp4": 1, "int4": 2, "int2": 3}
+DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# Small-M path: activations int16 per group of 32 (half a step: 0.5/16383 of the group max) and
+# the NF4 table as int16/16384 (max error 2.6e-5 of the block absmax). Other paths: 0.
+EPS_I16 = 0.5 / 16383 + 2.6e-5
+PATHS = ["avx2", "portable"] if _C.cpu_path() == "avx2" else ["portable"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    old = _C.cpu_path()
+    _C.set_cpu_path(request.param)
+    yield request.param
+    _C.set_cpu_path(old)
+
+
+class QW:
+    """A quantized (n, k) weight in the canonical layout, built with lowbit._C.quantize."""
+
+    def __init__(self, n, k, fmt, block, double_quant, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, k, generator=g) * 0.05
+        w[:, :: max(1, k // 7)] *= 8.0  # a few outlier columns
+        bits = 2 if fmt == "int2" else 4
+        nb = n * k // block
+        self.n, self.k, self.fmt, self.block = n, k, fmt, block
+        self.codes = torch.empty(n * k * bits // 8, dtype=torch.uint8)
+        scale = torch.empty(nb)
+        self.zero = torch.empty(nb) if fmt.startswith("int") else None
+        _C.quantize(w.data_ptr(), 0, n * k, block, FMT[fmt], self.codes.data_ptr(), scale.data_ptr(), _ptr(self.zero))
+        if double_quant:
+            self.scale_offset = float(scale.mean())
+            self.scale_q = torch.empty(nb, dtype=torch.uint8)
+            self.scale_nested = torch.empty((nb + 255) // 256)
+            _C.quantize8(scale.data_ptr(), nb, 256, True, self.scale_offset, self.scale_q.data_ptr(),
+                         self.scale_nested.data_ptr())
+            self.scale = None
+        else:
+            self.scale, self.scale_q, self.scale_nested, self.scale_offset = scale, None, None, 0.0
+        self.w_hat = torch.empty(n, k)
+        _C.dequantize(self.codes.data_ptr(), _ptr(self.scale), _ptr(self.zero), _ptr(self.scale_q),
+                      _ptr(self.scale_nested), self.scale_offset, self.w_hat.data_ptr(), 0, n * k, block, FMT[fmt])
+
+    def args(self):
+        return (self.codes.data_ptr(), _ptr(self.scale), _ptr(self.zero), _ptr(self.scale_q),
+                _ptr(self.scale_nested), self.scale_offset, self.block, FMT[self.fmt])
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def gemm(x, qw, bias=None):
+    m = x.shape[0]
+    y = torch.full((m, qw.n), float("nan"), dtype=x.dtype)
+    _C.gemm(x.data_ptr(), y.data_ptr(), _ptr(bias), DT[x.dtype], m, qw.n, qw.k, *qw.args())
+    return y
+
+
+def gemm_t(gy, qw):
+    m = gy.shape[0]
+    gx = torch.full((m, qw.k), float("nan"), dtype=gy.dtype)
+    _C.gemm_t(gy.data_ptr(), gx.data_ptr(), DT[gy.dtype], m, qw.n, qw.k, *qw.args())
+    return gx
+
+
+def group_max(a, group=32):
+    """|a| with every entry replaced by the max |a| of its group of `group` along the last dim."""
+    m, k = a.shape
+    g = a.abs().reshape(m, k // group, group).amax(-1, keepdim=True)
+    return g.expand(m, k // group, group).reshape(m, k)
+
+
+def check(out, ref, x, w, k, dtype, xg=None, worst_case=False):
+    """worst_case: same-sign data, where rounding errors add up linearly (bound k·2^-24·Σ|x||w|)."""
+    x, w = x.double(), w.double()
+    xg = x.abs() if xg is None else xg.double()
+    if worst_case:
+        tol = (k * 2.0**-24 + EPS_I16) * (xg @ w.abs().T)
+    else:
+        norm = (x * x) @ (w * w).T
+        norm_g = (xg * xg) @ (w * w).T
+        tol = 4 * (2.0**-24 * math.sqrt(k) * norm.sqrt() + EPS_I16 * norm_g.sqrt())
+    tol = tol + EPS[dtype] * ref.abs() + 1e-30
+    err = (out.double() - ref).abs()
+    bad = ~(err <= tol)  # NaN counts as bad
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outside tolerance; worst err/tol {float((err / tol).max()):.3g}"
+
+
+def run_gemm(m, n, k, fmt, block, dq, dtype, with_bias, seed=0):
+    qw = QW(n, k, fmt, block, dq, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype) if with_bias else None
+    y = gemm(x, qw, bias)
+    ref = x.double() @ qw.w_hat.double().T
+    if bias is not None:
+        ref += bias.double()
+    check(y, ref, x, qw.w_hat, k, dtype, group_max(x.float()))
+
+
+def run_gemm_t(m, n, k, fmt, block, dq, dtype, seed=0):
+    qw = QW(n, k, fmt, block, dq, seed)
+    gy = torch.randn(m, n, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
+    gx = gemm_t(gy, qw)
+    ref = gy.double() @ qw.w_hat.double()
+    check(gx, ref, gy, qw.w_hat.T, n, dtype)
+
+
+# ---------------------------------------------------------------- every format / block / dq / path
+@pytest.mark.parametrize("fmt", list(FMT))
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_gemm_formats(path, fmt, block, dq, m):
+    run_gemm(m, 3 * block, 5 * block, fmt, block, dq, torch.float32, with_bias=True, seed=block + m)
+
+
+@pytest.mark.parametrize("fmt", list(FMT))
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
+@pytest.mark.parametrize("dq", [False, True])
+def test_gemm_t_formats(path, fmt, block, dq):
+    run_gemm_t(7, 3 * block, 5 * block, fmt, block, dq, torch.float32, seed=block)
+
+
+# ---------------------------------------------------------------- shapes (edge cases of the tiling)
+SHAPES_NK = [(32, 32), (96, 32), (160, 4096), (96, 4000), (224, 1120)]  # K=4000, 1120: not multiples of 256 / 64
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 33, 128])
+@pytest.mark.parametrize("n,k", SHAPES_NK)
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int2"])
+def test_gemm_shapes(path, m, n, k, fmt):
+    if path == "portable" and m * n * k > 2e7:
+        pytest.skip("portable path is scalar: large shapes are covered on the avx2 path")
+    run_gemm(m, n, k, fmt, 32, dq=fmt == "nf4", dtype=torch.float32, with_bias=m % 2 == 1, seed=m + n)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 128])
+@pytest.mark.parametrize("n,k", SHAPES_NK)
+def test_gemm_t_shapes(path, m, n, k):
+    if path == "portable" and m * n * k > 2e7:
+        pytest.skip("portable path is scalar")
+    run_gemm_t(m, n, k, "nf4", 32, dq=True, dtype=torch.float32, seed=m)
+
+
+# ---------------------------------------------------------------- activation dtypes, bias
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", list(FMT))
+@pytest.mark.parametrize("m", [1, 2, 5, 40])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_dtypes(path, dtype, fmt, m, with_bias):
+    run_gemm(m, 192, 576, fmt, 64, dq=True, dtype=dtype, with_bias=with_bias, seed=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", list(FMT))
+def test_gemm_t_dtypes(path, dtype, fmt):
+    run_gemm_t(9, 192, 576, fmt, 64, dq=False, dtype=dtype)
+
+
+# ---------------------------------------------------------------- numerics of the small-M path
+def test_gemv_extreme_values(path):
+    """Constant-sign activations at the group max against all-(-1) NF4 codes: the int32 partial
+    sums are at their worst case (no overflow allowed), and zeros in x must stay exact."""
+    k, n = 4096, 64
+    qw = QW(n, k, "nf4", 256, False)
+    qw.codes.zero_()  # code 0 = -1.0 everywhere
+    qw.w_hat = -qw.scale.repeat_interleave(256).reshape(n, k)
+    for x in (torch.full((1, k), -3.0), torch.full((1, k), 1e30), torch.zeros(1, k)):
+        y = gemm(x, qw)
+        ref = x.double() @ qw.w_hat.double().T
+        check(y, ref, x, qw.w_hat, k, torch.float32, group_max(x), worst_case=True)
+
+
+def test_gemv_outlier_groups(path):
+    """Groups whose scales differ by 1e6: each group of 32 is quantized on its own max."""
+    k, n = 1024, 96
+    qw = QW(n, k, "int4", 64, True)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5))
+    x[:, 32:64] *= 1e6
+    x[:, 64:96] *= 1e-6
+    y = gemm(x, qw)
+    check(y, x.double() @ qw.w_hat.double().T, x, qw.w_hat, k, torch.float32, group_max(x))
+
+
+def test_m_zero_is_noop(path):
+    qw = QW(32, 64, "nf4", 32, False)
+    gemm(torch.empty(0, 64), qw)
+    gemm_t(torch.empty(0, 32), qw)
