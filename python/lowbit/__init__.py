@@ -15,9 +15,11 @@ import os
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before lowbit._C links to it)
 
+from . import nn  # noqa: E402
 from ._native import BACKENDS, use_backend
-from .convert import from_bnb, load_file, save_file, to_bnb
+from .convert import from_bnb, load_file, quantize_model, save_file, to_bnb
 from .formats import FORMATS, QuantizedTensor, QuantSpec
+from .functional import linear
 from .ops import dequantize, quantize
 
 __version__ = "0.1.0"
@@ -35,6 +37,9 @@ __all__ = [
     "load_file",
     "use_backend",
     "info",
+    "linear",
+    "quantize_model",
+    "nn",
 ]
 
 

@@ -88,7 +88,11 @@ def main(argv=None) -> int:
     a.add_argument("--block-size", type=int, default=64)
     a.add_argument("--double-quant", action="store_true")
     a.set_defaults(fn=_quantize)
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if args.cmd in ("bench", "demo"):
+        args.rest = unknown + list(args.rest)  # options of the sub-tool pass through
+    elif unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.fn(args)
 
 

@@ -11,7 +11,7 @@ import torch
 from .formats import DTYPE_NAME, FP4, NESTED_BLOCK, NF4, QuantizedTensor, QuantSpec, dynamic_map
 from .reference import _f32
 
-__all__ = ["to_bnb", "from_bnb", "save_file", "load_file"]
+__all__ = ["to_bnb", "from_bnb", "save_file", "load_file", "quantize_model"]
 
 _META_KEY = "lowbit"  # safetensors metadata entry holding the quantized tensors' descriptions
 _FORMAT_VERSION = 1
@@ -171,3 +171,65 @@ def load_file(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
             raise ValueError(f"{path!r}: quantized tensor {name!r} is inconsistent: {e}") from None
     out.update(flat)
     return out
+
+
+# ----------------------------------------------------------------------------- models
+def _module_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:  # tied weights count once
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_model(model: torch.nn.Module, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
+                   skip=("lm_head",), progress: bool = True) -> dict:
+    """Replace every ``nn.Linear`` of ``model`` in place by a :class:`lowbit.nn.QuantLinear`.
+
+    ``skip``: module names (or name suffixes / components, e.g. ``"lm_head"``) to leave dense.
+    Linears whose ``in_features`` is not a multiple of ``block_size`` are left dense and listed.
+    Returns a report: ``{"replaced", "skipped", "incompatible", "bytes_before", "bytes_after"}``.
+    """
+    import sys
+
+    from .nn import QuantLinear
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    QuantSpec(fmt, block_size, double_quant)  # validate once, before touching the model
+    if isinstance(skip, str):
+        skip = (skip,)
+
+    def skipped(name: str) -> bool:
+        parts = name.split(".")
+        return any(name == s or name.endswith("." + s) or s in parts for s in skip)
+
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    report = {"replaced": [], "skipped": [], "incompatible": [], "bytes_before": _module_bytes(model)}
+    todo = []
+    for name, m in targets:
+        if skipped(name):
+            report["skipped"].append(name)
+        elif m.in_features % block_size:
+            report["incompatible"].append(name)
+        else:
+            todo.append(name)
+    for i, name in enumerate(todo):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(getattr(parent, child), fmt, block_size, double_quant))
+        report["replaced"].append(name)
+        if progress:
+            done = (i + 1) * 30 // len(todo)
+            print(f"\rquantize_model {fmt}: [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(todo)}",
+                  end="" if i + 1 < len(todo) else "\n", file=sys.stderr, flush=True)
+    report["bytes_after"] = _module_bytes(model)
+    if progress:
+        print(f"quantize_model: {len(todo)} Linear -> QuantLinear({fmt}, block {block_size}"
+              f"{', double quant' if double_quant else ''}); memory {report['bytes_before'] / 2**20:.1f} MiB -> "
+              f"{report['bytes_after'] / 2**20:.1f} MiB; skipped {report['skipped']}"
+              + (f"; left dense (K % block != 0): {report['incompatible']}" if report["incompatible"] else ""),
+              file=sys.stderr)
+    return report

@@ -14,7 +14,7 @@ from . import reference as ref
 from ._native import backend_for, call
 from .formats import DTYPE_ID, FMT_ID, NESTED_BLOCK, QuantizedTensor, QuantSpec
 
-__all__ = ["quantize", "dequantize", "block_scales", "quantize8", "dequantize8"]
+__all__ = ["quantize", "dequantize", "block_scales", "quantize8", "dequantize8", "gemm", "gemm_t"]
 
 _FLOAT_DTYPES = tuple(DTYPE_ID)
 
@@ -134,3 +134,138 @@ def dequantize8(q: torch.Tensor, absmax: torch.Tensor, block: int = 256, signed:
     out = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
     call(be, "dequantize8", q.data_ptr(), absmax.data_ptr(), q.numel(), block, bool(signed), off, out.data_ptr())
     return out
+
+
+# ----------------------------------------------------------------------------------------- gemm
+# torch.library custom ops: opaque to torch.compile (fake impls give shapes), autograd registered
+# on the op itself, so `torch.compile(model)` and `opcheck` see one op per product.
+GEMM_BLOCKS = (32, 64, 128, 256)
+
+
+def _weight_args(qt: QuantizedTensor):
+    c = qt.components()
+    return (c["codes"], c.get("scale"), c.get("zero"), c.get("scale_q"), c.get("scale_nested"), c.get("scale_offset"))
+
+
+def _qt_from_args(codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt, dtype):
+    spec = QuantSpec(fmt, block, scale_q is not None)
+    return QuantizedTensor(spec, (n, k), dtype, codes, scale=scale, zero=zero, scale_q=scale_q,
+                           scale_nested=scale_nested, scale_offset=scale_offset)
+
+
+def _native_gemm(fn: str, be: str, a: torch.Tensor, out: torch.Tensor, bias, w, n, k, block, fmt):
+    codes, scale, zero, scale_q, scale_nested, scale_offset = w
+    m = a.numel() // a.shape[-1]
+    args = [a.data_ptr(), out.data_ptr()]
+    if fn == "gemm":
+        args.append(_ptr(bias))
+    args += [DTYPE_ID[a.dtype], m, n, k, codes.data_ptr(), _ptr(scale), _ptr(zero), _ptr(scale_q),
+             _ptr(scale_nested), float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt]]
+    call(be, fn, *args)
+
+
+@torch.library.custom_op("lowbit::gemm", mutates_args=())
+def gemm_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+            scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+            scale_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], n: int, k: int, block: int,
+            fmt: str) -> torch.Tensor:
+    """y (M, N) = x (M, K) · dequant(W)ᵀ (+ bias); inputs validated by :func:`gemm`."""
+    w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
+    be = backend_for(x)
+    if be == "reference":
+        return ref.gemm_ref(x, _qt_from_args(*w, n, k, block, fmt, x.dtype), bias)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _native_gemm("gemm", be, x, y, bias, w, n, k, block, fmt)
+    return y
+
+
+@gemm_op.register_fake
+def _(x, codes, scale, zero, scale_q, scale_nested, scale_offset, bias, n, k, block, fmt):
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("lowbit::gemm_t", mutates_args=())
+def gemm_t_op(gy: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+              scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+              scale_offset: Optional[torch.Tensor], n: int, k: int, block: int, fmt: str) -> torch.Tensor:
+    """gx (M, K) = gy (M, N) · dequant(W): the backward of gemm to its input."""
+    w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
+    be = backend_for(gy)
+    if be == "reference":
+        return ref.gemm_t_ref(gy, _qt_from_args(*w, n, k, block, fmt, gy.dtype))
+    gx = torch.empty(gy.shape[0], k, dtype=gy.dtype, device=gy.device)
+    _native_gemm("gemm_t", be, gy, gx, None, w, n, k, block, fmt)
+    return gx
+
+
+@gemm_t_op.register_fake
+def _(gy, codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt):
+    return gy.new_empty(gy.shape[0], k)
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, codes, scale, zero, scale_q, scale_nested, scale_offset, bias, n, k, block, fmt = inputs
+    ctx.save_for_backward(codes, scale, zero, scale_q, scale_nested, scale_offset)
+    ctx.meta = (n, k, block, fmt, bias is not None)
+
+
+def _gemm_backward(ctx, gy):
+    n, k, block, fmt, has_bias = ctx.meta
+    gx = gemm_t_op(gy.contiguous(), *ctx.saved_tensors, n, k, block, fmt) if ctx.needs_input_grad[0] else None
+    gb = gy.sum(0) if has_bias and ctx.needs_input_grad[7] else None
+    return gx, None, None, None, None, None, None, gb, None, None, None, None
+
+
+def _gemm_t_setup_context(ctx, inputs, output):
+    gy, codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt = inputs
+    ctx.save_for_backward(codes, scale, zero, scale_q, scale_nested, scale_offset)
+    ctx.meta = (n, k, block, fmt)
+
+
+def _gemm_t_backward(ctx, ggx):
+    n, k, block, fmt = ctx.meta
+    # d/d(gy) of gy · W is ggx · Wᵀ: the forward product again
+    ggy = gemm_op(ggx.contiguous(), *ctx.saved_tensors, None, n, k, block, fmt) if ctx.needs_input_grad[0] else None
+    return ggy, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("lowbit::gemm", _gemm_backward, setup_context=_gemm_setup_context)
+torch.library.register_autograd("lowbit::gemm_t", _gemm_t_backward, setup_context=_gemm_t_setup_context)
+
+
+def _check_gemm_operands(a: torch.Tensor, a_name: str, qt: QuantizedTensor, inner: int, inner_name: str) -> None:
+    check_tensor(a_name, a, dtypes=_FLOAT_DTYPES)
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"weight must be a lowbit.QuantizedTensor, got {type(qt).__name__}")
+    if a.dim() == 0 or a.shape[-1] != inner:
+        raise ValueError(f"{a_name}.shape[-1]={a.shape[-1] if a.dim() else None} does not match "
+                         f"{inner_name}={inner} of the weight {tuple(qt.shape)}")
+    if a.device != qt.device:
+        raise ValueError(f"{a_name} is on {a.device} but the weight is on {qt.device}")
+    if backend_for(a) != "reference" and qt.block_size not in GEMM_BLOCKS:
+        raise ValueError(f"the gemm kernels take block_size in {GEMM_BLOCKS}, the weight has "
+                         f"block_size={qt.block_size}; use lowbit.use_backend('reference') or requantize")
+
+
+def gemm(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x (..., K) · dequant(W)ᵀ (+ bias) -> (..., N)`` in x's dtype (fp32 accumulation)."""
+    n, k = qt.shape
+    _check_gemm_operands(x, "x", qt, k, "in_features K")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != n or bias.device != x.device:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} on {bias.device} does not fit N={n} on {x.device}")
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    y = gemm_op(x.reshape(-1, k).contiguous(), *_weight_args(qt), bias, n, k, qt.block_size, qt.fmt)
+    return y.reshape(*lead, n)
+
+
+def gemm_t(gy: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """``gy (..., N) · dequant(W) -> (..., K)``: the product with the transposed weight."""
+    n, k = qt.shape
+    _check_gemm_operands(gy, "gy", qt, n, "out_features N")
+    lead = gy.shape[:-1]
+    gx = gemm_t_op(gy.reshape(-1, n).contiguous(), *_weight_args(qt), n, k, qt.block_size, qt.fmt)
+    return gx.reshape(*lead, k)

@@ -1,0 +1,122 @@
+"""QuantLinear: an ``nn.Linear`` whose weight is a frozen low-bit QuantizedTensor."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec
+from ..functional import linear
+
+_DTYPES = {v: k for k, v in DTYPE_NAME.items()}
+_COMPONENTS = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")
+
+
+class QuantLinear(nn.Module):
+    """``y = x · dequant(W)ᵀ + b`` with W (out_features, in_features) stored in a low-bit format.
+
+    The weight's components are buffers (``codes``, ``scale`` or ``scale_q``/``scale_nested``/
+    ``scale_offset``, ``zero``): they move with ``.to(device)``, are saved by ``state_dict()`` with
+    the format description as extra state, and are never cast by ``.to(dtype)`` / ``.half()``
+    (the bias is; the layer computes in its input's dtype). ``weight`` returns the QuantizedTensor.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "nf4",
+                 block_size: int = 64, double_quant: bool = False, dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        self.spec = QuantSpec(fmt, block_size, double_quant)
+        if in_features % block_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of block_size={block_size}")
+        if dtype not in DTYPE_NAME:
+            raise TypeError(f"dtype={dtype} must be float32, bfloat16 or float16")
+        self.in_features, self.out_features, self.weight_dtype = in_features, out_features, dtype
+        nb = in_features * out_features // block_size
+        e = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        self.register_buffer("codes", e(out_features, in_features * self.spec.bits // 8, dt=torch.uint8))
+        self.register_buffer("scale", None if double_quant else e(nb))
+        self.register_buffer("zero", e(nb) if fmt in ("int4", "int2") else None)
+        self.register_buffer("scale_q", e(nb, dt=torch.uint8) if double_quant else None)
+        self.register_buffer("scale_nested", e(-(-nb // NESTED_BLOCK)) if double_quant else None)
+        self.register_buffer("scale_offset", e(()) if double_quant else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    # ---- construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "nf4", block_size: int = 64,
+                    double_quant: bool = False) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (its weight dtype is remembered; bias kept as is)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, block_size,
+                double_quant, dtype=w.dtype if w.dtype in DTYPE_NAME else torch.float32, device="meta")
+        q.set_weight(_quantize(w, q.spec))
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return q
+
+    def set_weight(self, qt: QuantizedTensor) -> None:
+        """Replace the weight (same shape and format)."""
+        if not isinstance(qt, QuantizedTensor):
+            raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+        if tuple(qt.shape) != (self.out_features, self.in_features) or qt.spec != self.spec:
+            raise ValueError(f"weight {tuple(qt.shape)} {qt.spec} does not fit this layer "
+                             f"({self.out_features}, {self.in_features}) {self.spec}")
+        comps = qt.components()
+        for name in _COMPONENTS:
+            if name in comps:
+                self._buffers[name] = comps[name]
+        self.weight_dtype = qt.dtype
+
+    @property
+    def weight(self) -> QuantizedTensor:
+        return QuantizedTensor(self.spec, (self.out_features, self.in_features), self.weight_dtype,
+                               **{n: self._buffers[n] for n in _COMPONENTS if self._buffers.get(n) is not None})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    # ---- state dict: the format travels with the tensors
+    def get_extra_state(self) -> torch.Tensor:
+        meta = {"fmt": self.spec.fmt, "block_size": self.spec.block_size, "double_quant": self.spec.double_quant,
+                "shape": [self.out_features, self.in_features], "dtype": DTYPE_NAME[self.weight_dtype]}
+        return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        try:
+            meta = json.loads(bytes(state.tolist()).decode()) if isinstance(state, torch.Tensor) else dict(state)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"QuantLinear extra state is corrupt: {e}") from None
+        spec = QuantSpec(meta["fmt"], int(meta["block_size"]), bool(meta["double_quant"]))
+        if spec != self.spec or list(meta["shape"]) != [self.out_features, self.in_features]:
+            raise ValueError(f"state dict holds a {meta['shape']} {spec} weight; this layer is "
+                             f"[{self.out_features}, {self.in_features}] {self.spec}")
+        self.weight_dtype = _DTYPES[meta["dtype"]]
+
+    def _apply(self, fn, recurse=True):
+        # Quantized components only change device, never dtype (model.half() must not cast scales).
+        saved = {n: self._buffers.pop(n) for n in _COMPONENTS if n in self._buffers}
+        out = super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, device=saved["codes"].device))
+        for n, t in saved.items():
+            self._buffers[n] = None if t is None else t.to(probe.device)
+        return out
+
+    def extra_repr(self) -> str:
+        bits = 8 * self.weight.nbytes / (self.in_features * self.out_features)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fmt={self.spec.fmt!r}, block_size={self.spec.block_size}, double_quant={self.spec.double_quant}, "
+                f"bits_per_weight={bits:.3f}")
+
+
+def _quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    from ..ops import quantize
+
+    return quantize(w if w.dtype in DTYPE_NAME else w.float(), spec)
