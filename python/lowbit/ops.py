@@ -173,7 +173,7 @@ def gemm_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor],
     w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
     be = backend_for(x)
     if be == "reference":
-        return ref.gemm_ref(x, _qt_from_args(*w, n, k, block, fmt, x.dtype), bias)
+        return ref.gemm_ref(x, _qt_from_args(*w, n, k, block, fmt, torch.float32), bias)
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     _native_gemm("gemm", be, x, y, bias, w, n, k, block, fmt)
     return y
@@ -192,7 +192,7 @@ def gemm_t_op(gy: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tenso
     w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
     be = backend_for(gy)
     if be == "reference":
-        return ref.gemm_t_ref(gy, _qt_from_args(*w, n, k, block, fmt, gy.dtype))
+        return ref.gemm_t_ref(gy, _qt_from_args(*w, n, k, block, fmt, torch.float32))
     gx = torch.empty(gy.shape[0], k, dtype=gy.dtype, device=gy.device)
     _native_gemm("gemm_t", be, gy, gx, None, w, n, k, block, fmt)
     return gx
@@ -234,7 +234,12 @@ torch.library.register_autograd("lowbit::gemm_t", _gemm_t_backward, setup_contex
 
 
 def _check_gemm_operands(a: torch.Tensor, a_name: str, qt: QuantizedTensor, inner: int, inner_name: str) -> None:
-    check_tensor(a_name, a, dtypes=_FLOAT_DTYPES)
+    # float64 is accepted by the reference backend only (gradcheck); kernels take fp32/bf16/fp16.
+    # Under torch.compile tracing the backend is resolved inside the op at run time instead.
+    tracing = torch.compiler.is_compiling()
+    ref_only = (not tracing and isinstance(a, torch.Tensor) and a.dtype == torch.float64
+                and backend_for(a) == "reference")
+    check_tensor(a_name, a, dtypes=_FLOAT_DTYPES + ((torch.float64,) if ref_only else ()))
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"weight must be a lowbit.QuantizedTensor, got {type(qt).__name__}")
     if a.dim() == 0 or a.shape[-1] != inner:
@@ -242,7 +247,7 @@ def _check_gemm_operands(a: torch.Tensor, a_name: str, qt: QuantizedTensor, inne
                          f"{inner_name}={inner} of the weight {tuple(qt.shape)}")
     if a.device != qt.device:
         raise ValueError(f"{a_name} is on {a.device} but the weight is on {qt.device}")
-    if backend_for(a) != "reference" and qt.block_size not in GEMM_BLOCKS:
+    if qt.block_size not in GEMM_BLOCKS and (tracing or backend_for(a) != "reference"):
         raise ValueError(f"the gemm kernels take block_size in {GEMM_BLOCKS}, the weight has "
                          f"block_size={qt.block_size}; use lowbit.use_backend('reference') or requantize")
 
@@ -252,7 +257,7 @@ def gemm(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = No
     n, k = qt.shape
     _check_gemm_operands(x, "x", qt, k, "in_features K")
     if bias is not None:
-        check_tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
+        check_tensor("bias", bias, dtypes=_FLOAT_DTYPES + (torch.float64,), ndim=1)
         if bias.shape[0] != n or bias.device != x.device:
             raise ValueError(f"bias of shape {tuple(bias.shape)} on {bias.device} does not fit N={n} on {x.device}")
         if bias.dtype != x.dtype:

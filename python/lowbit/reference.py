@@ -160,14 +160,121 @@ def dequantize_qt_ref(qt, dtype: torch.dtype) -> torch.Tensor:
 
 def gemm_ref(x: torch.Tensor, qt, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = x @ dequantize(W).T (+ bias)`` computed in fp32, returned in ``x.dtype``. x: (..., K)."""
-    w = dequantize_qt_ref(qt, torch.float32)
-    y = x.float() @ w.T
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp64 only for gradcheck
+    w = dequantize_qt_ref(qt, torch.float32).to(acc)
+    y = x.to(acc) @ w.T
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype)
 
 
 def gemm_t_ref(gy: torch.Tensor, qt) -> torch.Tensor:
     """``gx = gy @ dequantize(W)`` in fp32, returned in ``gy.dtype``. gy: (..., N) -> (..., K)."""
-    w = dequantize_qt_ref(qt, torch.float32)
-    return (gy.float() @ w).to(gy.dtype)
+    acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+    w = dequantize_qt_ref(qt, torch.float32).to(acc)
+    return (gy.to(acc) @ w).to(gy.dtype)
+
+
+# ============================================================================================ hadamard
+# The Walsh–Hadamard transform. H_n = H_m ⊗ H_{2^k} for n = m · 2^k, m the largest of
+# (172, 40, 28, 20, 12, 1) that leaves a power of two; n <= 32768. The H_m are built here from
+# their mathematical definitions, independently of the C++ tables (include/lowbit/hadamard.h);
+# tests/test_hadamard.py checks that both agree and that H Hᵀ = m I.
+
+__all__ += ["hadamard_ref", "hadamard_matrix", "hadamard_split", "HADAMARD_MAX_N"]
+
+HADAMARD_MAX_N = 32768
+HADAMARD_ORDERS = (172, 40, 28, 20, 12)
+
+# Williamson matrices of order 43 (symmetric circulants A, B, C, D with A² + B² + C² + D² = 172 I;
+# Baumert & Hall, tabulated in Hall, Combinatorial Theory, 1983): first rows, '+' = 1.
+WILLIAMSON_43 = (
+    "++---++++-+--+--++--------++--+--+-++++---+",
+    "+++-+-++--+-+-++++-+----+-++++-+-+--++-+-++",
+    "++-++++++----+-+--++-++-++--+-+----++++++-+",
+    "+---++--++++-+-+++-++--++-+++-+-++++--++---",
+)
+
+
+def hadamard_split(n: int) -> tuple[int, int]:
+    """``(m, l)`` with ``n == m * l``, ``l`` a power of two and ``m`` in (172, 40, 28, 20, 12, 1), or
+    ValueError: any other size has no Hadamard transform here (never silently zero-padded)."""
+    if isinstance(n, int) and 1 <= n <= HADAMARD_MAX_N:
+        for m in HADAMARD_ORDERS + (1,):
+            if n % m == 0 and (n // m) & (n // m - 1) == 0:
+                return m, n // m
+    raise ValueError(f"hadamard: n={n!r} is not a supported size: n must be m * 2^k <= {HADAMARD_MAX_N} "
+                     f"with m in {(1,) + HADAMARD_ORDERS[::-1]} (e.g. 4096, 11008 = 172 * 64, "
+                     f"14336 = 28 * 512); other sizes are not zero-padded")
+
+
+def _gf(q: int):
+    """Elements 0..q-1 of GF(q) with (sub, mul): Z/q for prime q, GF(9) = GF(3)[i]/(i^2 + 1) with
+    a + 3b <-> a + b i."""
+    if q != 9:
+        return lambda x, y: (x - y) % q, lambda x, y: (x * y) % q
+
+    def sub(x, y):
+        return (x % 3 - y % 3) % 3 + 3 * ((x // 3 - y // 3) % 3)
+
+    def mul(x, y):
+        a, b, c, d = x % 3, x // 3, y % 3, y // 3
+        return (a * c - b * d) % 3 + 3 * ((a * d + b * c) % 3)
+
+    return sub, mul
+
+
+def _paley2(q: int) -> torch.Tensor:
+    """Paley II Hadamard matrix of order 2(q+1), q ≡ 1 (mod 4) a prime power: symmetric.
+    H = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]], C = [[0, 1ᵀ], [1, Q]], Q[a, b] = χ(a - b)."""
+    sub, mul = _gf(q)
+    squares = {mul(y, y) for y in range(1, q)}
+    chi = torch.tensor([[0 if a == b else (1 if sub(a, b) in squares else -1) for b in range(q)] for a in range(q)])
+    c = torch.ones(q + 1, q + 1, dtype=torch.int64)
+    c[0, 0] = 0
+    c[1:, 1:] = chi
+    h2 = torch.tensor([[1, 1], [1, -1]])
+    k = torch.tensor([[1, -1], [-1, -1]])
+    return torch.kron(c, h2) + torch.kron(torch.eye(q + 1, dtype=torch.int64), k)
+
+
+def _williamson172() -> torch.Tensor:
+    """[[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]: NOT symmetric."""
+    idx = (torch.arange(43)[None, :] - torch.arange(43)[:, None]) % 43
+    a, b, c, d = (torch.tensor([1 if ch == "+" else -1 for ch in s])[idx] for s in WILLIAMSON_43)
+    return torch.cat([torch.cat(r, 1) for r in ([a, b, c, d], [-b, a, -d, c], [-c, d, a, -b], [-d, -c, b, a])], 0)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.int64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (n, n) ±1 matrix H_n of :func:`hadamard_ref`: ``H_m ⊗ H_l`` for ``(m, l) = hadamard_split(n)``
+    (H_l Sylvester; H_12, H_20, H_28 Paley II with q = 5, 9, 13; H_40 = H_2 ⊗ H_20; H_172 Williamson)."""
+    m, l = hadamard_split(n)
+    hm = {1: lambda: torch.ones(1, 1, dtype=torch.int64), 12: lambda: _paley2(5), 20: lambda: _paley2(9),
+          28: lambda: _paley2(13), 40: lambda: torch.kron(_sylvester(2), _paley2(9)), 172: _williamson172}[m]()
+    return torch.kron(hm, _sylvester(l)).to(dtype)
+
+
+def hadamard_ref(x: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+    """``x @ hadamard_matrix(n) * scale`` along the last dim (``H_nᵀ`` when ``transpose``), computed in
+    fp32 (fp64 for fp64 input), returned in ``x.dtype``. Structured, not dense: the WHT of each of the
+    m sub-rows by log2(l) add/sub stages, then the m × m mix."""
+    n = x.shape[-1]
+    m, l = hadamard_split(n)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc).reshape(-1, m, l)
+    h = 1
+    while h < l:  # pairs (j, j + h) inside blocks of 2h: (a, b) -> (a + b, a - b)
+        y = y.reshape(-1, m, l // (2 * h), 2, h)
+        y = torch.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], dim=-2).reshape(-1, m, l)
+        h *= 2
+    if m > 1:
+        hm = hadamard_matrix(m, acc)
+        y = torch.einsum("ral,ab->rbl", y, hm.T if transpose else hm)
+    return (y * scale).reshape(x.shape).to(x.dtype)
