@@ -19,7 +19,7 @@ from . import nn  # noqa: E402
 from ._native import BACKENDS, use_backend
 from .convert import from_bnb, load_file, quantize_model, save_file, to_bnb
 from .formats import FORMATS, QuantizedTensor, QuantSpec
-from .functional import linear
+from .functional import hadamard, linear
 from .ops import dequantize, quantize
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "use_backend",
     "info",
     "linear",
+    "hadamard",
     "quantize_model",
     "nn",
 ]

@@ -24,3 +24,21 @@ def linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor
     in x's dtype. Autograd: gradients to x (a packed transposed product) and to bias.
     """
     return ops.gemm(x, weight, bias)
+
+
+# ============================================================================================ hadamard
+__all__ += ["hadamard"]
+
+
+def hadamard(x: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = None,
+             inplace: bool = False) -> torch.Tensor:
+    """Walsh–Hadamard transform ``x @ H_n * scale`` along the last dimension (any leading shape).
+
+    Same convention as ``fast_hadamard_transform.hadamard_transform``: H_n unnormalised ±1, so
+    ``scale=n**-0.5`` is orthonormal and then ``hadamard(hadamard(x, s), s) == x``. n = m · 2^k ≤ 32768
+    with m in (1, 12, 20, 28, 40, 172); H_n = H_m ⊗ H_{2^k} (:func:`lowbit.reference.hadamard_matrix`).
+    fp32/bf16/fp16 in and out, fp32 arithmetic. Autograd: the backward is ``g @ H_nᵀ * scale`` (the
+    same transform except for m = 172, whose H_m is not symmetric). ``out=`` / ``inplace=True`` write
+    into an existing tensor and do not record autograd.
+    """
+    return ops.hadamard(x, scale, out=out, inplace=inplace)

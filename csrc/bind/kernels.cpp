@@ -1,0 +1,123 @@
+// lowbit._sim / lowbit._cuda — one binding for the CUDA kernels, built twice: against the simt
+// simulator (LOWBIT_SIM, module _sim) and against the nvcc-built kernels (LOWBIT_CUDA, module _cuda).
+// Same raw-pointer interface as _C (csrc/bind/cpu.cpp) plus a trailing `stream` (an int: a
+// cudaStream_t under _cuda, ignored by the simulator). python/lowbit/ops.py validates everything.
+// A launcher's nonzero return code becomes RuntimeError; a fault inside a simulated kernel
+// arrives as simt::KernelError (a std::runtime_error) and becomes RuntimeError too.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lowbit/formats.h"
+#include "lowbit/quant.h"
+
+#if defined(LOWBIT_SIM)
+#include "lowbit/simt/simt.h"
+#elif defined(LOWBIT_CUDA)
+#include <cuda_runtime_api.h>
+#else
+#error "kernels.cpp is built with LOWBIT_SIM or LOWBIT_CUDA"
+#endif
+
+#define LOWBIT_STR2(x) #x
+#define LOWBIT_STR(x) LOWBIT_STR2(x)
+
+namespace lowbit::selftest {  // csrc/launch/simt_selftest.inl
+int run(const std::string& name, const std::vector<intptr_t>& p, const std::vector<int64_t>& i, intptr_t stream);
+}
+
+namespace py = pybind11;
+using namespace lowbit;
+
+template <class T>
+static T* ptr(intptr_t p) { return reinterpret_cast<T*>(p); }
+
+static void check(int code, const char* what) {
+  if (code == 0) return;
+#if defined(LOWBIT_SIM)
+  std::string detail = simt::last_launch_error();
+  throw std::runtime_error(std::string("lowbit._sim: ") + what + " failed: " + simt::error_string(code) +
+                           " (error " + std::to_string(code) + (detail.empty() ? "" : ": " + detail) + ")");
+#else
+  throw std::runtime_error(std::string("lowbit._cuda: ") + what + " failed: " +
+                           cudaGetErrorString(cudaError_t(code)) + " (error " + std::to_string(code) + ")");
+#endif
+}
+
+PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
+  py::call_guard<py::gil_scoped_release> nogil;
+#if defined(LOWBIT_SIM)
+  m.doc() = "lowbit CUDA kernels run on the simt CPU simulator (raw-pointer interface; use lowbit.ops)";
+  m.def("configure", [](const std::string& schedule, int threads) { simt::configure(schedule, threads); },
+        py::arg("schedule") = "forward", py::arg("threads") = 0,
+        "schedule: 'forward', 'reverse' or 'random:<seed>' (fiber start and barrier release order); "
+        "threads: OS threads running blocks (0 = SIMT_THREADS or the core count)");
+  m.def("schedule", &simt::schedule);
+  m.def("threads", &simt::threads);
+  m.def("stats", [] {
+    const simt::Stats s = simt::stats();
+    py::dict d;
+    d["launches"] = s.launches;
+    d["blocks"] = s.blocks;
+    d["threads"] = s.threads;  // simulated CUDA threads
+    d["warp_ops"] = s.warp_ops;
+    d["barriers"] = s.barriers;
+    d["seconds"] = s.seconds;  // wall time inside launches
+    d["threads_per_second"] = s.seconds > 0 ? s.threads / s.seconds : 0.0;
+    return d;
+  }, "counters since import or reset_stats()");
+  m.def("reset_stats", &simt::reset_stats);
+#else
+  m.doc() = "lowbit CUDA kernels (nvcc build; raw-pointer interface; use lowbit.ops)";
+  m.def("device_status", []() -> std::pair<int, std::string> {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky error
+      return {0, std::string("no CUDA device: ") + cudaGetErrorString(e) + " (error " + std::to_string(int(e)) + ")"};
+    }
+    if (n == 0) return {0, "no CUDA device: none found"};
+    return {n, std::to_string(n) + " CUDA device(s)"};
+  }, "(device_count, message); cudaErrorInsufficientDriver (35) and no device report 'no CUDA device: <reason>'");
+  m.def("compiled_archs", [] { return std::string(LOWBIT_CUDA_ARCHS); });
+#endif
+
+  // ---- quant (same signatures as _C, plus stream)
+  m.def("quantize", [](intptr_t w, int w_dtype, int64_t numel, int block, int fmt, intptr_t codes, intptr_t scale,
+                       intptr_t zero, intptr_t stream) {
+    check(kernels::quantize({ptr<const void>(w), DType(w_dtype), numel, block, Fmt(fmt), ptr<uint8_t>(codes),
+                             ptr<float>(scale), ptr<float>(zero)}, stream), "quantize");
+  }, py::arg("w"), py::arg("w_dtype"), py::arg("numel"), py::arg("block"), py::arg("fmt"), py::arg("codes"),
+     py::arg("scale"), py::arg("zero"), py::arg("stream") = 0, nogil);
+  m.def("dequantize", [](intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested,
+                         float scale_offset, intptr_t out, int out_dtype, int64_t numel, int block, int fmt,
+                         intptr_t stream) {
+    check(kernels::dequantize({ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero),
+                               ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset,
+                               ptr<void>(out), DType(out_dtype), numel, block, Fmt(fmt)}, stream), "dequantize");
+  }, py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("scale_q"), py::arg("scale_nested"),
+     py::arg("scale_offset"), py::arg("out"), py::arg("out_dtype"), py::arg("numel"), py::arg("block"),
+     py::arg("fmt"), py::arg("stream") = 0, nogil);
+  m.def("quantize8", [](intptr_t x, int64_t numel, int block, bool is_signed, float offset, intptr_t q,
+                        intptr_t absmax, intptr_t stream) {
+    check(kernels::quantize8({ptr<const float>(x), numel, block, is_signed, offset, ptr<uint8_t>(q), ptr<float>(absmax)},
+                             stream), "quantize8");
+  }, py::arg("x"), py::arg("numel"), py::arg("block"), py::arg("is_signed"), py::arg("offset"), py::arg("q"),
+     py::arg("absmax"), py::arg("stream") = 0, nogil);
+  m.def("dequantize8", [](intptr_t q, intptr_t absmax, int64_t numel, int block, bool is_signed, float offset,
+                          intptr_t out, intptr_t stream) {
+    check(kernels::dequantize8({ptr<const uint8_t>(q), ptr<const float>(absmax), numel, block, is_signed, offset,
+                                ptr<float>(out)}, stream), "dequantize8");
+  }, py::arg("q"), py::arg("absmax"), py::arg("numel"), py::arg("block"), py::arg("is_signed"), py::arg("offset"),
+     py::arg("out"), py::arg("stream") = 0, nogil);
+
+  // ---- families register below (one block each, same pattern): gemm, lowrank, hadamard, optim
+
+  // ---- simulator self-tests (tests/test_simt.py); in _cuda they run on a real device
+  m.def("selftest", [](const std::string& name, const std::vector<intptr_t>& ptrs, const std::vector<int64_t>& ints,
+                       intptr_t stream) { check(selftest::run(name, ptrs, ints, stream), ("selftest " + name).c_str()); },
+        py::arg("name"), py::arg("ptrs"), py::arg("ints"), py::arg("stream") = 0, nogil);
+}
