@@ -16,8 +16,10 @@ import os
 import torch  # noqa: F401  (loads torch's OpenMP runtime before lowbit._C links to it)
 
 from . import nn  # noqa: E402
+from . import optim  # noqa: E402
 from ._native import BACKENDS, use_backend
-from .convert import from_bnb, load_file, quantize_model, save_file, to_bnb
+from .convert import from_bnb, load_adapter, load_file, quantize_model, save_adapter, save_file, to_bnb
+from .nn import add_lora
 from .formats import FORMATS, QuantizedTensor, QuantSpec
 from .functional import hadamard, linear
 from .ops import dequantize, quantize
@@ -41,6 +43,9 @@ __all__ = [
     "hadamard",
     "quantize_model",
     "nn",
+    "add_lora",
+    "save_adapter",
+    "load_adapter",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Union
 
@@ -11,7 +12,7 @@ import torch
 from .formats import DTYPE_NAME, FP4, NESTED_BLOCK, NF4, QuantizedTensor, QuantSpec, dynamic_map
 from .reference import _f32
 
-__all__ = ["to_bnb", "from_bnb", "save_file", "load_file", "quantize_model"]
+__all__ = ["to_bnb", "from_bnb", "save_file", "load_file", "quantize_model", "save_adapter", "load_adapter"]
 
 _META_KEY = "lowbit"  # safetensors metadata entry holding the quantized tensors' descriptions
 _FORMAT_VERSION = 1
@@ -185,12 +186,17 @@ def _module_bytes(model: torch.nn.Module) -> int:
 
 
 def quantize_model(model: torch.nn.Module, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
-                   skip=("lm_head",), progress: bool = True) -> dict:
+                   skip=("lm_head",), progress: bool = True, lora_init: str | None = None, r: int = 16,
+                   alpha: float = 32, calib=None, iters: int = 5) -> dict:
     """Replace every ``nn.Linear`` of ``model`` in place by a :class:`lowbit.nn.QuantLinear`.
 
     ``skip``: module names (or name suffixes / components, e.g. ``"lm_head"``) to leave dense.
     Linears whose ``in_features`` is not a multiple of ``block_size`` are left dense and listed.
-    Returns a report: ``{"replaced", "skipped", "incompatible", "bytes_before", "bytes_after"}``.
+    With ``lora_init`` ("svd", "loftq", "qera", "lq_lora"; see :mod:`lowbit.init`) each layer gets a
+    rank-``r`` LoRA adapter that corrects its quantization error (``calib``: token ids or model
+    kwargs for QERA's activation statistics).
+    Returns a report: ``{"replaced", "skipped", "incompatible", "bytes_before", "bytes_after"}``
+    (+ ``"init_error"``: relative weight error per layer after the correction).
     """
     import sys
 
@@ -199,6 +205,13 @@ def quantize_model(model: torch.nn.Module, fmt: str = "nf4", block_size: int = 6
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     QuantSpec(fmt, block_size, double_quant)  # validate once, before touching the model
+    if lora_init is not None:
+        from .init import apply_init
+
+        before = _module_bytes(model)
+        errors = apply_init(model, lora_init, fmt, r, alpha, block_size, double_quant, calib, skip, iters, progress)
+        return {"replaced": list(errors), "init_error": errors, "bytes_before": before,
+                "bytes_after": _module_bytes(model)}
     if isinstance(skip, str):
         skip = (skip,)
 
@@ -233,3 +246,100 @@ def quantize_model(model: torch.nn.Module, fmt: str = "nf4", block_size: int = 6
               + (f"; left dense (K % block != 0): {report['incompatible']}" if report["incompatible"] else ""),
               file=sys.stderr)
     return report
+
+
+# ----------------------------------------------------------------------------- PEFT adapters
+_PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default",
+                 base_model_name_or_path: str | None = None) -> None:
+    """Write one adapter of a model in PEFT's LoRA format: ``adapter_model.safetensors`` (keys
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``."""
+    from safetensors.torch import save_file as st_save
+
+    from .nn.lora import lora_layers
+
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
+    if not layers:
+        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+    tensors, ranks, alphas = {}, set(), set()
+    for name, m in layers.items():
+        a, b = m.lora_A[adapter_name], m.lora_B[adapter_name]
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+        ranks.add(a.shape[0])
+        alphas.add(m.scaling[adapter_name] * a.shape[0])
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError(f"PEFT's config holds one r and one alpha; this adapter has r={sorted(ranks)}, alpha={sorted(alphas)}")
+    dropouts = {float(getattr(m.dropout[adapter_name], "p", 0.0)) for m in layers.values()}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks.pop(), "lora_alpha": alphas.pop(),
+        "lora_dropout": max(dropouts), "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+        "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    st_save(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default") -> list[str]:
+    """Load a PEFT LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``) into a
+    model: wraps the targeted modules with :class:`lowbit.nn.LoRALinear` where needed, then sets
+    A and B exactly. Returns the module names loaded."""
+    from safetensors.torch import load_file as st_load
+
+    from .nn.lora import LoRALinear
+
+    cfg_path = os.path.join(directory, "adapter_config.json")
+    w_path = os.path.join(directory, "adapter_model.safetensors")
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"{p!r} is missing: not a PEFT adapter directory")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"peft_type={config.get('peft_type')!r}: only LORA adapters are supported")
+    try:
+        tensors = st_load(w_path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise ValueError(f"{w_path!r} is not a readable safetensors file: {e}") from None
+    alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not key.startswith(_PEFT_PREFIX) or not key.endswith(".weight"):
+            raise ValueError(f"unexpected key {key!r} in {w_path}")
+        body = key[len(_PEFT_PREFIX):-len(".weight")]
+        mod, _, which = body.rpartition(".")
+        if which not in ("lora_A", "lora_B"):
+            raise ValueError(f"unexpected key {key!r} (only lora_A / lora_B weights are supported)")
+        pairs.setdefault(mod, {})[which] = t
+    loaded = []
+    for mod, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"module {mod!r} has only {sorted(ab)} in {w_path}")
+        try:
+            m = model.get_submodule(mod)
+        except AttributeError:
+            raise ValueError(f"the adapter targets {mod!r}, which this model does not have") from None
+        a, b = ab["lora_A"], ab["lora_B"]
+        r = a.shape[0]
+        if not isinstance(m, LoRALinear):
+            parent_name, _, child = mod.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            m = LoRALinear(m, r, alpha, dropout, adapter_name)
+            setattr(parent, child, m)
+        elif adapter_name not in m.lora_A:
+            m.add_adapter(adapter_name, r, alpha, dropout)
+        if a.shape != m.lora_A[adapter_name].shape or b.shape != m.lora_B[adapter_name].shape:
+            raise ValueError(f"{mod}: adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
+                             f"({m.out_features}, {m.in_features}) with r={m.lora_A[adapter_name].shape[0]}")
+        with torch.no_grad():
+            m.lora_A[adapter_name].copy_(a)
+            m.lora_B[adapter_name].copy_(b)
+        m.scaling[adapter_name] = alpha / (math.sqrt(r) if use_rslora else r)
+        loaded.append(mod)
+    return loaded

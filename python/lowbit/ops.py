@@ -14,7 +14,7 @@ from . import reference as ref
 from ._native import backend_for, call
 from .formats import DTYPE_ID, FMT_ID, NESTED_BLOCK, QuantizedTensor, QuantSpec
 
-__all__ = ["quantize", "dequantize", "block_scales", "quantize8", "dequantize8", "gemm", "gemm_t"]
+__all__ = ["quantize", "dequantize", "block_scales", "quantize8", "dequantize8", "gemm", "gemm_t", "lowrank"]
 
 _FLOAT_DTYPES = tuple(DTYPE_ID)
 
@@ -364,3 +364,104 @@ def hadamard(x: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+# -------------------------------------------------------------------------------------- lowrank
+# y = x · dequant(W)ᵀ + s · (x · Aᵀ) · Bᵀ (+ bias). The op also returns xa = x · Aᵀ (M, r): the
+# backward needs it for dB, and recomputing it would be a second pass over x.
+def _has_kernel(be: str, fn: str) -> bool:
+    from ._native import module
+
+    return be != "reference" and hasattr(module(be), fn)
+
+
+@torch.library.custom_op("lowbit::lowrank", mutates_args=())
+def lowrank_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+               scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+               scale_offset: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, s: float,
+               bias: Optional[torch.Tensor], n: int, k: int, block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
+    be = backend_for(x)
+    r = a.shape[0]
+    if be == "reference":
+        qt = _qt_from_args(*w, n, k, block, fmt, torch.float32)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return ref.lowrank_ref(x, qt, a, b, s, bias), (x.to(acc) @ a.to(acc).T).to(x.dtype)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    xa = torch.empty(x.shape[0], r, dtype=x.dtype, device=x.device)
+    if _has_kernel(be, "lowrank"):  # fused: x·Aᵀ while x is loaded, s·xa·Bᵀ in the epilogue
+        call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), _ptr(bias), DTYPE_ID[x.dtype],
+             x.shape[0], n, k, codes.data_ptr(), _ptr(scale), _ptr(zero), _ptr(scale_q), _ptr(scale_nested),
+             float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt],
+             a.data_ptr(), b.data_ptr(), r, float(s))
+        return y, xa
+    # unfused composition on backends without the fused kernel: one extra pass over x and y
+    _native_gemm("gemm", be, x, y, bias, w, n, k, block, fmt)
+    xa = (x.float() @ a.float().T)
+    y = (y.float() + s * (xa @ b.float().T)).to(x.dtype)
+    return y, xa.to(x.dtype)
+
+
+@lowrank_op.register_fake
+def _(x, codes, scale, zero, scale_q, scale_nested, scale_offset, a, b, s, bias, n, k, block, fmt):
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], a.shape[0])
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    x, codes, scale, zero, scale_q, scale_nested, scale_offset, a, b, s, bias, n, k, block, fmt = inputs
+    ctx.save_for_backward(x, a, b, output[1], codes, scale, zero, scale_q, scale_nested, scale_offset)
+    ctx.meta = (s, n, k, block, fmt, bias is not None)
+
+
+def _lowrank_backward(ctx, gy, gxa):
+    # dx = gy·dequant(W) + s·(gy·B)·A ; dA = s·(gy·B)ᵀ·x ; dB = s·gyᵀ·(x·Aᵀ), with u = s·gy·B shared
+    # (plus the gradient of the xa output, if a caller used it).
+    x, a, b, xa, *w = ctx.saved_tensors
+    s, n, k, block, fmt, has_bias = ctx.meta
+    need = ctx.needs_input_grad
+    acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+    g = gy.to(acc)
+    u = s * (g @ b.to(acc))  # (M, r)
+    if gxa is not None:
+        u = u + gxa.to(acc)
+    gx = ga = gb = gbias = None
+    if need[0]:
+        gx = (gemm_t_op(gy.contiguous(), *w, n, k, block, fmt).to(acc) + u @ a.to(acc)).to(x.dtype)
+    if need[7]:
+        ga = (u.T @ x.to(acc)).to(a.dtype)
+    if need[8]:
+        gb = (s * (g.T @ xa.to(acc))).to(b.dtype)
+    if has_bias and need[10]:
+        gbias = gy.sum(0)
+    return gx, None, None, None, None, None, None, ga, gb, None, gbias, None, None, None, None
+
+
+torch.library.register_autograd("lowbit::lowrank", _lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+def lowrank(x: torch.Tensor, qt: QuantizedTensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x (..., K) · dequant(W)ᵀ + scale · (x · Aᵀ) · Bᵀ (+ bias) -> (..., N)``; A (r, K), B (N, r)."""
+    n, k = qt.shape
+    _check_gemm_operands(x, "x", qt, k, "in_features K")
+    for name, t, shape in (("lora_A", a, None), ("lora_B", b, None)):
+        check_tensor(name, t, dtypes=_FLOAT_DTYPES + (torch.float64,), ndim=2)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    r = a.shape[0]
+    if a.shape[1] != k or b.shape != (n, r):
+        raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit W {tuple(qt.shape)}: "
+                         f"expected A (r, {k}) and B ({n}, r)")
+    if not 1 <= r <= 256:
+        raise ValueError(f"rank r={r} must be in [1, 256]")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale={scale!r} must be a float")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=_FLOAT_DTYPES + (torch.float64,), ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit N={n}")
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    y, _ = lowrank_op(x.reshape(-1, k).contiguous(), *_weight_args(qt), a.contiguous(), b.contiguous(),
+                      float(scale), bias, n, k, qt.block_size, qt.fmt)
+    return y.reshape(*lead, n)

@@ -278,3 +278,83 @@ def hadamard_ref(x: torch.Tensor, scale: float = 1.0, transpose: bool = False) -
         hm = hadamard_matrix(m, acc)
         y = torch.einsum("ral,ab->rbl", y, hm.T if transpose else hm)
     return (y * scale).reshape(x.shape).to(x.dtype)
+
+
+# ===================================================================================== optim
+# AdamW with 32-bit and 8-bit blockwise state; the contract is include/lowbit/optim.h.
+
+__all__ += ["OPTIM_BLOCK", "adamw_scalars", "adamw_ref", "adamw8bit_ref"]
+
+OPTIM_BLOCK = 256  # 8-bit state block (bitsandbytes' optimizer blocksize)
+
+
+def _round_f32(x: float) -> float:
+    import struct
+
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int):
+    """The scalars of AdamW step ``step`` (1-based), computed in double exactly as
+    ``torch.optim.AdamW`` computes them, then rounded to fp32:
+    ``(beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * wd, -lr / (1 - beta1**step),
+    (1 - beta2**step) ** 0.5)``. Every backend receives these same eight numbers."""
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    return tuple(_round_f32(x) for x in (beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay,
+                                          -(lr / bc1), bc2_sqrt))
+
+
+def adamw_ref(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, scalars):
+    """One AdamW step with fp32 state: returns ``(p_new in p.dtype, m_new, v_new)``.
+
+    In fp32, each op rounded (no FMA): ``p *= decay; m = m*beta1 + g*(1-beta1);
+    v = v*beta2 + (g*(1-beta2))*g; p += neg_step * (m / (sqrt(v) / bc2_sqrt + eps))`` — the
+    update of ``torch.optim.AdamW`` (decoupled decay, bias correction, eps outside the sqrt).
+    """
+    b1, omb1, b2, omb2, eps, decay, nstep, bc2s = (torch.tensor(s, dtype=torch.float32) for s in scalars)
+    g32 = g.float()
+    p32 = p.float() * decay
+    m = m * b1 + g32 * omb1
+    v = v * b2 + (g32 * omb2) * g32
+    # torch's fp32 sqrt on CPU is not correctly rounded (it differs from IEEE sqrt in ~20% of
+    # elements in torch 2.13); sqrt in fp64 rounded once to fp32 is (53 >= 2*24 + 2 bits).
+    d = v.double().sqrt().float() / bc2s + eps
+    p32 = p32 + nstep * (m / d)
+    return p32.to(p.dtype), m, v
+
+
+def adamw8bit_ref(p: torch.Tensor, g: torch.Tensor, qm: torch.Tensor, absmax_m: torch.Tensor,
+                  qv: torch.Tensor, absmax_v: torch.Tensor, scalars):
+    """One AdamW step with 8-bit blockwise state (blocks of 256, flat order, last block partial).
+
+    m = signed-map codes ``qm`` times ``absmax_m[block]``, v likewise with the unsigned map; the
+    step is :func:`adamw_ref` on these fp32 values (p uses the fp32 m, v); then each state is
+    re-quantized against its new block absmax by :func:`quantize8_ref` (x * (1/max(absmax, 1e-38)),
+    clamp, nearest map entry, ties to the lower index).
+    Returns ``(p_new, qm, absmax_m, qv, absmax_v)``.
+    """
+    n = p.numel()
+    blk = torch.arange(n, device=p.device) // OPTIM_BLOCK
+    m = dynamic_map(True).to(p.device)[qm.reshape(-1).long()] * absmax_m[blk]
+    v = dynamic_map(False).to(p.device)[qv.reshape(-1).long()] * absmax_v[blk]
+    p_new, m, v = adamw_ref(p.reshape(-1), g.reshape(-1), m, v, scalars)
+    qm, absmax_m = quantize8_ref(m, OPTIM_BLOCK, True)
+    qv, absmax_v = quantize8_ref(v, OPTIM_BLOCK, False)
+    return p_new.reshape(p.shape), qm, absmax_m, qv, absmax_v
+
+
+# ============================================================================ lowrank
+def lowrank_ref(x: torch.Tensor, qt, a: torch.Tensor, b: torch.Tensor, scale: float,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x · dequant(W)ᵀ + scale · (x · Aᵀ) · Bᵀ (+ bias)`` in fp32, returned in x's dtype.
+
+    x: (..., K); W: (N, K); A: (r, K); B: (N, r).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = dequantize_qt_ref(qt, torch.float32).to(acc)
+    xa = x.to(acc)
+    y = xa @ w.T + scale * ((xa @ a.to(acc).T) @ b.to(acc).T)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)

@@ -1,0 +1,206 @@
+"""Error-reconstructing initialisations: the low-rank branch as a correction of the quantization error.
+
+Each function takes a dense weight ``w`` (N, K) and returns ``(qt, A, B)`` with
+``w ≈ dequant(qt) + B · A`` — ``A`` (r, K), ``B`` (N, r), fp32, for an adapter of scale 1 (divide
+``B`` by the LoRA scaling ``alpha / r`` before loading it into a LoRALinear; :func:`apply_init`
+does that).
+
+* ``svd``: quantize once, then the rank-r SVD of the error (weight-space optimum for that Q).
+* ``loftq`` (Li et al. 2023, LoftQ): alternate ``Q = quantize(W − BA)`` and ``BA = SVD_r(W − deq(Q))``.
+* ``qera`` (Zhang et al. 2024, QERA): minimise the *output* error ``‖X (W − deq(Q) − BA)ᵀ‖``:
+  with ``R = E[xᵀx]`` and ``S = R^{1/2}``, ``BA = SVD_r((W − deq(Q)) S) S⁻¹`` (closed form).
+* ``lq_lora`` (Guo et al. 2023, LQ-LoRA): LoftQ's alternation with the data-aware weighting of the
+  paper (rank-1 row/column approximation of a Fisher matrix, when given) and early stopping.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .formats import QuantizedTensor, QuantSpec
+
+__all__ = ["svd_init", "loftq", "qera", "lq_lora", "output_error", "calibration_covariances", "apply_init"]
+
+
+def _svd_r(e: torch.Tensor, r: int):
+    """Best rank-r factors of e (float64 SVD): B = U √Σ, A = √Σ Vᵀ."""
+    u, s, vh = torch.linalg.svd(e.double(), full_matrices=False)
+    sq = s[:r].sqrt()
+    return (sq[:, None] * vh[:r]), (u[:, :r] * sq[None, :])
+
+
+def _check(w: torch.Tensor, r: int) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise TypeError(f"w must be a 2-D float tensor, got {type(w).__name__} {getattr(w, 'shape', '')}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(w.shape):
+        raise ValueError(f"r={r!r} must be an int in [1, {min(w.shape)}]")
+
+
+def _q(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> QuantizedTensor:
+    return ops.quantize(w.to(dtype), spec)
+
+
+def svd_init(w: torch.Tensor, fmt: str, r: int, block_size: int = 64, double_quant: bool = False):
+    _check(w, r)
+    spec = QuantSpec(fmt, block_size, double_quant)
+    qt = _q(w, spec, w.dtype)
+    a, b = _svd_r(w.double() - qt.dequantize(torch.float32).double(), r)
+    return qt, a.float(), b.float()
+
+
+def loftq(w: torch.Tensor, fmt: str, r: int, iters: int = 5, block_size: int = 64, double_quant: bool = False):
+    """LoftQ alternation (iters ≥ 1): Q_t = quantize(W − B_{t-1}A_{t-1}), B_tA_t = SVD_r(W − deq(Q_t))."""
+    _check(w, r)
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters={iters!r} must be an int >= 1")
+    spec = QuantSpec(fmt, block_size, double_quant)
+    w64 = w.double()
+    a = torch.zeros(r, w.shape[1], dtype=torch.float64)
+    b = torch.zeros(w.shape[0], r, dtype=torch.float64)
+    for _ in range(iters):
+        qt = _q((w64 - b @ a).float(), spec, w.dtype)
+        a, b = _svd_r(w64 - qt.dequantize(torch.float32).double(), r)
+    return qt, a.float(), b.float()
+
+
+def _sqrt_and_inv_sqrt(cov: torch.Tensor, ridge: float):
+    cov = cov.double()
+    cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-30) * torch.eye(cov.shape[0], dtype=torch.float64)
+    lam, v = torch.linalg.eigh(cov)
+    lam = lam.clamp_min(lam.max() * 1e-12)
+    return (v * lam.sqrt()) @ v.T, (v * lam.rsqrt()) @ v.T
+
+
+def qera(w: torch.Tensor, fmt: str, r: int, calib_x: Optional[torch.Tensor] = None, cov: Optional[torch.Tensor] = None,
+         block_size: int = 64, double_quant: bool = False, ridge: float = 1e-4):
+    """QERA closed form. Give calibration activations ``calib_x`` (..., K) or their second moment
+    ``cov = E[xᵀx]`` (K, K). ``ridge`` (relative to the mean eigenvalue) keeps R invertible."""
+    _check(w, r)
+    if cov is None:
+        if calib_x is None:
+            raise ValueError("qera needs calib_x (..., K) or cov (K, K)")
+        x = calib_x.reshape(-1, calib_x.shape[-1]).double()
+        cov = x.T @ x / x.shape[0]
+    if cov.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"cov has shape {tuple(cov.shape)}, expected ({w.shape[1]}, {w.shape[1]})")
+    spec = QuantSpec(fmt, block_size, double_quant)
+    qt = _q(w, spec, w.dtype)
+    e = w.double() - qt.dequantize(torch.float32).double()
+    s, s_inv = _sqrt_and_inv_sqrt(cov, ridge)
+    a, b = _svd_r(e @ s, r)
+    return qt, (a @ s_inv).float(), b.float()
+
+
+def lq_lora(w: torch.Tensor, fmt: str, r: int, iters: int = 10, fisher: Optional[torch.Tensor] = None,
+            block_size: int = 64, double_quant: bool = False):
+    """LQ-LoRA: alternate ``BA = SVD_r(D_r (W − deq(Q)) D_c)`` (unscaled) and ``Q = quantize(W − BA)``,
+    keeping the best iterate. ``fisher`` (N, K) (e.g. squared gradients) gives the row/column
+    weights ``D_r = √(mean_k F)``, ``D_c = √(mean_n F)``; without it the weighting is uniform."""
+    _check(w, r)
+    spec = QuantSpec(fmt, block_size, double_quant)
+    w64 = w.double()
+    if fisher is not None:
+        if fisher.shape != w.shape:
+            raise ValueError(f"fisher has shape {tuple(fisher.shape)}, expected {tuple(w.shape)}")
+        f = fisher.double().clamp_min(0)
+        dr = f.mean(1).sqrt().clamp_min(1e-12)[:, None]
+        dc = f.mean(0).sqrt().clamp_min(1e-12)[None, :]
+    else:
+        dr = torch.ones(w.shape[0], 1, dtype=torch.float64)
+        dc = torch.ones(1, w.shape[1], dtype=torch.float64)
+    qt = _q(w, spec, w.dtype)
+    best = None
+    for _ in range(iters):
+        e = w64 - qt.dequantize(torch.float32).double()
+        a, b = _svd_r(dr * e * dc, r)
+        a, b = a / dc, b / dr
+        err = (dr * (e - b @ a) * dc).norm().item()
+        if best is not None and err >= best[0]:
+            break
+        best = (err, qt, a, b)
+        qt = _q((w64 - b @ a).float(), spec, w.dtype)
+    _, qt, a, b = best
+    return qt, a.float(), b.float()
+
+
+def output_error(w: torch.Tensor, qt: QuantizedTensor, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                 x: torch.Tensor) -> float:
+    """‖X (W − deq(Q) − BA)ᵀ‖_F / ‖X Wᵀ‖_F on activations x (..., K)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    e = w.double() - qt.dequantize(torch.float32).double()
+    if a is not None:
+        e = e - b.double() @ a.double()
+    return float((x @ e.T).norm() / (x @ w.double().T).norm())
+
+
+@torch.no_grad()
+def calibration_covariances(model: torch.nn.Module, inputs, module_names) -> dict[str, torch.Tensor]:
+    """E[xᵀx] (K, K, fp64) of the inputs of the named Linear modules over one forward of ``inputs``
+    (token ids (B, T) or a dict of model kwargs)."""
+    covs, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            covs[name] = covs.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    for name in module_names:
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: covs[n] / counts[n] for n in covs}
+
+
+def apply_init(model: torch.nn.Module, method: str, fmt: str, r: int, alpha: float = 32, block_size: int = 64,
+               double_quant: bool = False, calib=None, skip=("lm_head",), iters: int = 5, progress: bool = True,
+               target_modules=None) -> dict:
+    """Quantize every targeted ``nn.Linear`` of ``model`` and attach a LoRA adapter initialised by
+    ``method`` ∈ {"svd", "loftq", "qera", "lq_lora"}; returns ``{name: relative weight error}``."""
+    import sys
+
+    from .nn import LoRALinear, QuantLinear
+
+    fns = {"svd": svd_init, "loftq": loftq, "qera": qera, "lq_lora": lq_lora}
+    if method not in fns:
+        raise ValueError(f"lora_init={method!r} is not one of {sorted(fns)}")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and not any(n == s or n.endswith("." + s) for s in skip)
+             and (target_modules is None or n.rpartition(".")[2] in target_modules)
+             and m.in_features % block_size == 0]
+    covs = {}
+    if method == "qera":
+        if calib is None:
+            raise ValueError("lora_init='qera' needs calib= (token ids or model kwargs) for the activation statistics")
+        covs = calibration_covariances(model, calib, names)
+    errors = {}
+    for i, name in enumerate(names):
+        lin = model.get_submodule(name)
+        w = lin.weight.detach()
+        if method == "qera":
+            qt, a, b = qera(w, fmt, r, cov=covs[name], block_size=block_size, double_quant=double_quant)
+        elif method in ("loftq", "lq_lora"):
+            qt, a, b = fns[method](w, fmt, r, iters, block_size=block_size, double_quant=double_quant)
+        else:
+            qt, a, b = svd_init(w, fmt, r, block_size, double_quant)
+        q = QuantLinear.from_linear(lin, fmt, block_size, double_quant)
+        q.set_weight(qt)
+        layer = LoRALinear(q, r, alpha)
+        with torch.no_grad():
+            layer.lora_A["default"].copy_(a)
+            layer.lora_B["default"].copy_(b / layer.scaling["default"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        errors[name] = float((w.double() - qt.dequantize(torch.float32).double() - b.double() @ a.double()).norm()
+                             / w.double().norm())
+        if progress:
+            print(f"\rlora_init={method} {fmt} r={r}: {i + 1}/{len(names)}", end="\n" if i + 1 == len(names) else "",
+                  file=sys.stderr, flush=True)
+    return errors

@@ -1,0 +1,230 @@
+"""lowrank family: y = x·dequant(W)ᵀ + s·(x·Aᵀ)·Bᵀ on every backend against float64; its
+gradients; LoRALinear / add_lora; PEFT adapter files both ways; error-reconstructing inits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import init, ops
+from lowbit.nn import LoRALinear, QuantLinear
+
+from conftest import assert_close
+
+
+def make(n, k, fmt="nf4", block=64, dq=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    with lowbit.use_backend("reference"):
+        qt = lowbit.quantize(w, fmt, block, dq)
+        w64 = qt.dequantize(torch.float32).double()
+    return w, qt, w64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("m, r", [(1, 1), (3, 16), (33, 7), (128, 64)])
+def test_lowrank_matches_float64(backend, dtype, m, r):
+    if backend == "sim" and m * r > 200:
+        pytest.skip("simulator: small cases only")
+    n, k = 192, 256
+    _, qt, w64 = make(n, k, "int4" if r % 2 else "nf4", 64, True, seed=r)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    b = (torch.randn(n, r, generator=g) / r ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = ops.lowrank(x, qt, a, b, 0.5, bias)
+    x64, a64, b64 = x.double(), a.double(), b.double()
+    expected = x64 @ w64.T + 0.5 * (x64 @ a64.T) @ b64.T + bias.double()
+    scale = x64.abs() @ w64.abs().T + 0.5 * (x64.abs() @ a64.abs().T) @ b64.abs().T
+    assert_close(y, expected, dtype=dtype, k=k + r, scale=scale, factor=8 if dtype == torch.bfloat16 else 4)
+
+
+def test_lowrank_gradcheck_reference():
+    _, qt, _ = make(64, 128)
+    x = torch.randn(3, 128, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(5, 128, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(64, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    with lowbit.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *t: ops.lowrank(t[0], qt, t[1], t[2], 0.7, t[3]), (x, a, b, bias))
+
+
+def test_lowrank_grads_match_autograd_of_dense(kernel_backend):
+    """Backward formulas (dx, dA, dB, dbias) against torch autograd through a dense float64 model."""
+    _, qt, w64 = make(96, 128, "int2", 32, False)
+    x = torch.randn(4, 128, requires_grad=True)
+    a = torch.randn(6, 128, requires_grad=True)
+    b = torch.randn(96, 6, requires_grad=True)
+    bias = torch.randn(96, requires_grad=True)
+    gy = torch.randn(4, 96)
+    ops.lowrank(x, qt, a, b, 2.0, bias).backward(gy)
+    def dense_grads(sign):  # float64 autograd; with sign=abs it gives the sums of |terms| (error scale)
+        leaves = [sign(t.detach().double()).requires_grad_() for t in (x, a, b, bias)]
+        x6, a6, b6, bias6 = leaves
+        (x6 @ sign(w64).T + 2.0 * (x6 @ a6.T) @ b6.T + bias6).backward(sign(gy.double()))
+        return [t.grad for t in leaves]
+
+    want, scale = dense_grads(lambda t: t), dense_grads(torch.abs)
+    for got, w_, s_, name in zip((x.grad, a.grad, b.grad, bias.grad), want, scale, "x A B bias".split()):
+        assert_close(got, w_, dtype=torch.float32, k=200, scale=s_, name=f"grad {name}")
+
+
+def test_lowrank_opcheck():
+    _, qt, _ = make(64, 128)
+    x = torch.randn(3, 128, requires_grad=True)
+    a = torch.randn(4, 128, requires_grad=True)
+    b = torch.randn(64, 4, requires_grad=True)
+    for be in ("reference", "cpu"):
+        with lowbit.use_backend(be):
+            torch.library.opcheck(torch.ops.lowbit.lowrank.default,
+                                  (x, *ops._weight_args(qt), a, b, 0.5, torch.randn(64), 64, 128, 64, "nf4"))
+
+
+def test_lowrank_errors():
+    _, qt, _ = make(64, 128)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="lora_A .4, 100. / lora_B"):
+        ops.lowrank(x, qt, torch.randn(4, 100), torch.randn(64, 4))
+    with pytest.raises(ValueError, match="rank r=300"):
+        ops.lowrank(x, qt, torch.randn(300, 128), torch.randn(64, 300))
+    with pytest.raises(TypeError, match="lora_B"):
+        ops.lowrank(x, qt, torch.randn(4, 128), [[0.0]])
+
+
+# ------------------------------------------------------------------------- LoRALinear
+def test_lora_linear_starts_at_base_and_trains_only_adapters():
+    base = QuantLinear.from_linear(torch.nn.Linear(128, 64), "nf4", 64, True)
+    layer = LoRALinear(base, r=8, alpha=16)
+    x = torch.randn(5, 128)
+    assert torch.equal(layer(x), base(x))  # B = 0
+    assert layer.scaling["default"] == 2.0 and layer.lora_A["default"].shape == (8, 128)
+    # PEFT / nn.Linear init: Kaiming-uniform with a = sqrt(5) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    a_max = layer.lora_A["default"].abs().max().item()
+    assert 0.9 * 128 ** -0.5 < a_max <= 128 ** -0.5
+    layer(x).sum().backward()
+    assert layer.lora_B["default"].grad is not None and base.bias.grad is None
+
+
+def test_lora_merge_unmerge_and_multiple_adapters():
+    base = QuantLinear.from_linear(torch.nn.Linear(128, 64), "int4", 32, False)
+    layer = LoRALinear(base, r=4, alpha=8)
+    layer.add_adapter("second", r=2, alpha=1)
+    with torch.no_grad():
+        for n in ("default", "second"):
+            layer.lora_B[n].normal_(0, 0.05)
+    x = torch.randn(3, 128)
+    layer.set_adapter(["default", "second"])
+    y_both = layer(x)
+    expected = base(x) + sum(layer.scaling[n] * (x @ layer.lora_A[n].T) @ layer.lora_B[n].T for n in ("default", "second"))
+    assert_close(y_both, expected.double(), dtype=torch.float32, k=132)
+    before = base.weight.clone()
+    err = layer.merge()
+    assert 0 < err < 0.2 and layer.merged is not None
+    assert_close(layer(x), y_both.double(), dtype=torch.float32, k=128, scale=y_both.abs().double() + 1, factor=2e5)
+    layer.unmerge()
+    assert base.weight.equal(before)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        layer.set_adapter("third")
+
+
+def test_add_lora_freezes_everything_else():
+    model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(64, 64), "mlp": torch.nn.Linear(64, 32)})
+    wrapped = lowbit.add_lora(model, r=4, target_modules=("q_proj",))
+    assert wrapped == ["q_proj"] and isinstance(model["q_proj"], LoRALinear)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["q_proj.lora_A.default", "q_proj.lora_B.default"]
+    with pytest.raises(ValueError, match="no Linear"):
+        lowbit.add_lora(model, target_modules=("nothing",))
+
+
+# ------------------------------------------------------------------------- PEFT interop
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_peft_adapter_loads_into_lowbit(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                 init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    loaded = lowbit.load_adapter(ours, tmp_path)
+    assert len(loaded) == 14
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert_close(ours(ids).logits, pm(ids).logits.double(), dtype=torch.float32, k=128, scale=1.0)
+        assert not torch.allclose(ours(ids).logits, base(ids).logits)  # the adapter does something
+
+
+def test_lowbit_adapter_loads_into_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _tiny_llama()
+    ours = copy.deepcopy(base)
+    lowbit.add_lora(ours, r=4, alpha=8, target_modules=TARGETS)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    lowbit.save_adapter(ours, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert_close(pm(ids).logits, ours(ids).logits.double(), dtype=torch.float32, k=128, scale=1.0)
+
+
+# ------------------------------------------------------------------------- initialisations
+def _correlated_activations(k, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5)
+    x[:, :8] *= 10  # outlier channels, as LLM activations have
+    return x
+
+
+@pytest.mark.parametrize("fmt", ["int2", "int4", "nf4"])
+def test_inits_reduce_error_and_qera_beats_loftq_on_output(fmt):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(192, 256, generator=g) * 0.02
+    x = _correlated_activations(256)
+    plain = init.output_error(w, lowbit.quantize(w, fmt, 64), None, None, x)
+    e_svd = init.output_error(w, *init.svd_init(w, fmt, 16), x)
+    e_loftq = init.output_error(w, *init.loftq(w, fmt, 16, iters=3), x)
+    e_qera = init.output_error(w, *init.qera(w, fmt, 16, calib_x=x), x)
+    e_lq = init.output_error(w, *init.lq_lora(w, fmt, 16, iters=4), x)
+    assert e_svd < plain and e_loftq < plain and e_lq < plain
+    assert e_qera < e_loftq < plain
+
+
+def test_loftq_weight_error_decreases_with_iterations():
+    w = torch.randn(128, 256) * 0.02
+    errs = []
+    for it in (1, 5):
+        qt, a, b = init.loftq(w, "int2", 8, iters=it)
+        errs.append(float((w - qt.dequantize() - b @ a).norm()))
+    assert errs[1] < errs[0]
+
+
+def test_quantize_model_with_lora_init():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    x = torch.randn(256, 128)
+    ref = model(x)
+    plain = copy.deepcopy(model)
+    lowbit.quantize_model(plain, "int2", 64, progress=False)
+    report = lowbit.quantize_model(model, "int2", 64, lora_init="qera", r=16, calib=x, progress=False)
+    assert sorted(report["init_error"]) == ["0", "2"] and isinstance(model[0], LoRALinear)
+    with torch.no_grad():
+        assert (model(x) - ref).norm() < 0.8 * (plain(x) - ref).norm()
+    with pytest.raises(ValueError, match="calib"):
+        lowbit.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4", 64, lora_init="qera", progress=False)
