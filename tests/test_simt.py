@@ -500,3 +500,16 @@ def test_stats_count_simulated_threads():
     _quantize(_sim, torch.randn(4, 256), 64, "nf4")
     s = _sim.stats()
     assert s["launches"] == 1 and s["threads"] == 256 and s["blocks"] == 1 and s["seconds"] > 0
+
+
+@pytest.mark.skipif(not getattr(_sim, "sanitized", False),
+                    reason="needs the sanitizer build of _sim (docs/simt.md, 'Sanitizer build')")
+def test_asan_reports_out_of_bounds_write_with_its_line():
+    import subprocess
+    import sys
+    code = ("import numpy as np; from lowbit import _sim; a = np.zeros(37, np.int32); "
+            "_sim.selftest('oob_write', [a.ctypes.data], [37])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "heap-buffer-overflow" in r.stderr and "oob_write_kernel" in r.stderr, r.stderr[-3000:]
+    assert re.search(r"simt_selftest\.cuh:\d+", r.stderr), r.stderr[-3000:]

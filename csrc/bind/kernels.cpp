@@ -70,6 +70,11 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
     return d;
   }, "counters since import or reset_stats()");
   m.def("reset_stats", &simt::reset_stats);
+#if defined(SIMT_ASAN) && SIMT_ASAN
+  m.attr("sanitized") = true;  // built with LOWBIT_SANITIZE=ON (-fsanitize=address,undefined)
+#else
+  m.attr("sanitized") = false;
+#endif
 #else
   m.doc() = "lowbit CUDA kernels (nvcc build; raw-pointer interface; use lowbit.ops)";
   m.def("device_status", []() -> std::pair<int, std::string> {

@@ -262,4 +262,11 @@ __global__ void bits_kernel(const uint32_t* a, const uint32_t* b, const uint32_t
 
 __global__ void empty_kernel() {}
 
+// Writes one element past the end of `out` (n elements): only run under the sanitizer build,
+// which must report a heap-buffer-overflow at this line.
+__global__ void oob_write_kernel(int* out, int n) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i == n - 1) out[i + 1] = 7;
+}
+
 }  // namespace lowbit::selftest

@@ -100,6 +100,8 @@ int run(const std::string& name, const std::vector<intptr_t>& p, const std::vect
     return simt::launch(empty_kernel, dim3(unsigned(I(0))), dim3(unsigned(I(1)), unsigned(I(2)), unsigned(I(3))),
                         size_t(I(4)), stream);
   }
+  if (name == "oob_write")  // ints: n (threads)
+    return simt::launch(oob_write_kernel, dim3(1), dim3(unsigned(I(0))), 0, stream, static_cast<int*>(ptr(0)), int(I(0)));
   throw std::invalid_argument("unknown selftest '" + name + "'");
 }
 
