@@ -55,6 +55,8 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
         py::arg("schedule") = "forward", py::arg("threads") = 0,
         "schedule: 'forward', 'reverse' or 'random:<seed>' (fiber start and barrier release order); "
         "threads: OS threads running blocks (0 = SIMT_THREADS or the core count)");
+  m.def("get_config", [] { return std::make_pair(simt::schedule(), simt::configured_threads()); },
+        "(schedule, threads) as last given to configure: configure(*get_config()) restores it");
   m.def("schedule", &simt::schedule);
   m.def("threads", &simt::threads);
   m.def("stats", [] {

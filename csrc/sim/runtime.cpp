@@ -714,6 +714,7 @@ void configure(const std::string& sched, int threads) {
 }
 std::string schedule() { return detail::g_config.text; }
 int threads() { return detail::g_config.threads > 0 ? detail::g_config.threads : detail::default_threads(); }
+int configured_threads() { return detail::g_config.threads; }
 
 Stats stats() {
   auto& s = detail::g_stats;

@@ -202,7 +202,7 @@ void warp_collective(Collective& c, const char* file, int line) {
       fail(file, line, "mismatched warp collective in warp " + std::to_string(f.warp) + ": lane " +
                            std::to_string(f.lane) + " calls " + op_name(c.op) + "(mask=" + hex(c.mask) +
                            ") while lane " + std::to_string(j) + " waits in " + op_name(oc.op) +
-                           "(mask=" + hex(oc.mask) + ") at " + site(o));
+                           "(mask=" + hex(oc.mask) + ") called at " + site(o) + "; this call");
   }
   f.coll = &c;
   f.file = file;

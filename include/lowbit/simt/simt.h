@@ -148,7 +148,8 @@ int set_max_dynamic_smem(void (*kernel)(P...), int bytes) {
 // "random:<seed>"; threads: OS threads for blocks (0 = SIMT_THREADS or the core count).
 void configure(const std::string& schedule, int threads);
 std::string schedule();
-int threads();
+int threads();             // OS threads a launch uses now
+int configured_threads();  // as given to configure (0 = default)
 struct Stats { double launches, blocks, threads, warp_ops, barriers, seconds; };
 Stats stats();
 void reset_stats();
