@@ -12,6 +12,7 @@
 #include "lowbit/formats.h"
 #include "lowbit/gemm.h"
 #include "lowbit/hadamard.h"
+#include "lowbit/optim.h"
 #include "lowbit/quant.h"
 
 namespace py = pybind11;
@@ -62,6 +63,8 @@ PYBIND11_MODULE(_C, m) {
   }, nogil);
 
   // ---- families register below (one line each): gemm, lowrank, hadamard, optim
+  m.def("adamw32", [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t m_, intptr_t v, int64_t numel, float beta1, float omb1, float beta2, float omb2, float eps, float decay, float nstep, float ibc2s) { cpu::adamw32({ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<float>(m_), ptr<float>(v), numel, {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}}); }, nogil);
+  m.def("adamw8", [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t qm, intptr_t am, intptr_t qv, intptr_t av, int64_t numel, float beta1, float omb1, float beta2, float omb2, float eps, float decay, float nstep, float ibc2s) { cpu::adamw8({ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<uint8_t>(qm), ptr<float>(am), ptr<uint8_t>(qv), ptr<float>(av), numel, {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}}); }, nogil);
   m.def("gemm", [](intptr_t x, intptr_t y, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) { cpu::gemm({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_}); }, nogil);
   m.def("gemm_t", [](intptr_t gy, intptr_t gx, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) { cpu::gemm_t({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(gy), ptr<void>(gx), nullptr, DType(dtype), m_}); }, nogil);
   m.def("hadamard", [](intptr_t x, intptr_t out, int dtype, int64_t rows, int n, float scale, bool transpose) { cpu::hadamard({ptr<const void>(x), ptr<void>(out), DType(dtype), rows, n, scale, transpose}); }, nogil);

@@ -298,28 +298,29 @@ def adamw_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_deca
     """The scalars of AdamW step ``step`` (1-based), computed in double exactly as
     ``torch.optim.AdamW`` computes them, then rounded to fp32:
     ``(beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * wd, -lr / (1 - beta1**step),
-    (1 - beta2**step) ** 0.5)``. Every backend receives these same eight numbers."""
+    1 / (1 - beta2**step) ** 0.5)``. Every backend receives these same eight numbers."""
     bc1 = 1 - beta1**step
-    bc2_sqrt = (1 - beta2**step) ** 0.5
+    inv_bc2_sqrt = 1 / (1 - beta2**step) ** 0.5
     return tuple(_round_f32(x) for x in (beta1, 1 - beta1, beta2, 1 - beta2, eps, 1 - lr * weight_decay,
-                                          -(lr / bc1), bc2_sqrt))
+                                          -(lr / bc1), inv_bc2_sqrt))
 
 
 def adamw_ref(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, scalars):
     """One AdamW step with fp32 state: returns ``(p_new in p.dtype, m_new, v_new)``.
 
     In fp32, each op rounded (no FMA): ``p *= decay; m = m*beta1 + g*(1-beta1);
-    v = v*beta2 + (g*(1-beta2))*g; p += neg_step * (m / (sqrt(v) / bc2_sqrt + eps))`` — the
-    update of ``torch.optim.AdamW`` (decoupled decay, bias correction, eps outside the sqrt).
+    v = v*beta2 + (g*(1-beta2))*g; p += neg_step * (m / (sqrt(v) * inv_bc2_sqrt + eps))`` — the
+    update of ``torch.optim.AdamW`` (decoupled decay, bias correction, eps outside the sqrt), with
+    its division by ``sqrt(1 - beta2**step)`` done as a multiplication by the reciprocal.
     """
-    b1, omb1, b2, omb2, eps, decay, nstep, bc2s = (torch.tensor(s, dtype=torch.float32) for s in scalars)
+    b1, omb1, b2, omb2, eps, decay, nstep, ibc2s = (torch.tensor(s, dtype=torch.float32) for s in scalars)
     g32 = g.float()
     p32 = p.float() * decay
     m = m * b1 + g32 * omb1
     v = v * b2 + (g32 * omb2) * g32
     # torch's fp32 sqrt on CPU is not correctly rounded (it differs from IEEE sqrt in ~20% of
     # elements in torch 2.13); sqrt in fp64 rounded once to fp32 is (53 >= 2*24 + 2 bits).
-    d = v.double().sqrt().float() / bc2s + eps
+    d = v.double().sqrt().float() * ibc2s + eps
     p32 = p32 + nstep * (m / d)
     return p32.to(p.dtype), m, v
 

@@ -1,0 +1,149 @@
+// csrc/cpu/optim.cpp — optim family on the CPU: the fused AdamW step with 32-bit and 8-bit
+// blockwise state. OpenMP over element ranges / state blocks; AVX2 inner loops (optim_avx2.cpp)
+// when the CPU has them, the scalar rules of optim_rules.h otherwise. Bit-exact with the reference.
+//
+// Roofline (2 Zen 3 cores, ~30-37 GB/s read+write): the 32-bit step touches 28 B/param (read
+// p, g, m, v; write p, m, v), the 8-bit step 14 B/param + 16 B per 256 (read p, g, qm, qv; write
+// p, qm, qv; absmaxes). Both are memory-bound once the inner loop costs < ~1 ns per 8 params.
+#include <omp.h>
+
+#include <limits>
+
+#include "cpu/optim_rules.h"
+
+namespace lowbit::cpu {
+
+#if LOWBIT_HAVE_AVX2_TU
+// optim_avx2.cpp: elements [i0, i1) (32-bit; any range) / state blocks [b0, b1) (8-bit).
+void adamw32_range_avx2(const AdamW32Params& p, int64_t i0, int64_t i1);
+void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1);
+#endif
+
+Code8Search::Code8Search(const float* map, int shift, bool neg)
+    : shift32(shift), keys32(int((kHiBits - kLoBits) >> shift) + 1), neg32(neg), low_mask32((1u << shift) - 1) {
+  for (int i = 0; i < 255; ++i) mid[i] = (map[i] + map[i + 1]) / 2.0f;
+  mid[255] = std::numeric_limits<float>::infinity();
+  auto count_below = [&](float x) {  // number of midpoints strictly below x
+    int c = 0;
+    while (c < 255 && mid[c] < x) ++c;
+    return c;
+  };
+  for (int sign = 0; sign < 2; ++sign) {
+    for (int k = 0; k < kKeys; ++k) {
+      // |x| bit patterns of bucket k: [a0, a1]; bucket 0 also holds everything below 2^-23.
+      const uint32_t a0 = kLoBits + (uint32_t(k) << kShift);
+      const uint32_t a1 = std::min(a0 + ((1u << kShift) - 1), kHiBits);
+      const float lo = k == 0 ? 0.0f : bits_to_float(a0), hi = bits_to_float(a1);
+      const float xmin = sign ? -hi : lo, xmax = sign ? -lo : hi;
+      const int c = count_below(xmin);
+      // x in [xmin, xmax]: the code is c + #(midpoints in [xmin, x)), which must be 0 or 1.
+      // x in [xmin, xmax]: the code is c + #(midpoints in [xmin, x)), which must be 0 or 1.
+      LOWBIT_CHECK(count_below(xmax) - c <= 1, "optim: 8-bit code search table needs finer buckets");
+      lut[sign * kKeys + k] = uint8_t(c);
+    }
+  }
+  // lut32: the same construction with 2^shift32 bit patterns per bucket (see optim_rules.h).
+  for (int sign = 0; sign < (neg32 ? 2 : 1); ++sign) {
+    for (int k = 0; k < keys32; ++k) {
+      const uint32_t a0 = kLoBits + (uint32_t(k) << shift32);
+      const uint32_t a1 = std::min(a0 + low_mask32, kHiBits);
+      const float lo = k == 0 ? 0.0f : bits_to_float(a0), hi = bits_to_float(a1);
+      const float xmin = sign ? -hi : lo, xmax = sign ? -lo : hi;
+      const int c = count_below(xmin), inside = count_below(xmax) - c;
+      LOWBIT_CHECK(inside <= 1 && !(k == 0 && inside), "optim: 8-bit code search table needs finer buckets");
+      uint32_t thr = low_mask32;
+      if (inside == 1) {
+        const uint32_t low = float_to_bits(std::fabs(mid[c])) & low_mask32;
+        thr = sign ? (low_mask32 ^ low) : low;
+      }
+      lut32[sign * keys32 + k] = uint32_t(c) | (thr << 8);
+    }
+  }
+  lut[2 * kKeys] = lut[2 * kKeys + 1] = lut[2 * kKeys + 2] = 0;
+}
+const Code8Search& code8_signed() {
+  static const Code8Search s(kDynamicSigned, 17, true);
+  return s;
+}
+const Code8Search& code8_unsigned() {
+  static const Code8Search s(kDynamicUnsigned, 16, false);
+  return s;
+}
+
+// ---------------------------------------------------------------- portable paths
+static void adamw32_range_portable(const AdamW32Params& p, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const AdamWElem e = adamw_elem(load_as_float(p.p, p.p_dtype, i), load_as_float(p.g, p.g_dtype, i),
+                                   p.m[i], p.v[i], p.s);
+    store_from_float(p.p, p.p_dtype, i, e.p);
+    p.m[i] = e.m;
+    p.v[i] = e.v;
+  }
+}
+
+static void adamw8_blocks_portable(const AdamW8Params& p, int64_t b0, int64_t b1) {
+  const Code8Search &cs = code8_signed(), &cu = code8_unsigned();
+  float mbuf[kOptimBlock], vbuf[kOptimBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t base = b * kOptimBlock;
+    const int n = int(std::min<int64_t>(kOptimBlock, p.numel - base));
+    const float am = p.absmax_m[b], av = p.absmax_v[b];
+    float new_am = 0.0f, new_av = 0.0f;
+    for (int j = 0; j < n; ++j) {
+      const int64_t i = base + j;
+      const AdamWElem e = adamw_elem(load_as_float(p.p, p.p_dtype, i), load_as_float(p.g, p.g_dtype, i),
+                                     kDynamicSigned[p.qm[i]] * am, kDynamicUnsigned[p.qv[i]] * av, p.s);
+      store_from_float(p.p, p.p_dtype, i, e.p);
+      mbuf[j] = e.m;
+      vbuf[j] = e.v;
+      new_am = std::max(new_am, std::fabs(e.m));
+      new_av = std::max(new_av, std::fabs(e.v));
+    }
+    p.absmax_m[b] = new_am;
+    p.absmax_v[b] = new_av;
+    const float inv_m = code8_inv(new_am), inv_v = code8_inv(new_av);
+    for (int j = 0; j < n; ++j) {
+      p.qm[base + j] = code8(cs, mbuf[j], inv_m);
+      p.qv[base + j] = code8(cu, vbuf[j], inv_v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+// Independent chunks of ~64 K elements (L2-sized working set), a few per thread.
+template <class F>
+static void parallel_chunks(int64_t n_units, int64_t units_per_chunk, F&& f) {
+  const int64_t chunks = (n_units + units_per_chunk - 1) / units_per_chunk;
+  if (chunks <= 1) { f(0, n_units); return; }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) f(c * units_per_chunk, std::min(n_units, (c + 1) * units_per_chunk));
+}
+
+void adamw32(const AdamW32Params& p) {
+  LOWBIT_CHECK(p.numel >= 0 && (p.numel == 0 || (p.p && p.g && p.m && p.v)), "adamw32: missing buffers");
+  const bool avx2 = use_avx2();
+  parallel_chunks(p.numel, 65536, [&](int64_t i0, int64_t i1) {
+#if LOWBIT_HAVE_AVX2_TU
+    if (avx2) return adamw32_range_avx2(p, i0, i1);
+#endif
+    (void)avx2;
+    adamw32_range_portable(p, i0, i1);
+  });
+}
+
+void adamw8(const AdamW8Params& p) {
+  LOWBIT_CHECK(p.numel >= 0 && (p.numel == 0 || (p.p && p.g && p.qm && p.qv && p.absmax_m && p.absmax_v)),
+               "adamw8: missing buffers");
+  code8_signed(), code8_unsigned();  // build the tables outside the parallel region
+  const int64_t n_blocks = (p.numel + kOptimBlock - 1) / kOptimBlock;
+  const bool avx2 = use_avx2();
+  parallel_chunks(n_blocks, 256, [&](int64_t b0, int64_t b1) {
+#if LOWBIT_HAVE_AVX2_TU
+    if (avx2) return adamw8_blocks_avx2(p, b0, b1);
+#endif
+    (void)avx2;
+    adamw8_blocks_portable(p, b0, b1);
+  });
+}
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,208 @@
+// csrc/cpu/optim_avx2.cpp — AVX2/FMA/F16C inner loops of the optim family (this file alone is
+// compiled with -mavx2 -mfma -mf16c; optim.cpp calls it only when the CPU supports them).
+// Same fp32 operation sequence as optim_rules.h (no FMA: -ffp-contract=off and explicit mul/add),
+// so every path is bit-exact with the reference; tails go through the scalar rules.
+#include <immintrin.h>
+
+#include "cpu/optim_rules.h"
+
+namespace lowbit::cpu {
+
+namespace {
+
+inline __m256 load8(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case DType::bf16: {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+}
+
+// fp32 -> dtype, round to nearest even (as torch's .to()); bf16 NaN stays NaN (quiet bit set).
+inline void store8(void* p, DType t, int64_t i, __m256 v) {
+  switch (t) {
+    case DType::f32: _mm256_storeu_ps(static_cast<float*>(p) + i, v); break;
+    case DType::bf16: {
+      __m256i u = _mm256_castps_si256(v);
+      __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+      __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), _mm256_castsi256_si128(packed));
+      break;
+    }
+    default:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+struct VScalars {
+  __m256 beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s;
+  explicit VScalars(const AdamWScalars& s)
+      : beta1(_mm256_set1_ps(s.beta1)), omb1(_mm256_set1_ps(s.one_minus_beta1)), beta2(_mm256_set1_ps(s.beta2)),
+        omb2(_mm256_set1_ps(s.one_minus_beta2)), eps(_mm256_set1_ps(s.eps)), decay(_mm256_set1_ps(s.decay)),
+        nstep(_mm256_set1_ps(s.neg_step_size)), ibc2s(_mm256_set1_ps(s.inv_bc2_sqrt)) {}
+};
+
+// The optim_rules.h::adamw_elem sequence on 8 lanes; m, v updated in place, returns p.
+inline __m256 adamw8lanes(__m256 p, __m256 g, __m256& m, __m256& v, const VScalars& s) {
+  p = _mm256_mul_ps(p, s.decay);
+  m = _mm256_add_ps(_mm256_mul_ps(m, s.beta1), _mm256_mul_ps(g, s.omb1));
+  v = _mm256_add_ps(_mm256_mul_ps(v, s.beta2), _mm256_mul_ps(_mm256_mul_ps(g, s.omb2), g));
+  const __m256 d = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), s.ibc2s), s.eps);
+  return _mm256_add_ps(p, _mm256_mul_ps(s.nstep, _mm256_div_ps(m, d)));
+}
+
+// lut32 key of t and the low bits of |t|, flipped for t < 0 (the convention of optim_rules.h).
+inline void code8_key(const Code8Search& cs, __m256 t, __m256i& key, __m256i& xlow) {
+  const __m256i u = _mm256_castps_si256(t);
+  const __m256i neg = _mm256_srai_epi32(u, 31);
+  const __m256i mask = _mm256_set1_epi32(int(cs.low_mask32));
+  __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  a = _mm256_min_epi32(_mm256_max_epi32(a, _mm256_set1_epi32(int(Code8Search::kLoBits))),
+                       _mm256_set1_epi32(int(Code8Search::kHiBits)));
+  key = _mm256_srl_epi32(_mm256_sub_epi32(a, _mm256_set1_epi32(int(Code8Search::kLoBits))),
+                         _mm_cvtsi32_si128(cs.shift32));
+  xlow = _mm256_and_si256(a, mask);
+  if (cs.neg32) {
+    key = _mm256_add_epi32(key, _mm256_and_si256(neg, _mm256_set1_epi32(cs.keys32)));
+    xlow = _mm256_xor_si256(xlow, _mm256_and_si256(neg, mask));
+  } else {
+    key = _mm256_andnot_si256(neg, key);  // x < 0 (or -0): key 0, whose entry gives code 0
+  }
+}
+// code = c + (xlow > thr) from the looked-up entries e = lut32[key].
+inline __m256i code8_finish(__m256i e, __m256i xlow) {
+  const __m256i c = _mm256_and_si256(e, _mm256_set1_epi32(0xff));
+  const __m256i thr = _mm256_srli_epi32(e, 8);
+  return _mm256_sub_epi32(c, _mm256_cmpgt_epi32(xlow, thr));
+}
+
+inline void store_codes8(uint8_t* dst, __m256i c) {
+  __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
+}
+
+// Table lookups as scalar loads. GCC would otherwise "vectorize" these loops into an
+// extract/insert sequence ~5x slower than the plain loads; keep them scalar.
+#define LOWBIT_SCALAR_LOOP __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize")))
+LOWBIT_SCALAR_LOOP void lookup_maps(const uint8_t* qm, const uint8_t* qv, int n, float* m, float* v) {
+  for (int j = 0; j < n; ++j) {
+    m[j] = kDynamicSigned[qm[j]];
+    v[j] = kDynamicUnsigned[qv[j]];
+  }
+}
+LOWBIT_SCALAR_LOOP void lookup_buckets(const uint32_t* lut_m, const uint32_t* lut_v, int n, uint32_t* km,
+                                       uint32_t* kv) {
+  for (int j = 0; j < n; ++j) {
+    km[j] = lut_m[km[j]];
+    kv[j] = lut_v[kv[j]];
+  }
+}
+
+}  // namespace
+
+void adamw32_range_avx2(const AdamW32Params& p, int64_t i0, int64_t i1) {
+  const VScalars s(p.s);
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    __m256 m = _mm256_loadu_ps(p.m + i), v = _mm256_loadu_ps(p.v + i);
+    const __m256 pn = adamw8lanes(load8(p.p, p.p_dtype, i), load8(p.g, p.g_dtype, i), m, v, s);
+    store8(p.p, p.p_dtype, i, pn);
+    _mm256_storeu_ps(p.m + i, m);
+    _mm256_storeu_ps(p.v + i, v);
+  }
+  for (; i < i1; ++i) {
+    const AdamWElem e = adamw_elem(load_as_float(p.p, p.p_dtype, i), load_as_float(p.g, p.g_dtype, i),
+                                   p.m[i], p.v[i], p.s);
+    store_from_float(p.p, p.p_dtype, i, e.p);
+    p.m[i] = e.m;
+    p.v[i] = e.v;
+  }
+}
+
+// Zen 3 gathers cost ~17 cycles per 8 lanes here (measured), more than the whole 32-bit step, so
+// the table lookups (dequantize: map[q]; re-quantize: lut32[key]) are plain scalar loads in their
+// own loops over the block buffers (~1 cycle per lookup), and everything else stays 8-wide.
+void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
+  const VScalars s(p.s);
+  const Code8Search &cs = code8_signed(), &cu = code8_unsigned();
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), neg_one = _mm256_set1_ps(-1.0f);
+  alignas(32) float mbuf[kOptimBlock], vbuf[kOptimBlock];
+  alignas(32) uint32_t km[kOptimBlock], kv[kOptimBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t base = b * kOptimBlock;
+    const int n = int(std::min<int64_t>(kOptimBlock, p.numel - base));
+    const int n8 = n & ~7;
+    const float am = p.absmax_m[b], av = p.absmax_v[b];
+    // pass 0: code -> map value
+    lookup_maps(p.qm + base, p.qv + base, n, mbuf, vbuf);
+    // pass 1: dequantize (times absmax), update, write p; fp32 state stays in L1 for the new absmax
+    const __m256 vam = _mm256_set1_ps(am), vav = _mm256_set1_ps(av);
+    __m256 nm = _mm256_setzero_ps(), nv = _mm256_setzero_ps();
+    for (int j = 0; j < n8; j += 8) {
+      const int64_t i = base + j;
+      __m256 m = _mm256_mul_ps(_mm256_load_ps(mbuf + j), vam);
+      __m256 v = _mm256_mul_ps(_mm256_load_ps(vbuf + j), vav);
+      store8(p.p, p.p_dtype, i, adamw8lanes(load8(p.p, p.p_dtype, i), load8(p.g, p.g_dtype, i), m, v, s));
+      _mm256_store_ps(mbuf + j, m);
+      _mm256_store_ps(vbuf + j, v);
+      nm = _mm256_max_ps(nm, _mm256_andnot_ps(sign, m));
+      nv = _mm256_max_ps(nv, _mm256_andnot_ps(sign, v));
+    }
+    float new_am = hmax(nm), new_av = hmax(nv);
+    for (int j = n8; j < n; ++j) {
+      const int64_t i = base + j;
+      const AdamWElem e = adamw_elem(load_as_float(p.p, p.p_dtype, i), load_as_float(p.g, p.g_dtype, i),
+                                     mbuf[j] * am, vbuf[j] * av, p.s);
+      store_from_float(p.p, p.p_dtype, i, e.p);
+      mbuf[j] = e.m;
+      vbuf[j] = e.v;
+      new_am = std::max(new_am, std::fabs(e.m));
+      new_av = std::max(new_av, std::fabs(e.v));
+    }
+    p.absmax_m[b] = new_am;
+    p.absmax_v[b] = new_av;
+    // pass 2: scale and clamp against the new absmax (kept in the buffers), bucket keys
+    const float inv_m = code8_inv(new_am), inv_v = code8_inv(new_av);
+    const __m256 vim = _mm256_set1_ps(inv_m), viv = _mm256_set1_ps(inv_v);
+    __m256i key, xlow;
+    for (int j = 0; j < n8; j += 8) {
+      const __m256 tm = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(mbuf + j), vim), neg_one), one);
+      const __m256 tv = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(vbuf + j), viv), neg_one), one);
+      code8_key(cs, tm, key, xlow);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(km + j), key);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(mbuf + j), xlow);  // scaled values no longer needed
+      code8_key(cu, tv, key, xlow);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(kv + j), key);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vbuf + j), xlow);
+    }
+    // pass 3: bucket entries
+    lookup_buckets(cs.lut32, cu.lut32, n8, km, kv);
+    // pass 4: codes
+    auto ld = [](const void* q) { return _mm256_load_si256(static_cast<const __m256i*>(q)); };
+    for (int j = 0; j < n8; j += 8) {
+      store_codes8(p.qm + base + j, code8_finish(ld(km + j), ld(mbuf + j)));
+      store_codes8(p.qv + base + j, code8_finish(ld(kv + j), ld(vbuf + j)));
+    }
+    for (int j = n8; j < n; ++j) {
+      p.qm[base + j] = code8(cs, mbuf[j], inv_m);
+      p.qv[base + j] = code8(cu, vbuf[j], inv_v);
+    }
+  }
+}
+
+}  // namespace lowbit::cpu

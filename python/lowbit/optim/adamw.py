@@ -1,0 +1,182 @@
+"""AdamW optimizers with fused lowbit kernels: 32-bit or 8-bit blockwise state, optionally paged."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+
+from . import functional as F
+from .pages import PAGE_BYTES, PagePool
+
+__all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) as ``torch.optim.AdamW`` defines it — decoupled weight decay,
+    bias correction, ``eps`` outside the sqrt — in one fused kernel per parameter.
+
+    ``optim_bits=8`` keeps m and v as 8-bit blockwise codes (bitsandbytes' scheme, ~2 bytes per
+    parameter) for parameters with at least ``min_8bit_size`` elements; smaller ones keep fp32
+    state. ``paged=True`` puts the state in a :class:`PagePool`: memory-mapped files under
+    ``offload_dir`` (a temporary directory if None) for CPU parameters, CUDA managed memory for CUDA
+    parameters. Parameters may be fp32, bf16 or fp16; the math is fp32 and the state is fp32 / 8-bit.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, optim_bits: int = 32, min_8bit_size: int = 4096, paged: bool = False,
+                 offload_dir: Optional[str] = None, page_bytes: int = PAGE_BYTES):
+        if not (isinstance(lr, float) or isinstance(lr, int)) or lr < 0:
+            raise ValueError(f"lr={lr!r} must be a non-negative float")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas={betas!r} must be two floats in [0, 1)")
+        if eps < 0:
+            raise ValueError(f"eps={eps!r} must be >= 0")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits={optim_bits!r} must be 8 or 32")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size={min_8bit_size!r} must be a non-negative int")
+        if offload_dir is not None and not paged:
+            raise ValueError("offload_dir= is only used by paged optimizers (paged=True)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.optim_bits, self.min_8bit_size = optim_bits, min_8bit_size
+        self.paged, self._offload_dir, self._page_bytes = paged, offload_dir, page_bytes
+        self._pools: dict[str, PagePool] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._check_param(p)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_param(p: torch.Tensor) -> None:
+        if p.is_complex():
+            raise TypeError(f"complex parameters are not supported (dtype={p.dtype}, shape={tuple(p.shape)}); "
+                            f"view them as real with torch.view_as_real")
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"parameter dtype={p.dtype} is not supported; expected float32, bfloat16 or float16")
+
+    def _bits_for(self, p: torch.Tensor) -> int:
+        return 8 if self.optim_bits == 8 and p.numel() >= self.min_8bit_size else 32
+
+    def _pool(self, device: torch.device) -> Optional[PagePool]:
+        if not self.paged:
+            return None
+        key = str(device)
+        if key not in self._pools:
+            if device.type == "cuda":
+                self._pools[key] = PagePool("managed", page_bytes=self._page_bytes, backend="cuda")
+            else:
+                self._pools[key] = PagePool("file", offload_dir=self._offload_dir, page_bytes=self._page_bytes)
+        return self._pools[key]
+
+    def _alloc(self, p: torch.Tensor):
+        pool = self._pool(p.device)
+        return pool.alloc if pool is not None else None
+
+    def memory_stats(self) -> dict:
+        """State memory: ``state_bytes`` (all state tensors), ``params`` / ``state_bytes_per_param``,
+        and per pool (paged optimizers) ``total_bytes`` / ``resident_bytes`` / ``used_bytes``."""
+        nbytes = nparams = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                nbytes += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+                nparams += p.numel() if st else 0
+        d = {"state_bytes": nbytes, "params_with_state": nparams,
+             "state_bytes_per_param": nbytes / nparams if nparams else 0.0}
+        if self.paged:
+            pools = {k: pool.memory_stats() for k, pool in self._pools.items()}
+            d["pools"] = pools
+            d["total_bytes"] = sum(s["total_bytes"] for s in pools.values())
+            res = [s["resident_bytes"] for s in pools.values()]
+            d["resident_bytes"] = None if any(r is None for r in res) else sum(res)
+        return d
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("lowbit AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                self._check_param(p)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state.update(F.init_state(p, self._bits_for(p), self._alloc(p)))
+                state["step"] += 1
+                pool = self._pools.get(str(p.device))
+                if pool is not None and pool.kind == "managed":
+                    pool.prefetch([t for t in state.values() if isinstance(t, torch.Tensor)],
+                                  stream=torch.cuda.current_stream().cuda_stream)
+                F.adamw_step(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                             weight_decay=group["weight_decay"], step=state["step"])
+        return loss
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self):
+        sd = super().state_dict()
+        if self.paged:  # copy out of the pool: a saved dict must not alias (or save) whole pages
+            sd["state"] = {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in st.items()}
+                           for k, st in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a :meth:`state_dict`. Unlike ``torch.optim.Optimizer``, state tensors keep their
+        dtype (fp32 / uint8 whatever the parameter dtype: the bits are the state) and are copied,
+        into the pool for paged optimizers, so the optimizer never aliases the dict it loaded."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_map = dict(zip(saved_ids, params))
+        for k, st in saved.items():
+            if k not in id_map:
+                continue
+            p = id_map[k]
+            new = {}
+            alloc = self._alloc(p)
+            for name, t in st.items():
+                if isinstance(t, torch.Tensor) and name != "step":
+                    dst = alloc(t.shape, t.dtype) if alloc is not None else torch.empty(t.shape, dtype=t.dtype,
+                                                                                        device=p.device)
+                    new[name] = dst.copy_(t)
+                else:
+                    new[name] = int(t.item()) if isinstance(t, torch.Tensor) else t
+            F.state_bits(new)  # raises with the keys if the layout is not one of ours
+            self.state[p] = new
+
+
+class AdamW8bit(AdamW):
+    """:class:`AdamW` with 8-bit blockwise state (``optim_bits=8``)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, min_8bit_size: int = 4096, **kw):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, min_8bit_size=min_8bit_size, **kw)
+
+
+class PagedAdamW(AdamW):
+    """:class:`AdamW` with its state in a :class:`PagePool` (``paged=True``)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, offload_dir: Optional[str] = None, **kw):
+        super().__init__(params, lr, betas, eps, weight_decay, paged=True, offload_dir=offload_dir, **kw)
+
+
+class PagedAdamW8bit(AdamW):
+    """:class:`AdamW` with 8-bit state in a :class:`PagePool`."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, min_8bit_size: int = 4096, offload_dir: Optional[str] = None, **kw):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, min_8bit_size=min_8bit_size,
+                         paged=True, offload_dir=offload_dir, **kw)
