@@ -435,6 +435,21 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Double-quant scales of blocks [b0, b0 + cnt) → out: the nested scale is hoisted out of runs of
+// 256 blocks; same fp32 operations as weight_scale (multiply, round, add, round): bit-identical.
+void decode_scales_dq(const GemmWeight& w, int64_t b0, int64_t cnt, float* out) {
+  const float off = w.scale_offset;
+  for (int64_t i = 0; i < cnt;) {
+    const int64_t nb = (b0 + i) / kNestedBlock, end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
+    const float ns = w.scale_nested[nb];
+    const uint8_t* q = w.scale_q + b0;
+    for (; i < end; ++i) {
+      const float v = kDynamicSigned[q[i]] * ns;
+      out[i] = v + off;
+    }
+  }
+}
+
 struct GemvRowScales {  // per thread: the rows' scales (double quant decoded), padded with zeros
   AlignedBuf buf;
   const float* rows[4];
@@ -636,8 +651,7 @@ void gemv_run(const GemmParams& p) {
           s_rows[r] = w.scale + (n + r) * nbr;
         } else {
           float* o = srow_buf + r * (nbr + 8);
-          const int64_t b0 = (n + r) * nbr;
-          for (int64_t b = 0; b < nbr; ++b) o[b] = weight_scale(w, b0 + b);
+          decode_scales_dq(w, (n + r) * nbr, nbr, o);
           s_rows[r] = o;
         }
       }

@@ -1,0 +1,335 @@
+"""bench_gemm: packed low-bit GEMV/GEMM on the CPU, lowbit vs its peers, in one run.
+
+Validates first (every implementation against a dense product on its own dequantized weight), then
+times medians of: lowbit nf4 / int4 / int2 (lowbit._C.gemm), torch F.linear fp32 and bf16, torch's
+int4 CPU kernel (aten._weight_int4pack_mm_for_cpu, bf16 activations), bitsandbytes matmul_4bit
+(CPU, few repetitions: tens of ms to seconds per call). Weights are (N, K) = (out, in) model
+shapes; weights smaller than 2x the L3 are rotated over copies so every call reads them from DRAM.
+Prints ms, GFLOP/s, weight-GB/s (bytes of the weight as stored: codes + scales (+ zeros)), the
+in-run streaming-read bandwidth (torch sum over 1 GiB) as the roofline, and the issue-4 target
+ratios. The machine is shared and noisy: compare ratios measured in the same run.
+
+    python bench/bench_gemm.py [--quick] [--threads 2] [--json out.json] [--plot out.png]
+    python -m lowbit bench gemm --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.formats import DTYPE_ID, FMT_ID
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672)]  # (N, K) = (out, in)
+MS = [1, 8, 32, 128, 512]
+BLOCK = 64
+L3_BYTES = 32 << 20
+
+
+# ---------------------------------------------------------------------------- timing helpers
+def timeit(fn, budget: float, min_reps: int = 3, max_reps: int = 30) -> float:
+    """Median wall time of fn() with as many repetitions as fit in ~budget seconds."""
+    t0 = time.perf_counter()
+    fn()  # warm-up (also sizes the repetition count)
+    first = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, budget / max(first, 1e-6))))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+class Stream:
+    """Streaming-read bandwidth: torch sum over a 1 GiB fp32 buffer (far larger than the L3)."""
+
+    def __init__(self):
+        self.buf = torch.ones(1 << 28)
+        self.samples = []
+
+    def sample(self, n=3) -> float:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.buf.sum()
+            self.samples.append(self.buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        return statistics.median(self.samples[-n:])
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def rotating(make, nbytes: int):
+    """Copies of a weight so that one pass over all of them exceeds 2x the L3; returns a callable
+    giving the next copy (cold-cache timing of weights that would otherwise stay in L3)."""
+    n = max(1, math.ceil(2 * L3_BYTES / max(nbytes, 1)))
+    copies = [make() for _ in range(n)]
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % n
+        return copies[state["i"]]
+
+    return nxt
+
+
+# ---------------------------------------------------------------------------- implementations
+def lowbit_impl(w, fmt, dq):
+    qt = lowbit.quantize(w, fmt, BLOCK, dq)
+    n, k = w.shape
+    nbytes = sum(t.numel() * t.element_size() for t in (qt.codes, qt.scale, qt.zero, qt.scale_q, qt.scale_nested)
+                 if t is not None)
+    C = lowbit._C
+
+    def clone():
+        return [t.clone() if t is not None else None for t in (qt.codes, qt.scale, qt.zero, qt.scale_q, qt.scale_nested)]
+
+    nxt = rotating(clone, nbytes)
+    off = float(qt.scale_offset) if qt.scale_offset is not None else 0.0
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    def run(x, y, wt=None):
+        codes, scale, zero, sq, sn = wt or nxt()
+        C.gemm(x.data_ptr(), y.data_ptr(), 0, DTYPE_ID[x.dtype], x.shape[0], n, k, codes.data_ptr(), ptr(scale),
+               ptr(zero), ptr(sq), ptr(sn), off, BLOCK, FMT_ID[fmt])
+        return y
+
+    def make_call(x):
+        y = torch.empty(x.shape[0], n, dtype=x.dtype)
+        return lambda: run(x, y)
+
+    def validate(x, rows=256):
+        w_hat = qt.dequantize(torch.float32)[:rows].double()
+        y = run(x, torch.empty(x.shape[0], n, dtype=x.dtype), clone())[:, :rows].double()
+        ref = x.double() @ w_hat.T
+        return float((y - ref).abs().max() / ref.abs().max())
+
+    return {"name": f"lowbit {fmt}" + ("+dq" if dq else ""), "bytes": nbytes, "make_call": make_call,
+            "validate": validate, "dtype": torch.float32, "tol": 1e-3}
+
+
+def torch_dense_impl(w, dtype):
+    wd = w.to(dtype)
+    nbytes = wd.numel() * wd.element_size()
+    nxt = rotating(lambda: wd.clone(), nbytes)
+
+    def make_call(x):
+        return lambda: F.linear(x, nxt())
+
+    def validate(x, rows=256):
+        y = F.linear(x, wd)[:, :rows].double()
+        ref = x.double() @ wd[:rows].double().T
+        return float((y - ref).abs().max() / ref.abs().max())
+
+    return {"name": f"torch {'fp32' if dtype == torch.float32 else 'bf16'}", "bytes": nbytes, "make_call": make_call,
+            "validate": validate, "dtype": dtype, "tol": 1e-4 if dtype == torch.float32 else 2e-2}
+
+
+def torch_int4_impl(w):
+    """aten._weight_int4pack_mm_for_cpu with lowbit's int4 quantization (same asymmetric rule:
+    torch computes (q - 8)·scale + zero', so zero' = (8 - z)·s) — one weight, two kernels."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if op is None:
+        return None
+    qt = lowbit.quantize(w, "int4", BLOCK, False)
+    n, k = w.shape
+    c = qt.codes.reshape(n, k // 2)
+    q = torch.stack(((c >> 4) & 15, c & 15), dim=-1).reshape(n, k).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    s = qt.scale.reshape(n, k // BLOCK)
+    z = qt.zero.reshape(n, k // BLOCK)
+    sz = torch.stack((s.T, ((8.0 - z) * s).T), dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
+    nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+    nxt = rotating(lambda: (packed.clone(), sz.clone()), nbytes)
+
+    def make_call(x):
+        def f():
+            p_, s_ = nxt()
+            return op(x, p_, BLOCK, s_)
+        return f
+
+    def validate(x, rows=256):
+        y = op(x, packed, BLOCK, sz)[:, :rows].double()
+        w_hat = ((q[:rows].double() - 8) * sz[:, :rows, 0].T.double().repeat_interleave(BLOCK, 1)
+                 + sz[:, :rows, 1].T.double().repeat_interleave(BLOCK, 1))
+        ref = x.double() @ w_hat.T
+        return float((y - ref).abs().max() / ref.abs().max())
+
+    return {"name": "torch int4", "bytes": nbytes, "make_call": make_call, "validate": validate,
+            "dtype": torch.bfloat16, "tol": 2e-2}
+
+
+def bnb_impl(w):
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as BF
+    except ImportError:
+        return None
+    packed, state = BF.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
+    nbytes = packed.numel() + state.absmax.numel() * state.absmax.element_size()
+
+    def make_call(x):
+        return lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)
+
+    def validate(x, rows=256):
+        y = bnb.matmul_4bit(x, packed.t(), quant_state=state)[:, :rows].double()
+        ref = x.double() @ BF.dequantize_4bit(packed, state)[:rows].double().T
+        return float((y - ref).abs().max() / ref.abs().max())
+
+    return {"name": "bnb nf4+dq", "bytes": nbytes, "make_call": make_call, "validate": validate,
+            "dtype": torch.float32, "tol": 1e-4, "only_m": (1,)}
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="~2 min: 8192x28672 at M=1 (all peers) and 4096x4096 at M=1,128,512")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of weight-GB/s vs M per shape (needs matplotlib)")
+    ap.add_argument("--no-bnb", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budget = args.budget or (0.4 if args.quick else 1.0)
+    plan = [((8192, 28672), [1]), ((4096, 4096), [1, 128, 512])] if args.quick else [(s, MS) for s in SHAPES]
+    print(f"lowbit {lowbit.__version__}, cpu path {lowbit._C.cpu_path()}, {args.threads} threads, torch {torch.__version__}")
+    stream = Stream()
+    print(f"streaming read bandwidth (start): {stream.sample(5):.1f} GB/s")
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for (n, k), ms in plan:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        impls = [lowbit_impl(w, "nf4", True), lowbit_impl(w, "int4", False), lowbit_impl(w, "int2", False),
+                 torch_dense_impl(w, torch.float32), torch_dense_impl(w, torch.bfloat16), torch_int4_impl(w)]
+        if not args.no_bnb:
+            impls.append(bnb_impl(w))
+        impls = [i for i in impls if i is not None]
+        del w
+        # ---- validate first (M = 1 and M = 32: both lowbit paths), on the first 256 outputs
+        for im in impls:
+            for m in (1, 32):
+                if m not in im.get("only_m", (m,)):
+                    continue
+                x = torch.randn(m, k, generator=gen).to(im["dtype"])
+                err = im["validate"](x)
+                if not err <= im["tol"]:
+                    raise SystemExit(f"VALIDATION FAILED: {im['name']} {n}x{k} M={m}: rel err {err:.2e} > {im['tol']:.0e}")
+                rows.append({"shape": [n, k], "m": m, "impl": im["name"], "validation_rel_err": err})
+        print(f"\n== W {n}x{k} (N x K) validated (max |err| / max |ref| <= tol for every implementation); "
+              f"stream {stream.sample():.1f} GB/s")
+        print(f"{'M':>4} {'impl':<14} {'ms':>9} {'GFLOP/s':>8} {'wGB/s':>7}")
+        for m in ms:
+            for im in impls:
+                if m not in im.get("only_m", (m,)):
+                    continue
+                x = torch.randn(m, k, generator=gen).to(im["dtype"])
+                b = budget if not im["name"].startswith("bnb") else 0.0  # bnb: 3 calls
+                t = timeit(im["make_call"](x), b, min_reps=3)
+                r = {"shape": [n, k], "m": m, "impl": im["name"], "ms": t * 1e3, "gflops": 2 * m * n * k / t / 1e9,
+                     "weight_gbs": im["bytes"] / t / 1e9, "weight_bytes": im["bytes"]}
+                rows.append(r)
+                print(f"{m:>4} {im['name']:<14} {t * 1e3:9.3f} {r['gflops']:8.1f} {r['weight_gbs']:7.1f}", flush=True)
+            if m == 1:
+                print(f"     stream {stream.sample():.1f} GB/s")
+        del impls
+    bw = stream.median()
+    print(f"\nin-run streaming read bandwidth: median {bw:.1f} GB/s over {len(stream.samples)} samples "
+          f"(min {min(stream.samples):.1f}, max {max(stream.samples):.1f})")
+    targets = report_targets(rows, bw)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "stream_gbs_median": bw, "stream_samples": stream.samples,
+                       "rows": rows, "targets": targets}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+def _get(rows, shape, m, impl, key="ms"):
+    for r in rows:
+        if r["shape"] == list(shape) and r["m"] == m and r["impl"] == impl and key in r:
+            return r[key]
+    return None
+
+
+def report_targets(rows, bw):
+    """The issue-4 targets, as ratios measured in this run."""
+    big = (8192, 28672)
+    out = []
+
+    def add(what, value, goal):
+        if value is None:
+            return
+        ok = value >= goal
+        out.append({"target": what, "value": value, "goal": goal, "met": ok})
+        print(f"  {what:<58} {value:8.2f}  (goal >= {goal:g})  {'MET' if ok else 'NOT MET'}")
+
+    print("targets (issue 4), ratios from this run:")
+    for fmt in ("nf4+dq", "int4"):
+        name = f"lowbit {fmt}"
+        t = _get(rows, big, 1, name)
+        if t is None:
+            continue
+        gbs = _get(rows, big, 1, name, "weight_gbs")
+        add(f"M=1 8192x28672 {name}: weight GB/s / stream GB/s", gbs / bw, 0.8)
+        for peer, goal in (("torch fp32", 4.0), ("torch int4", 1.5), ("bnb nf4+dq", 50.0)):
+            tp = _get(rows, big, 1, peer)
+            if tp is not None:
+                add(f"M=1 8192x28672 speedup of {name} vs {peer}", tp / t, goal)
+    t2, t4 = _get(rows, big, 1, "lowbit int2"), _get(rows, big, 1, "lowbit int4")
+    if t2 and t4:
+        add("M=1 8192x28672 speedup of lowbit int2 vs lowbit int4", t4 / t2, 1.6)
+    shapes = sorted({tuple(r["shape"]) for r in rows})
+    for shape in shapes:
+        for m in (128, 512):
+            tf = _get(rows, shape, m, "torch fp32")
+            for name in ("lowbit nf4+dq", "lowbit int4"):
+                t = _get(rows, shape, m, name)
+                if t is not None and tf is not None:
+                    add(f"M={m} {shape[0]}x{shape[1]} GFLOP/s {name} / torch fp32", tf / t, 1.0)
+    return out
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not installed: no plot written to {path}")
+        return
+    shapes = sorted({tuple(r["shape"]) for r in rows if "ms" in r})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        impls = sorted({r["impl"] for r in rows if tuple(r["shape"]) == shape and "ms" in r})
+        for impl in impls:
+            pts = sorted((r["m"], r["weight_gbs"]) for r in rows
+                         if tuple(r["shape"]) == shape and r["impl"] == impl and "ms" in r)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("M (rows of x)")
+        ax.set_ylabel("weight GB/s")
+        ax.set_title(f"W {shape[0]}x{shape[1]}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
