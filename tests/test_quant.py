@@ -96,6 +96,9 @@ def test_bitexact_large_blocks_and_edge_values(kernel_backend, fmt):
     w[3, 15] = 1.0
     w[4] *= 1e30
     w[5] *= 1e-30
+    w[6] = w[6].abs()
+    w[6, 5] = -0.0                                # a block whose minimum is a negative zero
+    w[6, 9] = 0.0
     expected = ref_quantize(w, fmt, block, True)
     assert lowbit.quantize(w, fmt, block, True).equal(expected)
     if fmt == "nf4":

@@ -42,6 +42,8 @@ inline int table_code(Fmt fmt, float scaled) {
 // int formats: step and zero point of a block from its min and max.
 struct IntBlock { float scale, inv, zero; };
 inline IntBlock int_block(float mn, float mx, int qmax) {
+  // -0 -> +0: min reductions may return either zero; the stored zero point must not depend on it
+  mn = mn + 0.0f;
   float s = (mx - mn) / float(qmax);
   if (!(s >= kMinIntStep)) s = 1.0f;  // constant block: codes 0, w_hat = min exactly
   float inv = 1.0f / s;

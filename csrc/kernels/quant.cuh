@@ -169,20 +169,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(QuantizeParams 
       inv = __fdiv_rn(1.0f, fmaxf(amax, kAbsmaxFloor));
       if (sub == 0) p.scale[b] = amax;
     } else {
-      if (mn == 0.0f) {
-        // The reference takes the first minimum in element order, so a zero minimum carries the
-        // sign of the block's first zero; fminf may return either. Rare path: find that element.
-        int first = 0x7fffffff;  // (index << 1) | sign bit
-        for (int c = sub; c < chunks && first == 0x7fffffff; c += group) {
-          float x[kChunk];
-          load8(w, base + int64_t(c) * kChunk, vec, x);
-#pragma unroll
-          for (int k = 0; k < kChunk; ++k)
-            if (first == 0x7fffffff && x[k] == 0.0f) first = ((c * kChunk + k) << 1) | int(__float_as_uint(x[k]) >> 31);
-        }
-        for (int o = group / 2; o > 0; o /= 2) first = min(first, __shfl_xor_sync(gmask, first, o, group));
-        mn = (first & 1) ? -0.0f : 0.0f;
-      }
+      mn = __fadd_rn(mn, 0.0f);  // -0 -> +0: the sign of a zero minimum is not a rule (formats.md)
       float s = __fdiv_rn(__fsub_rn(mx, mn), float(kQmax));
       if (!(s >= kMinIntStep)) s = 1.0f;  // constant block: codes 0, w_hat = min exactly
       inv = __fdiv_rn(1.0f, s);

@@ -50,17 +50,20 @@ def load_smollm2(cache_dir: str | None = None):
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lowbit", "smollm2")
     weights = os.path.join(cache_dir, "model.safetensors")
     if os.path.exists(weights):
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file as st_load
 
         tok = AutoTokenizer.from_pretrained(cache_dir)
-        config = AutoConfig.from_pretrained(cache_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.to_empty(device="cpu")
-        load_model(model, weights, strict=False)  # tied lm_head is stored once
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache_dir), dtype=torch.float32)
+        sd = st_load(weights)
+        # safetensors stores a tied tensor once (here under lm_head): give the embedding its copy
+        if "model.embed_tokens.weight" not in sd and "lm_head.weight" in sd:
+            sd["model.embed_tokens.weight"] = sd["lm_head.weight"]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
         model.tie_weights()
-        model.eval()
-        return tok, model
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise RuntimeError(f"cached model at {cache_dir} does not fit: missing {missing}, unexpected {unexpected}; "
+                               f"delete the directory to rebuild it")
+        return tok, model.eval()
     from safetensors.torch import save_model
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)

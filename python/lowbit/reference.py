@@ -71,7 +71,7 @@ def quantize_ref(w: torch.Tensor, fmt: str, block_size: int):
 
     * nf4 / fp4 (bitsandbytes' rule): ``absmax`` per block; ``x * (1 / max(absmax, 1e-38))``
       clamped to [-1, 1]; nearest table entry, ties to the lower one (fp4 through its sorted order).
-    * int4 / int2: ``s = (max - min) / qmax`` (1 if below 1e-30), ``inv = 1 / s``,
+    * int4 / int2: ``min`` with -0 made +0, ``s = (max - min) / qmax`` (1 if below 1e-30), ``inv = 1 / s``,
       ``zero = -(min * inv)``, ``q = clamp(round_half_even(w * inv + zero), 0, qmax)``.
     """
     n, k = w.shape
@@ -89,6 +89,7 @@ def quantize_ref(w: torch.Tensor, fmt: str, block_size: int):
         return pack(q.reshape(n, k), bits), absmax, None
     qmax = (1 << bits) - 1
     mn, mx = x.amin(dim=1), x.amax(dim=1)
+    mn = mn + 0.0  # -0 -> +0, so the zero point does not depend on which zero a reduction returns
     s = (mx - mn) / float(qmax)
     s = torch.where(s >= MIN_INT_STEP, s, torch.ones_like(s))
     inv = 1.0 / s
@@ -183,6 +184,8 @@ def gemm_t_ref(gy: torch.Tensor, qt) -> torch.Tensor:
 
 __all__ += ["hadamard_ref", "hadamard_matrix", "hadamard_split", "HADAMARD_MAX_N"]
 
+import functools  # noqa: E402  (hadamard section)
+
 HADAMARD_MAX_N = 32768
 HADAMARD_ORDERS = (172, 40, 28, 20, 12)
 
@@ -256,9 +259,13 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (n, n) ±1 matrix H_n of :func:`hadamard_ref`: ``H_m ⊗ H_l`` for ``(m, l) = hadamard_split(n)``
     (H_l Sylvester; H_12, H_20, H_28 Paley II with q = 5, 9, 13; H_40 = H_2 ⊗ H_20; H_172 Williamson)."""
     m, l = hadamard_split(n)
-    hm = {1: lambda: torch.ones(1, 1, dtype=torch.int64), 12: lambda: _paley2(5), 20: lambda: _paley2(9),
-          28: lambda: _paley2(13), 40: lambda: torch.kron(_sylvester(2), _paley2(9)), 172: _williamson172}[m]()
-    return torch.kron(hm, _sylvester(l)).to(dtype)
+    return torch.kron(_hadamard_m(m), _sylvester(l)).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_m(m: int) -> torch.Tensor:  # int64, cached: gradcheck calls the reference ~10^3 times
+    return {1: lambda: torch.ones(1, 1, dtype=torch.int64), 12: lambda: _paley2(5), 20: lambda: _paley2(9),
+            28: lambda: _paley2(13), 40: lambda: torch.kron(_sylvester(2), _paley2(9)), 172: _williamson172}[m]()
 
 
 def hadamard_ref(x: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
