@@ -1,0 +1,141 @@
+"""bench_lowrank: LoRA on a quantized base — lowbit's lowrank op vs the unfused and the PEFT-style paths.
+
+Validates every path against the reference first, then times in one run (medians, 2 threads):
+  lowbit lowrank   ops.lowrank: one op (fused kernel where the backend has one)
+  lowbit unfused   QuantLinear forward + two torch matmuls for the branch
+  lowbit base      QuantLinear forward alone (the floor: what the branch's overhead is measured against)
+  torch dense      F.linear(fp32 dense W) + lora_B(lora_A(x)) — PEFT over an unquantized base
+  bnb + LoRA       bitsandbytes Linear4bit (nf4) + lora_B(lora_A(x)) — PEFT over bitsandbytes
+and a training step (forward + backward to x, A, B) of one layer: lowbit vs bnb + LoRA.
+
+    python bench/bench_lowrank.py [--quick] [--json out.json]
+    python -m lowbit bench lowrank
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit import ops
+
+
+def timeit(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bnb_layer(w: torch.Tensor):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    l4 = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    l4.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+    l4.weight._quantize("cpu")
+    return l4
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4096x4096, r=16 only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    ranks = [16] if args.quick else [16, 64]
+    ms = [1, 32, 512]
+    rows = []
+    print(f"lowrank backend: {'fused kernel' if ops._has_kernel('cpu', 'lowrank') else 'composed (gemm + 2 matmuls)'}")
+    print(f"\n{'N x K':>11} {'r':>3} {'M':>4} {'lowrank':>8} {'unfused':>8} {'base':>8} {'dense':>8} {'bnb+LoRA':>9}"
+          f" {'overhead':>9} {'vs unfused':>10} {'vs bnb':>7}   (ms)")
+    for n, k in shapes:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(n, k, generator=g) * 0.02
+        qt = lowbit.quantize(w, "nf4", 64)
+        l4 = bnb_layer(w)
+        for r in ranks:
+            a = torch.randn(r, k, generator=g) / k ** 0.5
+            b = torch.randn(n, r, generator=g) / r ** 0.5
+            s = 2.0
+            for m in ms:
+                x = torch.randn(m, k, generator=g)
+                # ---- validate every path against the reference
+                with lowbit.use_backend("reference"):
+                    ref = ops.lowrank(x, qt, a, b, s)
+                tol = 1e-3 * ref.abs().max().item()
+                y = ops.lowrank(x, qt, a, b, s)
+                unfused = lambda: lowbit.linear(x, qt) + s * ((x @ a.T) @ b.T)  # noqa: E731
+                assert (y - ref).abs().max() <= tol, "lowrank != reference"
+                assert (unfused() - ref).abs().max() <= tol, "unfused != reference"
+                if l4 is not None:
+                    assert (l4(x) + s * F.linear(F.linear(x, a), b) - ref).abs().max() <= 10 * tol
+                # ---- time
+                reps = args.reps if m < 512 else max(3, args.reps // 3)
+                t = {
+                    "lowrank": timeit(lambda: ops.lowrank(x, qt, a, b, s), reps),
+                    "unfused": timeit(unfused, reps),
+                    "base": timeit(lambda: lowbit.linear(x, qt), reps),
+                    "dense": timeit(lambda: F.linear(x, w) + s * F.linear(F.linear(x, a), b), reps),
+                }
+                if l4 is not None and (m <= 32 or not args.quick):
+                    t["bnb"] = timeit(lambda: l4(x) + s * F.linear(F.linear(x, a), b), max(2, reps // 3), 1)
+                row = {"n": n, "k": k, "r": r, "m": m, **{f"{key}_ms": v * 1e3 for key, v in t.items()},
+                       "overhead_vs_base": t["lowrank"] / t["base"] - 1, "speedup_vs_unfused": t["unfused"] / t["lowrank"]}
+                if "bnb" in t:
+                    row["speedup_vs_bnb"] = t["bnb"] / t["lowrank"]
+                rows.append(row)
+                bnb_s = f"{t['bnb'] * 1e3:9.2f}" if "bnb" in t else f"{'-':>9}"
+                vs_bnb = f"{row['speedup_vs_bnb']:6.1f}x" if "bnb" in t else f"{'-':>7}"
+                print(f"{n:>5}x{k:<5} {r:>3} {m:>4} {t['lowrank'] * 1e3:8.3f} {t['unfused'] * 1e3:8.3f} "
+                      f"{t['base'] * 1e3:8.3f} {t['dense'] * 1e3:8.3f} {bnb_s} {100 * row['overhead_vs_base']:8.1f}% "
+                      f"{row['speedup_vs_unfused']:9.2f}x {vs_bnb}")
+    # ---- training step of one layer (forward + backward to x, A, B), M = 512
+    n, k, r, m = 4096, 4096, 16, 512
+    w = torch.randn(n, k) * 0.02
+    qt = lowbit.quantize(w, "nf4", 64, True)
+    x = torch.randn(m, k, requires_grad=True)
+    a = (torch.randn(r, k) / k ** 0.5).requires_grad_()
+    b = (torch.randn(n, r) / r ** 0.5).requires_grad_()
+    gy = torch.randn(m, n)
+
+    def step_lowbit():
+        ops.lowrank(x, qt, a, b, 2.0).backward(gy)
+        x.grad = a.grad = b.grad = None
+
+    t_ours = timeit(step_lowbit, 3, 1)
+    print(f"\ntraining step (fwd + bwd, nf4 {n}x{k}, r={r}, M={m}): lowbit {t_ours * 1e3:.1f} ms", end="")
+    l4 = bnb_layer(w)
+    train = {"lowbit_ms": t_ours * 1e3}
+    if l4 is not None:
+        def step_bnb():
+            (l4(x) + 2.0 * F.linear(F.linear(x, a), b)).backward(gy)
+            x.grad = a.grad = b.grad = None
+
+        t_bnb = timeit(step_bnb, 2, 1)
+        train.update(bnb_ms=t_bnb * 1e3, speedup=t_bnb / t_ours)
+        print(f", bitsandbytes + LoRA {t_bnb * 1e3:.1f} ms: {t_bnb / t_ours:.1f}x")
+    else:
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "rows": rows, "train_step": train}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
