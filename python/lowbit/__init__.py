@@ -19,7 +19,7 @@ from . import nn  # noqa: E402
 from . import optim  # noqa: E402
 from ._native import BACKENDS, use_backend
 from .convert import from_bnb, load_adapter, load_file, quantize_model, save_adapter, save_file, to_bnb
-from .nn import add_lora
+from .nn import add_adapters, add_lora
 from .formats import FORMATS, QuantizedTensor, QuantSpec
 from .functional import hadamard, linear
 from .ops import dequantize, quantize
@@ -44,6 +44,7 @@ __all__ = [
     "quantize_model",
     "nn",
     "add_lora",
+    "add_adapters",
     "save_adapter",
     "load_adapter",
 ]

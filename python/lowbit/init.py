@@ -204,3 +204,130 @@ def apply_init(model: torch.nn.Module, method: str, fmt: str, r: int, alpha: flo
             print(f"\rlora_init={method} {fmt} r={r}: {i + 1}/{len(names)}", end="\n" if i + 1 == len(names) else "",
                   file=sys.stderr, flush=True)
     return errors
+
+
+# ================================================================================== QWHA
+# Initialisation of the Walsh–Hadamard adapter (lowbit.nn.HadamardAdapterLinear): ΔW = F · Hᵀ / K with F
+# sparse, chosen to cancel the quantization error E = W − deq(W_Q) where the activations look.
+__all__ += ["qwha_init"]
+
+
+def _qwha_budgets(weight: torch.Tensor, nnz: int, cap: int) -> torch.Tensor:
+    """Integers k_j ∝ weight_j summing to nnz with 0 ≤ k_j ≤ cap (water-filling at the cap, then
+    largest remainders)."""
+    n = weight.numel()
+    w = weight.double().clamp_min(0)
+    if not torch.isfinite(w).all() or w.sum() <= 0:
+        w = torch.ones(n, dtype=torch.float64)
+    capped = torch.zeros(n, dtype=torch.bool)
+    while True:
+        free = nnz - cap * int(capped.sum())
+        t = torch.where(capped, torch.tensor(float(cap), dtype=torch.float64),
+                        free * w / w[~capped].sum().clamp_min(1e-300))
+        over = (t > cap) & ~capped
+        if not over.any():
+            break
+        capped |= over
+    t = torch.where(capped, torch.tensor(float(cap), dtype=torch.float64), t)
+    k = t.floor().long()
+    rest = nnz - int(k.sum())
+    if rest > 0:  # largest remainders first, among rows below the cap
+        frac = torch.where(k < cap, t - k, torch.tensor(-1.0, dtype=torch.float64))
+        k[torch.topk(frac, rest).indices] += 1
+    return k
+
+
+@torch.no_grad()
+def qwha_init(w: torch.Tensor, qweight, r: int, calib_x: Optional[torch.Tensor] = None, alpha: float = 1.0, *,
+              cov: Optional[torch.Tensor] = None, ridge: float = 1e-4, max_block: int = 1 << 24):
+    """Support and values of a QWHA adapter (scale 1) that cancels the quantization error.
+
+    ``w`` (N, K) the dense weight, ``qweight`` its QuantizedTensor (or the dequantized (N, K) tensor),
+    ``nnz = r · (N + K)`` coefficients (a rank-r LoRA's parameter count). With calibration activations
+    ``calib_x`` (..., K) or their second moment ``cov = E[xᵀx]`` (K, K) the objective is the layer-output
+    error ‖X (E − ΔW)ᵀ‖_F, else the weight error ‖E − ΔW‖_F. In float64:
+
+    1. E = W − deq(W_Q); C = cov + ridge · mean(diag cov) · I (= RᵀR, so ‖X v‖² ∝ ‖R v‖²; C = I without data).
+    2. ΔW row j is H f_j / K, so row j's error is the least-squares problem
+       ``min ‖R (e_j − H f_j / K)‖`` with Gram matrix G = Hᵀ C H / K² (shared by all rows) and
+       right-hand side b_j = Hᵀ C e_j / K. Without data G = I / K and b_j = (row j of the spectrum E·H) / K.
+    3. Budgets: k_j ∝ ‖R e_j‖^alpha (∝ the norm of row j of the whitened spectrum E Rᵀ H), Σ k_j = nnz.
+    4. Support: per row the top-k_j coefficients by |b_ji| / √G_ii — the error each one removes on its own
+       (calibration-weighted magnitude; without data it is |(E·H)_ji|, the optimal choice for an orthogonal basis).
+    5. Values: the exact least-squares solution on the support, G[S_j, S_j] f = b_j[S_j] per row
+       (Cholesky-based solve of the normal equations in float64, rows batched by k_j).
+
+    Returns ``(support (2, nnz) int64 row-major sorted, values (nnz,) fp32)`` for
+    :class:`lowbit.nn.HadamardAdapterLinear` (divide values by its ``scale`` when scale ≠ 1).
+    """
+    from . import reference as ref
+    from .nn.qwha import adapter_hadamard, adapter_hadamard_factors
+
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise TypeError(f"w must be a 2-D float tensor, got {type(w).__name__} {getattr(w, 'shape', '')}")
+    n, k = w.shape
+    adapter_hadamard_factors(k)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r * (n + k) <= n * k:
+        raise ValueError(f"r={r!r} must be an int >= 1 with r * (N + K) <= N * K for w of shape {tuple(w.shape)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
+        raise ValueError(f"alpha={alpha!r} must be a finite number >= 0")
+    deq = qweight.dequantize(torch.float32) if isinstance(qweight, QuantizedTensor) else qweight
+    if not isinstance(deq, torch.Tensor) or tuple(deq.shape) != (n, k):
+        raise ValueError(f"qweight must be a QuantizedTensor or tensor of shape {(n, k)}, "
+                         f"got {tuple(getattr(deq, 'shape', ()))}")
+    if cov is None and calib_x is not None:
+        x = calib_x.reshape(-1, calib_x.shape[-1]).double()
+        cov = x.T @ x / x.shape[0]
+    if cov is not None and tuple(cov.shape) != (k, k):
+        raise ValueError(f"cov has shape {tuple(cov.shape)}, expected ({k}, {k})")
+    nnz = r * (n + k)
+    wht = lambda t, tr=False: adapter_hadamard(t, 1.0, tr, fn=ref.hadamard_ref)  # noqa: E731  (t @ H, fp64)
+    e = w.detach().double().cpu() - deq.detach().double().cpu()  # (N, K)
+    if cov is None:
+        g_diag = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        gram = None
+        b = wht(e) / k  # (N, K)
+        row_norm = e.norm(dim=1)
+    else:
+        c = cov.detach().double().cpu()
+        c = (c + c.T) / 2
+        c = c + ridge * c.diagonal().mean().clamp_min(1e-30) * torch.eye(k, dtype=torch.float64)
+        ch = wht(c)                                          # C H
+        gram = wht(ch.T.contiguous(), False) / k**2          # Hᵀ C H / K²   ((C H)ᵀ = Hᵀ C)
+        gram = (gram + gram.T) / 2
+        g_diag = gram.diagonal().clone()
+        ec = e @ c                                           # (N, K)
+        b = wht(ec) / k                                      # rows b_j = e_jᵀ C H / K
+        row_norm = (ec * e).sum(1).clamp_min(0).sqrt()       # ‖R e_j‖
+    budgets = _qwha_budgets(row_norm ** alpha, nnz, k)
+    score = b.abs() / g_diag.sqrt()[None, :]
+    rows_out, cols_out, vals_out = [], [], []
+    order = torch.argsort(budgets, descending=True)
+    i = 0
+    while i < n and budgets[order[i]] > 0:
+        kmax = int(budgets[order[i]])
+        m = max(1, min(n - i, max_block // max(1, kmax * kmax)))
+        rows = order[i:i + m]
+        rows = rows[budgets[rows] > 0]
+        i += m
+        kj = budgets[rows]
+        idx = torch.topk(score[rows], kmax, dim=1).indices               # (m, kmax), best first
+        mask = torch.arange(kmax)[None, :] < kj[:, None]                   # the first k_j of each row
+        rhs = torch.gather(b[rows], 1, idx) * mask
+        if gram is None:
+            f = rhs * k                                                    # G = I / K
+        else:
+            gs = gram[idx[:, :, None], idx[:, None, :]]                    # (m, kmax, kmax)
+            mm = mask[:, :, None] & mask[:, None, :]
+            gs = torch.where(mm, gs, torch.eye(kmax, dtype=torch.float64).expand_as(gs))
+            chol, info = torch.linalg.cholesky_ex(gs)
+            if int(info.max()) == 0:
+                f = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
+            else:  # not positive definite in floating point (tiny ridge): the minimum-norm LS solution
+                f = torch.linalg.lstsq(gs, rhs[:, :, None], driver="gelsd").solution[:, :, 0]
+        rows_out.append(rows[:, None].expand_as(idx)[mask])
+        cols_out.append(idx[mask])
+        vals_out.append(f[mask])
+    rows_t, cols_t, vals_t = torch.cat(rows_out), torch.cat(cols_out), torch.cat(vals_out)
+    srt = torch.argsort(rows_t * k + cols_t)
+    return torch.stack([rows_t[srt], cols_t[srt]]), vals_t[srt].float()
