@@ -203,7 +203,9 @@ void gemm_tile(const GemmParams& p) {
             store_out(p.y, p.dtype, (m0 + m) * N + n0 + n, cb[n * mcp + m] + b);
           }
       }
-#pragma omp barrier  // xp is rewritten for the next m-block
+      if (m0 + kMC < M) {  // xp is rewritten for the next m-block (uniform condition)
+#pragma omp barrier
+      }
     }
   }
 }
@@ -292,7 +294,9 @@ void gemm_t_tile(const GemmParams& p) {
         for (int64_t m = 0; m < mv; ++m)
           for (int k = 0; k < kt; ++k) store_out(p.y, p.dtype, (m0 + m) * K + k0 + k, cb[m * kTK + k]);
       }
-#pragma omp barrier  // gyf is rewritten for the next m-block
+      if (m0 + kTM < M) {  // gyf is rewritten for the next m-block (uniform condition)
+#pragma omp barrier
+      }
     }
   }
 }
@@ -426,6 +430,26 @@ __attribute__((always_inline)) inline __m256i dot_chunk(const __m256i* w, const 
   } else {
     const __m256i b = _mm256_add_epi32(_mm256_add_epi32(md(4), md(5)), _mm256_add_epi32(md(6), md(7)));
     return _mm256_add_epi32(a, b);
+  }
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// 8 consecutive elements of x (fp32 / bf16 / fp16) -> fp32, exact.
+inline __m256 load8(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case DType::bf16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
   }
 }
 
@@ -568,14 +592,18 @@ void gemv_prep_chunks(const GemmParams& p, int mm, int64_t c0, int64_t c1, int16
           if (gsum && e0 < K) gsum[m * (K / kXGroup) + (e0 / kXGroup)] = 0.0f;
           continue;
         }
-        bool finite = true;
-        float amax = 0.0f;
-        for (int i = 0; i < kXGroup; ++i) {
-          xf[i] = load_as_float(p.x, p.dtype, m * K + e0 + i);
-          const float a = std::fabs(xf[i]);
-          finite = finite && (a <= 3.4028235e38f);  // false for inf and NaN
-          amax = std::max(amax, a);
+        __m256 vmax = _mm256_setzero_ps();
+        __m256 vbad = _mm256_setzero_ps();
+        const __m256 fmax = _mm256_set1_ps(3.4028235e38f);
+        for (int i = 0; i < kXGroup; i += 8) {
+          const __m256 v = load8(p.x, p.dtype, m * K + e0 + i);
+          _mm256_store_ps(xf + i, v);
+          const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+          vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));  // inf or NaN
+          vmax = _mm256_max_ps(vmax, a);
         }
+        const bool finite = _mm256_movemask_ps(vbad) == 0;
+        const float amax = hmax(vmax);
         int32_t sum = 0;
         if (!finite) {
           for (int i = 0; i < kXGroup; ++i) q[i] = 0;
@@ -628,21 +656,21 @@ void gemv_run(const GemmParams& p) {
   gx.xq = xq;
   gx.dx = dx;
   gx.xs = xs;
+  // The activations are prepared on the calling thread, before the parallel region: O(M·K), a
+  // few % of the kernel, and it leaves the region a single barrier (its end). On these shared
+  // cores every barrier can cost a scheduler tick (4 ms) when another job holds one of them.
+  gemv_prep_chunks<D>(p, MM, 0, nchunk, xq, dx, gs, gx.ldq, gx.ldd, qx, ts);
+  if (is_int) {
+    const int gpb = w.block / kXGroup;
+    for (int m = 0; m < MM; ++m)
+      for (int64_t b = 0; b < nbr; ++b) {
+        float t = 0.0f;
+        for (int g = 0; g < gpb; ++g) t += gs[m * ngr + b * gpb + g];
+        xs[m * nbr + b] = t;
+      }
+  }
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t c0 = 0; c0 < nchunk; c0 += 64)
-      gemv_prep_chunks<D>(p, MM, c0, std::min(nchunk, c0 + 64), xq, dx, gs, gx.ldq, gx.ldd, qx, ts);
-    if (is_int) {
-      const int gpb = w.block / kXGroup;
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < nbr; ++b)
-        for (int m = 0; m < MM; ++m) {
-          float t = 0.0f;
-          for (int g = 0; g < gpb; ++g) t += gs[m * ngr + b * gpb + g];
-          xs[m * nbr + b] = t;
-        }
-    }
     // rows split evenly in groups of R; the remainder rows go one at a time
     static thread_local AlignedBuf sbuf;
     const int64_t groups = N / R;
