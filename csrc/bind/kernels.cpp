@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lowbit/formats.h"
+#include "lowbit/optim.h"
 #include "lowbit/hadamard.h"
 #include "lowbit/quant.h"
 
@@ -131,6 +132,34 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
   }, py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("rows"), py::arg("n"), py::arg("scale"),
      py::arg("transpose"), py::arg("stream") = 0, nogil);
   // ---- end hadamard
+
+  // ---- optim (lowbit::kernels::adamw32 / adamw8 / managed_*; csrc/cuda/optim.cu) — optim family block
+  m.def("adamw32", [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t m_, intptr_t v, int64_t numel,
+                      float beta1, float omb1, float beta2, float omb2, float eps, float decay, float nstep,
+                      float ibc2s, intptr_t stream) {
+    check(kernels::adamw32({ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<float>(m_),
+                            ptr<float>(v), numel, {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}}, stream),
+          "adamw32");
+  }, nogil);
+  m.def("adamw8", [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t qm, intptr_t am, intptr_t qv,
+                     intptr_t av, int64_t numel, float beta1, float omb1, float beta2, float omb2, float eps,
+                     float decay, float nstep, float ibc2s, intptr_t stream) {
+    check(kernels::adamw8({ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<uint8_t>(qm),
+                           ptr<float>(am), ptr<uint8_t>(qv), ptr<float>(av), numel,
+                           {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}}, stream),
+          "adamw8");
+  }, nogil);
+  m.def("managed_alloc", [](int64_t bytes) {
+    intptr_t ptr = 0;
+    check(kernels::managed_alloc(&ptr, bytes), "managed_alloc");
+    return ptr;
+  }, py::arg("bytes"), "cudaMallocManaged (host memory under _sim); the caller frees with managed_free");
+  m.def("managed_free", [](intptr_t ptr) { check(kernels::managed_free(ptr), "managed_free"); }, py::arg("ptr"));
+  m.def("managed_prefetch", [](intptr_t ptr, int64_t bytes, int device, intptr_t stream) {
+    check(kernels::managed_prefetch(ptr, bytes, device, stream), "managed_prefetch");
+  }, py::arg("ptr"), py::arg("bytes"), py::arg("device"), py::arg("stream") = 0, nogil,
+     "cudaMemPrefetchAsync to `device` (-1: host); a no-op under _sim");
+  // ---- end optim
 
   // ---- simulator self-tests (tests/test_simt.py); in _cuda they run on a real device
   m.def("selftest", [](const std::string& name, const std::vector<intptr_t>& ptrs, const std::vector<int64_t>& ints,

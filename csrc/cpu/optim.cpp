@@ -104,7 +104,7 @@ static void adamw8_blocks_portable(const AdamW8Params& p, int64_t b0, int64_t b1
     const float inv_m = code8_inv(new_am), inv_v = code8_inv(new_av);
     for (int j = 0; j < n; ++j) {
       p.qm[base + j] = code8(cs, mbuf[j], inv_m);
-      p.qv[base + j] = code8(cu, vbuf[j], inv_v);
+      p.qv[base + j] = code8_v(cu, vbuf[j], inv_v);
     }
   }
 }

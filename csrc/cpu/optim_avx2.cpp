@@ -142,7 +142,7 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
   const Code8Search &cs = code8_signed(), &cu = code8_unsigned();
   const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), neg_one = _mm256_set1_ps(-1.0f);
   alignas(32) float mbuf[kOptimBlock], vbuf[kOptimBlock];
-  alignas(32) uint32_t km[kOptimBlock], kv[kOptimBlock];
+  alignas(32) uint32_t km[kOptimBlock], kv[kOptimBlock], vpos[kOptimBlock];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * kOptimBlock;
     const int n = int(std::min<int64_t>(kOptimBlock, p.numel - base));
@@ -182,6 +182,10 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
     __m256i key, xlow;
     for (int j = 0; j < n8; j += 8) {
       const __m256 tm = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(mbuf + j), vim), neg_one), one);
+      // v > 0 never gets code 0 (optim.h): remember which lanes are positive, as 0 / 1
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vpos + j),
+                         _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(_mm256_load_ps(vbuf + j),
+                                                                             _mm256_setzero_ps(), _CMP_GT_OQ)), 31));
       const __m256 tv = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(vbuf + j), viv), neg_one), one);
       code8_key(cs, tm, key, xlow);
       _mm256_store_si256(reinterpret_cast<__m256i*>(km + j), key);
@@ -196,11 +200,11 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
     auto ld = [](const void* q) { return _mm256_load_si256(static_cast<const __m256i*>(q)); };
     for (int j = 0; j < n8; j += 8) {
       store_codes8(p.qm + base + j, code8_finish(ld(km + j), ld(mbuf + j)));
-      store_codes8(p.qv + base + j, code8_finish(ld(kv + j), ld(vbuf + j)));
+      store_codes8(p.qv + base + j, _mm256_max_epi32(code8_finish(ld(kv + j), ld(vbuf + j)), ld(vpos + j)));
     }
     for (int j = n8; j < n; ++j) {
       p.qm[base + j] = code8(cs, mbuf[j], inv_m);
-      p.qv[base + j] = code8(cu, vbuf[j], inv_v);
+      p.qv[base + j] = code8_v(cu, vbuf[j], inv_v);
     }
   }
 }

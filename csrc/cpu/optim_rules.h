@@ -71,5 +71,10 @@ inline uint8_t code8(const Code8Search& cs, float x, float inv) {
   t = std::min(std::max(t, -1.0f), 1.0f);
   return uint8_t(cs.code(t));
 }
+// The second moment: as code8 with the unsigned map, but v > 0 never becomes code 0 (optim.h).
+inline uint8_t code8_v(const Code8Search& cu, float v, float inv) {
+  const uint8_t c = code8(cu, v, inv);
+  return (c == 0 && v > 0.0f) ? uint8_t(1) : c;
+}
 
 }  // namespace lowbit::cpu

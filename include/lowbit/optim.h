@@ -17,7 +17,9 @@
 // dequantize (map[q] * absmax), update as above (p uses the fp32 m and v), new absmax = max |m|
 // (resp. |v|) over the block, re-quantize with the exact rule of the quant family
 // (Quantize8Params: x * (1 / max(absmax, 1e-38)), clamp to [-1, 1], nearest map entry, ties to the
-// lower index). Fresh state: codes of 0.0 (127 signed, 0 unsigned) with absmax 0.
+// lower index), except that v > 0 never gets code 0 (it gets 1, the smallest nonzero entry: a v
+// rounded to 0 under a nonzero m would make the step m / eps). Fresh state: codes of 0.0 (127
+// signed, 0 unsigned) with absmax 0.
 //
 // The Python layer guarantees contiguous buffers of numel elements, dtypes as declared, numel > 0.
 // Non-finite gradients are not checked (as in torch): they poison the element (32-bit) or its
