@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "lowbit/formats.h"
+#include "lowbit/gemm.h"
+#include "lowbit/lowrank.h"
 #include "lowbit/optim.h"
 #include "lowbit/hadamard.h"
 #include "lowbit/quant.h"
@@ -124,6 +126,41 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
      py::arg("out"), py::arg("stream") = 0, nogil);
 
   // ---- families register below (one block each, same pattern): gemm, lowrank, hadamard, optim
+  // ---- gemm (lowbit::kernels::gemm / gemm_t; csrc/launch/gemm.inl) — gemm family block
+  m.def("gemm", [](intptr_t x, intptr_t y, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes,
+                   intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block,
+                   int fmt, intptr_t stream) {
+    check(kernels::gemm({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero),
+                          ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)},
+                         ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_}, stream), "gemm");
+  }, py::arg("x"), py::arg("y"), py::arg("bias"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"),
+     py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("scale_q"), py::arg("scale_nested"),
+     py::arg("scale_offset"), py::arg("block"), py::arg("fmt"), py::arg("stream") = 0, nogil);
+  m.def("gemm_t", [](intptr_t gy, intptr_t gx, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes,
+                     intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset,
+                     int block, int fmt, intptr_t stream) {
+    check(kernels::gemm_t({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero),
+                            ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block,
+                            Fmt(fmt)}, ptr<const void>(gy), ptr<void>(gx), nullptr, DType(dtype), m_}, stream), "gemm_t");
+  }, py::arg("gy"), py::arg("gx"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("codes"),
+     py::arg("scale"), py::arg("zero"), py::arg("scale_q"), py::arg("scale_nested"), py::arg("scale_offset"),
+     py::arg("block"), py::arg("fmt"), py::arg("stream") = 0, nogil);
+  // ---- end gemm
+
+  // ---- lowrank (lowbit::kernels::lowrank; csrc/launch/lowrank.inl) — lowrank family block
+  m.def("lowrank", [](intptr_t x, intptr_t y, intptr_t xa, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k,
+                      intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested,
+                      float scale_offset, int block, int fmt, intptr_t a, intptr_t b, int r, float s, intptr_t stream) {
+    const GemmParams g{{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero),
+                        ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)},
+                       ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_};
+    check(kernels::lowrank({g, ptr<void>(xa), ptr<const void>(a), ptr<const void>(b), r, s}, stream), "lowrank");
+  }, py::arg("x"), py::arg("y"), py::arg("xa"), py::arg("bias"), py::arg("dtype"), py::arg("m"), py::arg("n"),
+     py::arg("k"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("scale_q"), py::arg("scale_nested"),
+     py::arg("scale_offset"), py::arg("block"), py::arg("fmt"), py::arg("a"), py::arg("b"), py::arg("r"), py::arg("s"),
+     py::arg("stream") = 0, nogil);
+  // ---- end lowrank
+
   // ---- hadamard (lowbit::kernels::hadamard; csrc/launch/hadamard.inl) — hadamard family block
   m.def("hadamard", [](intptr_t x, intptr_t out, int dtype, int64_t rows, int n, float scale, bool transpose,
                        intptr_t stream) {
