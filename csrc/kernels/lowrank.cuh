@@ -1,0 +1,73 @@
+// csrc/kernels/lowrank.cuh — the down-projection of the lowrank family: xa = x · Aᵀ (M, r), in
+// fp32 for the up-projection and rounded to x's dtype for the caller. The up-projection
+// y += s · xa · Bᵀ runs in the epilogue of the gemm kernels (csrc/kernels/gemm.cuh, LrEpi):
+// on the tensor cores after the mma main loop, or spread over the lanes of the GEMV's warps.
+//
+// One CTA per (j < r, MR rows of x): 8 warps split K, lanes take 8-element chunks (one 16-byte
+// load of A and of each x row), fp32 FMAs, xor-shuffle + shared-memory reduction in warp order
+// (deterministic).
+//
+// Roofline (H100, K = 4096, r = 16, bf16): A is r·K·2 = 128 KB (read once per 8 rows of x, from L2
+// after the first), x is M·K·2 bytes read r times (from L1/L2). M = 1: 128 KB + 8 KB ≈ 0.05 µs of
+// HBM; the launch (≈ 2-3 µs of latency on the critical path) dominates, i.e. ≈ +60-100% over a 3 µs
+// 4096×4096 nf4 GEMV — more than Nunchaku's fused branch. M = 16/64: still latency-bound, ≈ 3 µs.
+// Large M: M·r·K·2 fp32 FLOPs on the SIMT pipe plus r re-reads of x from L2 — at M = 4096, r = 64,
+// ≈ 2.1 GFLOP ≈ 35-60 µs against ≈ 140 µs for the int4 mma GEMM: ≈ 25-40% overhead. The next step is
+// to compute x·Aᵀ inside the mma kernel's main loop from the x tile already in shared memory (one
+// extra B operand per k-tile; redundant across the N/64 CTAs of a row, r/64 of the main tensor work),
+// which removes this launch and its x re-reads; not done yet.
+#pragma once
+#include "kernels/gemm.cuh"
+#include "lowbit/lowrank.h"
+
+namespace lowbit::kernels {
+namespace lowrank_k {
+
+constexpr int kDownThreads = 256, kDownWarps = kDownThreads / 32;
+
+template <class T, int MR>
+__global__ void __launch_bounds__(kDownThreads, 2)
+    lowrank_down_kernel(const T* __restrict__ x, const T* __restrict__ a, float* __restrict__ xa32,
+                        T* __restrict__ xa, int64_t m, int64_t k, int r, int vec) {
+  __shared__ float s_red[kDownWarps][MR];
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
+  const int j = int(blockIdx.x);
+  const int64_t m0 = int64_t(blockIdx.y) * MR;
+  const int rows = m - m0 < MR ? int(m - m0) : MR;
+  const bool v = vec != 0;
+  float acc[MR];
+#pragma unroll
+  for (int i = 0; i < MR; ++i) acc[i] = 0.0f;
+  const int64_t n_chunks = k / 8;
+  for (int64_t c = int64_t(warp) * 32 + lane; c < n_chunks; c += kDownThreads) {
+    float av[8];
+    gemm_k::load8(a + j * k + c * 8, v, av);
+#pragma unroll
+    for (int i = 0; i < MR; ++i) {
+      if (i < rows) {
+        float xv[8];
+        gemm_k::load8(x + (m0 + i) * k + c * 8, v, xv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i] = __fmaf_rn(xv[e], av[e], acc[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MR; ++i)
+    for (int o = 16; o > 0; o /= 2) acc[i] = __fadd_rn(acc[i], __shfl_xor_sync(0xffffffffu, acc[i], o));
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < MR; ++i) s_red[warp][i] = acc[i];
+  }
+  __syncthreads();
+  if (int(threadIdx.x) < rows) {
+    const int i = int(threadIdx.x);
+    float sum = s_red[0][i];
+    for (int w = 1; w < kDownWarps; ++w) sum = __fadd_rn(sum, s_red[w][i]);
+    xa32[(m0 + i) * r + j] = sum;
+    xa[(m0 + i) * r + j] = gemm_k::from_f32<T>(sum);
+  }
+}
+
+}  // namespace lowrank_k
+}  // namespace lowbit::kernels
