@@ -101,16 +101,18 @@ struct LrEpi {
 // per CTA, MR rows of x per CTA (blockIdx.y walks M in steps of MR). Lane L of split ks takes the
 // 32-element chunks c = (it·kw + ks)·32 + L: a warp's 32 lanes read 32 consecutive 16-byte pieces
 // of one weight row (512 contiguous bytes: fully coalesced). Per chunk, one scale (and zero);
-// products are summed per chunk and scaled once: Σ_chunks s·Σ x·v, v = table[q] (nf4/fp4: lane j
-// of the warp holds table[j & 15] and __shfl_sync(tab, q) looks it up — no memory traffic, no bank
-// conflicts) or v = q − z in fp32 (int: the same rounding as `dequantize` before its · s).
+// products are summed per chunk and scaled once: Σ_chunks s·Σ x·v, v = table[q] (nf4/fp4: a
+// 16-float table in shared memory, one per bank, so a warp's 32 lookups are conflict-free — the same
+// issue rate as a register table read with __shfl_sync, without its warp synchronisation, which the
+// simulator charges ~35 ns per lane and made this kernel 10x slower to test) or v = q − z in fp32
+// (int: the same rounding as `dequantize` before its · s).
 // Accumulation: fp32 with explicit FMAs (__fmaf_rn, so the simulator and nvcc round alike).
 //
 // Roofline at M = 1 (4096×4096 nf4, 0.56 B/weight = 9.4 MB): 2.8 µs at 3.35 TB/s. Work per weight
-// ≈ 1 shuffle + 2 integer ops (shift, and) + M FMAs: 16.8 M weights ≈ 16.8 M shuffles / (132 SMs ×
+// ≈ 1 table load + 2 integer ops (shift, and) + M FMAs: 16.8 M weights ≈ 16.8 M LDS / (132 SMs ×
 // 32 lanes/clk × 1.98 GHz) ≈ 2.0 µs, integer ops ≈ 2.0 µs on the 64-lane/clk INT pipe, in parallel
 // with the loads: estimated ≈ 75-85% of HBM bandwidth at M = 1 (int4: 2 ops/weight for q − z
-// instead of the shuffle, same class). M = 4..8 (MR = 4/8): FMAs grow to M per weight; at M = 8,
+// instead of the table load, same class). M = 4..8 (MR = 4/8): FMAs grow to M per weight; at M = 8,
 // 8 FMA/weight ≈ 4.3 µs on the 128-lane FP32 pipe — about 60-65% of bandwidth, which is why M > 8
 // goes to the tensor-core kernel. x (M·K·2 B = 64 KB at M = 8) is re-read per column from L1/L2,
 // never from HBM more than once. fp32 x with M > 8 also runs here (blockIdx.y > 0): the weight is
@@ -126,6 +128,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmParams p, int
   constexpr bool kTable = fmt_is_table(F);
   constexpr int kBits = fmt_bits(F);
   __shared__ float s_red[kGemvWarps][MR];
+  __shared__ float s_tab[16];
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
   const int cols = kGemvWarps / kw, col = warp / kw, ks = warp % kw;
   const int64_t N = p.w.n, K = p.w.k;
@@ -134,13 +137,13 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmParams p, int
   const int rows = p.m - m0 < MR ? int(p.m - m0) : MR;
   const T* __restrict__ x = static_cast<const T*>(p.x) + m0 * K;
   const bool xv = x_vec != 0;
-  float tab = 0.0f;
-  if constexpr (kTable) tab = (F == Fmt::nf4 ? c_nf4 : c_fp4)[lane & 15];
+  if (kTable && threadIdx.x < 16) s_tab[threadIdx.x] = (F == Fmt::nf4 ? c_nf4 : c_fp4)[threadIdx.x];
+  __syncthreads();
   float acc[MR];
 #pragma unroll
   for (int r = 0; r < MR; ++r) acc[r] = 0.0f;
 
-  if (n < N) {  // warp-uniform: the shuffles below see full warps
+  if (n < N) {  // warp-uniform: the reduction shuffles below see full warps
     const int64_t n_chunks = K / kChunk, bpr = K / p.w.block;
     const int cpb = p.w.block / kChunk;
     const uint8_t* __restrict__ row = p.w.codes + n * (K * kBits / 8);
@@ -180,7 +183,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmParams p, int
           uint32_t q;  // element 8j + e of the chunk; the first element of a byte is its high bits
           if constexpr (kBits == 4) q = (wd[j] >> (8 * (e / 2) + ((e & 1) ? 0 : 4))) & 15u;
           else q = (wd[j >> 1] >> (8 * ((2 * j + e / 4) & 3) + 6 - 2 * (e & 3))) & 3u;
-          if constexpr (kTable) v[e] = __shfl_sync(0xffffffffu, tab, int(q));
+          if constexpr (kTable) v[e] = s_tab[q];
           else v[e] = __fsub_rn(float(q), z);
         }
         if (active) {
