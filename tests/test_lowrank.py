@@ -228,3 +228,23 @@ def test_quantize_model_with_lora_init():
         assert (model(x) - ref).norm() < 0.8 * (plain(x) - ref).norm()
     with pytest.raises(ValueError, match="calib"):
         lowbit.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4", 64, lora_init="qera", progress=False)
+
+
+def test_fp32_adapters_with_bf16_activations(kernel_backend):
+    """LoRALinear keeps fp32 adapters; bf16 inputs must not be misread by the kernels."""
+    base = QuantLinear.from_linear(torch.nn.Linear(128, 64), "nf4", 64, True)
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(0, 0.1)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    a = layer.lora_A["default"].to(torch.bfloat16).double()
+    b = (layer.lora_B["default"] * layer.scaling["default"]).to(torch.bfloat16).double()
+    w64 = base.weight.dequantize(torch.float32).double()
+    x64 = x.double()
+    expected = x64 @ w64.T + (x64 @ a.T) @ b.T + base.bias.to(torch.bfloat16).double()
+    scale = x64.abs() @ w64.abs().T + (x64.abs() @ a.abs().T) @ b.abs().T
+    assert_close(y, expected, dtype=torch.bfloat16, k=132, scale=scale, factor=8)
+    y.float().sum().backward()
+    assert layer.lora_B["default"].grad.dtype == torch.float32

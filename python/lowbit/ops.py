@@ -462,6 +462,8 @@ def lowrank(x: torch.Tensor, qt: QuantizedTensor, a: torch.Tensor, b: torch.Tens
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit N={n}")
         bias = bias.to(x.dtype)
     lead = x.shape[:-1]
-    y, _ = lowrank_op(x.reshape(-1, k).contiguous(), *_weight_args(qt), a.contiguous(), b.contiguous(),
+    # the kernels read A and B in x's dtype (autograd casts their gradients back)
+    a, b = a.to(x.dtype).contiguous(), b.to(x.dtype).contiguous()
+    y, _ = lowrank_op(x.reshape(-1, k).contiguous(), *_weight_args(qt), a, b,
                       float(scale), bias, n, k, qt.block_size, qt.fmt)
     return y.reshape(*lead, n)
