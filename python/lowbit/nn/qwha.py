@@ -60,47 +60,68 @@ def adapter_hadamard_factors(n: int) -> tuple[int, ...]:
 
 def adapter_hadamard(x: torch.Tensor, scale: float = 1.0, transpose: bool = False, fn=None) -> torch.Tensor:
     """``x @ H_n * scale`` along the last dim with H_n of :func:`adapter_hadamard_factors` (``H_nᵀ`` when
-    ``transpose``). ``fn(x, scale, transpose)`` is the 1-D transform (default ``lowbit.hadamard``;
-    the init passes the float64 reference). For H_{n1} ⊗ H_{n2}: the last dim viewed as (n1, n2),
-    transform n2, then n1; (A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ, so ``transpose`` goes to both passes."""
-    fn = fn or (lambda t, s, tr: ops.hadamard(t, s, transpose=tr))
+    ``transpose``). ``fn(x, scale, transpose)`` is the 1-D transform (default ``lowbit.hadamard``'s op;
+    the init passes the float64 reference). For H_{n1} ⊗ H_{n2}: the last dim viewed as (n1, n2), the
+    WHT of size n2 on each row (a dense product for n2 < 256), then the small n1 × n1 mix as a batched matmul (n1 is the smaller
+    factor, ≤ 172: what the m × m stage of the m·2^k transform does); (A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ."""
+    fn = fn or _hadamard_op
     n = x.shape[-1]
     f = adapter_hadamard_factors(n)
     if len(f) == 1:
         return fn(x, scale, transpose)
     n1, n2 = f
     lead = x.shape[:-1]
-    y = fn(x.reshape(*lead, n1, n2), scale, transpose)
-    y = fn(y.transpose(-1, -2).contiguous(), 1.0, transpose)  # (..., n2, n1)
-    return y.transpose(-1, -2).reshape(*lead, n)
+    y = x.reshape(*lead, n1, n2)
+    if n2 >= 256:
+        y = fn(y, scale, transpose)                       # (..., n1, n2)
+    else:  # small n2: a dense (n2, n2) product beats the per-row transform (0.08 vs 0.63 ms for
+        # 6144 rows of 48 here) and costs n2 MACs per element, a few % of the base GEMM's N
+        h2 = _dense_h(n2, y.dtype, y.device)
+        y = torch.matmul(y, h2.T if transpose else h2) * scale
+    h1 = _dense_h(n1, y.dtype, y.device)
+    # out[a', b] = Σ_a y[a, b] · H1[a, a']  ->  H1ᵀ @ y   (H1ᵀᵀ = H1 for the transpose)
+    return torch.matmul(h1 if transpose else h1.T, y).reshape(*lead, n)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_h(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return ref.hadamard_matrix(m, dtype).to(device)
+
+
+def _hadamard_op(x, scale, transpose):
+    # the registered op itself (autograd included): sizes were validated once by adapter_hadamard_factors
+    # and x is fp32 here, so lowbit.hadamard's per-call checks (~20 µs at M = 1) are skipped
+    return ops.hadamard_op(x.contiguous(), float(scale), bool(transpose))
 
 
 # ---------------------------------------------------------------------- sparse product (the op)
-# y = z · Fᵀ for F (N, K) in CSR (crow (N+1), cols (nnz), values (nnz)). The backward also needs the
-# CSR of Fᵀ: its row pointers ``ccol`` (K+1), column indices ``rows_t`` and the permutation ``perm``
-# taking F's value order to Fᵀ's — fixed with the support, so the module computes them once.
+# y = scale · z · Fᵀ for F (N, K) in CSR (crow (N+1), cols (nnz), values (nnz)). The backward also needs
+# the CSR of Fᵀ: its row pointers ``ccol`` (K+1), column indices ``rows_t`` and the permutation ``perm``
+# taking F's value order to Fᵀ's — fixed with the support, so the module computes them once. Index
+# arrays are int32: at M = 1 the product streams nnz × (index + value) bytes, int32 makes that 8 B.
 def _csr(crow, cols, values, shape):
     return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 @torch.library.custom_op("lowbit::qwha_spmm", mutates_args=())
 def qwha_spmm(z: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, ccol: torch.Tensor,
-              rows_t: torch.Tensor, perm: torch.Tensor, n_out: int) -> torch.Tensor:
-    """``z (M, K) · Fᵀ -> (M, N)``, F the CSR matrix (crow, cols, values) of shape (n_out, K); z and
-    values share one dtype (fp32 / fp64). ``ccol, rows_t, perm`` describe Fᵀ (for the backward)."""
+              rows_t: torch.Tensor, perm: torch.Tensor, n_out: int, scale: float) -> torch.Tensor:
+    """``scale · z (M, K) · Fᵀ -> (M, N)``, F the CSR matrix (crow, cols, values) of shape (n_out, K); z
+    and values share one dtype (fp32 / fp64). ``ccol, rows_t, perm`` describe Fᵀ (for the backward)."""
     f = _csr(crow, cols, values, (n_out, z.shape[1]))
-    return torch.sparse.mm(f, z.T).T.contiguous()
+    y = torch.sparse.mm(f, z.T).T.contiguous()
+    return y.mul_(scale) if scale != 1.0 else y
 
 
 @qwha_spmm.register_fake
-def _(z, values, crow, cols, ccol, rows_t, perm, n_out):
+def _(z, values, crow, cols, ccol, rows_t, perm, n_out, scale):
     return z.new_empty((z.shape[0], n_out))
 
 
 def _qwha_spmm_setup(ctx, inputs, output):
-    z, values, crow, cols, ccol, rows_t, perm, n_out = inputs
+    z, values, crow, cols, ccol, rows_t, perm, n_out, scale = inputs
     ctx.save_for_backward(z, values, crow, cols, ccol, rows_t, perm)
-    ctx.n_out = n_out
+    ctx.scale = scale
 
 
 @torch.library.custom_op("lowbit::qwha_spmm_backward", mutates_args=())
@@ -127,8 +148,9 @@ def _(gy, z, values, crow, cols, ccol, rows_t, perm, need_z, need_values):
 def _qwha_spmm_backward(ctx, gy):
     z, values, crow, cols, ccol, rows_t, perm = ctx.saved_tensors
     need_z, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gy = gy * ctx.scale if ctx.scale != 1.0 else gy  # (M, N): cheaper than scaling either gradient
     gz, gvals = qwha_spmm_backward(gy, z, values, crow, cols, ccol, rows_t, perm, need_z, need_values)
-    return (gz if need_z else None), (gvals if need_values else None), None, None, None, None, None, None
+    return (gz if need_z else None), (gvals if need_values else None), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("lowbit::qwha_spmm", _qwha_spmm_backward, setup_context=_qwha_spmm_setup)
@@ -206,13 +228,16 @@ class HadamardAdapterLinear(nn.Module):
         """CSR of F and of Fᵀ from the (row-major sorted) support; non-persistent, rebuilt on load."""
         n, k = self.out_features, self.in_features
         rows, cols = self.support[0], self.support[1]
+        if self.nnz >= 2**31:
+            raise ValueError(f"nnz={self.nnz} does not fit the int32 CSR indices")
         crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
         crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
         perm = torch.argsort(cols * n + rows)
         ccol = torch.zeros(k + 1, dtype=torch.int64, device=rows.device)
         ccol[1:] = torch.bincount(cols, minlength=k).cumsum(0)
-        for name, t in (("crow", crow), ("cols", cols.contiguous()), ("ccol", ccol),
-                        ("rows_t", rows[perm].contiguous()), ("perm", perm)):
+        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+        for name, t in (("crow", i32(crow)), ("cols", i32(cols)), ("ccol", i32(ccol)),
+                        ("rows_t", i32(rows[perm])), ("perm", perm)):
             self.register_buffer(name, t, persistent=False)
 
     # ---- forward
@@ -228,9 +253,9 @@ class HadamardAdapterLinear(nn.Module):
             z = adapter_hadamard(x.to(cd), 1.0 / k, fn=_hadamard_ref_autograd)
         else:
             z = adapter_hadamard(x.to(cd), 1.0 / k)  # x · H / K, one WHT per token
-        z = z.reshape(-1, k)
-        a = qwha_spmm(z, self.values.to(cd), self.crow, self.cols, self.ccol, self.rows_t, self.perm, self.out_features)
-        return y + (self.scale * a).reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+        a = qwha_spmm(z.reshape(-1, k), self.values.to(cd), self.crow, self.cols, self.ccol, self.rows_t, self.perm,
+                      self.out_features, self.scale)
+        return y + a.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
 
     # ---- merge
     def coefficients(self) -> torch.Tensor:
