@@ -64,19 +64,37 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+# The CPU small-M gemm path (docs/kernels.md, "CPU gemm") quantizes activations to int16 per group
+# of 32 (half a step: 0.5/16383 of the group max) and holds NF4 as int16/16384 (2.6e-5 of absmax).
+EPS_I16 = 0.5 / 16383 + 2.6e-5
+
+
+def int16_path_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Error bound of the int16 GEMV path for y = x·wᵀ: EPS_I16 · Σ_k max|x_group(k)| · |w_k|."""
+    x = x.double().reshape(-1, x.shape[-1])
+    k = x.shape[-1]
+    pad = (-k) % 32
+    g = torch.nn.functional.pad(x.abs(), (0, pad)).reshape(x.shape[0], -1, 32).amax(-1, keepdim=True)
+    xg = g.expand(-1, -1, 32).reshape(x.shape[0], -1)[:, :k]
+    return EPS_I16 * xg @ w.double().abs().T
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype, k: int,
-                 scale: torch.Tensor | float | None = None, factor: float = 4.0, name: str = "") -> None:
+                 scale: torch.Tensor | float | None = None, factor: float = 4.0, name: str = "",
+                 extra: torch.Tensor | float = 0.0) -> None:
     """The one tolerance rule: an accumulation of ``k`` products rounded to ``dtype``.
 
     ``|actual - expected| <= factor * (eps(dtype) * |expected| + sqrt(k) * eps(fp32) * scale)``
     where ``scale`` bounds ``sum |x_i w_i|`` per output (pass it from the inputs; default
-    ``|expected|``). NaN anywhere fails (NaN never compares as close).
+    ``|expected|``), plus ``extra``: a documented path error (e.g. :func:`int16_path_bound`).
+    NaN anywhere fails (NaN never compares as close).
     """
     a, e = actual.double(), expected.double()
     assert a.shape == e.shape, f"{name} shape {tuple(a.shape)} != {tuple(e.shape)}"
     assert not torch.isnan(a).any(), f"{name} has NaN"
     s = e.abs() if scale is None else (scale.double() if isinstance(scale, torch.Tensor) else torch.full_like(e, scale))
-    tol = factor * (eps(dtype) * e.abs() + (k ** 0.5) * eps(torch.float32) * s) + 1e-30
+    extra = extra.double().reshape(e.shape) if isinstance(extra, torch.Tensor) else extra
+    tol = factor * (eps(dtype) * e.abs() + (k ** 0.5) * eps(torch.float32) * s + extra) + 1e-30
     err = (a - e).abs()
     bad = err > tol
     if bad.any():
