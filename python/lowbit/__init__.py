@@ -15,8 +15,7 @@ import os
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before lowbit._C links to it)
 
-from . import nn  # noqa: E402
-from . import optim  # noqa: E402
+from . import init, nn, optim  # noqa: E402  (subpackages: lowbit.init.qera, lowbit.nn.QuantLinear, ...)
 from ._native import BACKENDS, use_backend
 from .convert import from_bnb, load_adapter, load_file, quantize_model, save_adapter, save_file, to_bnb
 from .nn import add_adapters, add_lora
