@@ -167,9 +167,11 @@ def test_quantize_model_replaces_linears_and_matches_reference():
     assert report["replaced"] == ["0", "2"] and report["incompatible"] == ["3"] and report["skipped"] == ["lm_head"]
     assert report["bytes_after"] < report["bytes_before"]
     assert isinstance(model[0], QuantLinear) and isinstance(model[3], torch.nn.Linear)
-    ref = torch.relu(x @ model[0].weight.dequantize().T + model[0].bias)
-    ref = ref @ model[2].weight.dequantize().T + model[2].bias
-    assert_close(model[2](torch.relu(model[0](x))), ref.double(), dtype=torch.float32, k=128)
+    w0, w2 = (model[i].weight.dequantize(torch.float32).double() for i in (0, 2))
+    h = torch.relu(x.double() @ w0.T + model[0].bias.double())
+    ref = h @ w2.T + model[2].bias.double()
+    scale = (x.double().abs() @ w0.abs().T + model[0].bias.double().abs()) @ w2.abs().T + model[2].bias.double().abs()
+    assert_close(model[2](torch.relu(model[0](x))), ref, dtype=torch.float32, k=128, scale=scale, factor=8)
 
 
 # ------------------------------------------------------------------------- errors

@@ -395,10 +395,14 @@ def lowrank_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tenso
              float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt],
              a.data_ptr(), b.data_ptr(), r, float(s))
         return y, xa
-    # unfused composition on backends without the fused kernel: one extra pass over x and y
-    _native_gemm("gemm", be, x, y, bias, w, n, k, block, fmt)
-    xa = (x.float() @ a.float().T)
-    y = (y.float() + s * (xa @ b.float().T)).to(x.dtype)
+    # unfused composition on backends without the fused kernel: extra passes over x and y. The base
+    # product is taken in fp32 so the sum is rounded to x's dtype once (a bf16 intermediate would
+    # lose the branch under cancellation).
+    xf = x.float()
+    yf = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    _native_gemm("gemm", be, xf, yf, None if bias is None else bias.float(), w, n, k, block, fmt)
+    xa = xf @ a.float().T
+    y = (yf + s * (xa @ b.float().T)).to(x.dtype)
     return y, xa.to(x.dtype)
 
 
