@@ -18,27 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 import lowbit
+from _timing import timeit  # bench/_timing.py: medians after warm-up
 from lowbit import reference as ref
 
 SIZES = [256, 1024, 4096, 16384, 28672]
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def timeit(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def torch_butterfly(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ Validates every path against the reference first, then times in one run (medians
 and a training step (forward + backward to x, A, B) of one layer: lowbit vs bnb + LoRA.
 
     python bench/bench_lowrank.py [--quick] [--json out.json]
+    python bench/bench_lowrank.py --init-table      # perplexity of LoftQ / QERA corrections on SmolLM2
     python -m lowbit bench lowrank
 """
 
@@ -16,25 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import lowbit
+from _timing import timeit  # bench/_timing.py: medians after warm-up
 from lowbit import ops
-
-
-def timeit(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def bnb_layer(w: torch.Tensor):
@@ -48,14 +38,71 @@ def bnb_layer(w: torch.Tensor):
     return l4
 
 
+def init_table(args) -> int:
+    """Perplexity on Pride and Prejudice (first 4096 tokens, windows of 1024) of SmolLM2 with its
+    210 decoder Linears quantized (int2 / int4 / nf4, block 64) and corrected by a rank-r adapter
+    initialised plain (no adapter), with LoftQ (5 iterations) or with QERA (calibration: 1024 tokens
+    of Emma). Also the mean relative layer-output error on the calibration activations."""
+    import copy
+    import os
+
+    from lowbit.demo import TEXT, load_smollm2, perplexity
+    from lowbit.init import calibration_covariances
+
+    tok, model = load_smollm2()
+    ids = tok(open(TEXT, encoding="utf-8").read(), return_tensors="pt").input_ids[0][: args.tokens]
+    emma = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "austen", "emma.txt")
+    calib_text = open(emma, encoding="utf-8").read()[:20000] if os.path.exists(emma) else open(TEXT).read()[-20000:]
+    calib = tok(calib_text, return_tensors="pt").input_ids[:, :1024]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    covs = calibration_covariances(model, calib, names)
+
+    def out_err(qmodel):
+        errs = []
+        for n in names:
+            layer, dense = qmodel.get_submodule(n), model.get_submodule(n)
+            w = dense.weight.detach().double()
+            if isinstance(layer, lowbit.nn.LoRALinear):
+                w_hat = layer.base.weight.dequantize(torch.float32).double() + layer.delta_weight().double()
+            else:
+                w_hat = layer.weight.dequantize(torch.float32).double()
+            e, c = w - w_hat, covs[n]
+            errs.append(float(torch.trace(e @ c @ e.T) / torch.trace(w @ c @ w.T)) ** 0.5)
+        return sum(errs) / len(errs)
+
+    print(f"fp32 perplexity: {perplexity(model, ids, 1024):.2f}  ({ids.numel()} tokens)")
+    print(f"\n{'fmt':>5} {'init':>6} {'r':>3} {'perplexity':>11} {'output err':>11}")
+    results = []
+    for fmt in ("int2", "int4", "nf4"):
+        for method, r in [("plain", 0)] + [(m, r) for r in (16, 64) for m in ("loftq", "qera")]:
+            q = copy.deepcopy(model)
+            if method == "plain":
+                lowbit.quantize_model(q, fmt, 64, progress=False)
+            else:
+                lowbit.quantize_model(q, fmt, 64, progress=False, lora_init=method, r=r, alpha=r,
+                                      calib=calib if method == "qera" else None)
+            ppl, err = perplexity(q, ids, 1024), out_err(q)
+            results.append({"fmt": fmt, "init": method, "r": r, "perplexity": ppl, "output_error": err})
+            print(f"{fmt:>5} {method:>6} {r:>3} {ppl:11.2f} {err:11.4f}", flush=True)
+            del q
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--init-table", action="store_true", help="perplexity table of the initialisations on SmolLM2")
+    ap.add_argument("--tokens", type=int, default=4096, help="--init-table: evaluation tokens")
     ap.add_argument("--quick", action="store_true", help="4096x4096, r=16 only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.init_table:
+        return init_table(args)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     ranks = [16] if args.quick else [16, 64]
     ms = [1, 32, 512]

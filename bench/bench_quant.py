@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 import lowbit
+from _timing import timeit  # bench/_timing.py: medians after warm-up
 
 SHAPES = [(4096, 4096), (8192, 28672)]
-
-
-def timeit(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def validate() -> None:

@@ -23,22 +23,12 @@ import time
 import torch
 
 import lowbit
+from _timing import timeit  # bench/_timing.py: medians after warm-up
 from lowbit import reference as ref
 from lowbit.nn import HadamardAdapterLinear, LoRALinear, QuantLinear
 from lowbit.nn.qwha import adapter_hadamard_factors, qwha_spmm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
-
-
-def timeit(fn, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def timeit_pair(fa, fb, reps: int, warmup: int = 5):

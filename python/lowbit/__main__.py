@@ -37,6 +37,7 @@ def _bench(args) -> int:
     for root in (os.getcwd(), os.path.join(here, "..", "..")):
         path = os.path.join(root, "bench", f"bench_{args.family}.py")
         if os.path.exists(path):
+            sys.path.insert(0, os.path.dirname(path))  # the scripts share bench/_timing.py
             spec = importlib.util.spec_from_file_location(f"bench_{args.family}", path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
