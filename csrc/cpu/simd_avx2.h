@@ -1,0 +1,58 @@
+// csrc/cpu/simd_avx2.h — AVX2/F16C helpers shared by the *_avx2.cpp translation units (include it
+// only from files compiled with -mavx2 -mfma -mf16c).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "lowbit/formats.h"
+
+namespace lowbit::cpu::simd {
+
+// 8 consecutive elements of any dtype -> fp32 (exact).
+inline __m256 load8(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case DType::bf16: {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+}
+
+// fp32 -> dtype, round to nearest even (as torch's .to()); bf16 NaN stays NaN (quiet bit set).
+inline void store8(void* p, DType t, int64_t i, __m256 v) {
+  switch (t) {
+    case DType::f32: _mm256_storeu_ps(static_cast<float*>(p) + i, v); break;
+    case DType::bf16: {
+      __m256i u = _mm256_castps_si256(v);
+      __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+      __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), _mm256_castsi256_si128(packed));
+      break;
+    }
+    default:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+inline float hmin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+}  // namespace lowbit::cpu::simd
