@@ -12,6 +12,7 @@
 #include "lowbit/formats.h"
 #include "lowbit/gemm.h"
 #include "lowbit/hadamard.h"
+#include "lowbit/lowrank.h"
 #include "lowbit/optim.h"
 #include "lowbit/quant.h"
 
@@ -67,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("adamw8", [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t qm, intptr_t am, intptr_t qv, intptr_t av, int64_t numel, float beta1, float omb1, float beta2, float omb2, float eps, float decay, float nstep, float ibc2s) { cpu::adamw8({ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<uint8_t>(qm), ptr<float>(am), ptr<uint8_t>(qv), ptr<float>(av), numel, {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}}); }, nogil);
   m.def("gemm", [](intptr_t x, intptr_t y, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) { cpu::gemm({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_}); }, nogil);
   m.def("gemm_t", [](intptr_t gy, intptr_t gx, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) { cpu::gemm_t({{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(gy), ptr<void>(gx), nullptr, DType(dtype), m_}); }, nogil);
+  m.def("lowrank", [](intptr_t x, intptr_t y, intptr_t xa, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt, intptr_t a, intptr_t b, int r, float s) { cpu::lowrank({{{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)}, ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_}, ptr<void>(xa), ptr<const void>(a), ptr<const void>(b), r, s}); }, nogil);
   m.def("hadamard", [](intptr_t x, intptr_t out, int dtype, int64_t rows, int n, float scale, bool transpose) { cpu::hadamard({ptr<const void>(x), ptr<void>(out), DType(dtype), rows, n, scale, transpose}); }, nogil);
   m.def("hadamard_matrix", [](int m_) { LOWBIT_CHECK(m_ == 12 || m_ == 20 || m_ == 28 || m_ == 40 || m_ == 172, "hadamard_matrix: m not in (12, 20, 28, 40, 172)"); std::vector<std::vector<int>> h(m_, std::vector<int>(m_)); for (int i = 0; i < m_; ++i) for (int j = 0; j < m_; ++j) h[i][j] = hadamard_sign(kHadamardSigns.w, m_, i, j); return h; }, "H_m of include/lowbit/hadamard.h (the C++ sign table) as a list of rows");
 }

@@ -16,6 +16,7 @@
 
 #include "cpu/common.h"
 #include "lowbit/gemm.h"
+#include "lowbit/lowrank.h"
 
 namespace lowbit::cpu {
 
@@ -50,7 +51,10 @@ void decode_row(const GemmWeight& w, int64_t n, int64_t k0, int64_t k1, float* o
   }
 }
 
-void check(const GemmParams& p, const char* who) {
+}  // namespace
+
+// Shared with lowrank.cpp (the lowrank family runs on these kernels).
+void check_gemm(const GemmParams& p, const char* who) {
   const GemmWeight& w = p.w;
   LOWBIT_CHECK(w.block == 32 || w.block == 64 || w.block == 128 || w.block == 256,
                std::string(who) + ": block must be 32/64/128/256");
@@ -60,13 +64,24 @@ void check(const GemmParams& p, const char* who) {
   LOWBIT_CHECK(fmt_is_table(w.fmt) || w.zero, std::string(who) + ": int formats need zero");
 }
 
-// y = x · Wᵀ + bias. Threads split n; each thread decodes one weight row at a time (fp32, k floats)
-// and dots it with every row of x (converted to fp32 once, shared).
-void gemm_portable(const GemmParams& p) {
-  const int64_t M = p.m, N = p.w.n, K = p.w.k;
-  std::vector<float> xf(static_cast<size_t>(M * K));
+// y = x · Wᵀ + bias (+ s·xa·Bᵀ when lr is given: lowrank). Threads split n; each thread decodes one
+// weight row at a time (fp32, k floats) and dots it with every row of x (converted to fp32 once,
+// shared). The branch: xa = x·Aᵀ in fp32 first (M·r dots), then one more dot of length r per output.
+void gemm_portable(const GemmParams& p, const LowrankParams* lr) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k, r = lr ? lr->r : 0;
+  std::vector<float> xf(static_cast<size_t>(M * K)), xa(static_cast<size_t>(M * r));
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_float(p.x, p.dtype, i);
+  if (lr) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < M * r; ++i) {
+      const int64_t m = i / r, j = i % r;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += xf[m * K + k] * load_as_float(lr->a, p.dtype, j * K + k);
+      xa[i] = acc;
+      store_from_float(lr->xa, p.dtype, i, acc);
+    }
+  }
 #pragma omp parallel
   {
     std::vector<float> wrow(static_cast<size_t>(K));
@@ -78,11 +93,18 @@ void gemm_portable(const GemmParams& p) {
         const float* xr = xf.data() + m * K;
         float acc = 0.0f;
         for (int64_t k = 0; k < K; ++k) acc += xr[k] * wrow[k];
+        if (lr) {
+          float br = 0.0f;
+          for (int64_t j = 0; j < r; ++j) br += xa[m * r + j] * load_as_float(lr->b, p.dtype, n * r + j);
+          acc += lr->s * br;
+        }
         store_from_float(p.y, p.dtype, m * N + n, acc + b);
       }
     }
   }
 }
+
+namespace {
 
 // gx = gy · W. Threads split k (in whole blocks, so no two threads write one gx element); each
 // thread walks n, decodes its segment of row n and does gx[m, seg] += gy[m, n] · w[seg] for a
@@ -118,16 +140,16 @@ void gemm_t_portable(const GemmParams& p) {
 }  // namespace
 
 void gemm(const GemmParams& p) {
-  check(p, "gemm");
+  check_gemm(p, "gemm");
   if (p.m == 0) return;
 #if LOWBIT_HAVE_AVX2_TU
   if (use_avx2()) return gemm_avx2(p);
 #endif
-  gemm_portable(p);
+  gemm_portable(p, nullptr);
 }
 
 void gemm_t(const GemmParams& p) {
-  check(p, "gemm_t");
+  check_gemm(p, "gemm_t");
   if (p.m == 0) return;
 #if LOWBIT_HAVE_AVX2_TU
   if (use_avx2()) return gemm_t_avx2(p);

@@ -23,6 +23,7 @@
 
 #include "cpu/common.h"
 #include "lowbit/gemm.h"
+#include "lowbit/lowrank.h"
 
 namespace lowbit::cpu {
 
@@ -53,6 +54,26 @@ struct AlignedBufT {
   ~AlignedBufT() { std::free(p); }
 };
 using AlignedBuf = AlignedBufT<float>;
+
+// 8 consecutive elements of x (fp32 / bf16 / fp16) -> fp32, exact.
+inline __m256 load8(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    case DType::bf16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+}
+
+// n elements (fp32 / bf16 / fp16) -> fp32, exact (the low-rank factors, once per call).
+void to_f32(const void* src, DType t, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(src, t, i));
+  for (; i < n; ++i) out[i] = load_as_float(src, t, i);
+}
 
 // Codes of 8 elements in the packed stream, as int32 lanes in element order (as in quant_avx2.cpp).
 inline __m256i unpack8(const uint8_t* src, int bits) {
@@ -155,11 +176,26 @@ inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, floa
   }
 }
 
-void gemm_tile(const GemmParams& p) {
+void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k;
   static thread_local AlignedBuf xp_buf;  // owned by the calling thread, shared inside the region
   const int64_t mc_max = std::min<int64_t>(kMC, (M + kMR - 1) / kMR * kMR);
   float* xp = xp_buf.get(size_t(mc_max * K));
+  // Low-rank branch (lr != null): A and B in fp32 (A padded to whole groups of kNR rows, B with kNR
+  // zero rows past N so the last group of an n-block may read past nb), and per sliver of 16 rows
+  // of x the down-projection xa = x·Aᵀ as [j][16] — the micro-kernel's x layout with k = j — so the
+  // up-projection c += (s·xa)·Bᵀ is one more micro_fwd pass of depth r on the output tile.
+  const int r = lr ? lr->r : 0, rp = (r + kNR - 1) / kNR * kNR;
+  static thread_local AlignedBuf af_buf, bf_buf, xas_buf;
+  float* af = lr ? af_buf.get(size_t(rp) * size_t(K)) : nullptr;     // (rp, K)
+  float* bf = lr ? bf_buf.get(size_t(N + kNR) * size_t(r)) : nullptr;  // (N + kNR, r)
+  float* xas = lr ? xas_buf.get(size_t(mc_max) * size_t(rp)) : nullptr;  // (mc/16, rp, 16)
+  if (lr) {
+    to_f32(lr->a, p.dtype, int64_t(r) * K, af);
+    std::memset(af + int64_t(r) * K, 0, sizeof(float) * size_t((rp - r) * K));
+    to_f32(lr->b, p.dtype, N * r, bf);
+    std::memset(bf + N * r, 0, sizeof(float) * size_t(kNR * r));
+  }
 #pragma omp parallel
   {
     static thread_local AlignedBuf wt_buf, c_buf;
@@ -182,7 +218,19 @@ void gemm_tile(const GemmParams& p) {
             for (int64_t k = 0; k < K; ++k) dst[k * kMR + j] = 0.0f;
           }
         }
-      }  // implicit barrier: xp complete
+        if (lr) {  // xa of these 16 rows (exact fp32 GEMM of depth K), then the xa output, then × s
+          float* xs = xas + s * rp * kMR;
+          for (int g = 0; g < rp / kNR; ++g)
+            micro_fwd<true>(int(K), dst, af + int64_t(g) * kNR * K, K, xs + g * kNR * kMR, kMR);
+          for (int j = 0; j < kMR; ++j) {
+            const int64_t m = m0 + s * kMR + j;
+            if (m < M)
+              for (int q = 0; q < r; ++q) store_out(lr->xa, p.dtype, m * r + q, xs[q * kMR + j]);
+          }
+          const __m256 sv = _mm256_set1_ps(lr->s);
+          for (int i = 0; i < r * kMR; i += 8) _mm256_store_ps(xs + i, _mm256_mul_ps(_mm256_load_ps(xs + i), sv));
+        }
+      }  // implicit barrier: xp (and xas) complete
       for (int64_t n0 = na; n0 < nb; n0 += kNC) {
         const int nv = int(std::min<int64_t>(kNC, nb - n0)), ng = (nv + kNR - 1) / kNR;
         for (int64_t k0 = 0; k0 < K; k0 += kKC) {
@@ -197,6 +245,10 @@ void gemm_tile(const GemmParams& p) {
             }
           }
         }
+        if (lr)  // epilogue: the output tile is still in cb (L2); B rows of this n-block read once
+          for (int64_t s = 0; s < nsl; ++s)
+            for (int g = 0; g < ng; ++g)
+              micro_fwd<false>(r, xas + s * rp * kMR, bf + (n0 + g * kNR) * r, r, cb + g * kNR * mcp + s * kMR, mcp);
         for (int64_t m = 0; m < mv; ++m)
           for (int n = 0; n < nv; ++n) {
             const float b = p.bias ? load_as_float(p.bias, p.dtype, n0 + n) : 0.0f;
@@ -373,6 +425,10 @@ struct GemvX {  // the quantized activations, shared by the threads
   const float* dx;    // (mm, nchunk * 8): dx of the group behind each int32 lane, 0 past k
   const float* xs;    // (mm, k / block): Σ_{groups g in block} dx_g · Σ xq  (int formats)
   int64_t nchunk, ldq, ldd, ldb;
+  // low-rank branch (null xas: plain gemm): y[m, n] += Σ_j xas[m, j] · B[n, j]
+  const float* xas = nullptr;  // (mm, rp8) s · x·Aᵀ in fp32, zero past r and for padded rows
+  const void* b = nullptr;     // (n, r) in the activation dtype
+  int r = 0, rp8 = 0;
 };
 
 template <Dec D>
@@ -438,19 +494,6 @@ inline float hmax(__m256 v) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
   return _mm_cvtss_f32(m);
-}
-
-// 8 consecutive elements of x (fp32 / bf16 / fp16) -> fp32, exact.
-inline __m256 load8(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    case DType::bf16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    default:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-  }
 }
 
 inline float hsum(__m256 v) {
@@ -550,8 +593,20 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r;
     const float b = p.bias ? load_as_float(p.bias, p.dtype, n) : 0.0f;
+    alignas(32) float brow[256];  // row n of B in fp32, zero-padded to rp8: read once for all m
+    if (gx.xas) {
+      int j = 0;
+      for (; j + 8 <= gx.r; j += 8) _mm256_store_ps(brow + j, load8(gx.b, p.dtype, n * gx.r + j));
+      for (; j < gx.rp8; ++j) brow[j] = j < gx.r ? load_as_float(gx.b, p.dtype, n * gx.r + j) : 0.0f;
+    }
     for (int m = 0; m < MM; ++m) {
       float v = hsum(acc[m][r]);
+      if (gx.xas) {  // epilogue: + s·xa[m]·B[n]ᵀ while the output is in registers
+        __m256 d = _mm256_setzero_ps();
+        for (int j = 0; j < gx.rp8; j += 8)
+          d = _mm256_fmadd_ps(_mm256_load_ps(gx.xas + m * gx.rp8 + j), _mm256_load_ps(brow + j), d);
+        v += hsum(d);
+      }
       if constexpr (D != Dec::tab4) {  // − Σ_b s_b z_b Σ_{g∈b} dx_g X_g
         const int64_t nbr = K / block;
         const float* s = s_rows[r];
@@ -631,8 +686,35 @@ void gemv_prep_chunks(const GemmParams& p, int mm, int64_t c0, int64_t c1, int16
   }
 }
 
+// Down-projection for the small-M path: xa (mm, r) = x · Aᵀ in fp32 (x exact, not the int16
+// image), written to lr.xa in the dtype, and s·xa into xas (MM, rp8), zero elsewhere. A is read
+// once (r·K elements, ≤ 3% of the weight bytes at r = 16 in fp32), x rows stay in L1/L2.
+template <int MM>
+void gemv_down(const GemmParams& p, const LowrankParams& lr, float* xf, float* xas, int rp8) {
+  const int64_t K = p.w.k;
+  const int mm = int(p.m), r = lr.r;
+  for (int m = 0; m < MM; ++m)
+    for (int64_t k = 0; k < K; k += 8)
+      _mm256_store_ps(xf + m * K + k, m < mm ? load8(p.x, p.dtype, m * K + k) : _mm256_setzero_ps());
+  std::memset(xas, 0, sizeof(float) * size_t(MM * rp8));
+  for (int j = 0; j < r; ++j) {
+    __m256 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {  // K is a multiple of the block (≥ 32)
+      const __m256 a = load8(lr.a, p.dtype, j * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MM; ++m) acc[m] = _mm256_fmadd_ps(_mm256_load_ps(xf + m * K + k), a, acc[m]);
+    }
+    for (int m = 0; m < mm; ++m) {
+      const float v = hsum(acc[m]);
+      store_out(lr.xa, p.dtype, m * r + j, v);
+      xas[m * rp8 + j] = lr.s * v;
+    }
+  }
+}
+
 template <Dec D, int MM, int SPC>
-void gemv_run(const GemmParams& p) {
+void gemv_run(const GemmParams& p, const LowrankParams* lr) {
   // Rows of W per pass: 4 row streams at M = 1 measured 2x faster than 1 or 2 (more independent
   // work per chunk, x loaded once for 4 rows); at larger M the x rows supply the parallelism.
   constexpr int R = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
@@ -669,6 +751,15 @@ void gemv_run(const GemmParams& p) {
         xs[m * nbr + b] = t;
       }
   }
+  if (lr) {
+    static thread_local AlignedBuf xf_buf, xas_buf;
+    gx.r = lr->r;
+    gx.rp8 = (lr->r + 7) / 8 * 8;
+    gx.b = lr->b;
+    float* xas_p = xas_buf.get(size_t(MM * gx.rp8));
+    gemv_down<MM>(p, *lr, xf_buf.get(size_t(MM * K)), xas_p, gx.rp8);
+    gx.xas = xas_p;
+  }
 #pragma omp parallel
   {
     // rows split evenly in groups of R; the remainder rows go one at a time
@@ -703,38 +794,45 @@ void gemv_run(const GemmParams& p) {
 }
 
 template <Dec D, int MM>
-void gemv_spc(const GemmParams& p) {
+void gemv_spc(const GemmParams& p, const LowrankParams* lr) {
   const int spc = std::max(1, kChunk<D> / p.w.block);
-  if (spc == 1) return gemv_run<D, MM, 1>(p);
-  if (spc == 2) return gemv_run<D, MM, 2>(p);
-  if constexpr (D == Dec::int2) return gemv_run<D, MM, 4>(p);
+  if (spc == 1) return gemv_run<D, MM, 1>(p, lr);
+  if (spc == 2) return gemv_run<D, MM, 2>(p, lr);
+  if constexpr (D == Dec::int2) return gemv_run<D, MM, 4>(p, lr);
 }
 
 template <Dec D>
-void gemv_m(const GemmParams& p) {
+void gemv_m(const GemmParams& p, const LowrankParams* lr) {
   switch (p.m) {
-    case 1: return gemv_spc<D, 1>(p);
-    case 2: return gemv_spc<D, 2>(p);
-    case 3: return gemv_spc<D, 3>(p);
-    case 4: return gemv_spc<D, 4>(p);
-    default: return gemv_spc<D, 8>(p);  // 5..8: rows of x padded with zeros
+    case 1: return gemv_spc<D, 1>(p, lr);
+    case 2: return gemv_spc<D, 2>(p, lr);
+    case 3: return gemv_spc<D, 3>(p, lr);
+    case 4: return gemv_spc<D, 4>(p, lr);
+    default: return gemv_spc<D, 8>(p, lr);  // 5..8: rows of x padded with zeros
   }
 }
 
-void gemv_i16(const GemmParams& p) {
+void gemv_i16(const GemmParams& p, const LowrankParams* lr) {
   switch (p.w.fmt) {
     case Fmt::nf4:
-    case Fmt::fp4: return gemv_m<Dec::tab4>(p);
-    case Fmt::int4: return gemv_m<Dec::int4>(p);
-    default: return gemv_m<Dec::int2>(p);
+    case Fmt::fp4: return gemv_m<Dec::tab4>(p, lr);
+    case Fmt::int4: return gemv_m<Dec::int4>(p, lr);
+    default: return gemv_m<Dec::int2>(p, lr);
   }
 }
 
 }  // namespace
 
 void gemm_avx2(const GemmParams& p) {
-  if (p.m <= kGemvMaxM) return gemv_i16(p);
-  gemm_tile(p);
+  if (p.m <= kGemvMaxM) return gemv_i16(p, nullptr);
+  gemm_tile(p, nullptr);
+}
+
+// The lowrank family on the same two kernels: the branch rides on the activation preparation
+// (down-projection) and on the output-tile epilogue (up-projection); see docs/kernels.md.
+void lowrank_avx2(const LowrankParams& lp) {
+  if (lp.g.m <= kGemvMaxM) return gemv_i16(lp.g, &lp);
+  gemm_tile(lp.g, &lp);
 }
 void gemm_t_avx2(const GemmParams& p) { gemm_t_tile(p); }
 

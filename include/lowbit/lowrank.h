@@ -22,6 +22,9 @@ struct LowrankParams {
   float s;
 };
 
+namespace cpu {  // csrc/cpu/lowrank.cpp (kernels in gemm.cpp / gemm_avx2.cpp)
+void lowrank(const LowrankParams& p);
+}  // namespace cpu
 namespace kernels {  // csrc/launch/lowrank.inl (CUDA; nvcc and simt)
 int lowrank(const LowrankParams& p, intptr_t stream);
 }  // namespace kernels

@@ -1,0 +1,45 @@
+// csrc/cpu/lowrank.cpp — lowrank family on the CPU: argument checks and dispatch. The kernels are
+// the gemm kernels with the branch fused in (gemm_avx2.cpp: lowrank_avx2; gemm.cpp: gemm_portable):
+//
+//   y (m, n)  = x (m, k) · dequant(W)ᵀ + s · (x · Aᵀ) · Bᵀ (+ bias)     A (r, k), B (n, r)
+//   xa (m, r) = x · Aᵀ                                                  (saved for the backward)
+//
+// M ≤ 8 (int16 GEMV): xa is computed in fp32 from the exact x right after x is quantized (A read
+//   once), and s·xa·B[n]ᵀ is added to each output while it is in a register (B row n read once).
+// M > 8 (tile GEMM): xa for each 16-row sliver of x as soon as the sliver is packed (the same
+//   6×16 FMA micro-kernel with A as the "weight"), and the up-projection as one more micro-kernel
+//   pass of depth r over each output tile while it sits in L2, before it is written to y.
+// Neither adds a pass over x or y, nor a barrier.
+//
+// Roofline (fp32 activations/adapters, nf4 block 64 without double quant: 4.25 bits/weight):
+//   bytes  = N·K/2 + N·K/16 (weight) + 4·r·K (A) + 4·N·r (B) + 4·M·K (x) + 4·M·N (y) + 4·M·r (xa)
+//   FLOPs  = 2·M·N·K (base) + 2·M·r·(K + N) (branch)
+//   M = 1, 4096×4096, r = 16:  weight 8.9 MB, A + B 0.52 MB → the branch adds ≈ 6% of the bytes of a
+//     memory-bound GEMV (r = 64: ≈ 24%; with bf16 adapters half of that). Its FLOPs (0.26 M) are
+//     noise next to the ~0.15 instr/weight decode.
+//   M = 512, same W: compute-bound; the branch adds 2·r·(K + N)/(2·N·K) = r/2048 of the FLOPs
+//     (r = 16: 0.8%, r = 64: 3.1%), run by the same FMA micro-kernel at the same GFLOP/s, plus the
+//     conversion of A and B to fp32 once per call (r·(K + N) elements).
+#include "cpu/common.h"
+#include "lowbit/lowrank.h"
+
+namespace lowbit::cpu {
+
+void check_gemm(const GemmParams& p, const char* who);                 // gemm.cpp
+void gemm_portable(const GemmParams& p, const LowrankParams* lr);      // gemm.cpp
+#if LOWBIT_HAVE_AVX2_TU
+void lowrank_avx2(const LowrankParams& p);                            // gemm_avx2.cpp
+#endif
+
+void lowrank(const LowrankParams& p) {
+  check_gemm(p.g, "lowrank");
+  LOWBIT_CHECK(p.r >= 1 && p.r <= 256, "lowrank: r=" + std::to_string(p.r) + " is not in [1, 256]");
+  if (p.g.m == 0) return;  // empty x: torch may hand null data pointers
+  LOWBIT_CHECK(p.a && p.b && p.xa && p.g.x && p.g.y, "lowrank: missing x, y, xa, A or B");
+#if LOWBIT_HAVE_AVX2_TU
+  if (use_avx2()) return lowrank_avx2(p);
+#endif
+  gemm_portable(p.g, &p);
+}
+
+}  // namespace lowbit::cpu
