@@ -343,15 +343,16 @@ def test_errors():
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_model_gradients(smollm2):
-    """SmolLM2-135M, real gradients (4 micro-batches of real text, cycled), on the parameters of
-    decoder layer 0: AdamW vs torch.optim.AdamW after 100 steps (<= 1e-6); AdamW8bit closer to fp32
-    AdamW than bitsandbytes' AdamW8bit (the figures are printed)."""
+    """SmolLM2-135M, real gradients (4 micro-batches of real text, cycled), on the attention and
+    norm parameters of decoder layer 0 (0.8 M; bitsandbytes' CPU 8-bit step is slow enough that the
+    whole layer costs minutes in CI): AdamW vs torch.optim.AdamW after 100 steps (<= 1e-6);
+    AdamW8bit closer to fp32 AdamW than bitsandbytes' AdamW8bit (the figures are printed)."""
     import copy
 
     _, model, all_ids = smollm2
     model = copy.deepcopy(model)  # the session's model is shared: this test writes .grad
     ids = all_ids[:4 * 64].reshape(4, 64)
-    names = [n for n, _ in model.named_parameters() if n.startswith("model.layers.0.")]
+    names = [n for n, _ in model.named_parameters() if n.startswith("model.layers.0.") and "mlp" not in n]
     grads = []
     for b in range(4):
         model.zero_grad()
