@@ -1,4 +1,6 @@
-"""hadamard family: the Walsh–Hadamard transform on every backend against independent references
+"""hadamard family: the Walsh–Hadamard transform on every backend (reference, cpu, cpu-portable, and
+the CUDA kernels on the simt simulator under forward / reverse / random schedules — the `backend`
+fixture of conftest.py) against independent references
 (scipy.linalg.hadamard for powers of two, float64 products with H_m ⊗ H_{2^k} for the other sizes),
 the H_m tables (C++ == Python, H Hᵀ = m I), autograd, out= / in place, and errors."""
 

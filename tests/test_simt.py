@@ -175,7 +175,7 @@ def _fault(name, ints=(), n=32):
 def test_divergent_barrier_names_both_lines():
     msg = _fault("divergent_barrier")
     assert re.search(r"kernel .*divergent_barrier_kernel.*block \(0,0,0\), thread \(16,0,0\): divergent __syncthreads", msg)
-    lines = re.findall(r"simt_selftest\.cuh:(\d+)", msg)
+    lines = re.findall(r"simt\.cuh:(\d+)", msg)
     assert len(set(lines)) == 2, msg
 
 
@@ -512,4 +512,4 @@ def test_asan_reports_out_of_bounds_write_with_its_line():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "heap-buffer-overflow" in r.stderr and "oob_write_kernel" in r.stderr, r.stderr[-3000:]
-    assert re.search(r"simt_selftest\.cuh:\d+", r.stderr), r.stderr[-3000:]
+    assert re.search(r"simt\.cuh:\d+", r.stderr), r.stderr[-3000:]

@@ -29,7 +29,7 @@
 #define LOWBIT_STR2(x) #x
 #define LOWBIT_STR(x) LOWBIT_STR2(x)
 
-namespace lowbit::selftest {  // csrc/launch/simt_selftest.inl
+namespace lowbit::selftest {  // csrc/launch/simt.inl
 int run(const std::string& name, const std::vector<intptr_t>& p, const std::vector<int64_t>& i, intptr_t stream);
 }
 

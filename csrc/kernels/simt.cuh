@@ -1,4 +1,4 @@
-// csrc/kernels/simt_selftest.cuh — kernels that exercise the simt simulator (and compile with nvcc,
+// csrc/kernels/simt.cuh — kernels that exercise the simt simulator (and compile with nvcc,
 // so every wrapper's PTX body is checked by ptxas). tests/test_simt.py compares their outputs with
 // answers computed independently in Python (CUDA programming guide / PTX ISA semantics, numpy).
 #pragma once

@@ -1,11 +1,11 @@
-// csrc/launch/simt_selftest.inl — host launchers of the simulator self-test kernels, behind one
+// csrc/launch/simt.inl — host launchers of the simulator self-test kernels, behind one
 // entry point: run(name, pointers, ints, stream). Built by nvcc (_cuda) and g++ (_sim).
 #pragma once
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "kernels/simt_selftest.cuh"
+#include "kernels/simt.cuh"
 
 namespace lowbit::selftest {
 
