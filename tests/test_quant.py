@@ -228,6 +228,18 @@ def test_bad_input_raises_clear_errors(bad, exc, match):
         bad()
 
 
+def test_dequantize_into_out(backend):
+    qt = ref_quantize(weight(16, 128), "nf4", 64, True)
+    with lowbit.use_backend("reference"):
+        expected = qt.dequantize(torch.bfloat16)
+    buf = torch.full((16, 128), float("nan"), dtype=torch.bfloat16)
+    assert qt.dequantize(out=buf) is buf and torch.equal(buf, expected)
+    with pytest.raises(ValueError, match="out must be a contiguous .16, 128."):
+        qt.dequantize(out=torch.empty(16, 64, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out.dtype"):
+        qt.dequantize(torch.float32, out=torch.empty(16, 128, dtype=torch.bfloat16))
+
+
 def test_use_backend_errors():
     with pytest.raises(ValueError, match="backend='tpu'"):
         with lowbit.use_backend("tpu"):

@@ -207,11 +207,14 @@ class QuantizedTensor:
             raise ValueError(f"zero given for fmt={spec.fmt!r} (only int formats have a zero point)")
 
     # ---- conversions
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Dense ``(N, K)`` weight in ``dtype`` (default: the original weight's dtype)."""
+    def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dense ``(N, K)`` weight in ``dtype`` (default: the original weight's dtype, or out's),
+        written into ``out`` when given (a contiguous (N, K) workspace)."""
         from . import ops
 
-        return ops.dequantize(self, self.dtype if dtype is None else dtype)
+        if dtype is None:
+            dtype = out.dtype if isinstance(out, torch.Tensor) else self.dtype
+        return ops.dequantize(self, dtype, out)
 
     def block_scales(self) -> torch.Tensor:
         """The per-block fp32 scales ``(N * K // block_size,)``, rebuilt from double quant if needed."""

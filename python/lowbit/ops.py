@@ -74,16 +74,25 @@ def quantize(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, double_qua
                            scale_nested=scale_nested, scale_offset=offset.reshape(()))
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense ``(N, K)`` weight of a QuantizedTensor in ``dtype``."""
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense ``(N, K)`` weight of a QuantizedTensor in ``dtype``; ``out``: a contiguous (N, K)
+    tensor of that dtype to write into (reusing a workspace skips the page faults of a fresh one)."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype={dtype} is not supported; expected one of {list(_FLOAT_DTYPES)}")
+    if out is not None:
+        check_tensor("out", out, dtypes=(dtype,))
+        if tuple(out.shape) != tuple(qt.shape) or not out.is_contiguous() or out.device != qt.device:
+            raise ValueError(f"out must be a contiguous {tuple(qt.shape)} tensor on {qt.device}, got "
+                             f"{tuple(out.shape)} (contiguous={out.is_contiguous()}) on {out.device}")
     be = backend_for(qt.codes)
     if be == "reference":
-        return ref.dequantize_qt_ref(qt, dtype)
-    out = torch.empty(qt.shape, dtype=dtype, device=qt.device)
+        w = ref.dequantize_qt_ref(qt, dtype)
+        return w if out is None else out.copy_(w)
+    if out is None:
+        out = torch.empty(qt.shape, dtype=dtype, device=qt.device)
     c = {k: v.contiguous() for k, v in qt.components().items()}
     call(be, "dequantize", c["codes"].data_ptr(), _ptr(c.get("scale")), _ptr(c.get("zero")),
          _ptr(c.get("scale_q")), _ptr(c.get("scale_nested")),
