@@ -143,26 +143,28 @@ constexpr int kNC = 96;   // rows of W per decoded tile: 96 KB of fp32 in L2
 constexpr int kMC = 256;  // rows of x per m-block (decode amortised over these)
 static_assert(kNC % kNR == 0 && kMC % kMR == 0 && kKC % 32 == 0, "tile sizes");
 
-// c[i][0..15] (+)= Σ_k w_i[k] · xs[k][0..15] for i < 6: x vectors loaded, w broadcast.
+// The 6x16 FMA micro-kernel: c[i][0..15] (+)= Σ_t b_i[t] · v_t[0..15] for i < 6, where the 16-float
+// vector v_t sits at v + t * v_step (loaded) and b_i[t] at b + i * ldb + t (broadcast). 12 ymm
+// accumulators + 2 loads + 1 broadcast: 15 of the 16 registers.
 template <bool kFirst>
-inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, float* c, int64_t ldc) {
+inline void micro_6x16(int depth, const float* v, int64_t v_step, const float* b, int64_t ldb, float* c, int64_t ldc) {
   __m256 acc[kNR][2];
   for (int i = 0; i < kNR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  const float* w0 = w;
-  const float* w1 = w + ldw;
-  const float* w2 = w + 2 * ldw;
-  const float* w3 = w + 3 * ldw;
-  const float* w4 = w + 4 * ldw;
-  const float* w5 = w + 5 * ldw;
-  for (int k = 0; k < kc; ++k) {
-    const __m256 a0 = _mm256_load_ps(xs + kMR * k), a1 = _mm256_load_ps(xs + kMR * k + 8);
-    __m256 b;
-    b = _mm256_broadcast_ss(w0 + k); acc[0][0] = _mm256_fmadd_ps(b, a0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(b, a1, acc[0][1]);
-    b = _mm256_broadcast_ss(w1 + k); acc[1][0] = _mm256_fmadd_ps(b, a0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(b, a1, acc[1][1]);
-    b = _mm256_broadcast_ss(w2 + k); acc[2][0] = _mm256_fmadd_ps(b, a0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(b, a1, acc[2][1]);
-    b = _mm256_broadcast_ss(w3 + k); acc[3][0] = _mm256_fmadd_ps(b, a0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(b, a1, acc[3][1]);
-    b = _mm256_broadcast_ss(w4 + k); acc[4][0] = _mm256_fmadd_ps(b, a0, acc[4][0]); acc[4][1] = _mm256_fmadd_ps(b, a1, acc[4][1]);
-    b = _mm256_broadcast_ss(w5 + k); acc[5][0] = _mm256_fmadd_ps(b, a0, acc[5][0]); acc[5][1] = _mm256_fmadd_ps(b, a1, acc[5][1]);
+  const float* b0 = b;
+  const float* b1 = b + ldb;
+  const float* b2 = b + 2 * ldb;
+  const float* b3 = b + 3 * ldb;
+  const float* b4 = b + 4 * ldb;
+  const float* b5 = b + 5 * ldb;
+  for (int t = 0; t < depth; ++t) {
+    const __m256 a0 = _mm256_load_ps(v + v_step * t), a1 = _mm256_load_ps(v + v_step * t + 8);
+    __m256 x;
+    x = _mm256_broadcast_ss(b0 + t); acc[0][0] = _mm256_fmadd_ps(x, a0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(x, a1, acc[0][1]);
+    x = _mm256_broadcast_ss(b1 + t); acc[1][0] = _mm256_fmadd_ps(x, a0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(x, a1, acc[1][1]);
+    x = _mm256_broadcast_ss(b2 + t); acc[2][0] = _mm256_fmadd_ps(x, a0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(x, a1, acc[2][1]);
+    x = _mm256_broadcast_ss(b3 + t); acc[3][0] = _mm256_fmadd_ps(x, a0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(x, a1, acc[3][1]);
+    x = _mm256_broadcast_ss(b4 + t); acc[4][0] = _mm256_fmadd_ps(x, a0, acc[4][0]); acc[4][1] = _mm256_fmadd_ps(x, a1, acc[4][1]);
+    x = _mm256_broadcast_ss(b5 + t); acc[5][0] = _mm256_fmadd_ps(x, a0, acc[5][0]); acc[5][1] = _mm256_fmadd_ps(x, a1, acc[5][1]);
   }
   for (int i = 0; i < kNR; ++i) {
     float* ci = c + i * ldc;
@@ -174,6 +176,12 @@ inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, floa
       _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
     }
   }
+}
+
+// Forward: vectors are 16 packed rows of x per k (xs, stride kMR), broadcasts are 6 rows of W.
+template <bool kFirst>
+inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, float* c, int64_t ldc) {
+  micro_6x16<kFirst>(kc, xs, kMR, w, ldw, c, ldc);
 }
 
 void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
@@ -275,36 +283,10 @@ constexpr int kTK = 128;  // columns of gx per tile (multiple of 32)
 constexpr int kTN = 256;  // rows of W per decoded tile
 static_assert(kTM % kNR == 0 && kTK % 32 == 0, "tile sizes");
 
+// Transposed: vectors are 16 columns of decoded W per n (wt, stride ldw), broadcasts 6 rows of gy.
 template <bool kFirst>
 inline void micro_t(int nn, const float* wt, int64_t ldw, const float* g, int64_t ldg, float* c, int64_t ldc) {
-  __m256 acc[kNR][2];
-  for (int i = 0; i < kNR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  const float* g0 = g;
-  const float* g1 = g + ldg;
-  const float* g2 = g + 2 * ldg;
-  const float* g3 = g + 3 * ldg;
-  const float* g4 = g + 4 * ldg;
-  const float* g5 = g + 5 * ldg;
-  for (int n = 0; n < nn; ++n) {
-    const __m256 a0 = _mm256_load_ps(wt + n * ldw), a1 = _mm256_load_ps(wt + n * ldw + 8);
-    __m256 b;
-    b = _mm256_broadcast_ss(g0 + n); acc[0][0] = _mm256_fmadd_ps(b, a0, acc[0][0]); acc[0][1] = _mm256_fmadd_ps(b, a1, acc[0][1]);
-    b = _mm256_broadcast_ss(g1 + n); acc[1][0] = _mm256_fmadd_ps(b, a0, acc[1][0]); acc[1][1] = _mm256_fmadd_ps(b, a1, acc[1][1]);
-    b = _mm256_broadcast_ss(g2 + n); acc[2][0] = _mm256_fmadd_ps(b, a0, acc[2][0]); acc[2][1] = _mm256_fmadd_ps(b, a1, acc[2][1]);
-    b = _mm256_broadcast_ss(g3 + n); acc[3][0] = _mm256_fmadd_ps(b, a0, acc[3][0]); acc[3][1] = _mm256_fmadd_ps(b, a1, acc[3][1]);
-    b = _mm256_broadcast_ss(g4 + n); acc[4][0] = _mm256_fmadd_ps(b, a0, acc[4][0]); acc[4][1] = _mm256_fmadd_ps(b, a1, acc[4][1]);
-    b = _mm256_broadcast_ss(g5 + n); acc[5][0] = _mm256_fmadd_ps(b, a0, acc[5][0]); acc[5][1] = _mm256_fmadd_ps(b, a1, acc[5][1]);
-  }
-  for (int i = 0; i < kNR; ++i) {
-    float* ci = c + i * ldc;
-    if (kFirst) {
-      _mm256_store_ps(ci, acc[i][0]);
-      _mm256_store_ps(ci + 8, acc[i][1]);
-    } else {
-      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), acc[i][0]));
-      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
-    }
-  }
+  micro_6x16<kFirst>(nn, wt, ldw, g, ldg, c, ldc);
 }
 
 void gemm_t_tile(const GemmParams& p) {
