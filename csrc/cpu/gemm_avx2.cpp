@@ -22,12 +22,18 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/simd_avx2.h"
 #include "lowbit/gemm.h"
 #include "lowbit/lowrank.h"
 
 namespace lowbit::cpu {
 
 namespace {
+
+using simd::hmax;
+using simd::hsum;
+using simd::load8;
+using simd::unpack8;
 
 // ============================================================================ shared helpers
 
@@ -55,18 +61,6 @@ struct AlignedBufT {
 };
 using AlignedBuf = AlignedBufT<float>;
 
-// 8 consecutive elements of x (fp32 / bf16 / fp16) -> fp32, exact.
-inline __m256 load8(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::f32: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-    case DType::bf16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    default:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
-  }
-}
 
 // n elements (fp32 / bf16 / fp16) -> fp32, exact (the low-rank factors, once per call).
 void to_f32(const void* src, DType t, int64_t n, float* out) {
@@ -75,18 +69,6 @@ void to_f32(const void* src, DType t, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = load_as_float(src, t, i);
 }
 
-// Codes of 8 elements in the packed stream, as int32 lanes in element order (as in quant_avx2.cpp).
-inline __m256i unpack8(const uint8_t* src, int bits) {
-  uint32_t word = 0;
-  if (bits == 4) {
-    std::memcpy(&word, src, 4);
-    const __m256i sh = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0xf));
-  }
-  std::memcpy(&word, src, 2);
-  const __m256i sh = _mm256_setr_epi32(6, 4, 2, 0, 14, 12, 10, 8);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0x3));
-}
 
 // Exact fp32 decode of rows [n0, n0 + rows) × columns [k0, k0 + kc) of W into out (row stride ld);
 // rows [rows, rows_pad) are zero-filled. k0 and kc are multiples of 32, so every run of 32
@@ -471,19 +453,7 @@ __attribute__((always_inline)) inline __m256i dot_chunk(const __m256i* w, const 
   }
 }
 
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 // Double-quant scales of blocks [b0, b0 + cnt) → out: the nested scale is hoisted out of runs of
 // 256 blocks; same fp32 operations as weight_scale (multiply, round, add, round): bit-identical.

@@ -16,6 +16,7 @@ using simd::hmax;
 using simd::hmin;
 using simd::load8;
 using simd::store8;
+using simd::unpack8;
 
 // 16-entry lookup of int32 indices in [0, 16): two vpermps on the table halves + blend on bit 3.
 inline __m256 lookup16(__m256 lo, __m256 hi, __m256i idx) {
@@ -26,19 +27,6 @@ inline __m256i lookup16i(__m256i lo, __m256i hi, __m256i idx) {
   return _mm256_castps_si256(lookup16(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), idx));
 }
 
-// Codes of 8 elements in the packed stream, as int32 lanes in element order.
-// 4-bit: 4 bytes; element 2j is the high nibble of byte j. 2-bit: 2 bytes, element 4j in bits 7..6.
-inline __m256i unpack8(const uint8_t* src, int bits) {
-  uint32_t word = 0;
-  if (bits == 4) {
-    std::memcpy(&word, src, 4);
-    const __m256i sh = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0xf));
-  }
-  std::memcpy(&word, src, 2);
-  const __m256i sh = _mm256_setr_epi32(6, 4, 2, 0, 14, 12, 10, 8);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0x3));
-}
 
 inline void pack_codes(const int32_t* q, int n, int bits, uint8_t* out) {
   if (bits == 4) {

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "lowbit/formats.h"
 
@@ -53,6 +54,28 @@ inline float hmin(__m256 v) {
   m = _mm_min_ps(m, _mm_movehl_ps(m, m));
   m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
   return _mm_cvtss_f32(m);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// Codes of 8 consecutive elements of a packed stream (first element in the most significant bits),
+// as int32 lanes in element order. 4-bit: 4 bytes, element 2j the high nibble of byte j;
+// 2-bit: 2 bytes, element 4j in bits 7..6 of byte j.
+inline __m256i unpack8(const uint8_t* src, int bits) {
+  uint32_t word = 0;
+  if (bits == 4) {
+    std::memcpy(&word, src, 4);
+    const __m256i sh = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0xf));
+  }
+  std::memcpy(&word, src, 2);
+  const __m256i sh = _mm256_setr_epi32(6, 4, 2, 0, 14, 12, 10, 8);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh), _mm256_set1_epi32(0x3));
 }
 
 }  // namespace lowbit::cpu::simd
