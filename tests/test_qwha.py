@@ -143,6 +143,78 @@ def test_qwha_spmm_opcheck():
                            layer.perm, True, True))
 
 
+def random_csr(n, k, nnz, seed, empty_rows=()):
+    """A random F (n, k) as int32 CSR (rows in order, as the module builds it) and its dense float64 copy."""
+    g = torch.Generator().manual_seed(seed)
+    key = torch.unique(torch.randint(0, n * k, (nnz,), generator=g))
+    rows, cols = key // k, key % k
+    keep = ~torch.isin(rows, torch.tensor(list(empty_rows), dtype=torch.int64))
+    rows, cols = rows[keep], cols[keep]
+    vals = torch.randn(rows.numel(), generator=g)
+    crow = torch.zeros(n + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    perm = torch.argsort(cols * n + rows)
+    ccol = torch.zeros(k + 1, dtype=torch.int64)
+    ccol[1:] = torch.bincount(cols, minlength=k).cumsum(0)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    dense = torch.zeros(n, k, dtype=torch.float64)
+    dense[rows, cols] = vals.double()
+    return vals, (i32(crow), i32(cols), i32(ccol), i32(rows[perm]), perm), dense, (rows, cols)
+
+
+@pytest.mark.parametrize("be", ["reference", "cpu"])
+@pytest.mark.parametrize("m, n, k, nnz", [(m, 96, 128, 700) for m in (0, 1, 3, 7, 8, 9, 33)]
+                         + [(m, 4096, 4096, 131072) for m in (1, 9)])
+def test_qwha_spmm_and_backward_match_dense_float64(be, m, n, k, nnz):
+    """y = s·z·Fᵀ, gz = gy·F, dF at the support — each against a dense float64 product (the CPU kernels:
+    gather path for M < 8, 8-row panels from M = 8 with a partial last panel; rows without nonzeros)."""
+    from lowbit.nn.qwha import qwha_spmm, qwha_spmm_backward
+
+    vals, idx, f, (rows, cols) = random_csr(n, k, nnz, seed=m, empty_rows=(0, 5, n - 1))
+    g = torch.Generator().manual_seed(100 + m)
+    z, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    with use(be):
+        y = qwha_spmm(z, vals, *idx, n, 0.5)
+        gz, gv = qwha_spmm_backward(gy, z, vals, *idx, True, True)
+    z6, gy6 = z.double(), gy.double()
+    per_nz = max(1, int(torch.bincount(rows, minlength=n).max()))
+    assert_close(y, 0.5 * z6 @ f.T, dtype=torch.float32, k=per_nz, scale=0.5 * z6.abs() @ f.abs().T, name="y")
+    assert_close(gz, gy6 @ f, dtype=torch.float32, k=n, scale=gy6.abs() @ f.abs(), name="gz")
+    assert_close(gv, (gy6.T @ z6)[rows, cols], dtype=torch.float32, k=max(m, 1),
+                 scale=(gy6.abs().T @ z6.abs())[rows, cols], name="grad values")
+
+
+def test_qwha_spmm_bad_csr_raises_without_crashing():
+    from lowbit.nn.qwha import qwha_spmm, qwha_spmm_backward
+
+    vals, (crow, cols, ccol, rows_t, perm), _, _ = random_csr(96, 128, 700, seed=0)
+    z = torch.randn(9, 128)
+    require_backend("cpu")
+    bad_col = cols.clone()
+    bad_col[len(bad_col) // 2] = 128  # == k: out of range
+    neg_col = cols.clone()
+    neg_col[3] = -1
+    bad_crow = crow.clone()
+    bad_crow[10] = bad_crow[11] + 1  # decreasing
+    with lowbit.use_backend("cpu"):
+        for m in (1, 9):  # the gather path and the panel path
+            for c in (bad_col, neg_col):
+                with pytest.raises(ValueError, match="column index"):
+                    qwha_spmm(z[:m], vals, crow, c, ccol, rows_t, perm, 96, 1.0)
+                with pytest.raises(ValueError, match="column index"):
+                    qwha_spmm_backward(torch.randn(m, 96), z[:m], vals, crow, c, ccol, rows_t, perm, False, True)
+            with pytest.raises(ValueError, match="crow"):
+                qwha_spmm(z[:m], vals, bad_crow, cols, ccol, rows_t, perm, 96, 1.0)
+        with pytest.raises(ValueError, match="crow"):
+            qwha_spmm(z, vals, crow[:-1], cols, ccol, rows_t, perm, 96, 1.0)
+        with pytest.raises(ValueError, match="int32"):
+            qwha_spmm(z, vals, crow.long(), cols, ccol, rows_t, perm, 96, 1.0)
+        with pytest.raises(ValueError, match="values"):
+            qwha_spmm(z, vals[:-1], crow, cols, ccol, rows_t, perm, 96, 1.0)
+        with pytest.raises(ValueError, match="dtype"):
+            qwha_spmm(z, vals.double(), crow, cols, ccol, rows_t, perm, 96, 1.0)
+
+
 def test_training_step_updates_only_values():
     layer, _, _ = make_layer(576, 40)
     before = layer.base.weight.codes.clone()

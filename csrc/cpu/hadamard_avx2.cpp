@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cpu/common.h"
+#include "cpu/simd_avx2.h"
 #include "lowbit/hadamard.h"
 
 namespace lowbit::cpu {
@@ -210,6 +211,30 @@ void hadamard_rows_avx2(const HadamardParams& p, int m, int log2_l, const float*
     case DType::bf16: return rows<DType::bf16>(p, m, log2_l, coef, r0, r1, scratch);
     default: return rows<DType::f16>(p, m, log2_l, coef, r0, r1, scratch);
   }
+}
+
+// QWHA (hadamard.cpp, M < 8): Σ_j values[j] · z[cols[j]] over one CSR row, 8 nonzeros per
+// vgatherdps; a column outside [0, k) sets *bad and reads z[0] instead.
+float qwha_row_dot_avx2(const float* values, const int32_t* cols, int32_t len, const float* z, int32_t k, int* bad) {
+  const __m256i kmax = _mm256_set1_epi32(k - 1), zero = _mm256_setzero_si256();
+  __m256i out = zero;
+  __m256 acc = _mm256_setzero_ps();
+  int32_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j));
+    const __m256i o = _mm256_or_si256(_mm256_cmpgt_epi32(c, kmax), _mm256_cmpgt_epi32(zero, c));
+    out = _mm256_or_si256(out, o);
+    const __m256 zc = _mm256_i32gather_ps(z, _mm256_andnot_si256(o, c), 4);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), zc, acc);
+  }
+  float s = simd::hsum(acc);
+  for (; j < len; ++j) {
+    const uint32_t c = uint32_t(cols[j]);
+    *bad |= c >= uint32_t(k);
+    s += values[j] * z[c < uint32_t(k) ? c : 0];
+  }
+  *bad |= !_mm256_testz_si256(out, out);
+  return s;
 }
 
 }  // namespace lowbit::cpu

@@ -103,11 +103,40 @@ def _csr(crow, cols, values, shape):
     return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
+def _cpu_kernel(z: torch.Tensor) -> bool:
+    """The hand-written CSR kernels run for fp32 on the "cpu" backend; other backends and fp64 (the
+    tests' spec) take torch's sparse products."""
+    return z.dtype == torch.float32 and ops.backend_for(z) == "cpu" and ops._has_kernel("cpu", "qwha_spmm")
+
+
+def _check_spmm_args(z, values, crow, cols, n_out) -> None:
+    """Shapes and dtypes of the CSR operands (the kernel checks crow's order and the column range)."""
+    if z.dim() != 2 or z.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"z must be a 2-D fp32/fp64 tensor, got {tuple(z.shape)} {z.dtype}")
+    if values.dtype != z.dtype or values.dim() != 1:
+        raise ValueError(f"values must be 1-D of z's dtype {z.dtype}, got {tuple(values.shape)} {values.dtype}")
+    for name, t in (("crow", crow), ("cols", cols)):
+        if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor, got {tuple(t.shape)} {t.dtype}")
+    if not isinstance(n_out, int) or n_out < 0 or crow.numel() != n_out + 1:
+        raise ValueError(f"crow must have n_out + 1 = {n_out + 1} entries, got {crow.numel()}")
+    if cols.numel() != values.numel() or int(crow[-1]) != values.numel():
+        raise ValueError(f"cols ({cols.numel()}), values ({values.numel()}) and crow[-1] ({int(crow[-1])}) must "
+                         "all count the nonzeros")
+
+
 @torch.library.custom_op("lowbit::qwha_spmm", mutates_args=())
 def qwha_spmm(z: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, ccol: torch.Tensor,
               rows_t: torch.Tensor, perm: torch.Tensor, n_out: int, scale: float) -> torch.Tensor:
     """``scale · z (M, K) · Fᵀ -> (M, N)``, F the CSR matrix (crow, cols, values) of shape (n_out, K); z
     and values share one dtype (fp32 / fp64). ``ccol, rows_t, perm`` describe Fᵀ (for the backward)."""
+    _check_spmm_args(z, values, crow, cols, n_out)
+    if _cpu_kernel(z):  # csrc/cpu/hadamard.cpp: threads split the nonzeros, fixed summation order
+        z, values = z.contiguous(), values.contiguous()  # named: alive through the call
+        y = z.new_empty((z.shape[0], n_out))
+        ops.call("cpu", "qwha_spmm", z.data_ptr(), values.data_ptr(), crow.data_ptr(), cols.data_ptr(),
+                 z.shape[0], z.shape[1], n_out, float(scale), y.data_ptr())
+        return y
     f = _csr(crow, cols, values, (n_out, z.shape[1]))
     y = torch.sparse.mm(f, z.T).T.contiguous()
     return y.mul_(scale) if scale != 1.0 else y
@@ -132,6 +161,19 @@ def qwha_spmm_backward(gy: torch.Tensor, z: torch.Tensor, values: torch.Tensor, 
     n, k = gy.shape[1], z.shape[1]
     gy = gy.contiguous()
     gz, gvals = z.new_empty(0), values.new_empty(0)
+    if _cpu_kernel(z) and gy.dtype == z.dtype:
+        _check_spmm_args(z, values, crow, cols, n)
+        _check_spmm_args(gy, values, ccol, rows_t, k)
+        z = z.contiguous()
+        if need_z:  # gz = gy · F: the forward kernel on Fᵀ's CSR
+            gz, vt = z.new_empty((gy.shape[0], k)), values[perm].contiguous()  # vt: held through the call
+            ops.call("cpu", "qwha_spmm", gy.data_ptr(), vt.data_ptr(), ccol.data_ptr(),
+                     rows_t.data_ptr(), gy.shape[0], n, k, 1.0, gz.data_ptr())
+        if need_values:
+            gvals = values.new_empty(values.shape)
+            ops.call("cpu", "qwha_sddmm", gy.data_ptr(), z.data_ptr(), crow.data_ptr(), cols.data_ptr(),
+                     gy.shape[0], k, n, gvals.data_ptr())
+        return gz, gvals
     if need_z:  # gz = gy · F = (Fᵀ · gyᵀ)ᵀ: Fᵀ in CSR, the same values permuted
         gz = torch.sparse.mm(_csr(ccol, rows_t, values[perm], (k, n)), gy.T).T.contiguous()
     if need_values:  # dF = gyᵀ · z sampled at the support only (never the dense N × K)
