@@ -162,7 +162,7 @@ def random_csr(n, k, nnz, seed, empty_rows=()):
     return vals, (i32(crow), i32(cols), i32(ccol), i32(rows[perm]), perm), dense, (rows, cols)
 
 
-@pytest.mark.parametrize("be", ["reference", "cpu"])
+@pytest.mark.parametrize("be", ["reference", "cpu", "cpu-portable"])
 @pytest.mark.parametrize("m, n, k, nnz", [(m, 96, 128, 700) for m in (0, 1, 3, 7, 8, 9, 33)]
                          + [(m, 4096, 4096, 131072) for m in (1, 9)])
 def test_qwha_spmm_and_backward_match_dense_float64(be, m, n, k, nnz):
@@ -173,9 +173,16 @@ def test_qwha_spmm_and_backward_match_dense_float64(be, m, n, k, nnz):
     vals, idx, f, (rows, cols) = random_csr(n, k, nnz, seed=m, empty_rows=(0, 5, n - 1))
     g = torch.Generator().manual_seed(100 + m)
     z, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
-    with use(be):
-        y = qwha_spmm(z, vals, *idx, n, 0.5)
-        gz, gv = qwha_spmm_backward(gy, z, vals, *idx, True, True)
+    path = "portable" if be == "cpu-portable" else "auto"
+    with use(be.split("-")[0]):
+        if be != "reference":
+            lowbit._native.module("cpu").set_cpu_path(path)
+        try:
+            y = qwha_spmm(z, vals, *idx, n, 0.5)
+            gz, gv = qwha_spmm_backward(gy, z, vals, *idx, True, True)
+        finally:
+            if be != "reference":
+                lowbit._native.module("cpu").set_cpu_path("auto")
     z6, gy6 = z.double(), gy.double()
     per_nz = max(1, int(torch.bincount(rows, minlength=n).max()))
     assert_close(y, 0.5 * z6 @ f.T, dtype=torch.float32, k=per_nz, scale=0.5 * z6.abs() @ f.abs().T, name="y")
@@ -197,7 +204,7 @@ def test_qwha_spmm_bad_csr_raises_without_crashing():
     bad_crow = crow.clone()
     bad_crow[10] = bad_crow[11] + 1  # decreasing
     with lowbit.use_backend("cpu"):
-        for m in (1, 9):  # the gather path and the panel path
+        for m in (1, 2, 9):  # the gather path (AVX2: 8 per gather + tail) and the panel path
             for c in (bad_col, neg_col):
                 with pytest.raises(ValueError, match="column index"):
                     qwha_spmm(z[:m], vals, crow, c, ccol, rows_t, perm, 96, 1.0)
