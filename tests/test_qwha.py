@@ -194,13 +194,13 @@ def test_qwha_spmm_and_backward_match_dense_float64(be, m, n, k, nnz):
 def test_qwha_spmm_bad_csr_raises_without_crashing():
     from lowbit.nn.qwha import qwha_spmm, qwha_spmm_backward
 
-    vals, (crow, cols, ccol, rows_t, perm), _, _ = random_csr(96, 128, 700, seed=0)
+    vals, (crow, cols, ccol, rows_t, perm), _, _ = random_csr(96, 128, 3000, seed=0)  # ~30 nonzeros a row
     z = torch.randn(9, 128)
     require_backend("cpu")
     bad_col = cols.clone()
-    bad_col[len(bad_col) // 2] = 128  # == k: out of range
+    bad_col[3] = 128  # == k: out of range, inside the first 8-wide gather of row 0
     neg_col = cols.clone()
-    neg_col[3] = -1
+    neg_col[int(crow[1]) - 1] = -1  # the scalar tail of row 0
     bad_crow = crow.clone()
     bad_crow[10] = bad_crow[11] + 1  # decreasing
     with lowbit.use_backend("cpu"):
