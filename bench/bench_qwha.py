@@ -17,35 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 import lowbit
-from _timing import timeit  # bench/_timing.py: medians after warm-up
+from _timing import timeit, timeit_pair  # bench/_timing.py: medians after warm-up; alternated pairs
 from lowbit import reference as ref
 from lowbit.nn import HadamardAdapterLinear, LoRALinear, QuantLinear
 from lowbit.nn.qwha import adapter_hadamard_factors, qwha_spmm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
-
-
-def timeit_pair(fa, fb, reps: int, warmup: int = 5):
-    """Medians of fa and fb timed alternately (so load from other processes hits both alike) and the
-    median of the per-pair ratio fb / fa."""
-    for _ in range(warmup):
-        fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return statistics.median(ta), statistics.median(tb), statistics.median([b / a for a, b in zip(ta, tb)])
 
 
 def make(n: int, k: int, r: int, seed: int = 0):
