@@ -350,7 +350,9 @@ constexpr int kXGroup = 32;
 // Software prefetch of each row's codes, this many bytes ahead (once per 64-byte line): the
 // hardware prefetcher alone left a core's DRAM stream ~10% short with 4 rows in flight (measured
 // 1 thread, 8192x28672-class rows: nf4+dq 23.4 -> 25.8, int4 24.4 -> 26.6 G weights/s; 256-1024
-// all similar; prefetching the scale / zero rows too made int4 slower).
+// all similar). Scale rows are prefetched once per 16 blocks (and the int formats' zero rows, read
+// in the epilogue): int2, whose scales + zeros are a third of its bytes, +9%; prefetching them
+// every chunk made int4 slower.
 constexpr int kPrefetch = 512;
 
 enum class Dec { tab4, int4, int2 };
@@ -565,6 +567,13 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
       for (int r = 0; r < R; ++r) {
         __m256i wv[NREG];
         if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src[r] + ch * BYTES + kPrefetch), _MM_HINT_T0);
+        if constexpr (!DQ) {  // scale row 16 blocks ahead; int formats: the zero row for the epilogue
+          const int64_t bi = (ch * CH) / block;
+          if ((bi & 15) == 0 && (ch * CH) % block == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(s_rows[r] + bi + 16), _MM_HINT_T0);
+            if constexpr (D != Dec::tab4) _mm_prefetch(reinterpret_cast<const char*>(w.zero + (n0 + r) * nbr + bi), _MM_HINT_T0);
+          }
+        }
         decode_i16<D>(src[r] + ch * BYTES, wv, tlo, thi);
         const __m256 sv = DQ ? _mm256_broadcast_ss(tp[r] + qp[r][ch >> cshift])
                              : SPC == 1 ? _mm256_broadcast_ss(s_rows[r] + (ch >> cshift)) : chunk_scales<D, SPC>(s_rows[r], ch);
