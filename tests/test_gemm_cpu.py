@@ -163,6 +163,18 @@ def test_gemm_t_shapes(path, m, n, k):
     run_gemm_t(m, n, k, "nf4", 32, dq=True, dtype=torch.float32, seed=m)
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("block", [64, 128, 256])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_gemm_dq_long_rows(path, fmt, block, m):
+    """Double quant with rows of 100 blocks: the 256-block nested groups start in the middle of
+    rows, so the small-M kernel's per-row scale tables (nf4/fp4) switch mid-row; 23 rows = 5
+    passes of 4 rows + 3 single rows."""
+    if path == "portable" and m > 2:
+        pytest.skip("portable path is scalar")
+    run_gemm(m, 23, 100 * block, fmt, block, dq=True, dtype=torch.float32, with_bias=True, seed=block + m)
+
+
 # ---------------------------------------------------------------- activation dtypes, bias
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", list(FMT))

@@ -347,6 +347,13 @@ void gemm_t_tile(const GemmParams& p) {
 // (plus scales: 4 B per block, 1 B with double quant). x (int16, 2 B/k) stays in L2.
 constexpr int kGemvMaxM = 8;
 constexpr int kXGroup = 32;
+// Software prefetch of each row's codes, this many bytes ahead (once per 64-byte line): the
+// hardware prefetcher alone left a core's DRAM stream ~10% short with 4 rows in flight (measured
+// 1 thread, 8192x28672-class rows: nf4+dq 23.4 -> 25.8, int4 24.4 -> 26.6 G weights/s; 256-1024
+// all similar). Scale rows are prefetched once per 16 blocks (and the int formats' zero rows, read
+// in the epilogue): int2, whose scales + zeros are a third of its bytes, +9%; prefetching them
+// every chunk made int4 slower.
+constexpr int kPrefetch = 512;
 
 enum class Dec { tab4, int4, int2 };
 
@@ -455,10 +462,36 @@ __attribute__((always_inline)) inline __m256i dot_chunk(const __m256i* w, const 
 
 
 
-// Double-quant scales of blocks [b0, b0 + cnt) → out: the nested scale is hoisted out of runs of
-// 256 blocks; same fp32 operations as weight_scale (multiply, round, add, round): bit-identical.
-void decode_scales_dq(const GemmWeight& w, int64_t b0, int64_t cnt, float* out) {
+// The 256 possible double-quant scales of each nested block touching blocks [b0, b0 + cnt) →
+// tab[(nb − b0 / 256) · 256 + q] (32 vector mul + add per nested block; the same fp32 operations
+// as weight_scale: bit-identical). Returns the number of tables (≤ cnt / 256 + 2).
+int64_t dq_tables(const GemmWeight& w, int64_t b0, int64_t cnt, float* tab) {
+  const int64_t nb0 = b0 / kNestedBlock, ntab = (b0 + cnt - 1) / kNestedBlock - nb0 + 1;
+  const __m256 voff = _mm256_set1_ps(w.scale_offset);
+  for (int64_t t = 0; t < ntab; ++t) {
+    const __m256 vns = _mm256_set1_ps(w.scale_nested[nb0 + t]);
+    for (int q = 0; q < 256; q += 8)
+      _mm256_storeu_ps(tab + t * 256 + q, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(kDynamicSigned + q), vns), voff));
+  }
+  return ntab;
+}
+
+// Double-quant scales of blocks [b0, b0 + cnt) → out; same fp32 operations as weight_scale
+// (multiply, round, add, round): bit-identical. Long runs go through dq_tables (tab: room for
+// (cnt / 256 + 2) · 256 floats, or null): table loads instead of a scalar mul/add per block.
+void decode_scales_dq(const GemmWeight& w, int64_t b0, int64_t cnt, float* out, float* tab = nullptr) {
   const float off = w.scale_offset;
+  const int64_t nb0 = b0 / kNestedBlock;
+  if (tab && cnt >= 64) {
+    dq_tables(w, b0, cnt, tab);
+    const uint8_t* q = w.scale_q + b0;
+    for (int64_t i = 0; i < cnt;) {
+      const int64_t nb = (b0 + i) / kNestedBlock, end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
+      const float* t = tab + (nb - nb0) * 256;
+      for (; i < end; ++i) out[i] = t[q[i]];
+    }
+    return;
+  }
   for (int64_t i = 0; i < cnt;) {
     const int64_t nb = (b0 + i) / kNestedBlock, end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
     const float ns = w.scale_nested[nb];
@@ -476,8 +509,12 @@ struct GemvRowScales {  // per thread: the rows' scales (double quant decoded), 
 };
 
 // R rows of W [n0, n0 + R) against MM rows of x.
-template <Dec D, int MM, int R, int SPC>
-void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* const* s_rows) {
+// DQ (nf4/fp4 with double quant, block ≥ 64): s_rows is unused; the chunk's scale is read as
+// tab[q] from the dq_tables of the rows (tab: tables from nested block n0·nbr / 256 on), with the
+// chunk loop cut where a row enters a new nested block: one byte load + one broadcast load per
+// row and chunk, no arithmetic (a separate decode pass cost ~17% of the kernel).
+template <Dec D, int MM, int R, int SPC, bool DQ = false>
+void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* const* s_rows, const float* tab = nullptr) {
   constexpr int CH = kChunk<D>, NREG = kNReg<D>, BYTES = 32;
   const GemmWeight& w = p.w;
   const int64_t K = w.k, nfull = K / CH, row_bytes = K * fmt_bits(w.fmt) / 8;
@@ -505,19 +542,45 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
   // SPC == 1: chunk ch uses the scale of block ch >> cshift (block / CH is a power of two)
   const int cshift = SPC == 1 ? __builtin_ctz(unsigned(block / CH)) : 0;
 
-  for (int64_t ch = 0; ch < nfull; ++ch) {
-    const int16_t* xq = gx.xq + ch * CH;
-    __m256 dxv[MM];
+  const int64_t nbr = K / block, nb0 = n0 * nbr / kNestedBlock;
+  const float* tp[R];
+  const uint8_t* qp[R];
 #pragma GCC unroll 4
-    for (int m = 0; m < MM; ++m) dxv[m] = _mm256_load_ps(gx.dx + m * gx.ldd + ch * 8);
+  for (int r = 0; r < R; ++r) qp[r] = DQ ? w.scale_q + (n0 + r) * nbr : nullptr;
+  for (int64_t ch = 0; ch < nfull;) {
+    int64_t seg_end = nfull;
+    if constexpr (DQ) {  // rows' tables for this segment; the segment ends where a row's nested block does
+      const int64_t bi = ch >> cshift;
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      __m256i wv[NREG];
-      decode_i16<D>(src[r] + ch * BYTES, wv, tlo, thi);
-      const __m256 sv = SPC == 1 ? _mm256_broadcast_ss(s_rows[r] + (ch >> cshift)) : chunk_scales<D, SPC>(s_rows[r], ch);
+      for (int r = 0; r < R; ++r) {
+        const int64_t flat = (n0 + r) * nbr + bi, nb = flat / kNestedBlock;
+        tp[r] = tab + (nb - nb0) * 256;
+        seg_end = std::min(seg_end, ((nb + 1) * kNestedBlock - (n0 + r) * nbr) << cshift);
+      }
+    }
+    for (; ch < seg_end; ++ch) {
+      const int16_t* xq = gx.xq + ch * CH;
+      __m256 dxv[MM];
 #pragma GCC unroll 4
-      for (int m = 0; m < MM; ++m)
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_chunk<D>(wv, xq + m * gx.ldq)), _mm256_mul_ps(dxv[m], sv), acc[m][r]);
+      for (int m = 0; m < MM; ++m) dxv[m] = _mm256_load_ps(gx.dx + m * gx.ldd + ch * 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        __m256i wv[NREG];
+        if ((ch & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src[r] + ch * BYTES + kPrefetch), _MM_HINT_T0);
+        if constexpr (!DQ) {  // scale row 16 blocks ahead; int formats: the zero row for the epilogue
+          const int64_t bi = (ch * CH) / block;
+          if ((bi & 15) == 0 && (ch * CH) % block == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(s_rows[r] + bi + 16), _MM_HINT_T0);
+            if constexpr (D != Dec::tab4) _mm_prefetch(reinterpret_cast<const char*>(w.zero + (n0 + r) * nbr + bi), _MM_HINT_T0);
+          }
+        }
+        decode_i16<D>(src[r] + ch * BYTES, wv, tlo, thi);
+        const __m256 sv = DQ ? _mm256_broadcast_ss(tp[r] + qp[r][ch >> cshift])
+                             : SPC == 1 ? _mm256_broadcast_ss(s_rows[r] + (ch >> cshift)) : chunk_scales<D, SPC>(s_rows[r], ch);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; ++m)
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_chunk<D>(wv, xq + m * gx.ldq)), _mm256_mul_ps(dxv[m], sv), acc[m][r]);
+      }
     }
   }
   if (nfull * CH < K) {  // tail chunk: zero-padded copies of the last codes and scales
@@ -527,7 +590,9 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
       alignas(32) uint8_t tail[BYTES] = {};
       alignas(16) float ts[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       std::memcpy(tail, src[r] + nfull * BYTES, size_t(rem) * fmt_bits(w.fmt) / 8);
-      if (SPC == 1) {
+      if (DQ) {
+        ts[0] = weight_scale(w, (n0 + r) * nbr + (nfull * CH) / block);
+      } else if (SPC == 1) {
         ts[0] = s_rows[r][(nfull * CH) / block];
       } else {
         for (int i = 0; i < rem / block; ++i) ts[i] = s_rows[r][nfull * SPC + i];
@@ -715,25 +780,29 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
 #pragma omp parallel
   {
     // rows split evenly in groups of R; the remainder rows go one at a time
-    static thread_local AlignedBuf sbuf;
+    static thread_local AlignedBuf sbuf, tbuf;
     const int64_t groups = N / R;
-    float* srow_buf = w.scale_q ? sbuf.get(size_t(R * (nbr + 8))) : nullptr;
+    float* srow_buf = w.scale_q ? sbuf.get(size_t(R * nbr + 8)) : nullptr;
+    float* tab_buf = w.scale_q ? tbuf.get(size_t((R * nbr / kNestedBlock + 2) * 256)) : nullptr;
     auto rows_scales = [&](int64_t n, int cnt, const float** s_rows) {
-      for (int r = 0; r < cnt; ++r) {
-        if (!w.scale_q) {
-          s_rows[r] = w.scale + (n + r) * nbr;
-        } else {
-          float* o = srow_buf + r * (nbr + 8);
-          decode_scales_dq(w, (n + r) * nbr, nbr, o);
-          s_rows[r] = o;
-        }
-      }
+      if (w.scale_q) decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);  // the rows are contiguous
+      for (int r = 0; r < cnt; ++r) s_rows[r] = w.scale_q ? srow_buf + r * nbr : w.scale + (n + r) * nbr;
     };
-    const float* s_rows[4];
+    const float* s_rows[4] = {nullptr, nullptr, nullptr, nullptr};
+    // nf4/fp4 + double quant, one scale per chunk, long rows: scales read from dq_tables in the kernel
+    constexpr bool kDQOk = D == Dec::tab4 && SPC == 1;
+    const bool dq_inline = kDQOk && w.scale_q && R * nbr >= 64;
     // dynamic, 32 rows per grab: the cores are shared with other jobs, a static split makes the
     // fast thread wait for the slow one; 32 rows (~450 KB at k = 28672) keep the streams long.
 #pragma omp for schedule(dynamic, 32 / R) nowait
     for (int64_t g = 0; g < groups; ++g) {
+      if constexpr (kDQOk) {
+        if (dq_inline) {
+          dq_tables(w, g * R * nbr, R * nbr, tab_buf);
+          gemv_rows<D, MM, R, SPC, true>(p, gx, g * R, s_rows, tab_buf);
+          continue;
+        }
+      }
       rows_scales(g * R, R, s_rows);
       gemv_rows<D, MM, R, SPC>(p, gx, g * R, s_rows);
     }
