@@ -262,6 +262,16 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmParams p, int
 //              plane is one more mma: nf4 costs 3× (bf16) / 2× (fp16) the tensor work of int4.
 //   Table formats decode a whole byte (two codes) with one 32-bit shared-memory load from a
 //   256-entry pair table per plane (≤ 3 KB), the register pair exactly as the B fragment wants it.
+// Fused low-rank down-projection (RP > 0, lowrank family): each stage also holds RP rows of A
+//   (RP·128 B, swizzled like x; rows ≥ r zero-filled); per k16 step the two warps of a row half
+//   each take RP/2 columns of xa = x · Aᵀ, with A's rows as the B operand (one ldmatrix per two n8
+//   tiles, no decode) and the x fragments already loaded: RP/8 extra mma per warp and k16 step
+//   against 8·planes (+2) for the weight — r/64 of a one-plane main loop. After the loop the halves
+//   meet in the freed stage memory as a 64 × RP fp32 tile, which feeds the up-projection; the CTA
+//   of column tile 0 stores it (rounded) as the xa output. Each CTA of a row block computes the
+//   same xa (same instructions, same data): redundant tensor work instead of a second launch or
+//   atomics. Registers: RP/2 more fp32 accumulators; RP = 64 uses 244-254 of the 255 (no spills),
+//   hence r ≤ 64. Smem per stage + RP·128 B: RP = 64 needs the opt-in (57 KB with 3 stages).
 // B fragment from the canonical layout: lane (g = lane/4, t = lane%4) needs W[n0+g][k0+2t, 2t+1]
 // and [k0+2t+8, 2t+9] = two bytes of the row (4-bit), i.e. the canonical layout already puts each
 // register's pair in one byte; a fragment-order repack would only turn two byte loads into one
