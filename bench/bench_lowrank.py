@@ -3,7 +3,8 @@
 Validates every path against the reference first, then times in one run (medians, 2 threads):
   lowbit lowrank   ops.lowrank: one op (fused kernel where the backend has one)
   lowbit unfused   QuantLinear forward + two torch matmuls for the branch
-  lowbit base      QuantLinear forward alone (the floor: what the branch's overhead is measured against)
+  lowbit base      QuantLinear forward alone (the floor: what the branch's overhead is measured against;
+                   timed alternately with lowbit lowrank, overhead = median of the per-pair ratios)
   torch dense      F.linear(fp32 dense W) + lora_B(lora_A(x)) — PEFT over an unquantized base
   bnb + LoRA       bitsandbytes Linear4bit (nf4) + lora_B(lora_A(x)) — PEFT over bitsandbytes
 and a training step (forward + backward to x, A, B) of one layer: lowbit vs bnb + LoRA.
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
-from _timing import timeit  # bench/_timing.py: medians after warm-up
+from _timing import timeit, timeit_pair  # bench/_timing.py: medians after warm-up; paired ratios
 from lowbit import ops
 
 
@@ -133,16 +134,20 @@ def main(argv=None) -> int:
                     assert (l4(x) + s * F.linear(F.linear(x, a), b) - ref).abs().max() <= 10 * tol
                 # ---- time
                 reps = args.reps if m < 512 else max(3, args.reps // 3)
+                # lowrank and base timed alternately: the overhead column is the median of the
+                # per-pair ratios (robust to the other jobs of a shared machine)
+                t_base, t_lr, ratio = timeit_pair(lambda: lowbit.linear(x, qt), lambda: ops.lowrank(x, qt, a, b, s),
+                                                  3 * reps if m < 512 else reps)
                 t = {
-                    "lowrank": timeit(lambda: ops.lowrank(x, qt, a, b, s), reps),
+                    "lowrank": t_lr,
                     "unfused": timeit(unfused, reps),
-                    "base": timeit(lambda: lowbit.linear(x, qt), reps),
+                    "base": t_base,
                     "dense": timeit(lambda: F.linear(x, w) + s * F.linear(F.linear(x, a), b), reps),
                 }
                 if l4 is not None and (m <= 32 or not args.quick):
                     t["bnb"] = timeit(lambda: l4(x) + s * F.linear(F.linear(x, a), b), max(2, reps // 3), 1)
                 row = {"n": n, "k": k, "r": r, "m": m, **{f"{key}_ms": v * 1e3 for key, v in t.items()},
-                       "overhead_vs_base": t["lowrank"] / t["base"] - 1, "speedup_vs_unfused": t["unfused"] / t["lowrank"]}
+                       "overhead_vs_base": ratio - 1, "speedup_vs_unfused": t["unfused"] / t["lowrank"]}
                 if "bnb" in t:
                     row["speedup_vs_bnb"] = t["bnb"] / t["lowrank"]
                 rows.append(row)

@@ -95,3 +95,27 @@ def test_lowrank_rank_out_of_range():
     qw = QW(32, 64, "nf4", 32, False)
     with pytest.raises((ValueError, RuntimeError), match="r=300"):
         lowrank(torch.randn(2, 64), qw, torch.randn(300, 64), torch.randn(32, 300), 1.0)
+
+
+
+@pytest.mark.parametrize("fmt, dtype", [("int4", torch.float32), ("nf4", torch.bfloat16)])
+@pytest.mark.parametrize("m, r", [(1, 16), (3, 256), (8, 64)])
+def test_lowrank_gemv_bits_do_not_depend_on_threads(path, fmt, dtype, m, r, monkeypatch):
+    """The GEMV splits the down-projection over the threads, and rows computed before all of xa is
+    published get their branch added later (deferred epilogue; LOWBIT_LOWRANK_TEST_DEFER=1 forces
+    it for every row, and xa recomputed privately): same operations in the same order, so 1 and 2
+    threads, either epilogue, run after run, must give identical bits (and match the reference)."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        qw, x, a, b, bias, _ = run(m, 301, 1024, r, fmt, 64, True, dtype, seed=m + r)
+        y1, xa1 = lowrank(x, qw, a, b, 0.75, bias)
+        torch.set_num_threads(2)
+        for defer in ("0", "1"):
+            monkeypatch.setenv("LOWBIT_LOWRANK_TEST_DEFER", defer)
+            run(m, 301, 1024, r, fmt, 64, True, dtype, seed=m + r)  # against the reference
+            for _ in range(10):
+                y2, xa2 = lowrank(x, qw, a, b, 0.75, bias)
+                assert torch.equal(y2, y1) and torch.equal(xa2, xa1)
+    finally:
+        torch.set_num_threads(old)

@@ -16,7 +16,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -400,7 +402,24 @@ struct GemvX {  // the quantized activations, shared by the threads
   const float* xas = nullptr;  // (mm, rp8) s · x·Aᵀ in fp32, zero past r and for padded rows
   const void* b = nullptr;     // (n, r) in the activation dtype
   int r = 0, rp8 = 0;
+  // deferred epilogue (xa not complete yet): the base value of y[m, n] goes to ybase[m·n_total + n]
+  // in fp32, and lr_finish adds the branch and the bias later (same operations, same order)
+  float* ybase = nullptr;
 };
+
+// Row n of B in fp32, zero-padded to rp8 (≤ 256).
+inline void lr_brow(const GemvX& gx, DType t, int64_t n, float* brow) {
+  int j = 0;
+  for (; j + 8 <= gx.r; j += 8) _mm256_store_ps(brow + j, load8(gx.b, t, n * gx.r + j));
+  for (; j < gx.rp8; ++j) brow[j] = j < gx.r ? load_as_float(gx.b, t, n * gx.r + j) : 0.0f;
+}
+
+// s · xa[m] · B[n]ᵀ: one rp8-long fp32 dot.
+inline float lr_dot(const float* xas_m, const float* brow, int rp8) {
+  __m256 d = _mm256_setzero_ps();
+  for (int j = 0; j < rp8; j += 8) d = _mm256_fmadd_ps(_mm256_load_ps(xas_m + j), _mm256_load_ps(brow + j), d);
+  return hsum(d);
+}
 
 template <Dec D>
 __attribute__((always_inline)) inline void decode_i16(const uint8_t* src, __m256i* w, __m256i tlo, __m256i thi) {
@@ -611,19 +630,9 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
     const int64_t n = n0 + r;
     const float b = p.bias ? load_as_float(p.bias, p.dtype, n) : 0.0f;
     alignas(32) float brow[256];  // row n of B in fp32, zero-padded to rp8: read once for all m
-    if (gx.xas) {
-      int j = 0;
-      for (; j + 8 <= gx.r; j += 8) _mm256_store_ps(brow + j, load8(gx.b, p.dtype, n * gx.r + j));
-      for (; j < gx.rp8; ++j) brow[j] = j < gx.r ? load_as_float(gx.b, p.dtype, n * gx.r + j) : 0.0f;
-    }
+    if (gx.xas) lr_brow(gx, p.dtype, n, brow);
     for (int m = 0; m < MM; ++m) {
       float v = hsum(acc[m][r]);
-      if (gx.xas) {  // epilogue: + s·xa[m]·B[n]ᵀ while the output is in registers
-        __m256 d = _mm256_setzero_ps();
-        for (int j = 0; j < gx.rp8; j += 8)
-          d = _mm256_fmadd_ps(_mm256_load_ps(gx.xas + m * gx.rp8 + j), _mm256_load_ps(brow + j), d);
-        v += hsum(d);
-      }
       if constexpr (D != Dec::tab4) {  // − Σ_b s_b z_b Σ_{g∈b} dx_g X_g
         const int64_t nbr = K / block;
         const float* s = s_rows[r];
@@ -637,6 +646,11 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
         for (; b8 < nbr; ++b8) c += s[b8] * z[b8] * xs[b8];
         v -= c;
       }
+      if (gx.ybase) {  // deferred low-rank epilogue: lr_finish adds the branch and the bias
+        if (m < p.m) gx.ybase[m * w.n + n] = v;
+        continue;
+      }
+      if (gx.xas) v += lr_dot(gx.xas + m * gx.rp8, brow, gx.rp8);  // + s·xa[m]·B[n]ᵀ from registers
       if (m < p.m) store_out(p.y, p.dtype, m * w.n + n, v + b);
     }
   }
@@ -703,18 +717,16 @@ void gemv_prep_chunks(const GemmParams& p, int mm, int64_t c0, int64_t c1, int16
   }
 }
 
-// Down-projection for the small-M path: xa (mm, r) = x · Aᵀ in fp32 (x exact, not the int16
-// image), written to lr.xa in the dtype, and s·xa into xas (MM, rp8), zero elsewhere. A is read
-// once (r·K elements, ≤ 3% of the weight bytes at r = 16 in fp32), x rows stay in L1/L2.
+// Down-projection for the small-M path: xa (mm, r) = x · Aᵀ in fp32 from the exact x (not its
+// int16 image). xf: x in fp32 (MM, K), zero rows past mm. Dots j ∈ [j0, j1): A rows read once
+// (r·K elements in all, ≤ 3% of the weight bytes at r = 16 in fp32), x rows stay in L1/L2; xa[m, j]
+// goes to lr.xa in the dtype and s·xa[m, j] to xas (MM, rp8), which the caller zeroed.
 template <int MM>
-void gemv_down(const GemmParams& p, const LowrankParams& lr, float* xf, float* xas, int rp8) {
+void gemv_down(const GemmParams& p, const LowrankParams& lr, const float* xf, float* xas, int rp8, int j0, int j1,
+               bool write_xa) {
   const int64_t K = p.w.k;
   const int mm = int(p.m), r = lr.r;
-  for (int m = 0; m < MM; ++m)
-    for (int64_t k = 0; k < K; k += 8)
-      _mm256_store_ps(xf + m * K + k, m < mm ? load8(p.x, p.dtype, m * K + k) : _mm256_setzero_ps());
-  std::memset(xas, 0, sizeof(float) * size_t(MM * rp8));
-  for (int j = 0; j < r; ++j) {
+  for (int j = j0; j < j1; ++j) {
     __m256 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {  // K is a multiple of the block (≥ 32)
@@ -724,8 +736,73 @@ void gemv_down(const GemmParams& p, const LowrankParams& lr, float* xf, float* x
     }
     for (int m = 0; m < mm; ++m) {
       const float v = hsum(acc[m]);
-      store_out(lr.xa, p.dtype, m * r + j, v);
+      if (write_xa) store_out(lr.xa, p.dtype, m * r + j, v);
       xas[m * rp8 + j] = lr.s * v;
+    }
+  }
+}
+
+// The down-projection is split into parts of kLrPart dots that the threads of the GEMV's parallel
+// region claim first thing (so both cores read A, instead of one while the other waits). A thread
+// whose rows come before every part is published defers their epilogue (GemvX::ybase) and finishes
+// them in lr_finish, after the region's first barrier — no barrier is added.
+constexpr int kLrPart = 4;
+constexpr int kLrMaxParts = 256 / kLrPart;
+struct LrShare {
+  std::atomic<int> next{0};
+  std::atomic<int> done[kLrMaxParts];
+  int parts = 0;
+  bool test_defer = false;  // see lr_test_defer
+  bool all_done() const {
+    if (test_defer) return false;
+    for (int q = 0; q < parts; ++q)
+      if (!done[q].load(std::memory_order_acquire)) return false;
+    return true;
+  }
+};
+
+// Test hook (tests/test_lowrank_cpu.py): with LOWBIT_LOWRANK_TEST_DEFER=1 in the environment, every
+// row takes the deferred epilogue and lr_finish recomputes all of xa privately — the two paths that
+// otherwise run only when a thread is descheduled at the wrong moment. Read per call (≈ 0.1 µs).
+inline bool lr_test_defer() {
+  const char* e = std::getenv("LOWBIT_LOWRANK_TEST_DEFER");
+  return e && e[0] == '1';
+}
+
+// Deferred epilogues of rows [n0, n0 + cnt) in `pend`: y = ybase + s·xa·B[n]ᵀ + bias, the same
+// operations in the same order as gemv_rows' immediate epilogue (so the bits do not depend on which
+// rows were deferred). If some part of xa is still unpublished (only if no barrier preceded this),
+// this thread computes it itself into a private copy (same code, same bits; lr.xa is left to its owner).
+template <int MM>
+void lr_finish(const GemmParams& p, const LowrankParams& lr, const GemvX& gx, const LrShare& sh, const float* xf,
+               const float* ybase, const std::vector<int64_t>& pend) {
+  const float* xas = gx.xas;
+  if (!sh.all_done()) {
+    static thread_local AlignedBuf own_buf;
+    float* own = own_buf.get(size_t(MM * gx.rp8));
+    std::memset(own, 0, sizeof(float) * size_t(MM * gx.rp8));
+    for (int q = 0; q < sh.parts; ++q) {
+      const int j0 = q * kLrPart, j1 = std::min(lr.r, j0 + kLrPart);
+      if (!sh.test_defer && sh.done[q].load(std::memory_order_acquire)) {
+        for (int m = 0; m < MM; ++m)
+          for (int j = j0; j < j1; ++j) own[m * gx.rp8 + j] = xas[m * gx.rp8 + j];
+      } else {
+        gemv_down<MM>(p, lr, xf, own, gx.rp8, j0, j1, false);
+      }
+    }
+    xas = own;
+  }
+  const int64_t N = p.w.n;
+  for (size_t i = 0; i < pend.size(); i += 2) {
+    for (int64_t n = pend[i]; n < pend[i] + pend[i + 1]; ++n) {
+      const float b = p.bias ? load_as_float(p.bias, p.dtype, n) : 0.0f;
+      alignas(32) float brow[256];
+      lr_brow(gx, p.dtype, n, brow);
+      for (int m = 0; m < int(p.m); ++m) {
+        float v = ybase[m * N + n];
+        v += lr_dot(xas + m * gx.rp8, brow, gx.rp8);
+        store_out(p.y, p.dtype, m * N + n, v + b);
+      }
     }
   }
 }
@@ -768,14 +845,26 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
         xs[m * nbr + b] = t;
       }
   }
+  LrShare lsh;
+  float* xf = nullptr;
+  float* xas = nullptr;
+  float* ybase = nullptr;
   if (lr) {
-    static thread_local AlignedBuf xf_buf, xas_buf;
+    static thread_local AlignedBuf xf_buf, xas_buf, yb_buf;
     gx.r = lr->r;
     gx.rp8 = (lr->r + 7) / 8 * 8;
     gx.b = lr->b;
-    float* xas_p = xas_buf.get(size_t(MM * gx.rp8));
-    gemv_down<MM>(p, *lr, xf_buf.get(size_t(MM * K)), xas_p, gx.rp8);
-    gx.xas = xas_p;
+    xas = xas_buf.get(size_t(MM * gx.rp8));
+    std::memset(xas, 0, sizeof(float) * size_t(MM * gx.rp8));
+    gx.xas = xas;
+    xf = xf_buf.get(size_t(MM * K));
+    for (int m = 0; m < MM; ++m)
+      for (int64_t k = 0; k < K; k += 8)
+        _mm256_store_ps(xf + m * K + k, m < p.m ? load8(p.x, p.dtype, m * K + k) : _mm256_setzero_ps());
+    ybase = yb_buf.get(size_t(p.m * N));
+    lsh.parts = (lr->r + kLrPart - 1) / kLrPart;
+    for (int q = 0; q < lsh.parts; ++q) lsh.done[q].store(0, std::memory_order_relaxed);
+    lsh.test_defer = lr_test_defer();
   }
 #pragma omp parallel
   {
@@ -792,6 +881,27 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
     // nf4/fp4 + double quant, one scale per chunk, long rows: scales read from dq_tables in the kernel
     constexpr bool kDQOk = D == Dec::tab4 && SPC == 1;
     const bool dq_inline = kDQOk && w.scale_q && R * nbr >= 64;
+    // low-rank: claim parts of the down-projection first; until all are published, rows are
+    // computed with a deferred epilogue (gd) and listed in pend for lr_finish
+    static thread_local std::vector<int64_t> pend;
+    pend.clear();
+    bool ready = !lr;
+    GemvX gd = gx;
+    if (lr) {
+      gd.xas = nullptr;
+      gd.ybase = ybase;
+      for (int q; (q = lsh.next.fetch_add(1, std::memory_order_relaxed)) < lsh.parts;) {
+        gemv_down<MM>(p, *lr, xf, xas, gx.rp8, q * kLrPart, std::min(lr->r, (q + 1) * kLrPart), true);
+        lsh.done[q].store(1, std::memory_order_release);
+      }
+    }
+    auto rows = [&](int64_t n, int cnt, auto run) {
+      if (!ready) ready = lsh.all_done();
+      if (ready) return run(gx);
+      run(gd);
+      pend.push_back(n);
+      pend.push_back(cnt);
+    };
     // dynamic, 32 rows per grab: the cores are shared with other jobs, a static split makes the
     // fast thread wait for the slow one; 32 rows (~450 KB at k = 28672) keep the streams long.
 #pragma omp for schedule(dynamic, 32 / R) nowait
@@ -799,18 +909,20 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
       if constexpr (kDQOk) {
         if (dq_inline) {
           dq_tables(w, g * R * nbr, R * nbr, tab_buf);
-          gemv_rows<D, MM, R, SPC, true>(p, gx, g * R, s_rows, tab_buf);
+          rows(g * R, R, [&](const GemvX& x) { gemv_rows<D, MM, R, SPC, true>(p, x, g * R, s_rows, tab_buf); });
           continue;
         }
       }
       rows_scales(g * R, R, s_rows);
-      gemv_rows<D, MM, R, SPC>(p, gx, g * R, s_rows);
+      rows(g * R, R, [&](const GemvX& x) { gemv_rows<D, MM, R, SPC>(p, x, g * R, s_rows); });
     }
 #pragma omp for schedule(static)
     for (int64_t n = groups * R; n < N; ++n) {
       rows_scales(n, 1, s_rows);
-      gemv_rows<D, MM, 1, SPC>(p, gx, n, s_rows);
+      rows(n, 1, [&](const GemvX& x) { gemv_rows<D, MM, 1, SPC>(p, x, n, s_rows); });
     }
+    // (the loop above ends in a barrier: every claimed part is published by now)
+    if (!pend.empty()) lr_finish<MM>(p, *lr, gx, lsh, xf, ybase, pend);
   }
 }
 

@@ -84,15 +84,20 @@ SIMT_DEVICE float block_scale(const GemmWeight& w, int64_t b) {
   return __ldg(w.scale + b);
 }
 
-// Optional low-rank epilogue of the lowrank family (csrc/launch/lowrank.inl):
-//   y += s · xa (M, r) · Bᵀ,  xa in fp32 (the down-projection, already computed), B (N, r) in x's dtype.
-// r = 0: none (the plain gemm). A run-time field, not a template parameter: it costs one branch in
-// the epilogue and no extra instantiations.
+// Optional low-rank branch of the lowrank family (csrc/launch/lowrank.inl):
+//   y += s · xa (M, r) · Bᵀ,  B (N, r) in x's dtype, xa = x · Aᵀ in fp32, either
+//   * already computed (xa set, a null): the up-projection runs in the epilogue; r = 0: no branch
+//     (the plain gemm) — a run-time field, one branch in the epilogue, no extra instantiations; or
+//   * fused (a set, xa null; gemm_mma_kernel<F, T, RP> with r ≤ RP only): the down-projection
+//     x · Aᵀ runs inside the mma main loop from the x tile already in shared memory, and the CTAs
+//     of the first N tile store it, rounded to x's dtype, into xa_out (M, r).
 struct LrEpi {
-  const float* xa;  // (M, r), rows aligned with this launch's x
-  const void* b;    // (N, r)
+  const float* xa;        // (M, r) fp32, rows aligned with this launch's x
+  const void* b;          // (N, r)
   int r;
   float s;
+  const void* a = nullptr;  // (r, K), fused down-projection
+  void* xa_out = nullptr;   // (M, r) in x's dtype, rows aligned with this launch's x
 };
 
 // ============================================================================ small M: gemv_kernel
@@ -257,6 +262,16 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmParams p, int
 //              plane is one more mma: nf4 costs 3× (bf16) / 2× (fp16) the tensor work of int4.
 //   Table formats decode a whole byte (two codes) with one 32-bit shared-memory load from a
 //   256-entry pair table per plane (≤ 3 KB), the register pair exactly as the B fragment wants it.
+// Fused low-rank down-projection (RP > 0, lowrank family): each stage also holds RP rows of A
+//   (RP·128 B, swizzled like x; rows ≥ r zero-filled); per k16 step the two warps of a row half
+//   each take RP/2 columns of xa = x · Aᵀ, with A's rows as the B operand (one ldmatrix per two n8
+//   tiles, no decode) and the x fragments already loaded: RP/8 extra mma per warp and k16 step
+//   against 8·planes (+2) for the weight — r/64 of a one-plane main loop. After the loop the halves
+//   meet in the freed stage memory as a 64 × RP fp32 tile, which feeds the up-projection; the CTA
+//   of column tile 0 stores it (rounded) as the xa output. Each CTA of a row block computes the
+//   same xa (same instructions, same data): redundant tensor work instead of a second launch or
+//   atomics. Registers: RP/2 more fp32 accumulators; RP = 64 uses 244-254 of the 255 (no spills),
+//   hence r ≤ 64. Smem per stage + RP·128 B: RP = 64 needs the opt-in (57 KB with 3 stages).
 // B fragment from the canonical layout: lane (g = lane/4, t = lane%4) needs W[n0+g][k0+2t, 2t+1]
 // and [k0+2t+8, 2t+9] = two bytes of the row (4-bit), i.e. the canonical layout already puts each
 // register's pair in one byte; a fragment-order repack would only turn two byte loads into one
@@ -279,7 +294,8 @@ constexpr int kBM = 64, kBN = 64, kBK = 64, kStages = 3;
 constexpr int kGroupsPerTile = kBK / 32;
 static_assert(kBN * kGroupsPerTile == kMmaThreads, "one thread stages one (n, 32-group) scale per k-tile");
 
-template <Fmt F, class T>
+// RP: width of the fused down-projection (r padded to 16, 32 or 64), 0 without (see LrEpi).
+template <Fmt F, class T, int RP = 0>
 struct MmaCfg {
   static constexpr int kBits = fmt_bits(F);
   static constexpr bool kInt = !fmt_is_table(F);
@@ -290,8 +306,10 @@ struct MmaCfg {
   static constexpr int kABytes = kBM * kBK * 2;               // 8192
   static constexpr int kBBytes = kBN * kRowBytes;             // 2048 / 1024
   static constexpr int kSBytes = 2 * kBN * kGroupsPerTile * 4;  // scales + zeros: 1024
-  static constexpr int kStageBytes = kABytes + kBBytes + kSBytes;
-  static constexpr int kSmem = kStages * kStageBytes;
+  static constexpr int kLBytes = RP * kBK * 2;                // rows of A (fused down-projection): 0 / 2 / 4 / 8 KB
+  static constexpr int kStageBytes = kABytes + kBBytes + kSBytes + kLBytes;
+  static constexpr int kXaLd = RP + 4;                        // fp32 xa tile after the main loop (reuses the stages)
+  static constexpr int kSmem = kStages * kStageBytes > kBM * kXaLd * 4 ? kStages * kStageBytes : kBM * kXaLd * 4;
   // 16-bit images of 1.0 and of the magic bias
   static constexpr uint32_t kOne = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
   static constexpr uint32_t kMagic = std::is_same<T, __half>::value ? 0x64006400u : 0x43004300u;   // 1024 | 128
@@ -327,9 +345,11 @@ SIMT_DEVICE uint32_t decode_int_pair(uint32_t pair) {
   return hadd2_bits<T>(biased, C::kNegMagic);
 }
 
-template <Fmt F, class T>
+template <Fmt F, class T, int RP>
 __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, LrEpi lr) {
-  using C = MmaCfg<F, T>;
+  using C = MmaCfg<F, T, RP>;
+  static_assert(RP == 0 || RP == 16 || RP == 32 || RP == 64, "fused down-projection width");
+  constexpr int kNd = RP / 16;  // n8 tiles of xa per warp: warps wn = 0 / 1 take j < RP/2 / ≥ RP/2
   constexpr int kLutPlanes = C::kInt ? 1 : C::kPlanes;
   __shared__ uint32_t s_lut[kLutPlanes][256];
   SIMT_DYNAMIC_SHARED(unsigned char, smem);
@@ -360,6 +380,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, 
   auto stage_a = [&](int st) { return smem + st * C::kStageBytes; };
   auto stage_b = [&](int st) { return smem + st * C::kStageBytes + C::kABytes; };
   auto stage_s = [&](int st) { return reinterpret_cast<float*>(smem + st * C::kStageBytes + C::kABytes + C::kBBytes); };
+  auto stage_l = [&](int st) { return smem + st * C::kStageBytes + C::kABytes + C::kBBytes + C::kSBytes; };
 
   auto load_stage = [&](int st, int64_t kt) {
     const int64_t k0 = kt * kBK;
@@ -392,9 +413,20 @@ __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, 
       ss[r * kGroupsPerTile + gi] = s;
       ss[kBN * kGroupsPerTile + r * kGroupsPerTile + gi] = z;
     }
+    if constexpr (RP > 0) {  // A: RP rows × 8 chunks of 16 B, swizzled like x; rows ≥ r are zeros
+      const T* __restrict__ am = static_cast<const T*>(lr.a);
+      unsigned char* ls = stage_l(st);
+      for (int i = tid; i < RP * (kBK / 8); i += kMmaThreads) {
+        const int j = i >> 3, ch = i & 7;
+        const int64_t kk = k0 + ch * 8;
+        const bool ok = j < lr.r && kk < K;
+        simt::cp_async16_zfill(ls + j * (kBK * 2) + ((ch ^ (j & 7)) << 4), ok ? am + j * K + kk : am, ok ? 16 : 0);
+      }
+    }
   };
 
   float acc[2][4][4], cb[2][4][4], rs[2][4];
+  float xd[2][kNd > 0 ? kNd : 1][4];  // fused down-projection: rows of this warp × its n8 tiles of j
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -403,6 +435,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, 
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = cb[mi][ni][e] = 0.0f;
 #pragma unroll
     for (int e = 0; e < 4; ++e) rs[mi][e] = 0.0f;
+#pragma unroll
+    for (int jt = 0; jt < (kNd > 0 ? kNd : 1); ++jt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xd[mi][jt][e] = 0.0f;
   }
   const uint32_t ones[2] = {C::kOne, C::kOne};
 
@@ -430,6 +466,30 @@ __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, 
         const int r = wm * 32 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int ch = ks * 2 + (lane >> 4);
         simt::ldmatrix<4>(a[mi], as + r * (kBK * 2) + ((ch ^ (r & 7)) << 4));
+      }
+      if constexpr (RP > 0) {  // xa += x · Aᵀ: A rows are the B operand (k-contiguous, as ldmatrix gives it)
+        const unsigned char* ls = stage_l(st);
+        const int ch = ks * 2 + ((lane >> 3) & 1);
+        if constexpr (kNd == 1) {
+          uint32_t bl[2];
+          const int j = wn * (RP / 2) + (lane & 7);
+          simt::ldmatrix<2>(bl, ls + j * (kBK * 2) + ((ch ^ (j & 7)) << 4));
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) simt::mma_m16n8k16<T>(xd[mi][0], a[mi], bl, xd[mi][0]);
+        } else {
+#pragma unroll
+          for (int jt = 0; jt < kNd; jt += 2) {  // x4: (j tile jt | jt + 1) × (k 0-7 | 8-15)
+            uint32_t bl[4];
+            const int j = wn * (RP / 2) + jt * 8 + ((lane >> 4) << 3) + (lane & 7);
+            simt::ldmatrix<4>(bl, ls + j * (kBK * 2) + ((ch ^ (j & 7)) << 4));
+            const uint32_t b0[2] = {bl[0], bl[1]}, b1[2] = {bl[2], bl[3]};
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+              simt::mma_m16n8k16<T>(xd[mi][jt], a[mi], b0, xd[mi][jt]);
+              simt::mma_m16n8k16<T>(xd[mi][jt + 1], a[mi], b1, xd[mi][jt + 1]);
+            }
+          }
+        }
       }
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
@@ -495,11 +555,36 @@ __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, 
   }
   simt::cp_async_wait_all();
 
+  // Fused down-projection: the two warps of a row half hold xa for half of j each; swap through
+  // shared memory (the pipeline's, now free) as a 64 × RP fp32 tile; rows ≥ M and j ≥ r are zeros.
+  float* s_xa = reinterpret_cast<float*>(smem);
+  if constexpr (RP > 0) {
+    __syncthreads();  // every warp is done with the last stage
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int jt = 0; jt < kNd; ++jt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s_xa[(wm * 32 + mi * 16 + g + 8 * (e >> 1)) * C::kXaLd + wn * (RP / 2) + jt * 8 + 2 * t + (e & 1)] = xd[mi][jt][e];
+    __syncthreads();
+    if (blockIdx.x == 0) {  // one CTA per row block stores xa (every CTA of the row computed the same bits)
+      T* __restrict__ xo = static_cast<T*>(lr.xa_out);
+      for (int i = tid; i < kBM * lr.r; i += kMmaThreads) {
+        const int rl = i / lr.r, j = i % lr.r;
+        if (m_base + rl < M) xo[(m_base + rl) * lr.r + j] = from_f32<T>(s_xa[rl * C::kXaLd + j]);
+      }
+    }
+  }
+
   if (lr.r > 0) {  // low-rank up-projection on the tensor cores: cb (all zero here) += xa · Bᵀ
     // xa is fp32: split into 3 planes of T that sum to it (exact for bf16; fp16 to ~2^-33 relative
     // unless |xa| leaves the fp16 range), so the branch adds only fp32-accumulation error.
     const T* __restrict__ bm = static_cast<const T*>(lr.b);
-    auto xa_at = [&](int64_t m, int j) { return (m < M && j < lr.r) ? __ldg(lr.xa + m * lr.r + j) : 0.0f; };
+    auto xa_at = [&](int64_t m, int j) {
+      if constexpr (RP > 0) return s_xa[(m - m_base) * C::kXaLd + j];  // j < RP; zero for j ≥ r
+      else return (m < M && j < lr.r) ? __ldg(lr.xa + m * lr.r + j) : 0.0f;
+    };
     auto b_bits = [&](int64_t n, int j) -> uint32_t {
       if (n >= N || j >= lr.r) return 0u;
       T v = bm[n * lr.r + j];

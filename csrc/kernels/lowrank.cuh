@@ -1,7 +1,10 @@
-// csrc/kernels/lowrank.cuh — the down-projection of the lowrank family: xa = x · Aᵀ (M, r), in
-// fp32 for the up-projection and rounded to x's dtype for the caller. The up-projection
-// y += s · xa · Bᵀ runs in the epilogue of the gemm kernels (csrc/kernels/gemm.cuh, LrEpi):
-// on the tensor cores after the mma main loop, or spread over the lanes of the GEMV's warps.
+// csrc/kernels/lowrank.cuh — the separate down-projection of the lowrank family: xa = x · Aᵀ (M, r),
+// in fp32 for the up-projection and rounded to x's dtype for the caller. Used where the down-
+// projection is not fused into the mma kernel (csrc/launch/lowrank.inl): the GEMV path (M ≤ 8 or
+// fp32 x), r > 64, and A not 16-byte aligned. The up-projection y += s · xa · Bᵀ runs in the
+// epilogue of the gemm kernels (csrc/kernels/gemm.cuh, LrEpi): on the tensor cores after the mma
+// main loop, or spread over the lanes of the GEMV's warps. The fused path (gemm_mma_kernel<F, T, RP>)
+// and the roofline of both are in docs/kernels.md, "CUDA lowrank".
 //
 // One CTA per (j < r, MR rows of x): 8 warps split K, lanes take 8-element chunks (one 16-byte
 // load of A and of each x row), fp32 FMAs, xor-shuffle + shared-memory reduction in warp order
@@ -9,13 +12,10 @@
 //
 // Roofline (H100, K = 4096, r = 16, bf16): A is r·K·2 = 128 KB (read once per 8 rows of x, from L2
 // after the first), x is M·K·2 bytes read r times (from L1/L2). M = 1: 128 KB + 8 KB ≈ 0.05 µs of
-// HBM; the launch (≈ 2-3 µs of latency on the critical path) dominates, i.e. ≈ +60-100% over a 3 µs
-// 4096×4096 nf4 GEMV — more than Nunchaku's fused branch. M = 16/64: still latency-bound, ≈ 3 µs.
-// Large M: M·r·K·2 fp32 FLOPs on the SIMT pipe plus r re-reads of x from L2 — at M = 4096, r = 64,
-// ≈ 2.1 GFLOP ≈ 35-60 µs against ≈ 140 µs for the int4 mma GEMM: ≈ 25-40% overhead. The next step is
-// to compute x·Aᵀ inside the mma kernel's main loop from the x tile already in shared memory (one
-// extra B operand per k-tile; redundant across the N/64 CTAs of a row, r/64 of the main tensor work),
-// which removes this launch and its x re-reads; not done yet.
+// HBM; the dependent launch and the kernel's latency (≈ 2 µs assumed) dominate: ≈ +60% over a
+// 3.5 µs 4096×4096 nf4 GEMV. Large M: M·r·K·2 fp32 FLOPs on the SIMT pipe plus r re-reads of x
+// from L2 (M·K·2·r bytes: 268 MB at M = 512, r = 64) — which is why M > 8 fuses it into the mma
+// kernel instead.
 #pragma once
 #include "kernels/gemm.cuh"
 #include "lowbit/lowrank.h"

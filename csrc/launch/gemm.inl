@@ -5,9 +5,10 @@
 //   M ≤ kSmallM, or x fp32, or an operand the mma kernel cannot stream (x or codes not 16-byte
 //   aligned, 2-bit rows of K/4 bytes not a multiple of 16) → gemv_kernel<F, T, MR>, MR ∈ {1, 4, 8}
 //   (MR = 1 for M = 1, 4 for M ≤ 4, else 8 rows per CTA in y);
-//   otherwise → gemm_mma_kernel<F, T> (bf16 / fp16).
-// Instantiated (STYLE 11): gemv 4 formats × 3 dtypes × 3 MR = 36; mma 4 × 2 = 8; gemm_t 4 × 3 × MR
-// ∈ {1, 8} = 24. Any M ≥ 0, any N ≥ 1, K a multiple of the block; block a multiple of 32 (the
+//   otherwise → gemm_mma_kernel<F, T, RP> (bf16 / fp16); RP > 0 when the lowrank family asks for
+//   the fused down-projection (lowrank_fusable: r ≤ 64, RP = r rounded up to 16, 32 or 64).
+// Instantiated (STYLE 11): gemv 4 formats × 3 dtypes × 3 MR = 36; mma 4 × 2 × RP ∈ {0, 16, 32, 64}
+// = 32; gemm_t 4 × 3 × MR ∈ {1, 8} = 24. Any M ≥ 0, any N ≥ 1, K a multiple of the block; block a multiple of 32 (the
 // Python layer allows 32, 64, 128, 256).
 #pragma once
 #include "kernels/gemm.cuh"
@@ -42,10 +43,11 @@ int over_m_slices(const GemmParams& p, int64_t rows_per_cta, int64_t x_cols, int
   return 0;
 }
 
-// Low-rank epilogue of rows [m0, ...) of a slice.
-gemm_k::LrEpi lr_at(const gemm_k::LrEpi& lr, int64_t m0) {
+// Low-rank epilogue of rows [m0, ...) of a slice (esize: bytes of x's dtype, for xa_out).
+gemm_k::LrEpi lr_at(const gemm_k::LrEpi& lr, int64_t m0, size_t esize) {
   gemm_k::LrEpi r = lr;
-  if (r.r > 0) r.xa += m0 * r.r;
+  if (r.r > 0 && r.xa) r.xa += m0 * r.r;
+  if (r.r > 0 && r.xa_out) r.xa_out = static_cast<char*>(r.xa_out) + size_t(m0 * r.r) * esize;
   return r;
 }
 
@@ -65,7 +67,7 @@ int gemv_launch(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
     const int x_vec = gemm_aligned(s.x, 16);
     const unsigned gy = unsigned((s.m + MR - 1) / MR);
     return simt::launch(gemm_k::gemv_kernel<F, T, MR>, dim3(unsigned(grid_x), gy), dim3(gemm_k::kGemvThreads), 0,
-                        stream, s, kw, x_vec, codes_vec, lr_at(lr, m0));
+                        stream, s, kw, x_vec, codes_vec, lr_at(lr, m0, sizeof(T)));
   });
 }
 
@@ -76,17 +78,40 @@ int gemv_rows(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
   return gemv_launch<F, T, 8>(p, lr, stream);
 }
 
-template <Fmt F, class T>
+template <Fmt F, class T, int RP>
 int mma_launch(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
-  using C = gemm_k::MmaCfg<F, T>;
-  static_assert(C::kSmem <= 48 * 1024, "no dynamic shared memory opt-in needed");
+  using C = gemm_k::MmaCfg<F, T, RP>;
+  static_assert(RP == 64 || C::kSmem <= 48 * 1024, "only RP = 64 needs the dynamic shared memory opt-in");
+  static_assert(C::kSmem <= 99 * 1024, "within the smallest opt-in maximum of the arch list (sm_86/89)");
   const int64_t grid_x = (p.w.n + gemm_k::kBN - 1) / gemm_k::kBN;
   if (grid_x > 0x7fffffff) return kGemmErrInvalid;
+  if (C::kSmem > 48 * 1024) {
+    const int err = simt::set_max_dynamic_smem(gemm_k::gemm_mma_kernel<F, T, RP>, C::kSmem);
+    if (err) return err;
+  }
   return over_m_slices(p, gemm_k::kBM, p.w.k, p.w.n, sizeof(T), [&](const GemmParams& s, int64_t m0) {
     const unsigned gy = unsigned((s.m + gemm_k::kBM - 1) / gemm_k::kBM);
-    return simt::launch(gemm_k::gemm_mma_kernel<F, T>, dim3(unsigned(grid_x), gy), dim3(gemm_k::kMmaThreads),
-                        size_t(C::kSmem), stream, s, lr_at(lr, m0));
+    return simt::launch(gemm_k::gemm_mma_kernel<F, T, RP>, dim3(unsigned(grid_x), gy), dim3(gemm_k::kMmaThreads),
+                        size_t(C::kSmem), stream, s, lr_at(lr, m0, sizeof(T)));
   });
+}
+
+// The mma kernel streams x and the codes with 16-byte cp.async: both aligned, 2-bit rows of K/4
+// bytes a multiple of 16.
+template <Fmt F>
+bool mma_streamable(const GemmParams& p) {
+  return gemm_aligned(p.x, 16) && gemm_aligned(p.w.codes, 16) && (p.w.k * fmt_bits(F) / 8) % 16 == 0;
+}
+
+bool mma_path(const GemmParams& p) {
+  if (p.dtype == DType::f32 || p.m <= kSmallM) return false;
+  switch (p.w.fmt) {
+    case Fmt::nf4: return mma_streamable<Fmt::nf4>(p);
+    case Fmt::fp4: return mma_streamable<Fmt::fp4>(p);
+    case Fmt::int4: return mma_streamable<Fmt::int4>(p);
+    case Fmt::int2: return mma_streamable<Fmt::int2>(p);
+  }
+  return false;
 }
 
 template <Fmt F, class T>
@@ -94,10 +119,14 @@ int gemm_fmt(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
   if constexpr (std::is_same<T, float>::value) {
     return gemv_rows<F, T>(p, lr, stream);
   } else {
-    const bool streamable = gemm_aligned(p.x, 16) && gemm_aligned(p.w.codes, 16) &&
-                            (p.w.k * fmt_bits(F) / 8) % 16 == 0;
-    if (p.m <= kSmallM || !streamable) return gemv_rows<F, T>(p, lr, stream);
-    return mma_launch<F, T>(p, lr, stream);
+    if (lr.a) {  // fused down-projection (the caller checked lowrank_fusable)
+      if (p.m <= kSmallM || !mma_streamable<F>(p) || lr.r < 1 || lr.r > 64) return kGemmErrInvalid;
+      if (lr.r <= 16) return mma_launch<F, T, 16>(p, lr, stream);
+      if (lr.r <= 32) return mma_launch<F, T, 32>(p, lr, stream);
+      return mma_launch<F, T, 64>(p, lr, stream);
+    }
+    if (p.m <= kSmallM || !mma_streamable<F>(p)) return gemv_rows<F, T>(p, lr, stream);
+    return mma_launch<F, T, 0>(p, lr, stream);
   }
 }
 
@@ -147,6 +176,14 @@ bool gemm_valid(const GemmParams& p) {
   return true;
 }
 }  // namespace
+
+// Whether gemm_with can take the low-rank branch with the down-projection fused into the mma
+// kernel (LrEpi::a): the mma path (bf16 / fp16, M > kSmallM, streamable operands), r ≤ 64 (the
+// extra accumulators of RP = 64 are the most that fit without spills), A 16-byte aligned (its
+// rows of K·2 bytes then are too: K is a multiple of 32).
+bool lowrank_fusable(const GemmParams& p, int r, const void* a) {
+  return gemm_valid(p) && mma_path(p) && r >= 1 && r <= 64 && gemm_aligned(a, 16);
+}
 
 // The forward product, with the optional low-rank epilogue (lowrank.inl).
 int gemm_with(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {

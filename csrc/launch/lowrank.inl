@@ -15,6 +15,7 @@
 namespace lowbit::kernels {
 
 int gemm_with(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream);  // csrc/launch/gemm.inl
+bool lowrank_fusable(const GemmParams& p, int r, const void* a);                // csrc/launch/gemm.inl
 
 namespace {
 constexpr int kLowrankErrInvalid = 1;  // cudaErrorInvalidValue
@@ -37,6 +38,8 @@ int lowrank_down(const LowrankParams& p, float* xa32, intptr_t stream) {
 
 template <class T>
 int lowrank_as(const LowrankParams& p, intptr_t stream) {
+  if (lowrank_fusable(p.g, p.r, p.a))  // one launch: x · Aᵀ inside the mma main loop
+    return gemm_with(p.g, gemm_k::LrEpi{nullptr, p.b, p.r, p.s, p.a, p.xa}, stream);
   float* xa32 = nullptr;
   const size_t bytes = size_t(p.g.m) * size_t(p.r) * sizeof(float);
   if constexpr (std::is_same<T, float>::value) {
