@@ -180,10 +180,10 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
   }, nogil);
   m.def("adamw8", [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t qm, intptr_t am, intptr_t qv,
                      intptr_t av, int64_t numel, float beta1, float omb1, float beta2, float omb2, float eps,
-                     float decay, float nstep, float ibc2s, intptr_t stream) {
+                     float decay, float nstep, float ibc2s, int rounding, intptr_t stream) {
     check(kernels::adamw8({ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<uint8_t>(qm),
                            ptr<float>(am), ptr<uint8_t>(qv), ptr<float>(av), numel,
-                           {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}}, stream),
+                           {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}, rounding}, stream),
           "adamw8");
   }, nogil);
   m.def("managed_alloc", [](int64_t bytes) {

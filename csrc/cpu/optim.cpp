@@ -19,55 +19,65 @@ void adamw32_range_avx2(const AdamW32Params& p, int64_t i0, int64_t i1);
 void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1);
 #endif
 
-Code8Search::Code8Search(const float* map, int shift, bool neg)
+Code8Search::Code8Search(const float* map, int32_t rounding, int shift, bool neg)
     : shift32(shift), keys32(int((kHiBits - kLoBits) >> shift) + 1), neg32(neg), low_mask32((1u << shift) - 1) {
-  for (int i = 0; i < 255; ++i) mid[i] = (map[i] + map[i + 1]) / 2.0f;
-  mid[255] = std::numeric_limits<float>::infinity();
-  auto count_below = [&](float x) {  // number of midpoints strictly below x
+  for (int i = 0; i < 255; ++i) bnd[i] = optim_boundary(map, i, rounding);
+  bnd[255] = std::numeric_limits<float>::infinity();
+  auto count_below = [&](float x) {  // number of boundaries strictly below x
     int c = 0;
-    while (c < 255 && mid[c] < x) ++c;
+    while (c < 255 && bnd[c] < x) ++c;
     return c;
+  };
+  for (int c = 0; c < 256; ++c) {
+    int u = c;
+    while (u < 255 && bnd[u] <= bnd[c]) ++u;
+    up[c] = uint8_t(u);
+    LOWBIT_CHECK(c == 255 || bnd[c] <= bnd[c + 1], "optim: 8-bit boundaries must be sorted");
+  }
+  // One bucket: t in [xmin, xmax]; c = the code at xmin; the code at xmax must be c or up[c].
+  auto bucket = [&](int sign, uint32_t a0, uint32_t a1, bool first, int& c, bool& inside) {
+    const float lo = first ? 0.0f : bits_to_float(a0), hi = bits_to_float(a1);
+    const float xmin = sign ? -hi : lo, xmax = sign ? -lo : hi;
+    c = count_below(xmin);
+    const int top = count_below(xmax);
+    LOWBIT_CHECK(top == c || top == up[c], "optim: 8-bit code search table needs finer buckets");
+    inside = top != c;
   };
   for (int sign = 0; sign < 2; ++sign) {
     for (int k = 0; k < kKeys; ++k) {
-      // |x| bit patterns of bucket k: [a0, a1]; bucket 0 also holds everything below 2^-23.
+      // |t| bit patterns of bucket k: [a0, a1]; bucket 0 also holds everything below 2^-26.
       const uint32_t a0 = kLoBits + (uint32_t(k) << kShift);
-      const uint32_t a1 = std::min(a0 + ((1u << kShift) - 1), kHiBits);
-      const float lo = k == 0 ? 0.0f : bits_to_float(a0), hi = bits_to_float(a1);
-      const float xmin = sign ? -hi : lo, xmax = sign ? -lo : hi;
-      const int c = count_below(xmin);
-      // x in [xmin, xmax]: the code is c + #(midpoints in [xmin, x)), which must be 0 or 1.
-      // x in [xmin, xmax]: the code is c + #(midpoints in [xmin, x)), which must be 0 or 1.
-      LOWBIT_CHECK(count_below(xmax) - c <= 1, "optim: 8-bit code search table needs finer buckets");
+      int c;
+      bool inside;
+      bucket(sign, a0, std::min(a0 + ((1u << kShift) - 1), kHiBits), k == 0, c, inside);
+      LOWBIT_CHECK(!(k == 0 && inside), "optim: a boundary below 2^-26");
       lut[sign * kKeys + k] = uint8_t(c);
     }
   }
-  // lut32: the same construction with 2^shift32 bit patterns per bucket (see optim_rules.h).
   for (int sign = 0; sign < (neg32 ? 2 : 1); ++sign) {
     for (int k = 0; k < keys32; ++k) {
       const uint32_t a0 = kLoBits + (uint32_t(k) << shift32);
-      const uint32_t a1 = std::min(a0 + low_mask32, kHiBits);
-      const float lo = k == 0 ? 0.0f : bits_to_float(a0), hi = bits_to_float(a1);
-      const float xmin = sign ? -hi : lo, xmax = sign ? -lo : hi;
-      const int c = count_below(xmin), inside = count_below(xmax) - c;
-      LOWBIT_CHECK(inside <= 1 && !(k == 0 && inside), "optim: 8-bit code search table needs finer buckets");
-      uint32_t thr = low_mask32;
-      if (inside == 1) {
-        const uint32_t low = float_to_bits(std::fabs(mid[c])) & low_mask32;
+      int c;
+      bool inside;
+      bucket(sign, a0, std::min(a0 + low_mask32, kHiBits), k == 0, c, inside);
+      LOWBIT_CHECK(!(k == 0 && inside) && up[c] - c < 16, "optim: 8-bit code search table needs finer buckets");
+      uint32_t thr = low_mask32, jump = 0;
+      if (inside) {
+        const uint32_t low = float_to_bits(std::fabs(bnd[c])) & low_mask32;
         thr = sign ? (low_mask32 ^ low) : low;
+        jump = uint32_t(up[c] - c);
       }
-      lut32[sign * keys32 + k] = uint32_t(c) | (thr << 8);
+      lut32[sign * keys32 + k] = uint32_t(c) | (jump << 8) | (thr << 12);
     }
   }
-  lut[2 * kKeys] = lut[2 * kKeys + 1] = lut[2 * kKeys + 2] = 0;
 }
-const Code8Search& code8_signed() {
-  static const Code8Search s(kDynamicSigned, 17, true);
-  return s;
-}
-const Code8Search& code8_unsigned() {
-  static const Code8Search s(kDynamicUnsigned, 16, false);
-  return s;
+const Code8Search& code8_search(bool is_signed, int32_t rounding) {
+  static const Code8Search s_bnb(kDynamicSigned, kOptimRoundBitsandbytes, 17, true);
+  static const Code8Search u_bnb(kDynamicUnsigned, kOptimRoundBitsandbytes, 16, false);
+  static const Code8Search s_near(kDynamicSigned, kOptimRoundNearest, 17, true);
+  static const Code8Search u_near(kDynamicUnsigned, kOptimRoundNearest, 16, false);
+  if (rounding == kOptimRoundNearest) return is_signed ? s_near : u_near;
+  return is_signed ? s_bnb : u_bnb;
 }
 
 // ---------------------------------------------------------------- portable paths
@@ -82,7 +92,7 @@ static void adamw32_range_portable(const AdamW32Params& p, int64_t i0, int64_t i
 }
 
 static void adamw8_blocks_portable(const AdamW8Params& p, int64_t b0, int64_t b1) {
-  const Code8Search &cs = code8_signed(), &cu = code8_unsigned();
+  const Code8Search &cs = code8_search(true, p.rounding), &cu = code8_search(false, p.rounding);
   float mbuf[kOptimBlock], vbuf[kOptimBlock];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * kOptimBlock;
@@ -134,7 +144,8 @@ void adamw32(const AdamW32Params& p) {
 void adamw8(const AdamW8Params& p) {
   LOWBIT_CHECK(p.numel >= 0 && (p.numel == 0 || (p.p && p.g && p.qm && p.qv && p.absmax_m && p.absmax_v)),
                "adamw8: missing buffers");
-  code8_signed(), code8_unsigned();  // build the tables outside the parallel region
+  LOWBIT_CHECK(p.rounding == kOptimRoundBitsandbytes || p.rounding == kOptimRoundNearest, "adamw8: unknown rounding");
+  code8_search(true, p.rounding), code8_search(false, p.rounding);  // build the tables outside the parallel region
   const int64_t n_blocks = (p.numel + kOptimBlock - 1) / kOptimBlock;
   const bool avx2 = use_avx2();
   parallel_chunks(n_blocks, 256, [&](int64_t b0, int64_t b1) {

@@ -50,11 +50,12 @@ inline void code8_key(const Code8Search& cs, __m256 t, __m256i& key, __m256i& xl
     key = _mm256_andnot_si256(neg, key);  // x < 0 (or -0): key 0, whose entry gives code 0
   }
 }
-// code = c + (xlow > thr) from the looked-up entries e = lut32[key].
+// code = c + (xlow > thr ? jump : 0) from the looked-up entries e = lut32[key] (optim_rules.h).
 inline __m256i code8_finish(__m256i e, __m256i xlow) {
   const __m256i c = _mm256_and_si256(e, _mm256_set1_epi32(0xff));
-  const __m256i thr = _mm256_srli_epi32(e, 8);
-  return _mm256_sub_epi32(c, _mm256_cmpgt_epi32(xlow, thr));
+  const __m256i jump = _mm256_and_si256(_mm256_srli_epi32(e, 8), _mm256_set1_epi32(0xf));
+  const __m256i thr = _mm256_srli_epi32(e, 12);
+  return _mm256_add_epi32(c, _mm256_and_si256(_mm256_cmpgt_epi32(xlow, thr), jump));
 }
 
 inline void store_codes8(uint8_t* dst, __m256i c) {
@@ -100,15 +101,17 @@ void adamw32_range_avx2(const AdamW32Params& p, int64_t i0, int64_t i1) {
   }
 }
 
-// Zen 3 gathers cost ~17 cycles per 8 lanes here (measured), more than the whole 32-bit step, so
-// the table lookups (dequantize: map[q]; re-quantize: lut32[key]) are plain scalar loads in their
-// own loops over the block buffers (~1 cycle per lookup), and everything else stays 8-wide.
+// Zen 3 gathers cost more than the whole 32-bit step here (measured again with the dequantize
+// lookups as gathers: 1.4x slower than below), so the table lookups (dequantize: map[q];
+// re-quantize: lut32[key]) are plain scalar loads in their own loops over the block buffers, and
+// everything else stays 8-wide.
 void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
   const VScalars s(p.s);
-  const Code8Search &cs = code8_signed(), &cu = code8_unsigned();
+  const Code8Search &cs = code8_search(true, p.rounding), &cu = code8_search(false, p.rounding);
   const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), neg_one = _mm256_set1_ps(-1.0f);
+  const __m256 zero = _mm256_setzero_ps();
   alignas(32) float mbuf[kOptimBlock], vbuf[kOptimBlock];
-  alignas(32) uint32_t km[kOptimBlock], kv[kOptimBlock], vpos[kOptimBlock];
+  alignas(32) uint32_t km[kOptimBlock], kv[kOptimBlock];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * kOptimBlock;
     const int n = int(std::min<int64_t>(kOptimBlock, p.numel - base));
@@ -133,7 +136,7 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
     for (int j = n8; j < n; ++j) {
       const int64_t i = base + j;
       const AdamWElem e = adamw_elem(load_as_float(p.p, p.p_dtype, i), load_as_float(p.g, p.g_dtype, i),
-                                     mbuf[j] * am, vbuf[j] * av, p.s);
+                                     kDynamicSigned[p.qm[i]] * am, kDynamicUnsigned[p.qv[i]] * av, p.s);
       store_from_float(p.p, p.p_dtype, i, e.p);
       mbuf[j] = e.m;
       vbuf[j] = e.v;
@@ -142,35 +145,36 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
     }
     p.absmax_m[b] = new_am;
     p.absmax_v[b] = new_av;
-    // pass 2: scale and clamp against the new absmax (kept in the buffers), bucket keys
     const float inv_m = code8_inv(new_am), inv_v = code8_inv(new_av);
     const __m256 vim = _mm256_set1_ps(inv_m), viv = _mm256_set1_ps(inv_v);
-    __m256i key, xlow;
-    for (int j = 0; j < n8; j += 8) {
-      const __m256 tm = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(mbuf + j), vim), neg_one), one);
-      // v > 0 never gets code 0 (optim.h): remember which lanes are positive, as 0 / 1
-      _mm256_store_si256(reinterpret_cast<__m256i*>(vpos + j),
-                         _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(_mm256_load_ps(vbuf + j),
-                                                                             _mm256_setzero_ps(), _CMP_GT_OQ)), 31));
-      const __m256 tv = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(vbuf + j), viv), neg_one), one);
-      code8_key(cs, tm, key, xlow);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(km + j), key);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(mbuf + j), xlow);  // scaled values no longer needed
-      code8_key(cu, tv, key, xlow);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(kv + j), key);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(vbuf + j), xlow);
-    }
-    // pass 3: bucket entries
-    lookup_buckets(cs.lut32, cu.lut32, n8, km, kv);
-    // pass 4: codes
-    auto ld = [](const void* q) { return _mm256_load_si256(static_cast<const __m256i*>(q)); };
-    for (int j = 0; j < n8; j += 8) {
-      store_codes8(p.qm + base + j, code8_finish(ld(km + j), ld(mbuf + j)));
-      store_codes8(p.qv + base + j, _mm256_max_epi32(code8_finish(ld(kv + j), ld(vbuf + j)), ld(vpos + j)));
-    }
     for (int j = n8; j < n; ++j) {
       p.qm[base + j] = code8(cs, mbuf[j], inv_m);
       p.qv[base + j] = code8_v(cu, vbuf[j], inv_v);
+    }
+    // pass 2: scale and clamp against the new absmax (kept in the buffers), bucket keys
+    __m256i key, xlow;
+    for (int j = 0; j < n8; j += 8) {
+      const __m256 v = _mm256_load_ps(vbuf + j);
+      const __m256 tm = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(mbuf + j), vim), neg_one), one);
+      const __m256 tv = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, viv), neg_one), one);
+      code8_key(cs, tm, key, xlow);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(km + j), key);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(mbuf + j), xlow);
+      code8_key(cu, tv, key, xlow);
+      // the v > 0 flag rides in bit 31 of xlow (xlow < 2^16 for the unsigned map)
+      xlow = _mm256_or_si256(xlow, _mm256_slli_epi32(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)), 31));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(kv + j), key);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vbuf + j), xlow);
+    }
+    // pass 3: bucket entries; pass 4: codes
+    lookup_buckets(cs.lut32, cu.lut32, n8, km, kv);
+    auto ld = [](const void* q) { return _mm256_load_si256(static_cast<const __m256i*>(q)); };
+    const __m256i low31 = _mm256_set1_epi32(0x7fffffff);
+    for (int j = 0; j < n8; j += 8) {
+      store_codes8(p.qm + base + j, code8_finish(ld(km + j), ld(mbuf + j)));
+      const __m256i xv = ld(vbuf + j);
+      store_codes8(p.qv + base + j, _mm256_max_epi32(code8_finish(ld(kv + j), _mm256_and_si256(xv, low31)),
+                                                      _mm256_srli_epi32(xv, 31)));
     }
   }
 }

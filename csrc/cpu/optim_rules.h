@@ -22,33 +22,34 @@ inline AdamWElem adamw_elem(float p, float g, float m, float v, const AdamWScala
   return {p, m, v};
 }
 
-// Exact nearest-code search for the 8-bit re-quantization without a 8-step binary search:
-// a table indexed by the high bits of |x| (and its sign) gives c = the number of midpoints below
-// the bucket that holds x; each bucket holds at most one midpoint (checked when the table is
-// built), so the code is c + (mid[c] < x). Buckets: |x| bits clamped to [2^-23, 1.0] (every
-// midpoint lies above 2^-23), 2^16 bit patterns each = 128 buckets per binade (the densest
-// part of either map, [0.5, 1], has entries 0.007 apart = 1.8 buckets).
+// The 8-bit re-quantization without an 8-step binary search. Every rounding rule is a table of
+// 255 non-decreasing boundaries (optim.h optim_boundary): code(t) = #(boundaries < t). A table
+// indexed by the high bits of |t| (and its sign) gives c = the count at the bottom of t's bucket;
+// each bucket holds at most one distinct boundary value (checked when the table is built; equal
+// boundaries are codes the rule never produces), so the code is c, or up[c] once t passes bnd[c].
+// Buckets: |t| bits clamped to [2^-26, 1.0] (no boundary lies below 2^-26 in magnitude, the
+// bitsandbytes rule's lowest is 2^-25), 2^16 bit patterns each = 128 buckets per binade (the
+// densest part of either map, [0.5, 1], has distinct boundaries 0.007 apart = 1.8 buckets).
 struct Code8Search {
-  static constexpr uint32_t kLoBits = 0x34000000u;  // 2^-23
+  static constexpr uint32_t kLoBits = 0x32800000u;  // 2^-26
   static constexpr uint32_t kHiBits = 0x3f800000u;  // 1.0
   static constexpr int kShift = 16;
   static constexpr int kKeys = int((kHiBits - kLoBits) >> kShift) + 1;  // per sign
-  // lut[key] for x >= 0, lut[kKeys + key] for x < 0; +3 bytes so a 32-bit gather of the last
-  // entry stays inside the array.
-  uint8_t lut[2 * kKeys + 3];
-  float mid[256];  // (map[i] + map[i+1]) / 2, mid[255] = +inf
-  // The same search folded into one 32-bit entry per bucket, for the vector path (no dependent
-  // second lookup): bits 0-7 c, bits 8-31 thr, and code = c + (xlow > thr) where xlow is the low
-  // shift32 bits of |x| (XOR low_mask for x < 0: there a larger |x| is a smaller x). thr is the
-  // midpoint's low bits transformed the same way, low_mask when the bucket holds no midpoint.
-  // Sized to stay in L1 next to the other map (2 x 11.8 KB): signed map 2^17 patterns per bucket,
-  // both signs; unsigned map 2^16 per bucket, x >= 0 only (its state v is never negative; a
-  // negative or -0 input goes to key 0, whose entry yields code 0 as the exact rule does).
+  uint8_t lut[2 * kKeys];  // lut[key] for t >= 0, lut[kKeys + key] for t < 0
+  float bnd[256];          // the rule's boundaries, bnd[255] = +inf
+  uint8_t up[256];         // the code just above bnd[c]: #(boundaries <= bnd[c])
+  // The same search folded into one 32-bit entry per bucket for the vector path (one gather, no
+  // dependent second lookup): bits 0-7 c, bits 8-11 the jump up[c] - c (0 when the bucket holds no
+  // boundary), bits 12-31 thr, and code = c + (xlow > thr ? jump : 0) where xlow is the low shift32
+  // bits of |t| (XOR low_mask for t < 0: there a larger |t| is a smaller t). thr is the boundary's
+  // low bits transformed the same way, low_mask when the bucket holds none. Sized to stay in L1 next
+  // to the other map (2 x 13.3 KB): signed map 2^17 patterns per bucket, both signs; unsigned map
+  // 2^16 per bucket, t >= 0 only (v is never negative; a negative or -0 t goes to key 0).
   int shift32, keys32;
   bool neg32;
   uint32_t low_mask32;
   uint32_t lut32[2 * kKeys];
-  Code8Search(const float* map, int shift32, bool neg32);
+  Code8Search(const float* map, int32_t rounding, int shift32, bool neg32);
   static inline int key(float x) {
     const uint32_t u = float_to_bits(x);
     uint32_t a = u & 0x7fffffffu;
@@ -58,11 +59,12 @@ struct Code8Search {
   // x already scaled and clamped to [-1, 1].
   inline int code(float x) const {
     const int c = lut[key(x)];
-    return c + (mid[c] < x ? 1 : 0);
+    return bnd[c] < x ? up[c] : c;
   }
 };
-const Code8Search& code8_signed();
-const Code8Search& code8_unsigned();
+// The tables of (signed / unsigned map, rounding rule).
+const Code8Search& code8_search(bool is_signed, int32_t rounding);
+
 
 // The 8-bit quantization rule of the quant family (Quantize8Params), one element.
 inline float code8_inv(float absmax) { return 1.0f / std::max(absmax, kAbsmaxFloor); }

@@ -6,7 +6,7 @@
 // Roofline (A100-40GB ~1.5 TB/s, H100 SXM ~3.3 TB/s): the fp32 step moves 28 B/param (16 in,
 // 12 out) with ~15 lane-ops -> bandwidth-bound, ~0.9 ms per 50 M params on an A100. The 8-bit step
 // moves 14 B/param + 16 B per 256; per element it adds two table reads (dequantize, __constant__ ->
-// broadcast-free random access, served from L1) and two 8-step binary searches over 255 midpoints in
+// broadcast-free random access, served from L1) and two 8-step binary searches over 255 boundaries in
 // shared memory (~16 shared loads): ~60 lane-ops/param, still under the bandwidth line on both
 // GPUs (A100: 50 M x 60 / 19.5 T = 0.15 ms vs 0.47 ms of traffic).
 //
@@ -55,8 +55,8 @@ __device__ __forceinline__ float block_max(float x, float* red) {
   return r;
 }
 
-// The quant family's 8-bit rule: nearest map entry to clamp(x * (1 / max(absmax, 1e-38)), -1, 1),
-// ties to the lower index (binary search over the midpoints).
+// The 8-bit re-quantization of optim.h: the number of boundaries strictly below
+// clamp(x * (1 / max(absmax, 1e-38)), -1, 1) (binary search over the 255 boundaries).
 __device__ __forceinline__ uint8_t code8(const float (&mid)[255], float x, float inv) {
   const float t = fminf(fmaxf(__fmul_rn(x, inv), -1.0f), 1.0f);
   return uint8_t(nearest_sorted(mid, t));
@@ -80,13 +80,13 @@ __global__ void __launch_bounds__(kOptimThreads) adamw32_kernel(AdamW32Params p)
 
 template <class TP, class TG>
 __global__ void __launch_bounds__(kOptimThreads) adamw8_kernel(AdamW8Params p) {
-  __shared__ float s_mid_m[255];  // midpoints of the signed map (m)
+  __shared__ float s_mid_m[255];  // re-quantization boundaries of the signed map (m)
   __shared__ float s_mid_v[255];  // of the unsigned map (v)
   __shared__ float s_red[kOptimThreads / 32];
   const int t = threadIdx.x;
-  if (t < 255) {  // (a + b) / 2 in fp32, as the reference computes its midpoints
-    s_mid_m[t] = __fmul_rn(__fadd_rn(c_optim_dyn_signed[t], c_optim_dyn_signed[t + 1]), 0.5f);
-    s_mid_v[t] = __fmul_rn(__fadd_rn(c_optim_dyn_unsigned[t], c_optim_dyn_unsigned[t + 1]), 0.5f);
+  if (t < 255) {  // optim.h optim_boundary: ~50 scalar steps per thread, once per CTA
+    s_mid_m[t] = optim_boundary(c_optim_dyn_signed, t, p.rounding);
+    s_mid_v[t] = optim_boundary(c_optim_dyn_unsigned, t, p.rounding);
   }
   __syncthreads();
   const TP* P = static_cast<const TP*>(p.p);

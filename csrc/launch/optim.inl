@@ -32,6 +32,7 @@ int adamw32(const AdamW32Params& p, intptr_t stream) {
 
 int adamw8(const AdamW8Params& p, intptr_t stream) {
   if (p.numel < 0 || p.p_dtype != p.g_dtype) return kOptimErrInvalidValue;
+  if (p.rounding != kOptimRoundBitsandbytes && p.rounding != kOptimRoundNearest) return kOptimErrInvalidValue;
   if (p.numel == 0) return 0;
   const dim3 grid(optim_ctas(p.numel, kOptimBlock)), block(kOptimThreads);
   switch (p.p_dtype) {

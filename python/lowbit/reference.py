@@ -290,7 +290,8 @@ def hadamard_ref(x: torch.Tensor, scale: float = 1.0, transpose: bool = False) -
 # ===================================================================================== optim
 # AdamW with 32-bit and 8-bit blockwise state; the contract is include/lowbit/optim.h.
 
-__all__ += ["OPTIM_BLOCK", "adamw_scalars", "adamw_ref", "adamw8bit_ref"]
+__all__ += ["OPTIM_BLOCK", "OPTIM_ROUNDINGS", "adamw_scalars", "adamw_ref", "adamw8bit_ref", "optim_boundaries",
+            "requantize8_ref"]
 
 OPTIM_BLOCK = 256  # 8-bit state block (bitsandbytes' optimizer blocksize)
 
@@ -332,14 +333,118 @@ def adamw_ref(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor
     return p32.to(p.dtype), m, v
 
 
+OPTIM_ROUNDINGS = ("bitsandbytes", "nearest")  # index = AdamW8Params::rounding (include/lowbit/optim.h)
+
+
+def _round_to_f32(q) -> float:
+    """A rational ``q`` rounded to the nearest fp32 (ties to even), exactly."""
+    import fractions
+    import struct
+
+    import numpy as np
+
+    f = np.float32(float(q))  # within one fp32 ulp of the answer (double rounding at worst)
+    cands = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    best = None
+    for c in cands:
+        d = abs(fractions.Fraction(float(c)) - q)
+        even = struct.unpack("<I", struct.pack("<f", float(c)))[0] % 2 == 0
+        key = (d, not even)
+        if best is None or key < best[0]:
+            best = (key, c)
+    return float(best[1])
+
+
+def _bnb_grid_index(t: float) -> int:
+    """bitsandbytes 0.50.2's CPU quantizer (csrc/cpu_ops.cpp ``norm_to_lut_index``, as compiled:
+    GCC contracts ``x * 65535 + 0.5`` into one fma): ``trunc(fl32(fma(fl32(t + 1) * 0.5, 65535, 0.5)))``."""
+    import fractions
+
+    import numpy as np
+
+    a = (np.float32(t) + np.float32(1.0)) * np.float32(0.5)
+    return int(_round_to_f32(fractions.Fraction(float(a)) * 65535 + fractions.Fraction(1, 2)))
+
+
+def _bnb_grid_value(i: int) -> float:
+    import numpy as np
+
+    return float(np.float32(np.float32(2 * i) / np.float32(65535.0)) - np.float32(1.0))
+
+
+@functools.lru_cache(maxsize=None)
+def optim_boundaries(signed: bool, rounding: str = "bitsandbytes") -> torch.Tensor:
+    """The 255 fp32 re-quantization boundaries of a dynamic map: the code of ``t`` (already scaled
+    and clamped to [-1, 1]) is the number of boundaries strictly below ``t``
+    (``torch.bucketize(t, boundaries, right=False)``).
+
+    * ``"nearest"``: the midpoints ``(map[j] + map[j+1]) / 2`` — the exact nearest entry, ties to
+      the lower index.
+    * ``"bitsandbytes"``: bitsandbytes 0.50.2's CPU quantizer: ``t`` goes to grid point
+      ``i = trunc(fma((t + 1) * 0.5, 65535, 0.5))`` of a uniform 65536-point grid over [-1, 1], whose
+      value ``-1 + 2i / 65535`` takes the nearest entry (a 64 K lookup table in bitsandbytes). As a
+      boundary table: ``T_j`` = the smallest fp32 ``t`` whose grid value exceeds midpoint ``j``; the
+      boundary is the float just below ``T_j``. Codes between two grid points are never produced
+      (equal boundaries), e.g. nothing between ±2.1e-5 in the signed map: 0 is stored as +2.1e-5.
+    """
+    import numpy as np
+
+    mp = dynamic_map(signed)
+    mid = ((mp[:-1] + mp[1:]) * 0.5).tolist()
+    if rounding == "nearest":
+        return torch.tensor(mid, dtype=torch.float32)
+    if rounding != "bitsandbytes":
+        raise ValueError(f"rounding={rounding!r} must be one of {OPTIM_ROUNDINGS}")
+    values = np.array([_bnb_grid_value(i) for i in range(65536)], dtype=np.float32)
+
+    def order(x: float) -> int:  # fp32 <-> ints of the same order; -0 and +0 are both 0
+        b = int(np.float32(x).view(np.int32))
+        return b if b >= 0 else -(b & 0x7FFFFFFF)
+
+    def unorder(k: int) -> float:
+        f = float(np.int32(abs(k)).view(np.float32))
+        return f if k >= 0 else -f
+
+    out = []
+    for m in mid:
+        first = int(np.searchsorted(values, np.float32(m), side="right"))  # first grid value > m
+        if first == 65536:
+            out.append(float("inf"))
+            continue
+        lo, hi = order(-1.0), order(1.0) + 1  # first t with grid index >= first
+        while lo < hi:
+            k = (lo + hi) // 2
+            if _bnb_grid_index(unorder(k)) >= first:
+                hi = k
+            else:
+                lo = k + 1
+        out.append(float("inf") if lo > order(1.0) else unorder(lo - 1))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def requantize8_ref(x: torch.Tensor, block: int, signed: bool, rounding: str = "bitsandbytes"):
+    """The optimizer's blockwise re-quantization: absmax = max |x| per block, ``t = clamp(x * (1 /
+    max(absmax, 1e-38)), -1, 1)``, code = number of :func:`optim_boundaries` strictly below ``t``."""
+    x = x.reshape(-1).float()
+    n = x.numel()
+    pad = (-n) % block
+    xb = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block)  # zeros never raise an absmax
+    absmax = xb.abs().amax(dim=1)
+    inv = 1.0 / absmax.clamp(min=ABSMAX_FLOOR)
+    scaled = (xb * inv[:, None]).clamp(-1.0, 1.0).reshape(-1)[:n]
+    q = torch.bucketize(scaled, optim_boundaries(signed, rounding).to(x.device), right=False).to(torch.uint8)
+    return q, absmax
+
+
 def adamw8bit_ref(p: torch.Tensor, g: torch.Tensor, qm: torch.Tensor, absmax_m: torch.Tensor,
-                  qv: torch.Tensor, absmax_v: torch.Tensor, scalars):
+                  qv: torch.Tensor, absmax_v: torch.Tensor, scalars, rounding: str = "bitsandbytes"):
     """One AdamW step with 8-bit blockwise state (blocks of 256, flat order, last block partial).
 
     m = signed-map codes ``qm`` times ``absmax_m[block]``, v likewise with the unsigned map; the
     step is :func:`adamw_ref` on these fp32 values (p uses the fp32 m, v); then each state is
-    re-quantized against its new block absmax by :func:`quantize8_ref` (x * (1/max(absmax, 1e-38)),
-    clamp, nearest map entry, ties to the lower index), except that a positive v never gets code 0.
+    re-quantized against its new block absmax by :func:`requantize8_ref` with ``rounding``
+    (``"bitsandbytes"``: bitsandbytes 0.50.2's CPU rule; ``"nearest"``: the exact nearest entry, ties
+    to the lower index), except that a positive v never gets code 0.
     Returns ``(p_new, qm, absmax_m, qv, absmax_v)``.
     """
     n = p.numel()
@@ -347,11 +452,12 @@ def adamw8bit_ref(p: torch.Tensor, g: torch.Tensor, qm: torch.Tensor, absmax_m: 
     m = dynamic_map(True).to(p.device)[qm.reshape(-1).long()] * absmax_m[blk]
     v = dynamic_map(False).to(p.device)[qv.reshape(-1).long()] * absmax_v[blk]
     p_new, m, v = adamw_ref(p.reshape(-1), g.reshape(-1), m, v, scalars)
-    qm, absmax_m = quantize8_ref(m, OPTIM_BLOCK, True)
-    qv, absmax_v = quantize8_ref(v, OPTIM_BLOCK, False)
+    qm, absmax_m = requantize8_ref(m, OPTIM_BLOCK, True, rounding)
+    qv, absmax_v = requantize8_ref(v, OPTIM_BLOCK, False, rounding)
     # A positive v is never stored as 0 (code 1 instead, the smallest nonzero entry): real gradients
     # span more decades per block than the map, and a v rounded to 0 under a nonzero m turns the
-    # step into m / eps (measured on SmolLM2: 1.4e-2 from fp32 AdamW after 100 steps, 1.7e-3 with it).
+    # step into m / eps (measured on SmolLM2 with the nearest rule: 1.4e-2 from fp32 AdamW after 100
+    # steps, 1.7e-3 with it). The bitsandbytes rule never maps v >= 0 to code 0.
     qv = torch.where((v > 0) & (qv == 0), torch.ones_like(qv), qv)
     return p_new.reshape(p.shape), qm, absmax_m, qv, absmax_v
 

@@ -19,14 +19,19 @@ class AdamW(torch.optim.Optimizer):
 
     ``optim_bits=8`` keeps m and v as 8-bit blockwise codes (bitsandbytes' scheme, ~2 bytes per
     parameter) for parameters with at least ``min_8bit_size`` elements; smaller ones keep fp32
-    state. ``paged=True`` puts the state in a :class:`PagePool`: memory-mapped files under
+    state. ``rounding`` is how the 8-bit state is re-quantized after each step:
+    ``"bitsandbytes"`` (default) follows bitsandbytes 0.50.2's CPU quantizer bit for bit — the
+    scaled value goes to the nearest of 65536 evenly spaced points over [-1, 1], which then takes
+    its nearest code; no point is 0, so a zero moment is stored as ~1.5e-5 x the block absmax —
+    and ``"nearest"`` takes the exact nearest code (ties to the lower one), as the quant family
+    does. Both keep a positive second moment off code 0. ``paged=True`` puts the state in a :class:`PagePool`: memory-mapped files under
     ``offload_dir`` (a temporary directory if None) for CPU parameters, CUDA managed memory for CUDA
     parameters. Parameters may be fp32, bf16 or fp16; the math is fp32 and the state is fp32 / 8-bit.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, optim_bits: int = 32, min_8bit_size: int = 4096, paged: bool = False,
-                 offload_dir: Optional[str] = None, page_bytes: int = PAGE_BYTES):
+                 offload_dir: Optional[str] = None, page_bytes: int = PAGE_BYTES, rounding: str = "bitsandbytes"):
         if not (isinstance(lr, float) or isinstance(lr, int)) or lr < 0:
             raise ValueError(f"lr={lr!r} must be a non-negative float")
         if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
@@ -39,11 +44,12 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"optim_bits={optim_bits!r} must be 8 or 32")
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size={min_8bit_size!r} must be a non-negative int")
+        F.rounding_id(rounding)  # ValueError naming rounding=
         if offload_dir is not None and not paged:
             raise ValueError("offload_dir= is only used by paged optimizers (paged=True)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.optim_bits, self.min_8bit_size = optim_bits, min_8bit_size
+        self.optim_bits, self.min_8bit_size, self.rounding = optim_bits, min_8bit_size, rounding
         self.paged, self._offload_dir, self._page_bytes = paged, offload_dir, page_bytes
         self._pools: dict[str, PagePool] = {}
         for group in self.param_groups:
@@ -120,7 +126,7 @@ class AdamW(torch.optim.Optimizer):
                     pool.prefetch([t for t in state.values() if isinstance(t, torch.Tensor)],
                                   stream=torch.cuda.current_stream().cuda_stream)
                 F.adamw_step(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                             weight_decay=group["weight_decay"], step=state["step"])
+                             weight_decay=group["weight_decay"], step=state["step"], rounding=self.rounding)
         return loss
 
     # ------------------------------------------------------------------ state dict

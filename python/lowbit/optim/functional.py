@@ -15,7 +15,7 @@ from .. import reference as ref
 from .._native import backend_for, call
 from ..formats import DTYPE_ID
 
-__all__ = ["adamw_step", "init_state", "STATE_KEYS_32", "STATE_KEYS_8", "OPTIM_BLOCK"]
+__all__ = ["adamw_step", "init_state", "ROUNDINGS", "STATE_KEYS_32", "STATE_KEYS_8", "OPTIM_BLOCK"]
 
 OPTIM_BLOCK = ref.OPTIM_BLOCK
 STATE_KEYS_32 = ("exp_avg", "exp_avg_sq")
@@ -77,12 +77,25 @@ def _check(p: torch.Tensor, g: torch.Tensor, state: dict, bits: int) -> None:
             raise ValueError(f"state[{k!r}] must be contiguous on {p.device}")
 
 
+ROUNDINGS = ref.OPTIM_ROUNDINGS  # ("bitsandbytes", "nearest"); the index is the kernels' rounding id
+
+
+def rounding_id(rounding: str) -> int:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} must be one of {ROUNDINGS}")
+    return ROUNDINGS.index(rounding)
+
+
 @torch.no_grad()
 def adamw_step(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.0, step: int) -> None:
+               weight_decay: float = 0.0, step: int, rounding: str = "bitsandbytes") -> None:
     """One fused AdamW step in place on ``p`` and ``state`` (32- or 8-bit, from the state's keys).
 
-    ``step`` is 1-based (the step being taken, as torch counts it)."""
+    ``step`` is 1-based (the step being taken, as torch counts it). ``rounding`` is the 8-bit
+    re-quantization rule (include/lowbit/optim.h, :func:`lowbit.reference.optim_boundaries`):
+    ``"bitsandbytes"`` reproduces bitsandbytes 0.50.2's CPU quantizer (a uniform 65536-point grid
+    over [-1, 1], then the grid point's nearest code), ``"nearest"`` takes the exact nearest code."""
+    rid = rounding_id(rounding)
     bits = state_bits(state)
     _check(p, g, state, bits)
     if p.numel() == 0:
@@ -98,7 +111,7 @@ def adamw_step(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, beta
             state["exp_avg_sq"].copy_(v)
         else:
             pn, qm, am, qv, av = ref.adamw8bit_ref(pc, gc, state["exp_avg_q"], state["exp_avg_absmax"],
-                                                   state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], s)
+                                                   state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], s, rounding)
             for k, t in zip(STATE_KEYS_8, (qm, am, qv, av)):
                 state[k].copy_(t)
         pc.copy_(pn)
@@ -108,6 +121,6 @@ def adamw_step(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, beta
     else:
         call(be, "adamw8", pc.data_ptr(), DTYPE_ID[p.dtype], gc.data_ptr(), DTYPE_ID[g.dtype],
              state["exp_avg_q"].data_ptr(), state["exp_avg_absmax"].data_ptr(), state["exp_avg_sq_q"].data_ptr(),
-             state["exp_avg_sq_absmax"].data_ptr(), p.numel(), *s)
+             state["exp_avg_sq_absmax"].data_ptr(), p.numel(), *s, rid)
     if pc.data_ptr() != p.data_ptr():
         p.copy_(pc)
