@@ -314,6 +314,19 @@ def test_min_8bit_size_and_state_bytes():
     assert bytes_big / big.numel() <= 2.04
 
 
+def test_state_dict_records_the_rounding_rule():
+    """Resuming 8-bit state under another rounding rule would change the trajectory silently: refused."""
+    p = torch.nn.Parameter(torch.randn(1024))
+    opt = AdamW8bit([p], min_8bit_size=256, rounding="nearest")
+    p.grad = torch.randn(1024)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["rounding"] == "nearest"
+    with pytest.raises(ValueError, match="rounding='nearest'"):
+        AdamW8bit([torch.nn.Parameter(p.detach().clone())], min_8bit_size=256).load_state_dict(sd)
+    AdamW8bit([torch.nn.Parameter(p.detach().clone())], min_8bit_size=256, rounding="nearest").load_state_dict(sd)
+
+
 @pytest.mark.parametrize("cls", [AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit], ids=lambda c: c.__name__)
 def test_state_dict_resume_is_bit_identical(cls, tmp_path):
     """Save after 3 steps (in memory and through a file), resume in a fresh optimizer: the next

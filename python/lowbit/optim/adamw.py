@@ -135,6 +135,7 @@ class AdamW(torch.optim.Optimizer):
         if self.paged:  # copy out of the pool: a saved dict must not alias (or save) whole pages
             sd["state"] = {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in st.items()}
                            for k, st in sd["state"].items()}
+        sd["rounding"] = self.rounding  # the 8-bit rule is part of the trajectory
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -142,6 +143,11 @@ class AdamW(torch.optim.Optimizer):
         dtype (fp32 / uint8 whatever the parameter dtype: the bits are the state) and are copied,
         into the pool for paged optimizers, so the optimizer never aliases the dict it loaded."""
         saved = state_dict["state"]
+        rounding = state_dict.get("rounding", self.rounding)
+        if rounding != self.rounding:
+            raise ValueError(f"state_dict was saved with rounding={rounding!r} but this optimizer uses "
+                             f"rounding={self.rounding!r}: construct it with the same rule to resume the same trajectory")
+        state_dict = {k: v for k, v in state_dict.items() if k != "rounding"}
         super().load_state_dict(state_dict)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
