@@ -5,7 +5,9 @@ documented error), then times medians at M = 1 (decode) of:
   base      QuantLinear(x)                 the packed nf4 GEMV
   adapter   HadamardAdapterLinear(x)       base + WHT of x + CSR product with F's nnz = r (K + N) values
   wht       lowbit.hadamard(x, 1/K)        the transform alone
-  spmm      the sparse product alone       (fp32 CSR · dense, torch.sparse / MKL)
+  spmm      the sparse product alone       (fp32 CSR · dense: lowbit's CPU kernel through the op)
+  grad      the adapter forward with autograd recording (training), as a ratio to base
+All under torch.no_grad() except "grad" (decode is inference: the adapter takes its raw-kernel path).
 Target (issue 5): adapter ≤ 1.3 × base for 4096 × 4096 nf4, nnz of r = 16 (131072 coefficients).
 Ratios are medians of per-pair ratios (base and adapter timed alternately). Also reported: the LoRA forward (lowbit::lowrank, r = 16) for comparison, and larger M.
 
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
     print(f"threads={args.threads}, medians of {args.reps}, nf4 block 64 double quant, r = {args.r} "
           f"(nnz = r (K + N)); times in ms")
     hdr = (f"{'N x K':>11} {'M':>3} {'nnz':>7} {'base':>7} {'adapter':>8} {'ratio':>6} {'wht':>6} {'spmm':>6} "
-           f"{'lora r16':>8} {'ratio':>6}")
+           f"{'lora r16':>8} {'ratio':>6} {'grad':>6}")
     for n, k in shapes:
         base, layer = make(n, k, args.r)
         validate(base, layer)
@@ -94,12 +96,13 @@ def main(argv=None) -> int:
                 t_sp = timeit(lambda: qwha_spmm(z, layer.values, layer.crow, layer.cols, layer.ccol, layer.rows_t,
                                                 layer.perm, n, 1.0), args.reps)
                 _, t_lora, lratio = timeit_pair(lambda: base(x), lambda: lora(x), args.reps)
+            _, _, gratio = timeit_pair(lambda: base(x), lambda: layer(x), max(20, args.reps // 2))
             r = {"n": n, "k": k, "m": m, "nnz": layer.nnz, "base_ms": t_base * 1e3, "adapter_ms": t_ad * 1e3,
                  "ratio": ratio, "wht_ms": t_wht * 1e3, "spmm_ms": t_sp * 1e3, "lora_ms": t_lora * 1e3,
-                 "lora_ratio": lratio}
+                 "lora_ratio": lratio, "grad_ratio": gratio}
             rows.append(r)
             print(f"{n:>5}x{k:<5} {m:>3} {layer.nnz:>7} {t_base * 1e3:7.3f} {t_ad * 1e3:8.3f} {ratio:5.2f}x "
-                  f"{t_wht * 1e3:6.3f} {t_sp * 1e3:6.3f} {t_lora * 1e3:8.3f} {lratio:5.2f}x")
+                  f"{t_wht * 1e3:6.3f} {t_sp * 1e3:6.3f} {t_lora * 1e3:8.3f} {lratio:5.2f}x {gratio:5.2f}x")
     target = [r for r in rows if (r["n"], r["k"], r["m"]) == (4096, 4096, 1)][0]
     ok = target["ratio"] <= 1.3
     print(f"\ntarget (4096x4096 nf4, M = 1, r = {args.r}): adapter / base = {target['ratio']:.2f} "

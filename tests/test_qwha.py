@@ -191,6 +191,27 @@ def test_qwha_spmm_and_backward_match_dense_float64(be, m, n, k, nnz):
                  scale=(gy6.abs().T @ z6.abs())[rows, cols], name="grad values")
 
 
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_inference_fast_path_equals_the_op_path(m):
+    """Under no_grad / inference_mode the CPU fp32 forward takes raw kernel calls (accumulating into the
+    base output): the same numbers as the autograd op path, and the float64 dense formulation."""
+    require_backend("cpu")
+    layer, w64, b64 = make_layer(128, 96)
+    x = torch.randn(2, m, 128)
+    with lowbit.use_backend("cpu"):
+        y_op = layer(x)  # values require grad: the op path
+        assert y_op.requires_grad
+        with torch.no_grad():
+            y_ng = layer(x)
+        with torch.inference_mode():
+            y_inf = layer(x)
+    assert torch.equal(y_ng, y_op.detach()) and torch.equal(y_inf, y_op.detach())
+    h = dense_h(128, (128,))
+    ref64 = x.double() @ (w64 + layer.scale * dense_f(layer) @ h.T / 128).T + b64
+    sums = x.double().abs() @ (w64.abs() + layer.scale * dense_f(layer).abs() @ h.abs().T / 128).T + b64.abs()
+    assert_close(y_ng, ref64, dtype=torch.float32, k=2 * 128, scale=sums, extra=EPS_I16 * sums, name="y")
+
+
 def test_qwha_spmm_bad_csr_raises_without_crashing():
     from lowbit.nn.qwha import qwha_spmm, qwha_spmm_backward
 

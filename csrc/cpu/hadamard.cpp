@@ -24,7 +24,8 @@ namespace lowbit::cpu {
 // hadamard_avx2.cpp: rows [r0, r1) of p with l = 2^log2_l >= 8; `coef` as in HadamardPlan.
 void hadamard_rows_avx2(const HadamardParams& p, int m, int log2_l, const float* coef, int64_t r0, int64_t r1,
                         float* scratch);
-float qwha_row_dot_avx2(const float* values, const int32_t* cols, int32_t len, const float* z, int32_t k, int* bad);
+void qwha_rows_avx2(const float* values, const int32_t* cols, const int32_t* crow, int32_t r0, int32_t r1,
+                    const float* z, int32_t k, float scale, float* y, bool accumulate, int* bad);
 #endif
 
 namespace {
@@ -202,9 +203,7 @@ void qwha_spmm(const QwhaSpmmParams& p) {
         float* yi = p.y + i * p.n_out;
 #if LOWBIT_HAVE_AVX2_TU
         if (avx2) {
-          for (int32_t r = r0; r < r1; ++r)
-            yi[r] = qwha_row_dot_avx2(p.values + p.crow[r], p.cols + p.crow[r], p.crow[r + 1] - p.crow[r], zi, p.k,
-                                      &bad) * p.scale;
+          qwha_rows_avx2(p.values, p.cols, p.crow, r0, r1, zi, p.k, p.scale, yi, p.accumulate, &bad);
           continue;
         }
 #endif
@@ -223,7 +222,8 @@ void qwha_spmm(const QwhaSpmmParams& p) {
             bad |= c >= k;
             s[0] += p.values[j] * zi[c < k ? c : 0];
           }
-          yi[r] = ((s[0] + s[1]) + (s[2] + s[3])) * p.scale;
+          const float v = ((s[0] + s[1]) + (s[2] + s[3])) * p.scale;
+          yi[r] = p.accumulate ? yi[r] + v : v;
         }
       }
     } else {
@@ -240,7 +240,10 @@ void qwha_spmm(const QwhaSpmmParams& p) {
             const float v = p.values[j], *zc = zpn + int64_t(c < k ? c : 0) * kPanel;
             for (int lane = 0; lane < kPanel; ++lane) acc[lane] += v * zc[lane];
           }
-          for (int lane = 0; lane < lanes; ++lane) p.y[(pn * kPanel + lane) * p.n_out + r] = acc[lane] * p.scale;
+          for (int lane = 0; lane < lanes; ++lane) {
+            float& o = p.y[(pn * kPanel + lane) * p.n_out + r];
+            o = p.accumulate ? o + acc[lane] * p.scale : acc[lane] * p.scale;
+          }
         }
       }
     }

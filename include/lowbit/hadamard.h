@@ -155,7 +155,8 @@ struct QwhaSpmmParams {
   int64_t m;
   int32_t k, n_out;
   float scale;
-  float* y;              // (m, n_out) = scale · z · Fᵀ
+  float* y;              // (m, n_out) = scale · z · Fᵀ (+ y when accumulate)
+  bool accumulate = false;
 };
 struct QwhaSddmmParams {
   const float* gy;       // (m, n_out)
