@@ -120,14 +120,19 @@ def quantize8_ref(x: torch.Tensor, block: int, signed: bool = True, offset: floa
     ``clamp((x - offset) * (1 / max(absmax, 1e-38)), -1, 1)``, ties to the lower entry.
     """
     x = x.reshape(-1).float() - torch.tensor(offset, dtype=torch.float32)
+    scaled, absmax = _block_scaled(x, block)
+    q = _nearest(scaled, dynamic_map(signed).to(x.device)).to(torch.uint8)
+    return q, absmax
+
+
+def _block_scaled(x: torch.Tensor, block: int):
+    """Flat fp32 x -> (``clamp(x * (1 / max(absmax, 1e-38)), -1, 1)``, absmax per block of ``block``)."""
     n = x.numel()
     pad = (-n) % block
     xb = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block)  # zeros never raise an absmax
     absmax = xb.abs().amax(dim=1)
     inv = 1.0 / absmax.clamp(min=ABSMAX_FLOOR)
-    scaled = (xb * inv[:, None]).clamp(-1.0, 1.0).reshape(-1)[:n]
-    q = _nearest(scaled, dynamic_map(signed).to(x.device)).to(torch.uint8)
-    return q, absmax
+    return (xb * inv[:, None]).clamp(-1.0, 1.0).reshape(-1)[:n], absmax
 
 
 def dequantize8_ref(q: torch.Tensor, absmax: torch.Tensor, block: int, signed: bool = True,
@@ -426,12 +431,7 @@ def requantize8_ref(x: torch.Tensor, block: int, signed: bool, rounding: str = "
     """The optimizer's blockwise re-quantization: absmax = max |x| per block, ``t = clamp(x * (1 /
     max(absmax, 1e-38)), -1, 1)``, code = number of :func:`optim_boundaries` strictly below ``t``."""
     x = x.reshape(-1).float()
-    n = x.numel()
-    pad = (-n) % block
-    xb = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block)  # zeros never raise an absmax
-    absmax = xb.abs().amax(dim=1)
-    inv = 1.0 / absmax.clamp(min=ABSMAX_FLOOR)
-    scaled = (xb * inv[:, None]).clamp(-1.0, 1.0).reshape(-1)[:n]
+    scaled, absmax = _block_scaled(x, block)
     q = torch.bucketize(scaled, optim_boundaries(signed, rounding).to(x.device), right=False).to(torch.uint8)
     return q, absmax
 
