@@ -88,24 +88,16 @@ constexpr int32_t kOptimRoundNearest = 1;
 // bitsandbytes' grid index of t in [-1, 1] and the value of grid point i.
 LOWBIT_HD int optim_bnb_grid_index(float t) { return int(fmaf((t + 1.0f) * 0.5f, 65535.0f, 0.5f)); }
 LOWBIT_HD float optim_bnb_grid_value(int i) { return float(2 * i) / 65535.0f - 1.0f; }
-LOWBIT_HD int32_t optim_f2i(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(x);
-#else
-  int32_t i;
-  std::memcpy(&i, &x, 4);
-  return i;
-#endif
+// Bit casts (memcpy of 4 bytes: a register move on the host and in device code alike).
+template <class To, class From>
+LOWBIT_HD To optim_bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "optim_bit_cast: sizes differ");
+  To y;
+  memcpy(&y, &x, sizeof(To));
+  return y;
 }
-LOWBIT_HD float optim_i2f(int32_t i) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
-#else
-  float x;
-  std::memcpy(&x, &i, 4);
-  return x;
-#endif
-}
+LOWBIT_HD int32_t optim_f2i(float x) { return optim_bit_cast<int32_t>(x); }
+LOWBIT_HD float optim_i2f(int32_t i) { return optim_bit_cast<float>(i); }
 // A float of [-1, 1] <-> an int of the same order (-0 and +0 both 0).
 LOWBIT_HD int32_t optim_float_order(float x) {
   const int32_t b = optim_f2i(x);
