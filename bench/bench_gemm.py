@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import _timing  # bench/_timing.py: medians after warm-up
 import lowbit
 from lowbit.formats import DTYPE_ID, FMT_ID
 
@@ -40,12 +41,7 @@ def timeit(fn, budget: float, min_reps: int = 3, max_reps: int = 30) -> float:
     fn()  # warm-up (also sizes the repetition count)
     first = time.perf_counter() - t0
     reps = int(min(max_reps, max(min_reps, budget / max(first, 1e-6))))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return _timing.timeit(fn, reps, warmup=0)
 
 
 class Stream:
