@@ -80,6 +80,36 @@ const Code8Search& code8_search(bool is_signed, int32_t rounding) {
   return is_signed ? s_bnb : u_bnb;
 }
 
+// code[i] = the number of midpoints (fp32 (map[j] + map[j + 1]) / 2, as optim_boundary) below grid
+// value i. Checked against the boundary search on both sides of every finite boundary, so the
+// vector path that uses it is the rule of optim.h, not a second definition of it.
+static Code8Grid make_code8_grid(bool is_signed) {
+  const float* map = is_signed ? kDynamicSigned : kDynamicUnsigned;
+  const Code8Search& cs = code8_search(is_signed, kOptimRoundBitsandbytes);
+  const int i0 = is_signed ? 0 : Code8Grid::kGridHalf;
+  Code8Grid g{};
+  int c = 0;
+  for (int i = i0; i < 65536; ++i) {
+    const float gv = optim_bnb_grid_value(i);
+    while (c < 255 && (map[c] + map[c + 1]) * 0.5f < gv) ++c;
+    g.code[i - i0] = uint8_t(c);
+  }
+  auto grid_code = [&](float t) { return int(g.code[optim_bnb_grid_index(t) - i0]); };
+  for (int j = 0; j < 255; ++j) {
+    const float b = cs.bnd[j];
+    if (!std::isfinite(b)) continue;
+    for (float t : {b, std::nextafter(b, 2.0f)}) {
+      if (t < (is_signed ? -1.0f : 0.0f) || t > 1.0f) continue;
+      LOWBIT_CHECK(grid_code(t) == cs.code(t), "optim: the 8-bit grid table disagrees with the boundary search");
+    }
+  }
+  return g;
+}
+const Code8Grid& code8_grid(bool is_signed) {
+  static const Code8Grid s = make_code8_grid(true), u = make_code8_grid(false);
+  return is_signed ? s : u;
+}
+
 // ---------------------------------------------------------------- portable paths
 static void adamw32_range_portable(const AdamW32Params& p, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) {
@@ -146,6 +176,7 @@ void adamw8(const AdamW8Params& p) {
                "adamw8: missing buffers");
   LOWBIT_CHECK(p.rounding == kOptimRoundBitsandbytes || p.rounding == kOptimRoundNearest, "adamw8: unknown rounding");
   code8_search(true, p.rounding), code8_search(false, p.rounding);  // build the tables outside the parallel region
+  if (p.rounding == kOptimRoundBitsandbytes) code8_grid(true);
   const int64_t n_blocks = (p.numel + kOptimBlock - 1) / kOptimBlock;
   const bool avx2 = use_avx2();
   parallel_chunks(n_blocks, 256, [&](int64_t b0, int64_t b1) {

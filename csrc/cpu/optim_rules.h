@@ -65,6 +65,17 @@ struct Code8Search {
 // The tables of (signed / unsigned map, rounding rule).
 const Code8Search& code8_search(bool is_signed, int32_t rounding);
 
+// The bitsandbytes rule as bitsandbytes applies it: t -> grid index i = optim_bnb_grid_index(t) in
+// [0, 65535] -> the code of grid value i (the number of midpoints below it). One byte load per
+// element instead of the bucket search (same codes: the rule's boundaries are defined through the
+// grid index, and code8_grid checks every one of them against Code8Search when it builds the table).
+// v is never negative, so its table keeps the upper half only: index i - kGridHalf, i >= kGridHalf.
+struct Code8Grid {
+  static constexpr int kGridHalf = 32767;  // optim_bnb_grid_index(-0.0f) - 1: below every t >= -0
+  uint8_t code[65536];                     // signed map: all of [-1, 1]; unsigned: code[i - kGridHalf]
+};
+const Code8Grid& code8_grid(bool is_signed);
+
 
 // The 8-bit quantization rule of the quant family (Quantize8Params), one element.
 inline float code8_inv(float absmax) { return 1.0f / std::max(absmax, kAbsmaxFloor); }
