@@ -22,15 +22,41 @@ EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10
 # Small-M path: activations int16 per group of 32 (half a step: 0.5/16383 of the group max) and
 # the NF4 table as int16/16384 (max error 2.6e-5 of the block absmax). Other paths: 0.
 EPS_I16 = 0.5 / 16383 + 2.6e-5
-PATHS = ["avx2", "portable"] if _C.cpu_path() == "avx2" else ["portable"]
+
+
+def _available_paths():
+    """The CPU paths this machine and build can run: 'avx512' (the AVX2 kernels plus the AVX-512
+    VNNI build of the small-M GEMV), 'avx2', 'portable'."""
+    old, out = _C.cpu_path(), []
+    for p in ("avx512", "avx2", "portable"):
+        try:
+            _C.set_cpu_path(p)
+            out.append(p)
+        except ValueError:
+            pass
+    _C.set_cpu_path(old)
+    return out
+
+
+PATHS = _available_paths()
+T_PATHS = [p for p in PATHS if p != "avx512"]  # gemm_t has no AVX-512 variant: 'avx512' runs the AVX2 code
+
+
+def _use_path(name):
+    old = _C.cpu_path()
+    _C.set_cpu_path(name)
+    yield name
+    _C.set_cpu_path(old)
 
 
 @pytest.fixture(params=PATHS)
 def path(request):
-    old = _C.cpu_path()
-    _C.set_cpu_path(request.param)
-    yield request.param
-    _C.set_cpu_path(old)
+    yield from _use_path(request.param)
+
+
+@pytest.fixture(params=T_PATHS)
+def tpath(request):
+    yield from _use_path(request.param)
 
 
 class QW:
@@ -138,7 +164,7 @@ def test_gemm_formats(path, fmt, block, dq, m):
 @pytest.mark.parametrize("fmt", list(FMT))
 @pytest.mark.parametrize("block", [32, 64, 128, 256])
 @pytest.mark.parametrize("dq", [False, True])
-def test_gemm_t_formats(path, fmt, block, dq):
+def test_gemm_t_formats(tpath, fmt, block, dq):
     run_gemm_t(7, 3 * block, 5 * block, fmt, block, dq, torch.float32, seed=block)
 
 
@@ -157,8 +183,8 @@ def test_gemm_shapes(path, m, n, k, fmt):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 128])
 @pytest.mark.parametrize("n,k", SHAPES_NK)
-def test_gemm_t_shapes(path, m, n, k):
-    if path == "portable" and m * n * k > 2e7:
+def test_gemm_t_shapes(tpath, m, n, k):
+    if tpath == "portable" and m * n * k > 2e7:
         pytest.skip("portable path is scalar")
     run_gemm_t(m, n, k, "nf4", 32, dq=True, dtype=torch.float32, seed=m)
 
@@ -186,7 +212,7 @@ def test_gemm_dtypes(path, dtype, fmt, m, with_bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", list(FMT))
-def test_gemm_t_dtypes(path, dtype, fmt):
+def test_gemm_t_dtypes(tpath, dtype, fmt):
     run_gemm_t(9, 192, 576, fmt, 64, dq=False, dtype=dtype)
 
 
@@ -219,3 +245,32 @@ def test_m_zero_is_noop(path):
     qw = QW(32, 64, "nf4", 32, False)
     gemm(torch.empty(0, 64), qw)
     gemm_t(torch.empty(0, 32), qw)
+
+
+# ---------------------------------------------------------------- the AVX-512 VNNI build of the GEMV
+@pytest.mark.skipif("avx512" not in PATHS, reason="this CPU/build has no AVX-512 VL/BW/VNNI")
+@pytest.mark.parametrize("fmt", list(FMT))
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("dq", [False, True])
+def test_gemv_avx512_matches_avx2(fmt, m, dq):
+    """Same activations, layout and int32 sums as the AVX2 GEMV: int4/int2 outputs are bit-identical
+    (the int32 sums are exact, the fp32 epilogue the same); nf4/fp4 decode into a different lane
+    order (vpermw on the int4 nibble split), so they meet the same bound against fp64 instead."""
+    k, n = 4096 + 64 * 3, 3 * 64 + 4  # a tail chunk and rows outside the groups of 4
+    qw = QW(n, k, fmt, 64, dq, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2.0
+    bias = torch.randn(n)
+    ys = {}
+    for p in ("avx2", "avx512"):
+        _C.set_cpu_path(p)
+        try:
+            ys[p] = gemm(x, qw, bias)
+        finally:
+            _C.set_cpu_path("auto")
+    ref = x.double() @ qw.w_hat.double().T + bias.double()
+    if fmt in ("int4", "int2"):
+        check(ys["avx512"], ref, x, qw.w_hat, k, torch.float32, group_max(x))
+        assert torch.equal(ys["avx512"], ys["avx2"])
+    else:  # same error level as the AVX2 build (docs/kernels.md: max |err| / max |ref| 2-6e-5)
+        err = {p: float((y.double() - ref).abs().max() / ref.abs().max()) for p, y in ys.items()}
+        assert err["avx512"] < 2e-4 and err["avx512"] < 1.5 * err["avx2"] + 1e-6, err

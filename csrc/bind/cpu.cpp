@@ -26,9 +26,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lowbit CPU kernels (raw-pointer interface; use lowbit.ops)";
   py::call_guard<py::gil_scoped_release> nogil;
 
-  m.def("cpu_path", &cpu::cpu_path, "'avx2' when the AVX2+FMA+F16C kernels are in use, else 'portable'");
+  m.def("cpu_path", &cpu::cpu_path, "'avx512' (AVX2 kernels + the AVX-512 VNNI GEMV), 'avx2' (AVX2+FMA+F16C) or 'portable'");
   m.def("set_cpu_path", &cpu::set_cpu_path, py::arg("path"),
-        "Force 'avx2' or 'portable' (tests use it to check both paths); returns the path in use");
+        "Force 'avx512', 'avx2', 'portable' or 'auto' (the best available; tests use it to check every path); returns the path in use");
   m.def("num_threads", &cpu::num_threads);
   m.def("tables", [] {
     py::dict d;

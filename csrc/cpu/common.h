@@ -13,7 +13,8 @@ namespace lowbit::cpu {
 // 'avx2' when the CPU has AVX2+FMA+F16C and the AVX2 translation units were built, else 'portable'.
 std::string cpu_path();
 std::string set_cpu_path(const std::string& path);
-bool use_avx2();
+bool use_avx2();    // the AVX2 + FMA + F16C kernels (the 'avx2' and 'avx512' paths)
+bool use_avx512();  // the AVX-512 VNNI build of gemv_i16 (gemm_avx512.cpp)
 int num_threads();
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

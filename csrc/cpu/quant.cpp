@@ -34,27 +34,45 @@ static bool cpu_has_avx2() {
   return false;
 #endif
 }
-static std::atomic<int> g_path{-1};  // -1 unknown, 0 portable, 1 avx2
+// The AVX2 set plus AVX-512 F/BW/VL/VNNI (libgcc's check includes the OS's xgetbv state).
+static bool cpu_has_avx512() {
+#if LOWBIT_HAVE_AVX2_TU && (defined(__x86_64__) || defined(__i386__))
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+static int best_path() { return cpu_has_avx512() ? 2 : (cpu_has_avx2() ? 1 : 0); }
+static std::atomic<int> g_path{-1};  // -1 unknown, 0 portable, 1 avx2, 2 avx512 (avx2 + the VNNI GEMV)
 
-bool use_avx2() {
+static int path_level() {
   int v = g_path.load(std::memory_order_relaxed);
   if (v < 0) {
-    v = cpu_has_avx2() ? 1 : 0;
+    v = best_path();
     g_path.store(v);
   }
-  return v == 1;
+  return v;
 }
-std::string cpu_path() { return use_avx2() ? "avx2" : "portable"; }
+bool use_avx2() { return path_level() >= 1; }
+bool use_avx512() { return path_level() >= 2; }
+std::string cpu_path() {
+  static const char* names[] = {"portable", "avx2", "avx512"};
+  return names[path_level()];
+}
 std::string set_cpu_path(const std::string& path) {
-  if (path == "avx2") {
+  if (path == "avx512") {
+    if (!cpu_has_avx512()) throw std::invalid_argument("cpu path 'avx512' (AVX-512 F/BW/VL/VNNI) is not available on this CPU/build");
+    g_path.store(2);
+  } else if (path == "avx2") {
     if (!cpu_has_avx2()) throw std::invalid_argument("cpu path 'avx2' is not available on this CPU/build");
     g_path.store(1);
   } else if (path == "portable") {
     g_path.store(0);
   } else if (path == "auto") {
-    g_path.store(cpu_has_avx2() ? 1 : 0);
+    g_path.store(best_path());
   } else {
-    throw std::invalid_argument("cpu path must be 'avx2', 'portable' or 'auto', got '" + path + "'");
+    throw std::invalid_argument("cpu path must be 'avx512', 'avx2', 'portable' or 'auto', got '" + path + "'");
   }
   return cpu_path();
 }
