@@ -276,7 +276,9 @@ __global__ void deep_stack_kernel(int* out, int n) {
 }
 
 // 16 KiB of static shared memory next to the dynamic shared memory: the per-block launch limit
-// counts both. out[t] = s[4095 - t] + dyn[n - 1 - t] with s[i] = i, dyn[t] = 2 t.
+// counts both. out[t] = s[4095 - t] + dyn[n - 1 - t] with s[i] = i, dyn[t] = 2 t. Two instances:
+// OptIn = 0 is never given an opt-in (the attribute is per kernel and persists), OptIn = 1 is.
+template <int OptIn>
 __global__ void static_smem_kernel(float* out) {
   __shared__ float s[4096];
   SIMT_DYNAMIC_SHARED(float, dyn);

@@ -105,10 +105,12 @@ int run(const std::string& name, const std::vector<intptr_t>& p, const std::vect
                         static_cast<int*>(ptr(0)), int(I(2)));
   if (name == "static_smem") {  // ints: threads, dynamic smem bytes, opt-in bytes (0: none)
     if (I(2) > 0) {
-      const int e = simt::set_max_dynamic_smem(static_smem_kernel, int(I(2)));
+      const int e = simt::set_max_dynamic_smem(static_smem_kernel<1>, int(I(2)));
       if (e) return e;
+      return simt::launch(static_smem_kernel<1>, dim3(1), dim3(unsigned(I(0))), size_t(I(1)), stream,
+                          static_cast<float*>(ptr(0)));
     }
-    return simt::launch(static_smem_kernel, dim3(1), dim3(unsigned(I(0))), size_t(I(1)), stream,
+    return simt::launch(static_smem_kernel<0>, dim3(1), dim3(unsigned(I(0))), size_t(I(1)), stream,
                         static_cast<float*>(ptr(0)));
   }
   if (name == "oob_write")  // ints: n (threads)

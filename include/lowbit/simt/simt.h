@@ -137,12 +137,21 @@ int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, intpt
   };
   return detail::launch({grid, block, smem_bytes, reinterpret_cast<const void*>(kernel), +entry, &ctx});
 }
-// Opt in to more than 48 KiB of dynamic shared memory (cudaFuncSetAttribute under nvcc).
+// Opt in to more than 48 KiB of shared memory (cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+// under nvcc): the kernel's dynamic shared memory may then reach `bytes`, provided its static
+// shared memory + `bytes` is within the per-block opt-in maximum. Without it, static + dynamic
+// shared memory is at most 48 KiB (the static part: the kernel's `__shared__` declarations).
 int set_max_dynamic_smem_impl(const void* kernel, int bytes);
 template <class... P>
 int set_max_dynamic_smem(void (*kernel)(P...), int bytes) {
   return set_max_dynamic_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
 }
+
+// Stack of every simulated thread (fiber), in KiB, in [16, 65536]: 64 by default (256 under ASan),
+// SIMT_STACK_KB at the first launch. A thread that overflows it raises KernelError (guard page +
+// SIGSEGV handler, x86-64 Linux) naming the kernel and the size. std::invalid_argument when out of range.
+void set_stack_kb(int kb);
+int stack_kb();
 
 // Runtime configuration (also from Python: _sim.configure). schedule: "forward", "reverse" or
 // "random:<seed>"; threads: OS threads for blocks (0 = SIMT_THREADS or the core count).
