@@ -36,7 +36,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory: one copy per OS thread, and an OS thread runs one block at a time.
-// Consequences (docs/simt.md): no initialisers, contents survive from the previous block.
+// Consequences (docs/simt.md): no initialisers, contents survive from the previous block. The
+// launch still counts the kernel's static shared memory: it reads the sizes of the kernel's
+// function-local TLS objects from the module's symbol table.
 #define __shared__ thread_local
 
 // ------------------------------------------------------------------ vector types and indices
