@@ -262,6 +262,33 @@ def test_static_shared_memory_counts_against_the_launch_limit(dyn, optin):
         _static_smem(32, dyn, optin)
 
 
+def test_static_shared_memory_figures_agree_with_ptxas():
+    # The simulator reads a kernel's static shared memory from the module's symbol table; ptxas
+    # (the _cuda build of the same source) reports it per kernel in its -v log: the independent
+    # figure. ptxas may pad between variables (nanosleep_kernel: two ints, 16 bytes), never less.
+    import pathlib
+    import lowbit
+    from lowbit._ptxas import parse_ptxas_log
+    log = pathlib.Path(lowbit.__file__).with_name("ptxas_resource_usage.log")
+    if not log.exists():
+        pytest.skip("no ptxas log: build _cuda (nvcc) next to _sim")
+    ptxas = {}
+    for e in parse_ptxas_log(str(log)):
+        ptxas.setdefault(e["kernel"], set()).add(e["smem"])
+    sim = _sim.static_smem()
+    with_smem = {k: max(v) for k, v in ptxas.items() if max(v) > 0}
+    assert len(with_smem) >= 20 and "void lowbit::selftest::static_smem_kernel<0>(float*)" in with_smem
+    exact = 0
+    for kernel, smem in with_smem.items():
+        assert kernel in sim, f"{kernel}: ptxas reports {smem} bytes of static shared memory, simt counts none"
+        assert 0 <= smem - sim[kernel] < 16, f"{kernel}: ptxas {smem} bytes, simt {sim[kernel]}"
+        exact += smem == sim[kernel]
+    assert exact >= len(with_smem) - 2, f"only {exact} of {len(with_smem)} agree exactly"
+    for kernel in sim:  # and simt counts nothing ptxas does not see
+        if kernel.startswith(("void lowbit::", "lowbit::")) and "_kernel" in kernel:
+            assert kernel in with_smem, f"{kernel}: simt counts {sim[kernel]} bytes, ptxas none"
+
+
 # ---------------------------------------------------------------------------- fiber stacks
 def _deep_stack_want(blocks, threads, n):
     g = np.arange(blocks * threads, dtype=np.int64)

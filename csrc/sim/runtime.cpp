@@ -259,6 +259,24 @@ static const KernelInfo& kernel_info(const void* addr) {
 }
 static std::string kernel_name(const void* addr) { return kernel_info(addr).name; }
 
+// Every function of this module with static shared memory in its body: (demangled name, bytes).
+static std::vector<std::pair<std::string, size_t>> static_smem_table() {
+  std::vector<std::pair<std::string, size_t>> out;
+  Dl_info dl{};
+  if (!dladdr(reinterpret_cast<const void*>(&static_smem_table), &dl) || !dl.dli_fname) return out;
+  const ModuleSymbols m = read_symbols(dl.dli_fname);
+  for (const auto& f : m.funcs) {
+    if (f.second.compare(0, 2, "_Z") != 0) continue;
+    const std::string prefix = "_ZZ" + f.second.substr(2) + "E";
+    size_t bytes = 0;
+    for (auto t = std::lower_bound(m.local_tls.begin(), m.local_tls.end(), std::make_pair(prefix, size_t(0)));
+         t != m.local_tls.end() && t->first.compare(0, prefix.size(), prefix) == 0; ++t)
+      bytes += t->second;
+    if (bytes) out.emplace_back(demangle(f.second.c_str()), bytes);
+  }
+  return out;
+}
+
 std::string short_path(const char* file) {
   if (!file) return "?";
   std::string f = file;
@@ -983,5 +1001,6 @@ const char* error_string(int code) {
   }
 }
 std::string last_launch_error() { return detail::t_last_launch_error; }
+std::vector<std::pair<std::string, size_t>> static_smem_table() { return detail::static_smem_table(); }
 
 }  // namespace simt

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ------------------------------------------------------------------ CUDA keywords under g++
 // __global__ functions must keep their own symbol: the simulator names a failing kernel by
@@ -166,6 +167,9 @@ Stats stats();
 void reset_stats();
 const char* error_string(int code);
 std::string last_launch_error();  // details of the last nonzero launch() return
+// (demangled name, bytes) of every function of the module with static __shared__ in its body: the
+// figures the launch check uses (tests compare them with ptxas' "bytes smem").
+std::vector<std::pair<std::string, size_t>> static_smem_table();
 
 }  // namespace simt
 
