@@ -584,7 +584,9 @@ void set_default_segv() {
   sigaction(SIGSEGV, &dfl, nullptr);
 }
 
-void on_segv(int sig, siginfo_t* si, void* ctx) {
+// Not instrumented: it writes to the overflowed stack, whose shadow still holds the redzones of
+// the abandoned frames.
+__attribute__((no_sanitize("address", "undefined"))) void on_segv(int sig, siginfo_t* si, void* ctx) {
   auto* uc = static_cast<ucontext_t*>(ctx);
   if (si->si_code > 0 && g_chain_depth.load() == 0) {  // a fault, not kill()/raise()
     const uintptr_t addr = uintptr_t(si->si_addr), sp = uintptr_t(uc->uc_mcontext.gregs[REG_RSP]);
@@ -596,6 +598,9 @@ void on_segv(int sig, siginfo_t* si, void* ctx) {
       Fiber* f = w->cur;
       if (!f || addr < lo || addr >= hi || (addr - lo) % w->slot >= kGuardBytes) break;
       // Enter stack_overflow_exit(f) as if called: rsp % 16 == 8, a null return address.
+#if SIMT_ASAN_ON
+      ASAN_UNPOISON_MEMORY_REGION(f->stack, f->stack_size);  // a fresh stack for stack_overflow_exit
+#endif
       const uintptr_t top = (uintptr_t(f->stack) + f->stack_size) & ~uintptr_t(15);
       uint64_t* rsp = reinterpret_cast<uint64_t*>(top - 8);
       *rsp = 0;
