@@ -219,6 +219,18 @@ ModuleSymbols read_symbols(const char* path) {
   m.local_tls.erase(std::unique(m.local_tls.begin(), m.local_tls.end()), m.local_tls.end());
   return m;
 }
+// Bytes of static shared memory declared in the body of the function `mangled` (_Z<encoding>):
+// its TLS statics are _ZZ<encoding>E<name>. Statics of lambdas or local classes inside it start
+// with _ZZZ, those of other functions differ before the E.
+size_t static_smem_of(const ModuleSymbols& m, const std::string& mangled) {
+  if (mangled.compare(0, 2, "_Z") != 0) return 0;
+  const std::string prefix = "_ZZ" + mangled.substr(2) + "E";
+  size_t bytes = 0;
+  for (auto t = std::lower_bound(m.local_tls.begin(), m.local_tls.end(), std::make_pair(prefix, size_t(0)));
+       t != m.local_tls.end() && t->first.compare(0, prefix.size(), prefix) == 0; ++t)
+    bytes += t->second;
+  return bytes;
+}
 }  // namespace
 
 static const KernelInfo& kernel_info(const void* addr) {
@@ -244,15 +256,7 @@ static const KernelInfo& kernel_info(const void* addr) {
     }
     if (!mangled.empty()) {
       info.name = demangle(mangled.c_str());
-      // _Z<encoding> -> _ZZ<encoding>E<local name>: the statics of this function's body. Statics
-      // of lambdas or local classes inside it start with _ZZZ and of other functions differ before E.
-      if (mangled.compare(0, 2, "_Z") == 0) {
-        const std::string prefix = "_ZZ" + mangled.substr(2) + "E";
-        const auto& tls = mod->second.local_tls;
-        for (auto t = std::lower_bound(tls.begin(), tls.end(), std::make_pair(prefix, size_t(0)));
-             t != tls.end() && t->first.compare(0, prefix.size(), prefix) == 0; ++t)
-          info.static_smem += t->second;
-      }
+      info.static_smem = static_smem_of(mod->second, mangled);
     }
   }
   return cache.emplace(addr, std::move(info)).first->second;
@@ -265,15 +269,8 @@ static std::vector<std::pair<std::string, size_t>> static_smem_table() {
   Dl_info dl{};
   if (!dladdr(reinterpret_cast<const void*>(&static_smem_table), &dl) || !dl.dli_fname) return out;
   const ModuleSymbols m = read_symbols(dl.dli_fname);
-  for (const auto& f : m.funcs) {
-    if (f.second.compare(0, 2, "_Z") != 0) continue;
-    const std::string prefix = "_ZZ" + f.second.substr(2) + "E";
-    size_t bytes = 0;
-    for (auto t = std::lower_bound(m.local_tls.begin(), m.local_tls.end(), std::make_pair(prefix, size_t(0)));
-         t != m.local_tls.end() && t->first.compare(0, prefix.size(), prefix) == 0; ++t)
-      bytes += t->second;
-    if (bytes) out.emplace_back(demangle(f.second.c_str()), bytes);
-  }
+  for (const auto& f : m.funcs)
+    if (const size_t bytes = static_smem_of(m, f.second)) out.emplace_back(demangle(f.second.c_str()), bytes);
   return out;
 }
 
