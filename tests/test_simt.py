@@ -227,6 +227,135 @@ def test_launch_with_smem_opt_in():
     _sim.selftest("launch", [], [2, 32, 1, 1, 64 * 1024, 64 * 1024])
 
 
+# ---------------------------------------------------------------------------- per-block shared memory
+# Rules of cudaLaunchKernel / cudaFuncSetAttribute (CUDA C++ programming guide, "Shared Memory" in
+# the compute capability tables, and the cudaFuncAttributeMaxDynamicSharedMemorySize reference):
+# static + dynamic shared memory of a block is at most 48 KiB unless the kernel opted in, and an
+# opt-in may not take static + dynamic past the device's per-block maximum (99 KiB, the smallest
+# among the default archs). static_smem_kernel declares 16 KiB of static shared memory.
+STATIC_SMEM = 16 * 1024
+
+
+def _static_smem(threads, dyn, optin):
+    out = np.zeros(threads, np.float32)
+    run("static_smem", [out], [threads, dyn, optin])
+    t = np.arange(threads)
+    np.testing.assert_array_equal(out, (4095 - t) + 2 * (threads - 1 - t))
+
+
+@pytest.mark.parametrize("dyn, optin", [
+    (48 * 1024 - STATIC_SMEM, 0),            # exactly 48 KiB in all
+    (64 * 1024, 64 * 1024),                  # opted in: 80 KiB in all
+    (99 * 1024 - STATIC_SMEM, 99 * 1024 - STATIC_SMEM),  # exactly the opt-in maximum
+])
+def test_static_plus_dynamic_shared_memory_within_the_limit(dyn, optin):
+    _static_smem(32, dyn, optin)
+
+
+@pytest.mark.parametrize("dyn, optin", [
+    (48 * 1024 - STATIC_SMEM + 4, 0),        # dynamic alone is under 48 KiB, static + dynamic is not
+    (64 * 1024, 99 * 1024 - STATIC_SMEM + 4),  # the opt-in itself is over the maximum with static
+    (64 * 1024 + 4, 64 * 1024),              # over the kernel's opted-in dynamic size
+])
+def test_static_shared_memory_counts_against_the_launch_limit(dyn, optin):
+    with pytest.raises(RuntimeError, match=r"invalid argument.*static shared memory"):
+        _static_smem(32, dyn, optin)
+
+
+def test_static_shared_memory_figures_agree_with_ptxas():
+    # The simulator reads a kernel's static shared memory from the module's symbol table; ptxas
+    # (the _cuda build of the same source) reports it per kernel in its -v log: the independent
+    # figure. ptxas may pad between variables (nanosleep_kernel: two ints, 16 bytes), never less.
+    import pathlib
+    import lowbit
+    from lowbit._ptxas import parse_ptxas_log
+    log = pathlib.Path(lowbit.__file__).with_name("ptxas_resource_usage.log")
+    if not log.exists():
+        pytest.skip("no ptxas log: build _cuda (nvcc) next to _sim")
+    ptxas = {}
+    for e in parse_ptxas_log(str(log)):
+        ptxas.setdefault(e["kernel"], set()).add(e["smem"])
+    sim = _sim.static_smem()
+    with_smem = {k: max(v) for k, v in ptxas.items() if max(v) > 0}
+    assert len(with_smem) >= 20 and "void lowbit::selftest::static_smem_kernel<0>(float*)" in with_smem
+    exact = 0
+    for kernel, smem in with_smem.items():
+        assert kernel in sim, f"{kernel}: ptxas reports {smem} bytes of static shared memory, simt counts none"
+        assert 0 <= smem - sim[kernel] < 16, f"{kernel}: ptxas {smem} bytes, simt {sim[kernel]}"
+        exact += smem == sim[kernel]
+    assert exact >= len(with_smem) - 2, f"only {exact} of {len(with_smem)} agree exactly"
+    for kernel in sim:  # and simt counts nothing ptxas does not see
+        if kernel.startswith(("void lowbit::", "lowbit::")) and "_kernel" in kernel:
+            assert kernel in with_smem, f"{kernel}: simt counts {sim[kernel]} bytes, ptxas none"
+
+
+# ---------------------------------------------------------------------------- fiber stacks
+def _deep_stack_want(blocks, threads, n):
+    g = np.arange(blocks * threads, dtype=np.int64)
+    return (3 * ((7 * np.arange(n)) % n)).sum() + n * g
+
+
+_OVERFLOW_SCRIPT = r"""
+import faulthandler, sys
+import numpy as np
+faulthandler.enable()  # as under pytest: simt must still get the fault first
+from lowbit import _sim
+_sim.configure("forward", 2)
+out = np.zeros(4 * 32, np.int32)
+for attempt in range(2):  # twice: the first recovery must leave the fault handling armed
+    try:
+        _sim.selftest("deep_stack", [out.ctypes.data], [4, 32, 8192])
+        print("NO ERROR")
+    except RuntimeError as e:
+        print("RAISED", e)
+x = np.arange(4 * 256, dtype=np.int32)
+y = np.zeros_like(x)
+_sim.selftest("reduce", [x.ctypes.data, y.ctypes.data], [4, 256])
+xb = x.reshape(4, 256).astype(np.int64)
+want = np.roll(xb, -1, axis=1) * 3
+want[:, 0] += xb.sum(axis=1)
+print("REDUCE", "OK" if np.array_equal(y.reshape(4, 256), want) else "WRONG")
+sys.stdout.flush()
+"""
+
+
+def test_fiber_stack_overflow_raises_instead_of_crashing():
+    # A 32 KiB stack frame on 16 KiB fiber stacks: a segmentation fault that killed the process
+    # before; now a RuntimeError naming the kernel and the stack size, and the simulator (both OS
+    # threads) keeps working. In a subprocess so that a regression cannot take the test run down.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SIMT_STACK_KB="16")
+    r = subprocess.run([sys.executable, "-c", _OVERFLOW_SCRIPT], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, f"process died with {r.returncode}: {r.stdout[-2000:]} {r.stderr[-3000:]}"
+    raised = [line for line in r.stdout.splitlines() if line.startswith("RAISED")]
+    assert len(raised) == 2, r.stdout
+    for line in raised:
+        assert "deep_stack_kernel" in line and "stack overflow" in line and "16 KiB" in line, line
+        assert re.search(r"block \(\d+,0,0\), thread \(\d+,0,0\)", line), line
+    assert "REDUCE OK" in r.stdout, r.stdout
+
+
+def test_fiber_stack_size_is_configurable():
+    old = _sim.stack_kb()
+    # the documented defaults (SIMT_STACK_KB unset in the test environment): ASan frames carry redzones
+    assert old == (256 if getattr(_sim, "sanitized", False) else 64)
+    try:
+        for kb in (48, 256):  # a 32 KiB frame fits both
+            _sim.set_stack_kb(kb)
+            assert _sim.stack_kb() == kb
+            out = np.zeros(3 * 64, np.int32)
+            run("deep_stack", [out], [3, 64, 8000])
+            np.testing.assert_array_equal(out, _deep_stack_want(3, 64, 8000))
+        for bad in (0, 7, -1, 1 << 21):
+            with pytest.raises(ValueError, match="stack_kb"):
+                _sim.set_stack_kb(bad)
+    finally:
+        _sim.set_stack_kb(old)
+
+
 # ---------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_deterministic_kernel_same_under_every_schedule(schedule):

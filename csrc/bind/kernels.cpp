@@ -61,6 +61,15 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
         "threads: OS threads running blocks (0 = SIMT_THREADS or the core count)");
   m.def("get_config", [] { return std::make_pair(simt::schedule(), simt::configured_threads()); },
         "(schedule, threads) as last given to configure: configure(*get_config()) restores it");
+  m.def("set_stack_kb", [](int kb) { simt::set_stack_kb(kb); }, py::arg("stack_kb"),
+        "stack of every simulated thread in KiB, [16, 65536] (default 64, or SIMT_STACK_KB); a thread that "
+        "overflows it raises RuntimeError naming the kernel");
+  m.def("stack_kb", &simt::stack_kb, "stack of every simulated thread in KiB");
+  m.def("static_smem", [] {
+    py::dict d;
+    for (const auto& e : simt::static_smem_table()) d[py::str(e.first)] = e.second;
+    return d;
+  }, "{kernel (demangled): bytes of static __shared__ it declares}, as counted against the launch limit");
   m.def("schedule", &simt::schedule);
   m.def("threads", &simt::threads);
   m.def("stats", [] {

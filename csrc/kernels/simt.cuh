@@ -262,6 +262,33 @@ __global__ void bits_kernel(const uint32_t* a, const uint32_t* b, const uint32_t
 
 __global__ void empty_kernel() {}
 
+// A thread with a large local array (kDeepStackInts * 4 = 32 KiB of stack frame): legal on a GPU
+// (local memory), more than a small simulator fiber stack. With local[i] = 3 i + g (g the global
+// thread index), out[g] = sum over i < n of local[(7 i) % n].
+constexpr int kDeepStackInts = 8192;
+__global__ void deep_stack_kernel(int* out, int n) {
+  volatile int local[kDeepStackInts];
+  const int g = int(blockIdx.x * blockDim.x + threadIdx.x);
+  for (int i = 0; i < n; ++i) local[i] = 3 * i + g;
+  int s = 0;
+  for (int i = 0; i < n; ++i) s += local[(7 * i) % n];
+  out[g] = s;
+}
+
+// 16 KiB of static shared memory next to the dynamic shared memory: the per-block launch limit
+// counts both. out[t] = s[4095 - t] + dyn[n - 1 - t] with s[i] = i, dyn[t] = 2 t. Two instances:
+// OptIn = 0 is never given an opt-in (the attribute is per kernel and persists), OptIn = 1 is.
+template <int OptIn>
+__global__ void static_smem_kernel(float* out) {
+  __shared__ float s[4096];
+  SIMT_DYNAMIC_SHARED(float, dyn);
+  const int t = int(threadIdx.x), n = int(blockDim.x);
+  for (int i = t; i < 4096; i += n) s[i] = float(i);
+  dyn[t] = float(2 * t);
+  __syncthreads();
+  out[t] = s[4095 - t] + dyn[n - 1 - t];
+}
+
 // Writes one element past the end of `out` (n elements): only run under the sanitizer build,
 // which must report a heap-buffer-overflow at this line.
 __global__ void oob_write_kernel(int* out, int n) {

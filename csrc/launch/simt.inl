@@ -100,6 +100,19 @@ int run(const std::string& name, const std::vector<intptr_t>& p, const std::vect
     return simt::launch(empty_kernel, dim3(unsigned(I(0))), dim3(unsigned(I(1)), unsigned(I(2)), unsigned(I(3))),
                         size_t(I(4)), stream);
   }
+  if (name == "deep_stack")  // ints: blocks, threads, n (<= kDeepStackInts)
+    return simt::launch(deep_stack_kernel, dim3(unsigned(I(0))), dim3(unsigned(I(1))), 0, stream,
+                        static_cast<int*>(ptr(0)), int(I(2)));
+  if (name == "static_smem") {  // ints: threads, dynamic smem bytes, opt-in bytes (0: none)
+    if (I(2) > 0) {
+      const int e = simt::set_max_dynamic_smem(static_smem_kernel<1>, int(I(2)));
+      if (e) return e;
+      return simt::launch(static_smem_kernel<1>, dim3(1), dim3(unsigned(I(0))), size_t(I(1)), stream,
+                          static_cast<float*>(ptr(0)));
+    }
+    return simt::launch(static_smem_kernel<0>, dim3(1), dim3(unsigned(I(0))), size_t(I(1)), stream,
+                        static_cast<float*>(ptr(0)));
+  }
   if (name == "oob_write")  // ints: n (threads)
     return simt::launch(oob_write_kernel, dim3(1), dim3(unsigned(I(0))), 0, stream, static_cast<int*>(ptr(0)), int(I(0)));
   throw std::invalid_argument("unknown selftest '" + name + "'");

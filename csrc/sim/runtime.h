@@ -35,18 +35,26 @@ struct Fiber {
   void* fake_stack = nullptr;  // ASan fake stack of this fiber while switched out
 };
 
+// Fiber stack size in bytes: SIMT_STACK_KB at the first launch, then simt::set_stack_kb.
 size_t fiber_stack_bytes();
+// PROT_NONE guard below every fiber stack. 64 KiB rather than one page: a frame that skips a single
+// page without touching it (code built without -fstack-clash-protection) still lands in it.
+constexpr size_t kGuardBytes = 64 * 1024;
 
 struct WarpState {
   unsigned waiting = 0;  // lanes parked in a collective
 };
 
+struct Worker;
+// Workers whose fiber stacks are mapped, for the SIGSEGV handler (it may not touch TLS).
+void register_worker(Worker* w);
+void unregister_worker(Worker* w);
 
 // One per OS thread that runs blocks: fiber stacks, the block being run, its barrier and warps.
 struct Worker {
-  // fiber stacks: one mapping, a PROT_NONE guard page below every stack
+  // fiber stacks: one mapping, a PROT_NONE guard of kGuardBytes below every stack
   char* region = nullptr;
-  size_t region_bytes = 0, capacity = 0, slot = 0;
+  size_t region_bytes = 0, capacity = 0, slot = 0, stack_bytes = 0;
   std::vector<Fiber> fibers;
   std::vector<unsigned> runq;  // ring buffer of linear ids
   size_t rq_head = 0, rq_count = 0;
@@ -67,7 +75,7 @@ struct Worker {
   unsigned n = 0, done = 0;
   uint3 bidx{0, 0, 0};
   uint64_t block_linear = 0, rng = 0;
-  Fiber* cur = nullptr;
+  Fiber* volatile cur = nullptr;  // volatile: read by the SIGSEGV handler
   // barrier
   unsigned bar_arrived = 0, bar_first = 0;
   const char* bar_file = nullptr;
@@ -78,37 +86,44 @@ struct Worker {
   std::string error;
 
   ~Worker() {
+    unregister_worker(this);
     if (region) munmap(region, region_bytes);
   }
 
+  // Room for `count` fibers with stacks of the configured size (remapped when simt::set_stack_kb
+  // changed it since).
   void ensure_stacks(unsigned count) {
-    if (count <= capacity) return;
+    const size_t want = fiber_stack_bytes();
+    if (count <= capacity && want == stack_bytes) return;
+    unregister_worker(this);
     if (region) munmap(region, region_bytes);
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    slot = fiber_stack_bytes() + page;
+    region = nullptr;
+    capacity = 0;
+    stack_bytes = want;
+    slot = kGuardBytes + want;
     // Always room for the largest block (1024 threads): mapped once per worker, pages touched
     // only as fibers use them (MAP_NORESERVE).
-    capacity = std::max<size_t>(count, 1024);
-    region_bytes = slot * capacity;
-    region = static_cast<char*>(mmap(nullptr, region_bytes, PROT_READ | PROT_WRITE,
-                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-    if (region == MAP_FAILED) {
-      region = nullptr;
-      capacity = 0;
-      throw std::runtime_error("simt: cannot map fiber stacks");
-    }
-    // Guard page at the low end of each stack: a fiber overflowing its stack faults right away
-    // instead of corrupting its neighbour.
-    for (size_t i = 0; i < capacity; ++i) mprotect(region + i * slot, page, PROT_NONE);
-    fibers.assign(capacity, Fiber{});
-    for (size_t i = 0; i < capacity; ++i) {
-      fibers[i].stack = region + i * slot + page;
-      fibers[i].stack_size = fiber_stack_bytes();
+    const size_t cap = std::max<size_t>(count, 1024);
+    region_bytes = slot * cap;
+    char* r = static_cast<char*>(mmap(nullptr, region_bytes, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    if (r == MAP_FAILED) throw std::runtime_error("simt: cannot map fiber stacks");
+    // The guard at the low end of each stack: a fiber overflowing its stack faults right away
+    // (caught by the SIGSEGV handler in runtime.cpp: a KernelError, not a crash) instead of
+    // corrupting its neighbour.
+    for (size_t i = 0; i < cap; ++i) mprotect(r + i * slot, kGuardBytes, PROT_NONE);
+    fibers.assign(cap, Fiber{});
+    for (size_t i = 0; i < cap; ++i) {
+      fibers[i].stack = r + i * slot + kGuardBytes;
+      fibers[i].stack_size = want;
     }
 #if SIMT_USE_UCONTEXT
-    ucs.assign(capacity, ucontext_t{});
+    ucs.assign(cap, ucontext_t{});
 #endif
-    runq.assign(capacity, 0);
+    runq.assign(cap, 0);
+    region = r;
+    capacity = cap;
+    register_worker(this);
   }
 };
 

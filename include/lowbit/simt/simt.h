@@ -24,6 +24,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ------------------------------------------------------------------ CUDA keywords under g++
 // __global__ functions must keep their own symbol: the simulator names a failing kernel by
@@ -36,7 +37,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory: one copy per OS thread, and an OS thread runs one block at a time.
-// Consequences (docs/simt.md): no initialisers, contents survive from the previous block.
+// Consequences (docs/simt.md): no initialisers, contents survive from the previous block. The
+// launch still counts the kernel's static shared memory: it reads the sizes of the kernel's
+// function-local TLS objects from the module's symbol table.
 #define __shared__ thread_local
 
 // ------------------------------------------------------------------ vector types and indices
@@ -137,12 +140,21 @@ int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, intpt
   };
   return detail::launch({grid, block, smem_bytes, reinterpret_cast<const void*>(kernel), +entry, &ctx});
 }
-// Opt in to more than 48 KiB of dynamic shared memory (cudaFuncSetAttribute under nvcc).
+// Opt in to more than 48 KiB of shared memory (cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+// under nvcc): the kernel's dynamic shared memory may then reach `bytes`, provided its static
+// shared memory + `bytes` is within the per-block opt-in maximum. Without it, static + dynamic
+// shared memory is at most 48 KiB (the static part: the kernel's `__shared__` declarations).
 int set_max_dynamic_smem_impl(const void* kernel, int bytes);
 template <class... P>
 int set_max_dynamic_smem(void (*kernel)(P...), int bytes) {
   return set_max_dynamic_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
 }
+
+// Stack of every simulated thread (fiber), in KiB, in [16, 65536]: 64 by default (256 under ASan),
+// SIMT_STACK_KB at the first launch. A thread that overflows it raises KernelError (guard page +
+// SIGSEGV handler, x86-64 Linux) naming the kernel and the size. std::invalid_argument when out of range.
+void set_stack_kb(int kb);
+int stack_kb();
 
 // Runtime configuration (also from Python: _sim.configure). schedule: "forward", "reverse" or
 // "random:<seed>"; threads: OS threads for blocks (0 = SIMT_THREADS or the core count).
@@ -155,6 +167,9 @@ Stats stats();
 void reset_stats();
 const char* error_string(int code);
 std::string last_launch_error();  // details of the last nonzero launch() return
+// (demangled name, bytes) of every function of the module with static __shared__ in its body: the
+// figures the launch check uses (tests compare them with ptxas' "bytes smem").
+std::vector<std::pair<std::string, size_t>> static_smem_table();
 
 }  // namespace simt
 
