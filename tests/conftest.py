@@ -69,14 +69,41 @@ def eps(dtype: torch.dtype) -> float:
 EPS_I16 = 0.5 / 16383 + 2.6e-5
 
 
+# On the 'avx512' CPU path the M > 8 tile kernel is int16 too (x per group of 32 with QX = 8191 for
+# nf4, nf4 weights as round(T·8192)): its worst format's term, for any format.
+EPS_TILE16 = 0.5 / 8191 + 0.5 / 8192
+
+
 def int16_path_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Error bound of the int16 GEMV path for y = x·wᵀ: EPS_I16 · Σ_k max|x_group(k)| · |w_k|."""
+    """Error bound of the CPU int16 paths for y = x·wᵀ: eps · Σ_k max|x_group(k)| · |w_k|, eps =
+    EPS_I16 (the M ≤ 8 GEMV) or EPS_TILE16 (the int16 tile kernel, M > 8 on the 'avx512' path)."""
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    tile16 = rows > 8 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"
     x = x.double().reshape(-1, x.shape[-1])
     k = x.shape[-1]
     pad = (-k) % 32
     g = torch.nn.functional.pad(x.abs(), (0, pad)).reshape(x.shape[0], -1, 32).amax(-1, keepdim=True)
     xg = g.expand(-1, -1, 32).reshape(x.shape[0], -1)[:, :k]
-    return EPS_I16 * xg @ w.double().abs().T
+    return (EPS_TILE16 if tile16 else EPS_I16) * xg @ w.double().abs().T
+
+
+def int16_gemm_t_bound(gy: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor | float:
+    """Error bound of the int16 gemm_t (M > 8 on the 'avx512' CPU path) for gx = gy·w, w (n, k)
+    dequantized: per k-block b, gy·s[:, b] is quantized per row and group of 32 n, so element n's
+    error is EPS_TILE16 · max_{n' in its group} |gy[n'] s[n', b]| / s[n, b] times |w[n, k]| (s taken
+    as the block absmax of |w|). 0.0 where the path is exact fp32."""
+    gy = gy.double().reshape(-1, gy.shape[-1])
+    rows, (n, k) = gy.shape[0], w.shape
+    if not (rows > 8 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"):
+        return 0.0
+    w = w.double().abs()
+    s = w.reshape(n, k // block, block).amax(-1).clamp_min(1e-300)  # (n, blocks)
+    out = torch.empty(rows, k, dtype=torch.float64)
+    for b in range(k // block):
+        v = gy.abs() * s[:, b]
+        g = v.reshape(rows, n // 32, 32).amax(-1, keepdim=True).expand(rows, n // 32, 32).reshape(rows, n)
+        out[:, b * block:(b + 1) * block] = (g / s[:, b]) @ w[:, b * block:(b + 1) * block]
+    return EPS_TILE16 * out
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype, k: int,

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from test_gemm_cpu import DT, EPS, EPS_I16, QW, group_max, gemm, path  # noqa: F401 (path: fixture)
+from test_gemm_cpu import DT, EPS, QW, eps_i16, group_max, gemm, path  # noqa: F401 (path: fixture)
 
 _C = pytest.importorskip("lowbit._C")
 
@@ -41,7 +41,7 @@ def run(m, n, k, r, fmt="nf4", block=32, dq=True, dtype=torch.float32, with_bias
     y_ref = x64 @ w64.T + s * xa_ref @ b64.T + (0 if bias is None else bias.double())
     xg = group_max(x.float()).double()
     tol = 4 * (2.0**-24 * math.sqrt(k) * ((x64 * x64) @ (w64 * w64).T).sqrt()
-               + EPS_I16 * ((xg * xg) @ (w64 * w64).T).sqrt()
+               + eps_i16(fmt, m) * ((xg * xg) @ (w64 * w64).T).sqrt()
                + 2.0**-24 * math.sqrt(k + r) * abs(s) * (x64.abs() @ a64.abs().T) @ b64.abs().T)
     tol = tol + EPS[dtype] * y_ref.abs() + 1e-30
     err = (y.double() - y_ref).abs()

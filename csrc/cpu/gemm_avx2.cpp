@@ -122,11 +122,169 @@ inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, floa
   micro_6x16<kFirst>(kc, xs, kMR, w, ldw, c, ldc);
 }
 
+// ---------------------------------------------------------------------------- int16 tile variant
+// On CPUs with AVX-512 VNNI (use_avx512()) the tile kernel multiplies int16 images instead of fp32:
+// x is quantized per row and group of 32 k, xq = round(x / max|x|_g · QX), W's tile is decoded to
+// int16 (int4/int2: the code; fp4: T·3072, exact; nf4: round(T·QW)), and the micro-kernel issues
+// one vpdpwssd (16 multiply-adds, 2 per cycle on Zen 4) where the fp32 kernel issues one FMA (8):
+// twice the multiply-add rate. Each int32 lane sums the 32 products of one group (16 k pairs), then
+// the fp32 accumulator takes cvt(acc) · dx_g · s (one cvt + mul + fma per 16 vpdpwssd).
+// No overflow: 32·QX·QW < 2^31 — nf4 32·8191·8192, fp4 32·16383·3072, int4 32·32767·15, int2 less.
+// Error (docs/kernels.md): x off by ≤ 0.5/QX of its group max (nf4 6.1e-5, fp4 3.1e-5, int 1.5e-5),
+// nf4 weights by ≤ 0.5/8192 = 6.1e-5 of the block absmax; fp32 accumulation otherwise.
+// The int formats' zero point: Σ_b s_b z_b X_b (X_b = Σ_{g∈b} dx_g Σ xq) is one more fp32
+// micro-kernel pass of depth K / block per output tile.
+struct TileQ { float qx, qw; };
+inline TileQ tile_q(Fmt f) {
+  switch (f) {
+    case Fmt::nf4: return {8191.0f, 8192.0f};
+    case Fmt::fp4: return {16383.0f, 3072.0f};
+    default: return {32767.0f, 1.0f};
+  }
+}
+constexpr int kG = 32;  // k per activation group (and per int32 flush)
+
+// One sliver of 16 rows (fp32, k-major [k][16], K a multiple of 32) → xq[k/2][16] (int16 pairs
+// (x[2t], x[2t+1]) per int32 lane), dx[g][16] = max|x|_g / QX, gsum[g][16] = dx_g · Σ_{k∈g} xq
+// (int formats). A group with a NaN gets dx = NaN, one with an inf dx = inf: the output is NaN.
+void pack_x_i16(const float* v, int64_t K, float qx, int32_t* xq, float* dx, float* gsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), vqx = _mm256_set1_ps(qx), zero = _mm256_setzero_ps();
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  for (int64_t g = 0; g < K / kG; ++g) {
+    const float* vg = v + g * kG * 16;
+    for (int h = 0; h < 2; ++h) {
+      __m256 mx = zero, bad = zero;
+      for (int k = 0; k < kG; ++k) {
+        const __m256 a = _mm256_load_ps(vg + k * 16 + 8 * h);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, a));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      }
+      const __m256 pos = _mm256_cmp_ps(mx, zero, _CMP_GT_OQ);
+      const __m256 inv = _mm256_and_ps(_mm256_div_ps(vqx, mx), pos);  // 0 for an all-zero group (and inf)
+      __m256 d = _mm256_div_ps(mx, vqx);
+      d = _mm256_blendv_ps(d, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), bad);
+      __m256i sum = _mm256_setzero_si256();
+      for (int t = 0; t < kG / 2; ++t) {
+        const __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(vg + (2 * t) * 16 + 8 * h), inv));
+        const __m256i o = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(vg + (2 * t + 1) * 16 + 8 * h), inv));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(e, o));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(xq + (g * (kG / 2) + t) * 16 + 8 * h),
+                           _mm256_or_si256(_mm256_and_si256(e, lo16), _mm256_slli_epi32(o, 16)));
+      }
+      _mm256_store_ps(dx + g * 16 + 8 * h, d);
+      if (gsum) _mm256_store_ps(gsum + g * 16 + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sum)));
+    }
+  }
+}
+
+// Rows [n0, n0 + rows) × k [k0, k0 + kc) of W → int16 out[r][k] (row stride ld), and the scale of
+// each group of 32 → sw[r][i / 32] (nf4/fp4: s / QW; int: s). Rows [rows, rows_pad) are zero.
+void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc, float qw,
+                     int16_t* out, int64_t ld, float* sw, int64_t lds) {
+  const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
+  const bool is_table = fmt_is_table(w.fmt);
+  const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
+  alignas(32) int32_t t16[16];
+  for (int i = 0; i < 16; ++i) t16[i] = is_table ? int32_t(std::nearbyint(table[i] * qw)) : 0;
+  const __m256i t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16));
+  const __m256i t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16 + 8));
+  const float inv_qw = 1.0f / qw;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row0 = (n0 + r) * w.k;
+    for (int i = 0; i < kc; i += kG) {
+      const int64_t e0 = row0 + k0 + i;
+      const float s = weight_scale(w, e0 / w.block);
+      sw[r * lds + i / kG] = is_table ? s * inv_qw : s;
+      const uint8_t* src = w.codes + e0 / per_byte;
+      for (int j = 0; j < kG; j += 8) {
+        __m256i idx = unpack8(src + j / per_byte, bits);
+        if (is_table) {
+          const __m256i a = _mm256_permutevar8x32_epi32(t_lo, idx), c = _mm256_permutevar8x32_epi32(t_hi, idx);
+          idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c),
+                                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ld + i + j),
+                         _mm_packs_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1)));
+      }
+    }
+  }
+  for (int r = rows; r < rows_pad; ++r) {
+    std::memset(out + r * ld, 0, sizeof(int16_t) * size_t(kc));
+    for (int i = 0; i < kc; i += kG) sw[r * lds + i / kG] = 0.0f;
+  }
+}
+
+// The 6×16 int16 micro-kernel: c[i][0..15] (+)= Σ_g sw_i[g] · dx_g[0..15] · Σ_{t∈g} <w_i pair t, x pair t>
+// over kc / 32 groups. xq: [t][16] int32 pairs, dx: [g][16], w: 6 rows of int16 (stride ldw),
+// sw: 6 rows of group scales (stride lds). Compiled for AVX-512 VL + VNNI (32 ymm registers: 12
+// int32 + 12 fp32 accumulators); called only when use_avx512().
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
+void micro_i16(bool first, int kc, const int32_t* xq, const float* dx, const int16_t* w, int64_t ldw, const float* sw,
+               int64_t lds, float* c, int64_t ldc) {
+  __m256 cf[kNR][2];
+  for (int i = 0; i < kNR; ++i) cf[i][0] = cf[i][1] = _mm256_setzero_ps();
+  for (int g = 0; g < kc / kG; ++g) {
+    // twelve named accumulators (an array made GCC shuffle them between registers every step)
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    __m256i a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    const int32_t* xg = xq + g * (kG / 2) * 16;
+    const int16_t* wg = w + g * kG;
+    const int16_t *w0 = wg, *w1 = wg + ldw, *w2 = wg + 2 * ldw, *w3 = wg + 3 * ldw, *w4 = wg + 4 * ldw, *w5 = wg + 5 * ldw;
+    auto bc = [](const int16_t* q) {
+      int32_t pair;
+      std::memcpy(&pair, q, 4);
+      return _mm256_set1_epi32(pair);
+    };
+#pragma GCC unroll 16
+    for (int t = 0; t < kG / 2; ++t) {
+      const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + t * 16));
+      const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + t * 16 + 8));
+      __m256i b;
+      b = bc(w0 + 2 * t); a00 = _mm256_dpwssd_epi32(a00, x0, b); a01 = _mm256_dpwssd_epi32(a01, x1, b);
+      b = bc(w1 + 2 * t); a10 = _mm256_dpwssd_epi32(a10, x0, b); a11 = _mm256_dpwssd_epi32(a11, x1, b);
+      b = bc(w2 + 2 * t); a20 = _mm256_dpwssd_epi32(a20, x0, b); a21 = _mm256_dpwssd_epi32(a21, x1, b);
+      b = bc(w3 + 2 * t); a30 = _mm256_dpwssd_epi32(a30, x0, b); a31 = _mm256_dpwssd_epi32(a31, x1, b);
+      b = bc(w4 + 2 * t); a40 = _mm256_dpwssd_epi32(a40, x0, b); a41 = _mm256_dpwssd_epi32(a41, x1, b);
+      b = bc(w5 + 2 * t); a50 = _mm256_dpwssd_epi32(a50, x0, b); a51 = _mm256_dpwssd_epi32(a51, x1, b);
+    }
+    const __m256i acc[kNR][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+    const __m256 d0 = _mm256_load_ps(dx + g * 16), d1 = _mm256_load_ps(dx + g * 16 + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < kNR; ++i) {
+      const __m256 f = _mm256_broadcast_ss(sw + i * lds + g);
+      cf[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][0]), _mm256_mul_ps(d0, f), cf[i][0]);
+      cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), _mm256_mul_ps(d1, f), cf[i][1]);
+    }
+  }
+  for (int i = 0; i < kNR; ++i) {
+    float* ci = c + i * ldc;
+    if (first) {
+      _mm256_store_ps(ci, cf[i][0]);
+      _mm256_store_ps(ci + 8, cf[i][1]);
+    } else {
+      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), cf[i][0]));
+      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), cf[i][1]));
+    }
+  }
+}
+
 void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k;
   static thread_local AlignedBuf xp_buf;  // owned by the calling thread, shared inside the region
   const int64_t mc_max = std::min<int64_t>(kMC, (M + kMR - 1) / kMR * kMR);
   float* xp = xp_buf.get(size_t(mc_max * K));
+  // int16 variant (AVX-512 VNNI): per sliver of 16 rows, xq16 [K/2][16] int32 pairs, dxs [K/32][16],
+  // and for the int formats xb [K/block][16] (the zero-point term's X_b).
+  const bool i16 = use_avx512();
+  const TileQ tq = tile_q(p.w.fmt);
+  const bool is_int = !fmt_is_table(p.w.fmt);
+  const int64_t nbk = K / p.w.block, ngk = K / kG;
+  static thread_local AlignedBufT<int32_t> xq16_buf;
+  static thread_local AlignedBuf dxs_buf, gsum_buf, xb_buf;
+  int32_t* xq16 = i16 ? xq16_buf.get(size_t(mc_max / kMR) * size_t(K / 2) * kMR) : nullptr;
+  float* dxs = i16 ? dxs_buf.get(size_t(mc_max) * size_t(ngk)) : nullptr;
+  float* gsum = i16 && is_int ? gsum_buf.get(size_t(mc_max) * size_t(ngk)) : nullptr;
+  float* xb = i16 && is_int ? xb_buf.get(size_t(mc_max) * size_t(nbk)) : nullptr;
   // Low-rank branch (lr != null): A and B in fp32 (A padded to whole groups of kNR rows, B with kNR
   // zero rows past N so the last group of an n-block may read past nb), and per sliver of 16 rows
   // of x the down-projection xa = x·Aᵀ as [j][16] — the micro-kernel's x layout with k = j — so the
@@ -147,6 +305,11 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
     static thread_local AlignedBuf wt_buf, c_buf;
     float* wt = wt_buf.get(size_t(kNC) * kKC);
     float* cb = c_buf.get(size_t(kNC) * size_t(mc_max));
+    static thread_local AlignedBufT<int16_t> wt16_buf;
+    static thread_local AlignedBuf swt_buf, negsz_buf;
+    int16_t* wt16 = i16 ? wt16_buf.get(size_t(kNC) * kKC) : nullptr;
+    float* swt = i16 ? swt_buf.get(size_t(kNC) * (kKC / kG)) : nullptr;
+    float* negsz = i16 && is_int ? negsz_buf.get(size_t(kNC) * size_t(nbk)) : nullptr;
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t na = N * t / T, nb = N * (t + 1) / T;
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
@@ -176,11 +339,34 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
           const __m256 sv = _mm256_set1_ps(lr->s);
           for (int i = 0; i < r * kMR; i += 8) _mm256_store_ps(xs + i, _mm256_mul_ps(_mm256_load_ps(xs + i), sv));
         }
+        if (i16) {
+          float* gs = gsum ? gsum + s * ngk * kMR : nullptr;
+          pack_x_i16(dst, K, tq.qx, xq16 + s * (K / 2) * kMR, dxs + s * ngk * kMR, gs);
+          if (is_int) {  // X_b = Σ_{g∈b} dx_g Σ xq, [b][16]
+            const int gpb = p.w.block / kG;
+            float* xbs = xb + s * nbk * kMR;
+            for (int64_t b = 0; b < nbk; ++b)
+              for (int h = 0; h < kMR; h += 8) {
+                __m256 t = _mm256_setzero_ps();
+                for (int g = 0; g < gpb; ++g) t = _mm256_add_ps(t, _mm256_load_ps(gs + (b * gpb + g) * kMR + h));
+                _mm256_store_ps(xbs + b * kMR + h, t);
+              }
+          }
+        }
       }  // implicit barrier: xp (and xas) complete
       for (int64_t n0 = na; n0 < nb; n0 += kNC) {
         const int nv = int(std::min<int64_t>(kNC, nb - n0)), ng = (nv + kNR - 1) / kNR;
         for (int64_t k0 = 0; k0 < K; k0 += kKC) {
           const int kc = int(std::min<int64_t>(kKC, K - k0));
+          if (i16) {
+            decode_tile_i16(p.w, n0, nv, ng * kNR, k0, kc, tq.qw, wt16, kKC, swt, kKC / kG);
+            for (int64_t s = 0; s < nsl; ++s)
+              for (int g = 0; g < ng; ++g)
+                micro_i16(k0 == 0, kc, xq16 + (s * (K / 2) + k0 / 2) * kMR, dxs + (s * ngk + k0 / kG) * kMR,
+                          wt16 + g * kNR * kKC, kKC, swt + g * kNR * (kKC / kG), kKC / kG,
+                          cb + g * kNR * mcp + s * kMR, mcp);
+            continue;
+          }
           decode_tile_f32(p.w, n0, nv, ng * kNR, k0, kc, wt, kKC);
           for (int64_t s = 0; s < nsl; ++s) {
             const float* xs = xp + (s * K + k0) * kMR;
@@ -190,6 +376,16 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
               else micro_fwd<false>(kc, xs, wt + g * kNR * kKC, kKC, c, mcp);
             }
           }
+        }
+        if (i16 && is_int) {  // − Σ_b s_b z_b X_b: an fp32 micro-kernel pass of depth K / block
+          for (int rr = 0; rr < ng * kNR; ++rr)
+            for (int64_t b = 0; b < nbk; ++b) {
+              const int64_t fb = (n0 + rr) * nbk + b;
+              negsz[rr * nbk + b] = rr < nv ? -(weight_scale(p.w, fb) * p.w.zero[fb]) : 0.0f;
+            }
+          for (int64_t s = 0; s < nsl; ++s)
+            for (int g = 0; g < ng; ++g)
+              micro_fwd<false>(int(nbk), xb + s * nbk * kMR, negsz + g * kNR * nbk, nbk, cb + g * kNR * mcp + s * kMR, mcp);
         }
         if (lr)  // epilogue: the output tile is still in cb (L2); B rows of this n-block read once
           for (int64_t s = 0; s < nsl; ++s)
@@ -227,8 +423,128 @@ inline void micro_t(int nn, const float* wt, int64_t ldw, const float* g, int64_
   micro_6x16<kFirst>(nn, wt, ldw, g, ldg, c, ldc);
 }
 
+// ---------------------------------------------------------------------------- int16 gemm_t variant
+// gx = gy · Ŵ with Ŵ[n, k] = s[n, b] · w16[n, k] (w16: the int16 image of the tile kernel, scale s
+// including 1 / QW): the scale varies along the contraction (n), so it is folded into gy: per k-block
+// b, gy'[m, n] = gy[m, n] · s[n, b] is quantized per row and group of 32 n (QX of tile_q), and
+// gx[m, k ∈ b] = Σ_g dq[m, g] Σ_{n∈g} gq'[m, n] w16[n, k] (− Σ_n gy'[m, n] z[n, b] for the int
+// formats, in fp32). Per n pair the micro-kernel issues 12 vpdpwssd (6 rows of gy × 16 columns), the
+// W pairs interleaved along n in the decoded tile. Costs on top of the products: the quantization of
+// gy' once per k-block (≈ 1/block of the multiply-adds' work) and the flush per group of 32 n.
+
+// gy' rows [0, mp) for block b: gq[m][N/2] int32 pairs, dq[m][N/32]; zt[m] = Σ_n gy'[m, n] z[n, b]
+// (int formats, else untouched). sb[n] = s[n, b] (nf4/fp4: / QW). ≈ 1.5 vector ops per element
+// (the products it feeds are ≈ block / 16 vpdpwssd per element).
+void pack_gy_i16(const float* gyf, int64_t mp, int64_t N, const float* sb, const float* zb, float qx, int32_t* gq,
+                 float* dq, float* zt) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), vqx = _mm256_set1_ps(qx), zero = _mm256_setzero_ps();
+  for (int64_t m = 0; m < mp; ++m) {
+    const float* g = gyf + m * N;
+    __m256 zacc = zero;
+    for (int64_t g0 = 0; g0 < N; g0 += kG) {
+      __m256 v[4];
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_mul_ps(_mm256_load_ps(g + g0 + 8 * j), _mm256_loadu_ps(sb + g0 + 8 * j));
+        if (zb) zacc = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(zb + g0 + 8 * j), zacc);
+      }
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+      mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4e));
+      mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xb1));  // every lane: the group max
+      const __m256 bad = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v[0], v[0], _CMP_UNORD_Q), _mm256_cmp_ps(v[1], v[1], _CMP_UNORD_Q)),
+                                      _mm256_or_ps(_mm256_cmp_ps(v[2], v[2], _CMP_UNORD_Q), _mm256_cmp_ps(v[3], v[3], _CMP_UNORD_Q)));
+      const __m256 inv = _mm256_and_ps(_mm256_div_ps(vqx, mx), _mm256_cmp_ps(mx, zero, _CMP_GT_OQ));
+      const float d = _mm256_cvtss_f32(mx) / qx;
+      dq[m * (N / kG) + g0 / kG] = _mm256_movemask_ps(bad) ? std::numeric_limits<float>::quiet_NaN() : d;
+      // int16 in n order: packs interleaves 4-lane halves, permute4x64 puts them back in order
+      const __m256i a = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)));
+      const __m256i b = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)));
+      int32_t* dst = gq + m * (N / 2) + g0 / 2;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(a, 0xd8));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 8), _mm256_permute4x64_epi64(b, 0xd8));
+    }
+    if (zb) zt[m] = hsum(zacc);
+  }
+}
+
+// Rows [n0, n0 + nn) (nn even) × columns [k0, k0 + kw) (one block) of W → int16 pairs along n:
+// out[(n / 2) · kw + k] = (w16[n][k], w16[n + 1][k]).
+void decode_tile_t_i16(const GemmWeight& w, int64_t n0, int nn, int64_t k0, int kw, float qw, int32_t* out) {
+  const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
+  const bool is_table = fmt_is_table(w.fmt);
+  const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
+  alignas(32) int32_t t16[16];
+  for (int i = 0; i < 16; ++i) t16[i] = is_table ? int32_t(std::nearbyint(table[i] * qw)) : 0;
+  const __m256i t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16));
+  const __m256i t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16 + 8));
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  auto dec = [&](int64_t e0) {
+    __m256i idx = unpack8(w.codes + e0 / per_byte, bits);
+    if (!is_table) return idx;
+    const __m256i a = _mm256_permutevar8x32_epi32(t_lo, idx), c = _mm256_permutevar8x32_epi32(t_hi, idx);
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c),
+                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+  };
+  for (int r = 0; r < nn; r += 2) {
+    const int64_t row0 = (n0 + r) * w.k + k0, row1 = row0 + w.k;
+    for (int j = 0; j < kw; j += 8) {
+      const __m256i a = dec(row0 + j), b = dec(row1 + j);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + (r / 2) * kw + j),
+                         _mm256_or_si256(_mm256_and_si256(a, lo16), _mm256_slli_epi32(b, 16)));
+    }
+  }
+}
+
+// c[i][0..15] (+)= Σ_g dq_i[g] · Σ_{t∈g} <gq_i pair t, w pair t (16 columns)>, nn / 2 pairs.
+// w: [t][ldw] int32 pairs (16 used), gq: 6 rows (stride ldg), dq: 6 rows (stride ldd).
+__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
+void micro_t_i16(bool first, int nn, const int32_t* w, int64_t ldw, const int32_t* gq, int64_t ldg, const float* dq,
+                 int64_t ldd, float* c, int64_t ldc) {
+  __m256 cf[kNR][2];
+  for (int i = 0; i < kNR; ++i) cf[i][0] = cf[i][1] = _mm256_setzero_ps();
+  const int32_t *g0 = gq, *g1 = gq + ldg, *g2 = gq + 2 * ldg, *g3 = gq + 3 * ldg, *g4 = gq + 4 * ldg, *g5 = gq + 5 * ldg;
+  for (int g = 0; g < nn / kG; ++g) {
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    __m256i a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+#pragma GCC unroll 16
+    for (int tt = 0; tt < kG / 2; ++tt) {
+      const int t = g * (kG / 2) + tt;
+      const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + t * ldw));
+      const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + t * ldw + 8));
+      __m256i b;
+      b = _mm256_set1_epi32(g0[t]); a00 = _mm256_dpwssd_epi32(a00, x0, b); a01 = _mm256_dpwssd_epi32(a01, x1, b);
+      b = _mm256_set1_epi32(g1[t]); a10 = _mm256_dpwssd_epi32(a10, x0, b); a11 = _mm256_dpwssd_epi32(a11, x1, b);
+      b = _mm256_set1_epi32(g2[t]); a20 = _mm256_dpwssd_epi32(a20, x0, b); a21 = _mm256_dpwssd_epi32(a21, x1, b);
+      b = _mm256_set1_epi32(g3[t]); a30 = _mm256_dpwssd_epi32(a30, x0, b); a31 = _mm256_dpwssd_epi32(a31, x1, b);
+      b = _mm256_set1_epi32(g4[t]); a40 = _mm256_dpwssd_epi32(a40, x0, b); a41 = _mm256_dpwssd_epi32(a41, x1, b);
+      b = _mm256_set1_epi32(g5[t]); a50 = _mm256_dpwssd_epi32(a50, x0, b); a51 = _mm256_dpwssd_epi32(a51, x1, b);
+    }
+    const __m256i acc[kNR][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+#pragma GCC unroll 6
+    for (int i = 0; i < kNR; ++i) {
+      const __m256 d = _mm256_broadcast_ss(dq + i * ldd + g);
+      cf[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][0]), d, cf[i][0]);
+      cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), d, cf[i][1]);
+    }
+  }
+  for (int i = 0; i < kNR; ++i) {
+    float* ci = c + i * ldc;
+    if (first) {
+      _mm256_store_ps(ci, cf[i][0]);
+      _mm256_store_ps(ci + 8, cf[i][1]);
+    } else {
+      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), cf[i][0]));
+      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), cf[i][1]));
+    }
+  }
+}
+
 void gemm_t_tile(const GemmParams& p) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
+  const bool i16 = use_avx512() && M > kGemvMaxM;  // as the forward: int16 where the forward is
+  const TileQ tq = tile_q(p.w.fmt);
+  const bool is_table = fmt_is_table(p.w.fmt);
   static thread_local AlignedBuf gy_buf;
   const int64_t tm_max = std::min<int64_t>(kTM, (M + kNR - 1) / kNR * kNR);
   float* gyf = gy_buf.get(size_t(tm_max * N));
@@ -239,6 +555,24 @@ void gemm_t_tile(const GemmParams& p) {
     float* cb = c_buf.get(size_t(kTM) * kTK);
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t ka = nbk * t / T * p.w.block, kb = nbk * (t + 1) / T * p.w.block;
+    // int16 variant (AVX-512 VNNI): per thread, gy' of one block (gq, dq, zt), its scales and zeros
+    static thread_local AlignedBufT<int32_t> gq_buf, wt32_buf;
+    static thread_local AlignedBuf dq_buf, zt_buf, sb_buf, zb_buf;
+    int32_t* gq = i16 ? gq_buf.get(size_t(tm_max) * size_t(N / 2)) : nullptr;
+    float* dq = i16 ? dq_buf.get(size_t(tm_max) * size_t(N / kG)) : nullptr;
+    float* zt = i16 ? zt_buf.get(size_t(tm_max)) : nullptr;
+    // the thread's blocks' scales (nf4/fp4: / QW) and zeros, transposed to [block][n], once per call
+    const int64_t tb = (kb - ka) / p.w.block;
+    float* sb = i16 ? sb_buf.get(size_t(tb) * size_t(N)) : nullptr;
+    float* zb = i16 && !is_table ? zb_buf.get(size_t(tb) * size_t(N)) : nullptr;
+    if (i16)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t bl = 0; bl < tb; ++bl) {
+          const int64_t fb = n * nbk + ka / p.w.block + bl;
+          sb[bl * N + n] = weight_scale(p.w, fb) * (is_table ? 1.0f / tq.qw : 1.0f);
+          if (zb) zb[bl * N + n] = p.w.zero[fb];
+        }
+    int32_t* wt32 = i16 ? wt32_buf.get(size_t(kTN / 2) * size_t(std::min(p.w.block, kTK))) : nullptr;
     for (int64_t m0 = 0; m0 < M; m0 += kTM) {
       const int64_t mv = std::min<int64_t>(kTM, M - m0), mp = (mv + kNR - 1) / kNR * kNR;
 #pragma omp for schedule(static)
@@ -252,6 +586,27 @@ void gemm_t_tile(const GemmParams& p) {
       }
       for (int64_t k0 = ka; k0 < kb; k0 += kTK) {
         const int kt = int(std::min<int64_t>(kTK, kb - k0));
+        if (i16) {  // block by block: gy' = gy · s[:, b] quantized, then the int16 tile products
+          const int bw = std::min(p.w.block, kt);  // columns per pass: one block, or the tile of a 256 block
+          for (int64_t bk0 = k0; bk0 < k0 + kt; bk0 += bw) {
+            const int64_t bl = bk0 / p.w.block - ka / p.w.block;  // the thread's block index
+            pack_gy_i16(gyf, mp, N, sb + bl * N, is_table ? nullptr : zb + bl * N, tq.qx, gq, dq, zt);
+            for (int64_t n0 = 0; n0 < N; n0 += kTN) {
+              const int nn = int(std::min<int64_t>(kTN, N - n0));
+              decode_tile_t_i16(p.w, n0, nn, bk0, bw, tq.qw, wt32);
+              for (int ks = 0; ks < bw; ks += 16)
+                for (int64_t g = 0; g < mp / kNR; ++g)
+                  micro_t_i16(n0 == 0, nn, wt32 + ks, bw, gq + g * kNR * (N / 2) + n0 / 2, N / 2,
+                              dq + g * kNR * (N / kG) + n0 / kG, N / kG, cb + g * kNR * kTK + (bk0 - k0) + ks, kTK);
+            }
+            if (!is_table)  // − Σ_n gy'[m, n] z[n, b] on every column of the block
+              for (int64_t m = 0; m < mp; ++m)
+                for (int k = 0; k < bw; ++k) cb[m * kTK + (bk0 - k0) + k] -= zt[m];
+          }
+          for (int64_t m = 0; m < mv; ++m)
+            for (int k = 0; k < kt; ++k) store_out(p.y, p.dtype, (m0 + m) * K + k0 + k, cb[m * kTK + k]);
+          continue;
+        }
         for (int64_t n0 = 0; n0 < N; n0 += kTN) {
           const int nn = int(std::min<int64_t>(kTN, N - n0));
           decode_tile_f32(p.w, n0, nn, nn, k0, kt, wt, kTK);
