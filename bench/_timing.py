@@ -34,3 +34,31 @@ def timeit_pair(fa, fb, reps: int, warmup: int = 5):
         ta.append(t1 - t0)
         tb.append(t2 - t1)
     return statistics.median(ta), statistics.median(tb), statistics.median([b / a for a, b in zip(ta, tb)])
+
+
+def machine_line() -> str:
+    """One line naming the machine a run was taken on (the project's VMs are not all the same CPU):
+    the CPU's model name, family / model numbers, core count and lowbit's CPU path."""
+    import os
+
+    name, family, model = "unknown CPU", "?", "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key, val = key.strip(), val.strip()
+                if key == "model name" and name == "unknown CPU":
+                    name = val
+                elif key == "cpu family" and family == "?":
+                    family = val
+                elif key == "model" and model == "?":
+                    model = val
+    except OSError:
+        pass
+    try:
+        import lowbit
+
+        path = lowbit.info().get("cpu_path", "?")
+    except Exception as e:  # the bench still runs; the line says why the path is unknown
+        path = f"unknown ({type(e).__name__})"
+    return f"machine: {name} (family {family}, model {model}), {os.cpu_count()} CPUs, lowbit cpu path {path}"

@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="PNG of weight-GB/s vs M per shape (needs matplotlib)")
     ap.add_argument("--no-bnb", action="store_true")
     args = ap.parse_args(argv)
+    print(_timing.machine_line())
     torch.set_num_threads(args.threads)
     budget = args.budget or (0.4 if args.quick else 1.0)
     plan = [((8192, 28672), [1]), ((4096, 4096), [1, 128, 512])] if args.quick else [(s, MS) for s in SHAPES]

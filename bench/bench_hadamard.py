@@ -23,7 +23,7 @@ import time
 import torch
 
 import lowbit
-from _timing import timeit  # bench/_timing.py: medians after warm-up
+from _timing import machine_line, timeit  # bench/_timing.py: medians after warm-up
 from lowbit import reference as ref
 
 SIZES = [256, 1024, 4096, 16384, 28672]
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mb", type=float, default=64.0, help="MB of data per case")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    print(machine_line())
     torch.set_num_threads(args.threads)
     validate()
     sizes = [1024, 16384] if args.quick else SIZES

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
-from _timing import timeit, timeit_pair  # bench/_timing.py: medians after warm-up; paired ratios
+from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; paired ratios
 from lowbit import ops
 
 
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    print(machine_line())
     torch.set_num_threads(args.threads)
     if args.init_table:
         return init_table(args)

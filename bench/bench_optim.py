@@ -22,6 +22,8 @@ import torch
 import lowbit
 from lowbit.optim.functional import adamw_step, init_state
 
+from _timing import machine_line  # bench/_timing.py: the machine a run was taken on
+
 
 def validate() -> None:
     gen = torch.Generator().manual_seed(0)
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes (slow: ~seconds per step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    print(machine_line())
     torch.set_num_threads(args.threads)
     validate()
     n = args.numel

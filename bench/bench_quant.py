@@ -16,7 +16,7 @@ import json
 import torch
 
 import lowbit
-from _timing import timeit, timeit_pair  # bench/_timing.py: medians after warm-up; alternated pairs
+from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; alternated pairs
 
 SHAPES = [(4096, 4096), (8192, 28672)]
 
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    print(machine_line())
     torch.set_num_threads(args.threads)
     validate()
     try:

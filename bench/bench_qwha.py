@@ -23,7 +23,7 @@ import json
 import torch
 
 import lowbit
-from _timing import timeit, timeit_pair  # bench/_timing.py: medians after warm-up; alternated pairs
+from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; alternated pairs
 from lowbit import reference as ref
 from lowbit.nn import HadamardAdapterLinear, LoRALinear, QuantLinear
 from lowbit.nn.qwha import adapter_hadamard_factors, qwha_spmm
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="4096 x 4096 only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    print(machine_line())
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = []
