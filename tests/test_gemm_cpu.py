@@ -284,3 +284,25 @@ def test_gemv_avx512_matches_avx2(fmt, m, dq):
     else:  # same error level as the AVX2 build (docs/kernels.md: max |err| / max |ref| 2-6e-5)
         err = {p: float((y.double() - ref).abs().max() / ref.abs().max()) for p, y in ys.items()}
         assert err["avx512"] < 2e-4 and err["avx512"] < 1.5 * err["avx2"] + 1e-6, err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_tile_non_finite_rows_stay_in_their_row(path, bad):
+    """M > 8 (tile kernels, fp32 or int16): a NaN / inf in one row of x (gy) makes that row's outputs
+    non-finite and leaves every other row equal to the reference within the path's bound."""
+    m, n, k = 20, 96, 256
+    qw = QW(n, k, "nf4", 64, True, seed=3)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    x[5, 17] = bad
+    y = gemm(x, qw)
+    assert not torch.isfinite(y[5]).any()
+    keep = [i for i in range(m) if i != 5]
+    xk = x[keep]
+    check(y[keep], xk.double() @ qw.w_hat.double().T, xk, qw.w_hat, k, torch.float32, group_max(xk),
+          eps16=eps_i16("nf4", m))
+    gy = torch.randn(m, n, generator=torch.Generator().manual_seed(4))
+    gy[7, 40] = bad
+    gx = gemm_t(gy, qw)
+    assert not torch.isfinite(gx[7]).any()
+    keep = [i for i in range(m) if i != 7]
+    assert torch.isfinite(gx[keep]).all()
