@@ -310,6 +310,9 @@ struct MmaCfg {
   static constexpr int kStageBytes = kABytes + kBBytes + kSBytes + kLBytes;
   static constexpr int kXaLd = RP + 4;                        // fp32 xa tile after the main loop (reuses the stages)
   static constexpr int kSmem = kStages * kStageBytes > kBM * kXaLd * 4 ? kStages * kStageBytes : kBM * kXaLd * 4;
+  // the kernel's static __shared__ (s_lut: one 256-entry table per decode plane) counts against the same
+  // per-block limit as the dynamic kSmem (48 KiB without the opt-in)
+  static constexpr int kStaticSmem = (kInt ? 1 : kPlanes) * 256 * 4;
   // 16-bit images of 1.0 and of the magic bias
   static constexpr uint32_t kOne = std::is_same<T, __half>::value ? 0x3C003C00u : 0x3F803F80u;
   static constexpr uint32_t kMagic = std::is_same<T, __half>::value ? 0x64006400u : 0x43004300u;   // 1024 | 128
@@ -352,6 +355,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) gemm_mma_kernel(GemmParams p, 
   constexpr int kNd = RP / 16;  // n8 tiles of xa per warp: warps wn = 0 / 1 take j < RP/2 / ≥ RP/2
   constexpr int kLutPlanes = C::kInt ? 1 : C::kPlanes;
   __shared__ uint32_t s_lut[kLutPlanes][256];
+  static_assert(sizeof(s_lut) == C::kStaticSmem, "MmaCfg::kStaticSmem counts s_lut for the launch check");
   SIMT_DYNAMIC_SHARED(unsigned char, smem);
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;

@@ -81,11 +81,12 @@ int gemv_rows(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
 template <Fmt F, class T, int RP>
 int mma_launch(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
   using C = gemm_k::MmaCfg<F, T, RP>;
-  static_assert(RP == 64 || C::kSmem <= 48 * 1024, "only RP = 64 needs the dynamic shared memory opt-in");
-  static_assert(C::kSmem <= 99 * 1024, "within the smallest opt-in maximum of the arch list (sm_86/89)");
+  constexpr int kBlockSmem = C::kSmem + C::kStaticSmem;  // dynamic + static, per block
+  static_assert(RP == 64 || kBlockSmem <= 48 * 1024, "only RP = 64 needs the dynamic shared memory opt-in");
+  static_assert(kBlockSmem <= 99 * 1024, "within the smallest opt-in maximum of the arch list (sm_86/89)");
   const int64_t grid_x = (p.w.n + gemm_k::kBN - 1) / gemm_k::kBN;
   if (grid_x > 0x7fffffff) return kGemmErrInvalid;
-  if (C::kSmem > 48 * 1024) {
+  if (kBlockSmem > 48 * 1024) {
     const int err = simt::set_max_dynamic_smem(gemm_k::gemm_mma_kernel<F, T, RP>, C::kSmem);
     if (err) return err;
   }
