@@ -81,6 +81,20 @@ constexpr int kNC = 96;   // rows of W per decoded tile: 96 KB of fp32 in L2
 constexpr int kMC = 256;  // rows of x per m-block (decode amortised over these)
 static_assert(kNC % kNR == 0 && kMC % kMR == 0 && kKC % 32 == 0, "tile sizes");
 
+// A micro-kernel's 6×16 fp32 result into c (row stride ldc): stored (first) or added.
+inline void store_tile(bool first, const __m256 (&acc)[kNR][2], float* c, int64_t ldc) {
+  for (int i = 0; i < kNR; ++i) {
+    float* ci = c + i * ldc;
+    if (first) {
+      _mm256_store_ps(ci, acc[i][0]);
+      _mm256_store_ps(ci + 8, acc[i][1]);
+    } else {
+      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), acc[i][0]));
+      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
+    }
+  }
+}
+
 // The 6x16 FMA micro-kernel: c[i][0..15] (+)= Σ_t b_i[t] · v_t[0..15] for i < 6, where the 16-float
 // vector v_t sits at v + t * v_step (loaded) and b_i[t] at b + i * ldb + t (broadcast). 12 ymm
 // accumulators + 2 loads + 1 broadcast: 15 of the 16 registers.
@@ -104,16 +118,7 @@ inline void micro_6x16(int depth, const float* v, int64_t v_step, const float* b
     x = _mm256_broadcast_ss(b4 + t); acc[4][0] = _mm256_fmadd_ps(x, a0, acc[4][0]); acc[4][1] = _mm256_fmadd_ps(x, a1, acc[4][1]);
     x = _mm256_broadcast_ss(b5 + t); acc[5][0] = _mm256_fmadd_ps(x, a0, acc[5][0]); acc[5][1] = _mm256_fmadd_ps(x, a1, acc[5][1]);
   }
-  for (int i = 0; i < kNR; ++i) {
-    float* ci = c + i * ldc;
-    if (kFirst) {
-      _mm256_store_ps(ci, acc[i][0]);
-      _mm256_store_ps(ci + 8, acc[i][1]);
-    } else {
-      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), acc[i][0]));
-      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
-    }
-  }
+  store_tile(kFirst, acc, c, ldc);
 }
 
 // Forward: vectors are 16 packed rows of x per k (xs, stride kMR), broadcasts are 6 rows of W.
@@ -177,34 +182,44 @@ void pack_x_i16(const float* v, int64_t K, float qx, int32_t* xq, float* dx, flo
   }
 }
 
+// Eight codes of W from element e0 (a multiple of 8) → their int16 images as int32 lanes: the code
+// (int4 / int2) or round(T[code] · qw) (nf4 / fp4, through two vpermd and a blend).
+struct Decode16 {
+  int bits, per_byte;
+  bool is_table;
+  __m256i t_lo, t_hi;
+  Decode16(Fmt f, float qw) : bits(fmt_bits(f)), per_byte(8 / fmt_bits(f)), is_table(fmt_is_table(f)) {
+    const float* table = f == Fmt::nf4 ? kNF4 : kFP4;
+    alignas(32) int32_t t16[16];
+    for (int i = 0; i < 16; ++i) t16[i] = is_table ? int32_t(std::nearbyint(table[i] * qw)) : 0;
+    t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16));
+    t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16 + 8));
+  }
+  __m256i operator()(const uint8_t* codes, int64_t e0) const {
+    const __m256i idx = unpack8(codes + e0 / per_byte, bits);
+    if (!is_table) return idx;
+    const __m256i a = _mm256_permutevar8x32_epi32(t_lo, idx), c = _mm256_permutevar8x32_epi32(t_hi, idx);
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c),
+                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+  }
+};
+
 // Rows [n0, n0 + rows) × k [k0, k0 + kc) of W → int16 out[r][k] (row stride ld), and the scale of
 // each group of 32 → sw[r][i / 32] (nf4/fp4: s / QW; int: s). Rows [rows, rows_pad) are zero.
 void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc, float qw,
                      int16_t* out, int64_t ld, float* sw, int64_t lds) {
-  const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
-  const bool is_table = fmt_is_table(w.fmt);
-  const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
-  alignas(32) int32_t t16[16];
-  for (int i = 0; i < 16; ++i) t16[i] = is_table ? int32_t(std::nearbyint(table[i] * qw)) : 0;
-  const __m256i t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16));
-  const __m256i t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16 + 8));
+  const Decode16 dec(w.fmt, qw);
   const float inv_qw = 1.0f / qw;
   for (int r = 0; r < rows; ++r) {
     const int64_t row0 = (n0 + r) * w.k;
     for (int i = 0; i < kc; i += kG) {
       const int64_t e0 = row0 + k0 + i;
       const float s = weight_scale(w, e0 / w.block);
-      sw[r * lds + i / kG] = is_table ? s * inv_qw : s;
-      const uint8_t* src = w.codes + e0 / per_byte;
+      sw[r * lds + i / kG] = dec.is_table ? s * inv_qw : s;
       for (int j = 0; j < kG; j += 8) {
-        __m256i idx = unpack8(src + j / per_byte, bits);
-        if (is_table) {
-          const __m256i a = _mm256_permutevar8x32_epi32(t_lo, idx), c = _mm256_permutevar8x32_epi32(t_hi, idx);
-          idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c),
-                                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
-        }
+        const __m256i v = dec(w.codes, e0 + j);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ld + i + j),
-                         _mm_packs_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1)));
+                         _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
       }
     }
   }
@@ -256,16 +271,7 @@ void micro_i16(bool first, int kc, const int32_t* xq, const float* dx, const int
       cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), _mm256_mul_ps(d1, f), cf[i][1]);
     }
   }
-  for (int i = 0; i < kNR; ++i) {
-    float* ci = c + i * ldc;
-    if (first) {
-      _mm256_store_ps(ci, cf[i][0]);
-      _mm256_store_ps(ci + 8, cf[i][1]);
-    } else {
-      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), cf[i][0]));
-      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), cf[i][1]));
-    }
-  }
+  store_tile(first, cf, c, ldc);
 }
 
 void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
@@ -471,25 +477,12 @@ void pack_gy_i16(const float* gyf, int64_t mp, int64_t N, const float* sb, const
 // Rows [n0, n0 + nn) (nn even) × columns [k0, k0 + kw) (one block) of W → int16 pairs along n:
 // out[(n / 2) · kw + k] = (w16[n][k], w16[n + 1][k]).
 void decode_tile_t_i16(const GemmWeight& w, int64_t n0, int nn, int64_t k0, int kw, float qw, int32_t* out) {
-  const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
-  const bool is_table = fmt_is_table(w.fmt);
-  const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
-  alignas(32) int32_t t16[16];
-  for (int i = 0; i < 16; ++i) t16[i] = is_table ? int32_t(std::nearbyint(table[i] * qw)) : 0;
-  const __m256i t_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16));
-  const __m256i t_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t16 + 8));
+  const Decode16 dec(w.fmt, qw);
   const __m256i lo16 = _mm256_set1_epi32(0xffff);
-  auto dec = [&](int64_t e0) {
-    __m256i idx = unpack8(w.codes + e0 / per_byte, bits);
-    if (!is_table) return idx;
-    const __m256i a = _mm256_permutevar8x32_epi32(t_lo, idx), c = _mm256_permutevar8x32_epi32(t_hi, idx);
-    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c),
-                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
-  };
   for (int r = 0; r < nn; r += 2) {
     const int64_t row0 = (n0 + r) * w.k + k0, row1 = row0 + w.k;
     for (int j = 0; j < kw; j += 8) {
-      const __m256i a = dec(row0 + j), b = dec(row1 + j);
+      const __m256i a = dec(w.codes, row0 + j), b = dec(w.codes, row1 + j);
       _mm256_store_si256(reinterpret_cast<__m256i*>(out + (r / 2) * kw + j),
                          _mm256_or_si256(_mm256_and_si256(a, lo16), _mm256_slli_epi32(b, 16)));
     }
@@ -528,16 +521,7 @@ void micro_t_i16(bool first, int nn, const int32_t* w, int64_t ldw, const int32_
       cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), d, cf[i][1]);
     }
   }
-  for (int i = 0; i < kNR; ++i) {
-    float* ci = c + i * ldc;
-    if (first) {
-      _mm256_store_ps(ci, cf[i][0]);
-      _mm256_store_ps(ci + 8, cf[i][1]);
-    } else {
-      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), cf[i][0]));
-      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), cf[i][1]));
-    }
-  }
+  store_tile(first, cf, c, ldc);
 }
 
 void gemm_t_tile(const GemmParams& p) {
