@@ -9,6 +9,7 @@ that op's CPU kernel directly with a cached stacked (A, s·B) pair (:meth:`LoRAL
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -89,14 +90,16 @@ class LoRALinear(nn.Module):
     def _dropout_active(self) -> bool:
         return any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in (self.dropout[n] for n in self.active))
 
-    def _cached_stacked(self):
+    def _cached_stacked(self, params: Optional[list] = None):
         """``_stacked(torch.float32)`` made contiguous, kept until it could be stale: the key holds the
         active names, their scales and, for every active lora_A / lora_B, the Parameter object, its
         ``_version`` (bumped by every in-place update: optimizer steps, ``copy_``, ``load_state_dict``)
         and its data pointer (``p.data = ...`` swaps the storage without a version bump). set_adapter,
         add_adapter, merge, unmerge and ``.to()`` / ``.half()`` (``_apply``) also drop it. Memory: one
-        (N, r) fp32 s·B per layer (a single fp32 adapter's A is used in place, not copied)."""
-        params = [p for n in self.active for p in (self.lora_A[n], self.lora_B[n])]
+        (N, r) fp32 s·B per layer (a single fp32 adapter's A is used in place, not copied).
+        ``params``: the active [A_1, B_1, A_2, B_2, ...] if the caller has them."""
+        if params is None:
+            params = [p for n in self.active for p in (self.lora_A[n], self.lora_B[n])]
         key = (tuple(self.active), tuple(self.scaling[n] for n in self.active))
         state = [(p._version, p.data_ptr()) for p in params]
         c = self._lowrank_cache
@@ -159,27 +162,28 @@ class LoRALinear(nn.Module):
         which also owns every error message (wrong K, r > 256, device mismatch, block size)."""
         if torch.compiler.is_compiling():
             return None
-        base, k, n = self.base, self.in_features, self.out_features
+        k, n = self.in_features, self.out_features
         if (not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
-                or x.shape[-1] != k):
+                or x.shape[-1] != k or ops.backend_for(x) != "cpu" or not _cpu_lowrank_kernel()):
             return None
+        base, lora_a, lora_b = self.base, self.lora_A, self.lora_B
         bias = base.bias
+        params = [p for name in self.active for p in (lora_a[name], lora_b[name])]
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)
-                                        or any(self.lora_A[a].requires_grad or self.lora_B[a].requires_grad
-                                               for a in self.active)):
+                                        or any(p.requires_grad for p in params)):
             return None
-        codes = base._buffers["codes"]
-        if (codes.device != x.device or base.spec.block_size not in ops.GEMM_BLOCKS or self.r > 256
-                or ops.backend_for(x) != "cpu" or not ops._has_kernel("cpu", "lowrank")):
+        bufs = base._buffers
+        codes = bufs["codes"]
+        if codes.device != x.device or base.spec.block_size not in ops.GEMM_BLOCKS:
             return None
         if bias is not None:
             if bias.device != x.device:
                 return None
-            bias = bias.detach().to(torch.float32).contiguous()
-        a, b = self._cached_stacked()
-        if a.device != x.device:
+            if bias.dtype != torch.float32 or not bias.is_contiguous():
+                bias = bias.detach().to(torch.float32).contiguous()  # what ops.lowrank passes
+        a, b = self._cached_stacked(params)
+        if a.shape[0] > 256 or a.device != x.device:
             return None
-        bufs = base._buffers
         offset = bufs.get("scale_offset")
         x2 = x.reshape(-1, k).contiguous()
         m, r = x2.shape[0], a.shape[0]
@@ -235,6 +239,11 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.lora_A[n].shape[0]}, scale={self.scaling[n]:g}" for n in self.lora_A) + \
             f", active={self.active}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_lowrank_kernel() -> bool:
+    return ops._has_kernel("cpu", "lowrank")  # the compiled module does not change within a process
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
