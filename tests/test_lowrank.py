@@ -435,6 +435,14 @@ def test_lora_fast_path_dropout_and_compile():
     layer.train()
     with torch.no_grad():
         assert not torch.equal(layer(x), y)  # half of x's entries dropped in the branch
+    layer.dropout["default"] = torch.nn.Hardtanh(-0.1, 0.1)  # any other module is applied to the branch's x
+    with torch.no_grad():
+        clipped = layer(x)
+    layer.dropout["default"] = torch.nn.Identity()
+    with torch.no_grad():
+        want = layer(torch.nn.functional.hardtanh(x, -0.1, 0.1)) - layer.base(x.clamp(-0.1, 0.1)) + layer.base(x)
+    assert_close(clipped, want, dtype=torch.float32, k=264, scale=scale, extra=2 * int16_path_bound(x, w64))
+    layer.dropout["default"] = torch.nn.Dropout(0.5)
     layer.eval()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     with torch.no_grad():

@@ -29,6 +29,8 @@ class LoRALinear(nn.Module):
     active adapters act as one adapter concatenated along r, each with its own scale).
     """
 
+    _lowrank_cache = None  # class default: modules pickled before the fast path existed load without it
+
     def __init__(self, base: Union[QuantLinear, nn.Linear], r: int = 16, alpha: float = 32, dropout: float = 0.0,
                  adapter_name: str = "default"):
         super().__init__()
@@ -42,7 +44,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: Optional[list] = None  # (names, base weight before merge) while merged
-        self._lowrank_cache = None  # (key, A, s·B) of the inference fast path: _cached_stacked()
+        self._lowrank_cache = None  # (key, A, s·B, versions, parameters): _cached_stacked()
         for p in base.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, r, alpha, dropout)
@@ -88,7 +90,13 @@ class LoRALinear(nn.Module):
         return a, b
 
     def _dropout_active(self) -> bool:
-        return any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in (self.dropout[n] for n in self.active))
+        """Whether some active adapter's dropout changes x: nn.Identity and nn.Dropout in eval mode or
+        with p = 0 do not; any other module (a user's replacement) counts as active."""
+        for n in self.active:
+            d = self.dropout[n]
+            if not (isinstance(d, nn.Identity) or (type(d) is nn.Dropout and (not d.training or d.p == 0))):
+                return True
+        return False
 
     def _cached_stacked(self, params: Optional[list] = None):
         """``_stacked(torch.float32)`` made contiguous, kept until it could be stale: the key holds the
