@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -98,7 +99,7 @@ def init_table(args) -> int:
 
 def module_rows(shapes, ranks, reps: int) -> list[dict]:
     """LoRALinear module ÷ QuantLinear module under torch.no_grad(), M = 1 and 8, timed alternately
-    (the ratio is the median of the per-pair ratios). Validated first: the module against a float64
+    (the ratio: median over 3 rounds of the median of the per-pair ratios). Validated first: the module against a float64
     x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ."""
     print("\nmodules, torch.no_grad() (nf4 block 64 double quant): LoRALinear / QuantLinear")
     print(f"{'N x K':>11} {'r':>3} {'M':>4} {'QuantLinear':>12} {'LoRALinear':>11} {'ratio':>7}   (ms)")
@@ -121,7 +122,9 @@ def module_rows(shapes, ranks, reps: int) -> list[dict]:
                     x64 = x.double()
                     ref = x64 @ w64.T + layer.scaling["default"] * (x64 @ a64.T) @ b64.T
                     assert (layer(x).double() - ref).abs().max() <= 1e-3 * ref.abs().max(), "LoRALinear != reference"
-                    t_q, t_l, ratio = timeit_pair(lambda: base(x), lambda: layer(x), 6 * reps)
+                    # three rounds of paired medians, their median: one burst of load skews one round only
+                    rounds = [timeit_pair(lambda: base(x), lambda: layer(x), 2 * reps) for _ in range(3)]
+                    t_q, t_l, ratio = (statistics.median(c) for c in zip(*rounds))
                 out.append({"n": n, "k": k, "r": r, "m": m, "quantlinear_ms": t_q * 1e3, "loralinear_ms": t_l * 1e3,
                             "module_ratio": ratio})
                 print(f"{n:>5}x{k:<5} {r:>3} {m:>4} {t_q * 1e3:12.3f} {t_l * 1e3:11.3f} {ratio:6.3f}x", flush=True)
