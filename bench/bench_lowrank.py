@@ -99,8 +99,8 @@ def init_table(args) -> int:
 
 def module_rows(shapes, ranks, reps: int) -> list[dict]:
     """LoRALinear module ÷ QuantLinear module under torch.no_grad(), M = 1 and 8, timed alternately
-    (the ratio: median over 3 rounds of the median of the per-pair ratios). Validated first: the module against a float64
-    x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ."""
+    (the ratio: median over 3 rounds of the median of the per-pair ratios). Validated first: the module
+    against a float64 x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ."""
     print("\nmodules, torch.no_grad() (nf4 block 64 double quant): LoRALinear / QuantLinear")
     print(f"{'N x K':>11} {'r':>3} {'M':>4} {'QuantLinear':>12} {'LoRALinear':>11} {'ratio':>7}   (ms)")
     out = []

@@ -400,7 +400,8 @@ def test_lora_fast_path_not_taken_when_recording_grads(monkeypatch):
     for name in ("default", "second"):
         y64 = y64 + layer.scaling[name] * (leaves["x"] @ leaves["A_" + name].T) @ leaves["B_" + name].T
     y64.backward(gy.double())
-    got = {"x": x.grad, **{f"{t}_{n}": getattr(layer, f"lora_{t}")[n].grad for t in "AB" for n in ("default", "second")}}
+    got = {"x": x.grad, **{f"{t}_{n}": getattr(layer, f"lora_{t}")[n].grad
+                           for t in "AB" for n in ("default", "second")}}
     for key, g in got.items():
         want = leaves[key].grad
         assert_close(g, want, dtype=torch.float32, k=400, scale=want.abs().max().item(), name=f"grad {key}")
