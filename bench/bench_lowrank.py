@@ -8,6 +8,9 @@ Validates every path against the reference first, then times in one run (medians
   torch dense      F.linear(fp32 dense W) + lora_B(lora_A(x)) — PEFT over an unquantized base
   bnb + LoRA       bitsandbytes Linear4bit (nf4) + lora_B(lora_A(x)) — PEFT over bitsandbytes
 and a training step (forward + backward to x, A, B) of one layer: lowbit vs bnb + LoRA.
+Module rows (decode, torch.no_grad()): the LoRALinear module over a QuantLinear (nf4, block 64, double
+quant) divided by the QuantLinear module alone, M = 1 and 8 — what a token-by-token decoder pays per
+layer for the adapter (LoRALinear's inference fast path; the op's own overhead is the column above).
 
     python bench/bench_lowrank.py [--quick] [--json out.json]
     python bench/bench_lowrank.py --init-table      # perplexity of LoftQ / QERA corrections on SmolLM2
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 import lowbit
 from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; paired ratios
 from lowbit import ops
+from lowbit.nn import LoRALinear, QuantLinear
 
 
 def bnb_layer(w: torch.Tensor):
@@ -90,6 +95,40 @@ def init_table(args) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def module_rows(shapes, ranks, reps: int) -> list[dict]:
+    """LoRALinear module ÷ QuantLinear module under torch.no_grad(), M = 1 and 8, timed alternately
+    (the ratio: median over 3 rounds of the median of the per-pair ratios). Validated first: the module
+    against a float64 x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ."""
+    print("\nmodules, torch.no_grad() (nf4 block 64 double quant): LoRALinear / QuantLinear")
+    print(f"{'N x K':>11} {'r':>3} {'M':>4} {'QuantLinear':>12} {'LoRALinear':>11} {'ratio':>7}   (ms)")
+    out = []
+    for n, k in shapes:
+        g = torch.Generator().manual_seed(1)
+        lin = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
+        base = QuantLinear.from_linear(lin, "nf4", 64, True)
+        w64 = base.weight.dequantize(torch.float32).double()
+        for r in ranks:
+            layer = LoRALinear(base, r=r, alpha=2 * r)
+            with torch.no_grad():
+                layer.lora_B["default"].copy_(torch.randn(n, r, generator=g) / r ** 0.5)
+            a64, b64 = layer.lora_A["default"].detach().double(), layer.lora_B["default"].detach().double()
+            for m in (1, 8):
+                x = torch.randn(m, k, generator=g)
+                with torch.no_grad():
+                    x64 = x.double()
+                    ref = x64 @ w64.T + layer.scaling["default"] * (x64 @ a64.T) @ b64.T
+                    assert (layer(x).double() - ref).abs().max() <= 1e-3 * ref.abs().max(), "LoRALinear != reference"
+                    # three rounds of paired medians, their median: one burst of load skews one round only
+                    rounds = [timeit_pair(lambda: base(x), lambda: layer(x), 2 * reps) for _ in range(3)]
+                    t_q, t_l, ratio = (statistics.median(c) for c in zip(*rounds))
+                out.append({"n": n, "k": k, "r": r, "m": m, "quantlinear_ms": t_q * 1e3, "loralinear_ms": t_l * 1e3,
+                            "module_ratio": ratio})
+                print(f"{n:>5}x{k:<5} {r:>3} {m:>4} {t_q * 1e3:12.3f} {t_l * 1e3:11.3f} {ratio:6.3f}x", flush=True)
+    return out
 
 
 def main(argv=None) -> int:
@@ -157,6 +196,7 @@ def main(argv=None) -> int:
                 print(f"{n:>5}x{k:<5} {r:>3} {m:>4} {t['lowrank'] * 1e3:8.3f} {t['unfused'] * 1e3:8.3f} "
                       f"{t['base'] * 1e3:8.3f} {t['dense'] * 1e3:8.3f} {bnb_s} {100 * row['overhead_vs_base']:8.1f}% "
                       f"{row['speedup_vs_unfused']:9.2f}x {vs_bnb}")
+    modules = module_rows(shapes, ranks, args.reps)
     # ---- training step of one layer (forward + backward to x, A, B), M = 512
     n, k, r, m = 4096, 4096, 16, 512
     w = torch.randn(n, k) * 0.02
@@ -186,7 +226,8 @@ def main(argv=None) -> int:
         print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rows": rows, "train_step": train}, f, indent=1)
+            json.dump({"threads": args.threads, "rows": rows, "module_rows": modules, "train_step": train}, f,
+                      indent=1)
     return 0
 
 

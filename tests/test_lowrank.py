@@ -253,3 +253,198 @@ def test_fp32_adapters_with_bf16_activations(kernel_backend):
     assert_close(y, expected, dtype=torch.bfloat16, k=132, scale=scale, factor=8)
     y.float().sum().backward()
     assert layer.lora_B["default"].grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- LoRALinear inference fast path
+# forward() with no autograd graph, fp32 x on the "cpu" backend calls the raw lowrank kernel with a cached
+# stacked (A, s·B): it must give the op path's bits, and the cache must never be stale.
+def _two_adapter_layer(r, bias=True, seed=0, n=192, k=256):
+    torch.manual_seed(seed)
+    base = QuantLinear.from_linear(torch.nn.Linear(k, n, bias=bias), "nf4", 64, True)
+    layer = LoRALinear(base, r=r, alpha=2 * r)
+    layer.add_adapter("second", r=5, alpha=3)
+    with torch.no_grad():
+        for name in ("default", "second"):
+            layer.lora_B[name].normal_(0, 0.05)
+    layer.set_adapter(["default", "second"])
+    return layer
+
+
+def _op_path(layer, x):
+    """The module's op path (grad recording: the adapters require grad), detached."""
+    with torch.enable_grad():
+        y = layer(x)
+    assert y.grad_fn is not None, "expected the op path (an autograd graph)"
+    return y.detach()
+
+
+def _dense_reference(layer, x):
+    """float64 x·deq(W)ᵀ + Σ s·(x·Aᵀ)·Bᵀ (+ bias) and its error scale Σ|terms|."""
+    w64, x64 = layer.base.weight.dequantize(torch.float32).double(), x.double()
+    expected, scale = x64 @ w64.T, x64.abs() @ w64.abs().T
+    for name in layer.active:
+        a, b, s = layer.lora_A[name].detach().double(), layer.lora_B[name].detach().double(), layer.scaling[name]
+        expected = expected + s * (x64 @ a.T) @ b.T
+        scale = scale + s * (x64.abs() @ a.abs().T) @ b.abs().T
+    if layer.base.bias is not None:
+        expected, scale = expected + layer.base.bias.double(), scale + layer.base.bias.abs().double()
+    return expected, scale, w64
+
+
+def _spy_op_path(monkeypatch):
+    """Counts the module's calls of ops.lowrank (the op path); the fast path does not call it."""
+    calls = []
+    real = ops.lowrank
+    monkeypatch.setattr(ops, "lowrank", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("r", [1, 16, 64])
+@pytest.mark.parametrize("m", [1, 3, 8, 33])
+def test_lora_fast_path_bit_identical_to_op_path(m, r, monkeypatch):
+    calls = _spy_op_path(monkeypatch)
+    cpu = lowbit._native.module("cpu")
+    for bias in (True, False):
+        layer = _two_adapter_layer(r, bias, seed=m * 100 + r)
+        x = torch.randn(2, m, 256)  # leading dims are flattened like the op path does
+        for path, active in (("avx2", ["default", "second"]), ("portable", ["default", "second"]),
+                             ("avx2", ["default"])):  # one fp32 adapter: its A is used without a copy
+            cpu.set_cpu_path(path)
+            layer.set_adapter(active)
+            try:
+                y_op = _op_path(layer, x)
+                for ctx in (torch.no_grad, torch.inference_mode):
+                    n_calls = len(calls)
+                    with ctx():
+                        y = layer(x)
+                    assert len(calls) == n_calls, f"{ctx.__name__}: the op path was taken"
+                    assert y.shape == (2, m, 192) and y.dtype == torch.float32
+                    assert torch.equal(y, y_op), f"bias={bias} {path} {active} {ctx.__name__}: fast path != op path"
+            finally:
+                cpu.set_cpu_path("auto")
+            expected, scale, w64 = _dense_reference(layer, x.reshape(-1, 256))
+            assert_close(y.reshape(-1, 192), expected, dtype=torch.float32, k=256 + r + 5, scale=scale,
+                         extra=int16_path_bound(x, w64))
+
+
+def test_lora_fast_path_cache_follows_every_change():
+    layer = _two_adapter_layer(16)
+    x = torch.randn(3, 256)
+
+    def check(what, expect_change=True):
+        with torch.no_grad():
+            y = layer(x)
+        assert torch.equal(y, _op_path(layer, x)), f"after {what}: fast path != op path"
+        expected, scale, w64 = _dense_reference(layer, x)
+        assert_close(y, expected, dtype=torch.float32, k=256 + 21, scale=scale, extra=int16_path_bound(x, w64),
+                     name=what)
+        if expect_change:
+            assert not torch.equal(y, check.last), f"after {what}: output did not change"
+        check.last = y
+
+    with torch.no_grad():
+        check.last = layer(x)
+    # an optimizer step on lora_B (op path forward + backward, then an in-place update)
+    opt = torch.optim.SGD([layer.lora_B["default"]], lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()
+    check("an SGD step on lora_B")
+    with torch.inference_mode():
+        layer.lora_A["second"].mul_(1.5)  # in-place under inference mode bumps the version too
+    check("an in-place update under inference_mode")
+    layer.set_adapter("second")
+    check("set_adapter('second')")
+    layer.set_adapter(["default", "second"])
+    check("set_adapter(both)")
+    layer.scaling["second"] = 4.0
+    check("a scaling change")
+    layer.lora_B["second"].data = torch.randn(192, 5) * 0.05  # swaps the storage: no version bump
+    check("a .data assignment")
+    layer.lora_B["default"] = torch.nn.Parameter(torch.randn(192, 16) * 0.05)
+    check("replacing a Parameter")
+    layer.load_state_dict({k: v * 0.5 if "lora_A" in k else v for k, v in layer.state_dict().items()})
+    check("load_state_dict")
+    layer.add_adapter("third", r=3)  # not active: the output stays
+    check("add_adapter", expect_change=False)
+    with torch.no_grad():
+        layer.merge()
+        assert torch.equal(layer(x), layer.base(x))
+        layer.unmerge()
+    check("merge + unmerge", expect_change=False)
+    layer.to(torch.bfloat16)  # adapters and bias in bf16; x stays fp32 (the op path casts A, s·B to fp32)
+    check("module.to(bfloat16)")
+    layer.to(torch.float32)  # back: the adapters keep their bf16 rounding, the cache must not be the bf16 one
+    check("module.to(float32)", expect_change=False)
+    layer.lora_B["default"].requires_grad_(False)  # grad recording of a frozen module: fast path too
+    copy_ = copy.deepcopy(layer)
+    assert copy_._lowrank_cache is None
+    with torch.no_grad():
+        assert torch.equal(copy_(x), layer(x))
+
+
+def test_lora_fast_path_not_taken_when_recording_grads(monkeypatch):
+    """Under grad recording the op path runs: backward works and the gradients are torch autograd's of
+    the dense float64 model; frozen adapters with x not requiring grad take the fast path."""
+    calls = _spy_op_path(monkeypatch)
+    layer = _two_adapter_layer(16)
+    x = torch.randn(4, 256, requires_grad=True)
+    gy = torch.randn(4, 192)
+    layer(x).backward(gy)
+    assert len(calls) == 1
+    w64 = layer.base.weight.dequantize(torch.float32).double()
+    leaves = {"x": x.detach().double().requires_grad_()}
+    for name in ("default", "second"):
+        leaves["A_" + name] = layer.lora_A[name].detach().double().requires_grad_()
+        leaves["B_" + name] = layer.lora_B[name].detach().double().requires_grad_()
+    y64 = leaves["x"] @ w64.T + layer.base.bias.double()
+    for name in ("default", "second"):
+        y64 = y64 + layer.scaling[name] * (leaves["x"] @ leaves["A_" + name].T) @ leaves["B_" + name].T
+    y64.backward(gy.double())
+    got = {"x": x.grad, **{f"{t}_{n}": getattr(layer, f"lora_{t}")[n].grad
+                           for t in "AB" for n in ("default", "second")}}
+    for key, g in got.items():
+        want = leaves[key].grad
+        assert_close(g, want, dtype=torch.float32, k=400, scale=want.abs().max().item(), name=f"grad {key}")
+    # nothing requires grad (frozen adapters, plain x) in grad mode: no graph to record -> fast path
+    layer.requires_grad_(False)
+    y = layer(x.detach())
+    assert y.grad_fn is None and len(calls) == 1
+    # bf16 x, the reference backend: op path even under no_grad
+    with torch.no_grad():
+        layer(x.detach().bfloat16())
+        assert len(calls) == 2
+        with lowbit.use_backend("reference"):
+            layer(x.detach())
+        assert len(calls) == 3
+
+
+def test_lora_fast_path_dropout_and_compile():
+    """Dropout in eval mode is inactive (fused op / fast path, equal to the reference); in training it
+    is applied. Under torch.compile (fullgraph) the op path is traced, not the raw kernel call."""
+    torch.manual_seed(0)
+    base = QuantLinear.from_linear(torch.nn.Linear(256, 192), "nf4", 64, True)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(0, 0.1)
+    x = torch.randn(5, 256)
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.equal(y, _op_path(layer, x))
+    expected, scale, w64 = _dense_reference(layer, x)
+    assert_close(y, expected, dtype=torch.float32, k=264, scale=scale, extra=int16_path_bound(x, w64))
+    layer.train()
+    with torch.no_grad():
+        assert not torch.equal(layer(x), y)  # half of x's entries dropped in the branch
+    layer.dropout["default"] = torch.nn.Hardtanh(-0.1, 0.1)  # any other module is applied to the branch's x
+    with torch.no_grad():
+        clipped = layer(x)
+    layer.dropout["default"] = torch.nn.Identity()
+    with torch.no_grad():
+        want = layer(torch.nn.functional.hardtanh(x, -0.1, 0.1)) - layer.base(x.clamp(-0.1, 0.1)) + layer.base(x)
+    assert_close(clipped, want, dtype=torch.float32, k=264, scale=scale, extra=2 * int16_path_bound(x, w64))
+    layer.dropout["default"] = torch.nn.Dropout(0.5)
+    layer.eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), y)
