@@ -69,16 +69,16 @@ def eps(dtype: torch.dtype) -> float:
 EPS_I16 = 0.5 / 16383 + 2.6e-5
 
 
-# On the 'avx512' CPU path the M > 8 tile kernel is int16 too (x per group of 32 with QX = 8191 for
+# On the 'avx512' CPU path the M > 24 tile kernel is int16 too (x per group of 32 with QX = 8191 for
 # nf4, nf4 weights as round(T·8192)): its worst format's term, for any format.
 EPS_TILE16 = 0.5 / 8191 + 0.5 / 8192
 
 
 def int16_path_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Error bound of the CPU int16 paths for y = x·wᵀ: eps · Σ_k max|x_group(k)| · |w_k|, eps =
-    EPS_I16 (the M ≤ 8 GEMV) or EPS_TILE16 (the int16 tile kernel, M > 8 on the 'avx512' path)."""
+    EPS_I16 (the GEMV, M ≤ 24) or EPS_TILE16 (the int16 tile kernel, M > 24 on the 'avx512' path)."""
     rows = x.reshape(-1, x.shape[-1]).shape[0]
-    tile16 = rows > 8 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"
+    tile16 = rows > 24 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"
     x = x.double().reshape(-1, x.shape[-1])
     k = x.shape[-1]
     pad = (-k) % 32

@@ -526,7 +526,7 @@ void micro_t_i16(bool first, int nn, const int32_t* w, int64_t ldw, const int32_
 
 void gemm_t_tile(const GemmParams& p) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
-  const bool i16 = use_avx512() && M > kGemvMaxM;  // as the forward: int16 where the forward is
+  const bool i16 = use_avx512() && M > kGemvMaxM;  // the forward is int16 there too (GEMV passes, then tiles)
   const TileQ tq = tile_q(p.w.fmt);
   const bool is_table = fmt_is_table(p.w.fmt);
   static thread_local AlignedBuf gy_buf;
@@ -616,15 +616,40 @@ void gemm_t_tile(const GemmParams& p) {
 
 void gemv_avx512(const GemmParams& p, const LowrankParams* lr);  // gemm_avx512.cpp
 
+// Up to this M the GEMV in passes of kGemvMaxM rows beats the tile kernels, whose weight decode is
+// amortised over too few rows (2 threads, 4096² nf4 + dq, ms: M = 9 tile 4.8 / 6.8 (avx512 / avx2)
+// against 2.2 / 2.5 in passes of 8 + 1; M = 16 5.0 / 6.3 against 3.8 / 4.2; M = 24 7.2 / 7.8
+// against 5.7 / 6.3; M = 32 about even).
+constexpr int64_t kGemvPassMaxM = 24;
+
+// The GEMV (AVX-512 VNNI build when available) over rows [0, m) in passes of ≤ kGemvMaxM rows.
+void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
+  const size_t es = p.dtype == DType::f32 ? 4 : 2;
+  for (int64_t m0 = 0; m0 < p.m; m0 += kGemvMaxM) {
+    GemmParams q = p;
+    q.m = std::min<int64_t>(kGemvMaxM, p.m - m0);
+    q.x = static_cast<const char*>(p.x) + size_t(m0 * p.w.k) * es;
+    q.y = static_cast<char*>(p.y) + size_t(m0 * p.w.n) * es;
+    LowrankParams l;
+    if (lr) {
+      l = *lr;
+      l.g = q;
+      l.xa = static_cast<char*>(lr->xa) + size_t(m0 * lr->r) * es;
+    }
+    if (use_avx512()) gemv_avx512(q, lr ? &l : nullptr);
+    else gemv_i16(q, lr ? &l : nullptr);
+  }
+}
+
 void gemm_avx2(const GemmParams& p) {
-  if (p.m <= kGemvMaxM) return use_avx512() ? gemv_avx512(p, nullptr) : gemv_i16(p, nullptr);
+  if (p.m <= kGemvPassMaxM) return gemv_passes(p, nullptr);
   gemm_tile(p, nullptr);
 }
 
 // The lowrank family on the same two kernels: the branch rides on the activation preparation
 // (down-projection) and on the output-tile epilogue (up-projection); see docs/kernels.md.
 void lowrank_avx2(const LowrankParams& lp) {
-  if (lp.g.m <= kGemvMaxM) return use_avx512() ? gemv_avx512(lp.g, &lp) : gemv_i16(lp.g, &lp);
+  if (lp.g.m <= kGemvPassMaxM) return gemv_passes(lp.g, &lp);
   gemm_tile(lp.g, &lp);
 }
 void gemm_t_avx2(const GemmParams& p) { gemm_t_tile(p); }
