@@ -330,3 +330,23 @@ def test_gemv_nf4_outlier_blocks(path):
     y = gemm(x, qw)
     check(y, x.double() @ qw.w_hat.double().T, x, qw.w_hat, k, torch.float32, group_max(x),
           eps16=eps_i16("nf4", m), wabs=qw.block_absmax)
+
+
+def test_results_do_not_depend_on_thread_count(path):
+    """Threads split N (forward) or whole blocks of K (gemm_t), and the GEMV passes' rows: every output
+    element is computed by the same operations whatever the thread count, so 1, 2 and 3 threads
+    give the same bits (M = 13: GEMV passes; M = 40: tile kernels)."""
+    qw = QW(640, 1024, "nf4", 64, True, seed=9)
+    g = torch.Generator().manual_seed(9)
+    x, gy = torch.randn(40, 1024, generator=g), torch.randn(40, 640, generator=g)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((gemm(x, qw), gemm(x[:13], qw), gemm_t(gy, qw)))
+    finally:
+        torch.set_num_threads(old)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
