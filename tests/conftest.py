@@ -88,13 +88,13 @@ def int16_path_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def int16_gemm_t_bound(gy: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor | float:
-    """Error bound of the int16 gemm_t (M > 8 on the 'avx512' CPU path) for gx = gy·w, w (n, k)
+    """Error bound of the int16 gemm_t (M > 24 on the 'avx512' CPU path) for gx = gy·w, w (n, k)
     dequantized: per k-block b, gy·s[:, b] is quantized per row and group of 32 n, so element n's
     error is EPS_TILE16 · max_{n' in its group} |gy[n'] s[n', b]| / s[n, b] times |w[n, k]| (s taken
     as the block absmax of |w|). 0.0 where the path is exact fp32."""
     gy = gy.double().reshape(-1, gy.shape[-1])
     rows, (n, k) = gy.shape[0], w.shape
-    if not (rows > 8 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"):
+    if not (rows > 24 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"):
         return 0.0
     w = w.double().abs()
     s = w.reshape(n, k // block, block).amax(-1).clamp_min(1e-300)  # (n, blocks)

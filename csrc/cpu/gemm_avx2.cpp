@@ -127,6 +127,12 @@ inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, floa
   micro_6x16<kFirst>(kc, xs, kMR, w, ldw, c, ldc);
 }
 
+// Up to this M the GEMV in passes of kGemvMaxM rows beats the tile kernels, whose weight decode is
+// amortised over too few rows (2 threads, 4096² nf4 + dq, ms: M = 9 tile 4.8 / 6.8 (avx512 / avx2)
+// against 2.2 / 2.5 in passes of 8 + 1; M = 16 5.0 / 6.3 against 3.8 / 4.2; M = 24 7.2 / 7.8
+// against 5.7 / 6.3; M = 32 about even).
+constexpr int64_t kGemvPassMaxM = 24;
+
 // ---------------------------------------------------------------------------- int16 tile variant
 // On CPUs with AVX-512 VNNI (use_avx512()) the tile kernel multiplies int16 images instead of fp32:
 // x is quantized per row and group of 32 k, xq = round(x / max|x|_g · QX), W's tile is decoded to
@@ -526,7 +532,10 @@ void micro_t_i16(bool first, int nn, const int32_t* w, int64_t ldw, const int32_
 
 void gemm_t_tile(const GemmParams& p) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
-  const bool i16 = use_avx512() && M > kGemvMaxM;  // the forward is int16 there too (GEMV passes, then tiles)
+  // int16 from the forward's tile threshold on: below it gemm_t is decode-bound and the int16
+  // variant's extra passes cost more than its products save (8192×28672 nf4, M = 9: 77 vs 72 ms;
+  // M = 32: 112 vs 128 ms; M = 128: 315 vs 415 ms)
+  const bool i16 = use_avx512() && M > kGemvPassMaxM;
   const TileQ tq = tile_q(p.w.fmt);
   const bool is_table = fmt_is_table(p.w.fmt);
   static thread_local AlignedBuf gy_buf;
@@ -615,12 +624,6 @@ void gemm_t_tile(const GemmParams& p) {
 }  // namespace
 
 void gemv_avx512(const GemmParams& p, const LowrankParams* lr);  // gemm_avx512.cpp
-
-// Up to this M the GEMV in passes of kGemvMaxM rows beats the tile kernels, whose weight decode is
-// amortised over too few rows (2 threads, 4096² nf4 + dq, ms: M = 9 tile 4.8 / 6.8 (avx512 / avx2)
-// against 2.2 / 2.5 in passes of 8 + 1; M = 16 5.0 / 6.3 against 3.8 / 4.2; M = 24 7.2 / 7.8
-// against 5.7 / 6.3; M = 32 about even).
-constexpr int64_t kGemvPassMaxM = 24;
 
 // The GEMV (AVX-512 VNNI build when available) over rows [0, m) in passes of ≤ kGemvMaxM rows.
 void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
