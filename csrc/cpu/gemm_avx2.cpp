@@ -210,10 +210,11 @@ struct Decode16 {
   }
 };
 
-// Rows [n0, n0 + rows) × k [k0, k0 + kc) of W → int16 out[r][k] (row stride ld), and the scale of
-// each group of 32 → sw[r][i / 32] (nf4/fp4: s / QW; int: s). Rows [rows, rows_pad) are zero.
+// Rows [n0, n0 + rows) × k [k0, k0 + kc) of W → int16 pairs along k, out[r][k / 2] (row stride ld
+// pairs), and the scale of each group of 32 → sw[r][i / 32] (nf4/fp4: s / QW; int: s). Rows
+// [rows, rows_pad) are zero.
 void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc, float qw,
-                     int16_t* out, int64_t ld, float* sw, int64_t lds) {
+                     int32_t* out, int64_t ld, float* sw, int64_t lds) {
   const Decode16 dec(w.fmt, qw);
   const float inv_qw = 1.0f / qw;
   for (int r = 0; r < rows; ++r) {
@@ -224,57 +225,56 @@ void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, in
       sw[r * lds + i / kG] = dec.is_table ? s * inv_qw : s;
       for (int j = 0; j < kG; j += 8) {
         const __m256i v = dec(w.codes, e0 + j);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ld + i + j),
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ld + (i + j) / 2),
                          _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
       }
     }
   }
   for (int r = rows; r < rows_pad; ++r) {
-    std::memset(out + r * ld, 0, sizeof(int16_t) * size_t(kc));
+    std::memset(out + r * ld, 0, sizeof(int32_t) * size_t(kc / 2));
     for (int i = 0; i < kc; i += kG) sw[r * lds + i / kG] = 0.0f;
   }
 }
 
-// The 6×16 int16 micro-kernel: c[i][0..15] (+)= Σ_g sw_i[g] · dx_g[0..15] · Σ_{t∈g} <w_i pair t, x pair t>
-// over kc / 32 groups. xq: [t][16] int32 pairs, dx: [g][16], w: 6 rows of int16 (stride ldw),
-// sw: 6 rows of group scales (stride lds). Compiled for AVX-512 VL + VNNI (32 ymm registers: 12
-// int32 + 12 fp32 accumulators); called only when use_avx512().
+// The 6×16 int16 micro-kernel shared by the forward and gemm_t tiles, over `depth` pairs (a multiple
+// of 16, one group of 32 products per int32 flush):
+//   c[i][0..15] (+)= Σ_g rs_i[g] · ls_g[0..15] · Σ_{t∈g} <v pair t [0..15], b_i pair t>
+// v: 16 int32 pairs per t at v + t · v_step (loaded), b: 6 rows of int32 pairs (stride ldb, broadcast),
+// rs: the rows' per-group scales (stride lds), ls: per-lane scales [g][16] or null (all 1).
+// Forward: v = x pairs, b = W rows, ls = dx, rs = W's group scales. gemm_t: v = W pairs interleaved
+// along n, b = gy' rows, ls = null, rs = gy''s group scales. Compiled for AVX-512 VL + VNNI (32 ymm
+// registers: 12 int32 + 12 fp32 accumulators); called only when use_avx512().
 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
-void micro_i16(bool first, int kc, const int32_t* xq, const float* dx, const int16_t* w, int64_t ldw, const float* sw,
-               int64_t lds, float* c, int64_t ldc) {
+void micro_i16(bool first, int depth, const int32_t* v, int64_t v_step, const int32_t* b, int64_t ldb, const float* ls,
+               const float* rs, int64_t lds, float* c, int64_t ldc) {
   __m256 cf[kNR][2];
   for (int i = 0; i < kNR; ++i) cf[i][0] = cf[i][1] = _mm256_setzero_ps();
-  for (int g = 0; g < kc / kG; ++g) {
+  const int32_t *b0 = b, *b1 = b + ldb, *b2 = b + 2 * ldb, *b3 = b + 3 * ldb, *b4 = b + 4 * ldb, *b5 = b + 5 * ldb;
+  for (int g = 0; g < depth / (kG / 2); ++g) {
     // twelve named accumulators (an array made GCC shuffle them between registers every step)
     __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
     __m256i a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-    const int32_t* xg = xq + g * (kG / 2) * 16;
-    const int16_t* wg = w + g * kG;
-    const int16_t *w0 = wg, *w1 = wg + ldw, *w2 = wg + 2 * ldw, *w3 = wg + 3 * ldw, *w4 = wg + 4 * ldw, *w5 = wg + 5 * ldw;
-    auto bc = [](const int16_t* q) {
-      int32_t pair;
-      std::memcpy(&pair, q, 4);
-      return _mm256_set1_epi32(pair);
-    };
 #pragma GCC unroll 16
-    for (int t = 0; t < kG / 2; ++t) {
-      const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + t * 16));
-      const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg + t * 16 + 8));
-      __m256i b;
-      b = bc(w0 + 2 * t); a00 = _mm256_dpwssd_epi32(a00, x0, b); a01 = _mm256_dpwssd_epi32(a01, x1, b);
-      b = bc(w1 + 2 * t); a10 = _mm256_dpwssd_epi32(a10, x0, b); a11 = _mm256_dpwssd_epi32(a11, x1, b);
-      b = bc(w2 + 2 * t); a20 = _mm256_dpwssd_epi32(a20, x0, b); a21 = _mm256_dpwssd_epi32(a21, x1, b);
-      b = bc(w3 + 2 * t); a30 = _mm256_dpwssd_epi32(a30, x0, b); a31 = _mm256_dpwssd_epi32(a31, x1, b);
-      b = bc(w4 + 2 * t); a40 = _mm256_dpwssd_epi32(a40, x0, b); a41 = _mm256_dpwssd_epi32(a41, x1, b);
-      b = bc(w5 + 2 * t); a50 = _mm256_dpwssd_epi32(a50, x0, b); a51 = _mm256_dpwssd_epi32(a51, x1, b);
+    for (int tt = 0; tt < kG / 2; ++tt) {
+      const int t = g * (kG / 2) + tt;
+      const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(v + t * v_step));
+      const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(v + t * v_step + 8));
+      __m256i w;
+      w = _mm256_set1_epi32(b0[t]); a00 = _mm256_dpwssd_epi32(a00, x0, w); a01 = _mm256_dpwssd_epi32(a01, x1, w);
+      w = _mm256_set1_epi32(b1[t]); a10 = _mm256_dpwssd_epi32(a10, x0, w); a11 = _mm256_dpwssd_epi32(a11, x1, w);
+      w = _mm256_set1_epi32(b2[t]); a20 = _mm256_dpwssd_epi32(a20, x0, w); a21 = _mm256_dpwssd_epi32(a21, x1, w);
+      w = _mm256_set1_epi32(b3[t]); a30 = _mm256_dpwssd_epi32(a30, x0, w); a31 = _mm256_dpwssd_epi32(a31, x1, w);
+      w = _mm256_set1_epi32(b4[t]); a40 = _mm256_dpwssd_epi32(a40, x0, w); a41 = _mm256_dpwssd_epi32(a41, x1, w);
+      w = _mm256_set1_epi32(b5[t]); a50 = _mm256_dpwssd_epi32(a50, x0, w); a51 = _mm256_dpwssd_epi32(a51, x1, w);
     }
     const __m256i acc[kNR][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
-    const __m256 d0 = _mm256_load_ps(dx + g * 16), d1 = _mm256_load_ps(dx + g * 16 + 8);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 l0 = ls ? _mm256_load_ps(ls + g * 16) : one, l1 = ls ? _mm256_load_ps(ls + g * 16 + 8) : one;
 #pragma GCC unroll 6
     for (int i = 0; i < kNR; ++i) {
-      const __m256 f = _mm256_broadcast_ss(sw + i * lds + g);
-      cf[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][0]), _mm256_mul_ps(d0, f), cf[i][0]);
-      cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), _mm256_mul_ps(d1, f), cf[i][1]);
+      const __m256 f = _mm256_broadcast_ss(rs + i * lds + g);
+      cf[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][0]), _mm256_mul_ps(l0, f), cf[i][0]);
+      cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), _mm256_mul_ps(l1, f), cf[i][1]);
     }
   }
   store_tile(first, cf, c, ldc);
@@ -317,9 +317,9 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
     static thread_local AlignedBuf wt_buf, c_buf;
     float* wt = wt_buf.get(size_t(kNC) * kKC);
     float* cb = c_buf.get(size_t(kNC) * size_t(mc_max));
-    static thread_local AlignedBufT<int16_t> wt16_buf;
+    static thread_local AlignedBufT<int32_t> wt16_buf;
     static thread_local AlignedBuf swt_buf, negsz_buf;
-    int16_t* wt16 = i16 ? wt16_buf.get(size_t(kNC) * kKC) : nullptr;
+    int32_t* wt16 = i16 ? wt16_buf.get(size_t(kNC) * (kKC / 2)) : nullptr;  // int16 pairs
     float* swt = i16 ? swt_buf.get(size_t(kNC) * (kKC / kG)) : nullptr;
     float* negsz = i16 && is_int ? negsz_buf.get(size_t(kNC) * size_t(nbk)) : nullptr;
     const int T = omp_get_num_threads(), t = omp_get_thread_num();
@@ -371,12 +371,12 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
         for (int64_t k0 = 0; k0 < K; k0 += kKC) {
           const int kc = int(std::min<int64_t>(kKC, K - k0));
           if (i16) {
-            decode_tile_i16(p.w, n0, nv, ng * kNR, k0, kc, tq.qw, wt16, kKC, swt, kKC / kG);
+            decode_tile_i16(p.w, n0, nv, ng * kNR, k0, kc, tq.qw, wt16, kKC / 2, swt, kKC / kG);
             for (int64_t s = 0; s < nsl; ++s)
               for (int g = 0; g < ng; ++g)
-                micro_i16(k0 == 0, kc, xq16 + (s * (K / 2) + k0 / 2) * kMR, dxs + (s * ngk + k0 / kG) * kMR,
-                          wt16 + g * kNR * kKC, kKC, swt + g * kNR * (kKC / kG), kKC / kG,
-                          cb + g * kNR * mcp + s * kMR, mcp);
+                micro_i16(k0 == 0, kc / 2, xq16 + (s * (K / 2) + k0 / 2) * kMR, kMR,
+                          wt16 + g * kNR * (kKC / 2), kKC / 2, dxs + (s * ngk + k0 / kG) * kMR,
+                          swt + g * kNR * (kKC / kG), kKC / kG, cb + g * kNR * mcp + s * kMR, mcp);
             continue;
           }
           decode_tile_f32(p.w, n0, nv, ng * kNR, k0, kc, wt, kKC);
@@ -495,41 +495,6 @@ void decode_tile_t_i16(const GemmWeight& w, int64_t n0, int nn, int64_t k0, int 
   }
 }
 
-// c[i][0..15] (+)= Σ_g dq_i[g] · Σ_{t∈g} <gq_i pair t, w pair t (16 columns)>, nn / 2 pairs.
-// w: [t][ldw] int32 pairs (16 used), gq: 6 rows (stride ldg), dq: 6 rows (stride ldd).
-__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), noinline))
-void micro_t_i16(bool first, int nn, const int32_t* w, int64_t ldw, const int32_t* gq, int64_t ldg, const float* dq,
-                 int64_t ldd, float* c, int64_t ldc) {
-  __m256 cf[kNR][2];
-  for (int i = 0; i < kNR; ++i) cf[i][0] = cf[i][1] = _mm256_setzero_ps();
-  const int32_t *g0 = gq, *g1 = gq + ldg, *g2 = gq + 2 * ldg, *g3 = gq + 3 * ldg, *g4 = gq + 4 * ldg, *g5 = gq + 5 * ldg;
-  for (int g = 0; g < nn / kG; ++g) {
-    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
-    __m256i a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-#pragma GCC unroll 16
-    for (int tt = 0; tt < kG / 2; ++tt) {
-      const int t = g * (kG / 2) + tt;
-      const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + t * ldw));
-      const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + t * ldw + 8));
-      __m256i b;
-      b = _mm256_set1_epi32(g0[t]); a00 = _mm256_dpwssd_epi32(a00, x0, b); a01 = _mm256_dpwssd_epi32(a01, x1, b);
-      b = _mm256_set1_epi32(g1[t]); a10 = _mm256_dpwssd_epi32(a10, x0, b); a11 = _mm256_dpwssd_epi32(a11, x1, b);
-      b = _mm256_set1_epi32(g2[t]); a20 = _mm256_dpwssd_epi32(a20, x0, b); a21 = _mm256_dpwssd_epi32(a21, x1, b);
-      b = _mm256_set1_epi32(g3[t]); a30 = _mm256_dpwssd_epi32(a30, x0, b); a31 = _mm256_dpwssd_epi32(a31, x1, b);
-      b = _mm256_set1_epi32(g4[t]); a40 = _mm256_dpwssd_epi32(a40, x0, b); a41 = _mm256_dpwssd_epi32(a41, x1, b);
-      b = _mm256_set1_epi32(g5[t]); a50 = _mm256_dpwssd_epi32(a50, x0, b); a51 = _mm256_dpwssd_epi32(a51, x1, b);
-    }
-    const __m256i acc[kNR][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
-#pragma GCC unroll 6
-    for (int i = 0; i < kNR; ++i) {
-      const __m256 d = _mm256_broadcast_ss(dq + i * ldd + g);
-      cf[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][0]), d, cf[i][0]);
-      cf[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][1]), d, cf[i][1]);
-    }
-  }
-  store_tile(first, cf, c, ldc);
-}
-
 void gemm_t_tile(const GemmParams& p) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
   // int16 from the forward's tile threshold on: below it gemm_t is decode-bound and the int16
@@ -589,8 +554,8 @@ void gemm_t_tile(const GemmParams& p) {
               decode_tile_t_i16(p.w, n0, nn, bk0, bw, tq.qw, wt32);
               for (int ks = 0; ks < bw; ks += 16)
                 for (int64_t g = 0; g < mp / kNR; ++g)
-                  micro_t_i16(n0 == 0, nn, wt32 + ks, bw, gq + g * kNR * (N / 2) + n0 / 2, N / 2,
-                              dq + g * kNR * (N / kG) + n0 / kG, N / kG, cb + g * kNR * kTK + (bk0 - k0) + ks, kTK);
+                  micro_i16(n0 == 0, nn / 2, wt32 + ks, bw, gq + g * kNR * (N / 2) + n0 / 2, N / 2, nullptr,
+                            dq + g * kNR * (N / kG) + n0 / kG, N / kG, cb + g * kNR * kTK + (bk0 - k0) + ks, kTK);
             }
             if (!is_table)  // − Σ_n gy'[m, n] z[n, b] on every column of the block
               for (int64_t m = 0; m < mp; ++m)
