@@ -129,7 +129,9 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
   alignas(32) uint32_t km[kOptimBlock], kv[kOptimBlock];
   alignas(32) uint16_t im16[kOptimBlock], iv16[kOptimBlock];
   const bool grid = p.rounding == kOptimRoundBitsandbytes;
-  const Code8Grid &gs = code8_grid(true), &gu = code8_grid(false);
+  // the grid tables exist only for the bitsandbytes rule (built by adamw8 before its parallel region)
+  const Code8Grid* gs = grid ? &code8_grid(true) : nullptr;
+  const Code8Grid* gu = grid ? &code8_grid(false) : nullptr;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * kOptimBlock;
     const int n = int(std::min<int64_t>(kOptimBlock, p.numel - base));
@@ -187,7 +189,7 @@ void adamw8_blocks_avx2(const AdamW8Params& p, int64_t b0, int64_t b1) {
         pack16(grid_index(tm), im16 + j);
         pack16(_mm256_sub_epi32(grid_index(tv), vhalf), iv16 + j);
       }
-      lookup_grid(gs.code, gu.code, im16, iv16, n8, p.qm + base, p.qv + base);
+      lookup_grid(gs->code, gu->code, im16, iv16, n8, p.qm + base, p.qv + base);
       continue;
     }
     // pass 2: scale and clamp against the new absmax (kept in the buffers), bucket keys
