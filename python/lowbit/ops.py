@@ -173,6 +173,17 @@ def _native_gemm(fn: str, be: str, a: torch.Tensor, out: torch.Tensor, bias, w, 
     call(be, fn, *args)
 
 
+def _native_lowrank(be: str, x: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, bias, w, a: torch.Tensor,
+                    b: torch.Tensor, s: float, n: int, k: int, block: int, fmt: str) -> None:
+    """The fused lowrank kernel of backend ``be`` on contiguous x (M, K), y (M, N), xa (M, r), A, B
+    in x's dtype; w = the weight's component tensors (``_weight_args``)."""
+    codes, scale, zero, scale_q, scale_nested, scale_offset = w
+    call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), _ptr(bias), DTYPE_ID[x.dtype], x.shape[0], n, k,
+         codes.data_ptr(), _ptr(scale), _ptr(zero), _ptr(scale_q), _ptr(scale_nested),
+         float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt], a.data_ptr(), b.data_ptr(),
+         a.shape[0], float(s))
+
+
 @torch.library.custom_op("lowbit::gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
             scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
@@ -399,10 +410,7 @@ def lowrank_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tenso
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     xa = torch.empty(x.shape[0], r, dtype=x.dtype, device=x.device)
     if _has_kernel(be, "lowrank"):  # fused: x·Aᵀ while x is loaded, s·xa·Bᵀ in the epilogue
-        call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), _ptr(bias), DTYPE_ID[x.dtype],
-             x.shape[0], n, k, codes.data_ptr(), _ptr(scale), _ptr(zero), _ptr(scale_q), _ptr(scale_nested),
-             float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt],
-             a.data_ptr(), b.data_ptr(), r, float(s))
+        _native_lowrank(be, x, y, xa, bias, w, a, b, s, n, k, block, fmt)
         return y, xa
     # unfused composition on backends without the fused kernel: extra passes over x and y. The base
     # product is taken in fp32 so the sum is rounded to x's dtype once (a bf16 intermediate would

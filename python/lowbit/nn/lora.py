@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import DTYPE_ID, FMT_ID
 from .quant_linear import QuantLinear
 
 
@@ -192,16 +191,12 @@ class LoRALinear(nn.Module):
         a, b = self._cached_stacked(params)
         if a.shape[0] > 256 or a.device != x.device:
             return None
-        offset = bufs.get("scale_offset")
         x2 = x.reshape(-1, k).contiguous()
-        m, r = x2.shape[0], a.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        xa = torch.empty(m, r, dtype=torch.float32)  # the kernel always writes x·Aᵀ (the op returns it)
-        ptr = ops._ptr
-        ops.call("cpu", "lowrank", x2.data_ptr(), y.data_ptr(), xa.data_ptr(), ptr(bias), DTYPE_ID[torch.float32],
-                 m, n, k, codes.data_ptr(), ptr(bufs.get("scale")), ptr(bufs.get("zero")), ptr(bufs.get("scale_q")),
-                 ptr(bufs.get("scale_nested")), float(offset) if offset is not None else 0.0, base.spec.block_size,
-                 FMT_ID[base.spec.fmt], a.data_ptr(), b.data_ptr(), r, 1.0)
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        xa = torch.empty(x2.shape[0], a.shape[0], dtype=torch.float32)  # the kernel always writes x·Aᵀ
+        w = (codes, bufs.get("scale"), bufs.get("zero"), bufs.get("scale_q"), bufs.get("scale_nested"),
+             bufs.get("scale_offset"))
+        ops._native_lowrank("cpu", x2, y, xa, bias, w, a, b, 1.0, n, k, base.spec.block_size, base.spec.fmt)
         return y.reshape(*x.shape[:-1], n)
 
     # ---- merge
