@@ -38,6 +38,15 @@ PYBIND11_MODULE(_C, m) {
     d["dynamic_signed"] = std::vector<float>(kDynamicSigned, kDynamicSigned + 256);
     d["dynamic_unsigned"] = std::vector<float>(kDynamicUnsigned, kDynamicUnsigned + 256);
     d["nested_block"] = kNestedBlock;
+    std::vector<int> gemm_blocks, nf4_blocks, int4_blocks;  // the block-size rule of formats.h
+    for (int b = 1; b <= kMaxTableBlock; b *= 2) {
+      if (gemm_block_ok(b)) gemm_blocks.push_back(b);
+      if (quant_block_ok(Fmt::nf4, b)) nf4_blocks.push_back(b);
+      if (quant_block_ok(Fmt::int4, b)) int4_blocks.push_back(b);
+    }
+    d["gemm_blocks"] = gemm_blocks;
+    d["table_blocks"] = nf4_blocks;  // nf4, fp4
+    d["int_blocks"] = int4_blocks;   // int4, int2
     return d;
   });
 

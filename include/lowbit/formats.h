@@ -188,6 +188,20 @@ inline constexpr float kDynamicUnsigned[256] = {LOWBIT_DYNAMIC_UNSIGNED_TABLE};
 // Nested (double-quant) block size: bitsandbytes uses 256 for the absmax of the absmax.
 constexpr int kNestedBlock = 256;
 
+// ---- Block sizes: the one rule (python/lowbit/formats.py mirrors it; tests/test_quant.py checks
+// the two agree through _C.tables()). Blocks run along K and are powers of two from 32:
+// quantize/dequantize take nf4/fp4 up to 4096 (bitsandbytes' range) and int4/int2 up to 256; the
+// packed products (gemm, gemm_t, lowrank) take 32..256 for every format.
+constexpr int kMinBlock = 32;
+constexpr int kMaxGemmBlock = 256;
+constexpr int kMaxTableBlock = 4096;
+LOWBIT_HD constexpr bool is_pow2_in(int v, int lo, int hi) { return v >= lo && v <= hi && (v & (v - 1)) == 0; }
+LOWBIT_HD constexpr int max_quant_block(Fmt f) { return fmt_is_table(f) ? kMaxTableBlock : kMaxGemmBlock; }
+LOWBIT_HD constexpr bool quant_block_ok(Fmt f, int block) { return is_pow2_in(block, kMinBlock, max_quant_block(f)); }
+LOWBIT_HD constexpr bool gemm_block_ok(int block) { return is_pow2_in(block, kMinBlock, kMaxGemmBlock); }
+static_assert(quant_block_ok(Fmt::nf4, 4096) && !quant_block_ok(Fmt::int4, 512) && gemm_block_ok(64) &&
+              !gemm_block_ok(48) && !gemm_block_ok(512), "block-size rule");
+
 // Guard used by every quantizer before taking a reciprocal (bitsandbytes clamps absmax at 1e-38;
 // the fp32 constant is subnormal, so nothing may run with flush-to-zero / denormals-are-zero).
 constexpr float kAbsmaxFloor = 1e-38f;
@@ -198,6 +212,20 @@ constexpr float kMinIntStep = 1e-30f;
 // ---- The scalar rules, written once; kernels inline them (CPU and CUDA alike). ----
 // Every rule is a fixed sequence of IEEE fp32 operations with no fused multiply-add, so that the
 // reference (torch), the CPU kernels and the CUDA kernels produce identical bits.
+
+// Double quant (bitsandbytes' rule): the fp32 scale of quant block b is rebuilt as
+//   dynamic_signed[scale_q[b]] * scale_nested[b / kNestedBlock] + scale_offset
+// multiply, round, add, round. `code` is dynamic_signed[scale_q[b]] (each caller reads the table
+// from its own memory: a constant array, __constant__, or a vector register image).
+LOWBIT_HD constexpr int64_t nested_block_of(int64_t b) { return b / kNestedBlock; }
+LOWBIT_HD float dq_scale(float code, float nested_absmax, float offset) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(code, nested_absmax), offset);  // nvcc would contract a*b+c to FMA
+#else
+  const float s = code * nested_absmax;  // host builds use -ffp-contract=off (CMakeLists.txt)
+  return s + offset;
+#endif
+}
 
 // Index of the first midpoint >= x == number of midpoints strictly below x (torch.bucketize with
 // right=False): the nearest entry of a sorted table, exact ties to the lower index.
