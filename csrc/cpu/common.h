@@ -1,5 +1,6 @@
-// csrc/cpu/common.h — shared by the CPU kernels: run-time ISA dispatch, threads, and exact scalar
-// conversions between fp32 and bf16 / fp16 (round to nearest even, like torch's .to()).
+// csrc/cpu/common.h — shared by the CPU kernels: the run-time ISA dispatch and threads (defined in
+// dispatch.cpp), exact scalar conversions between fp32 and bf16 / fp16 (round to nearest even, like
+// torch's .to()), and the check macro.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -10,11 +11,12 @@
 
 namespace lowbit::cpu {
 
-// 'avx2' when the CPU has AVX2+FMA+F16C and the AVX2 translation units were built, else 'portable'.
+// dispatch.cpp. The path in use: 'avx512' when the CPU has AVX2+FMA+F16C and AVX-512 F/BW/VL/VNNI,
+// 'avx2' with the first set only, else (or when the ISA files were not built) 'portable'.
 std::string cpu_path();
-std::string set_cpu_path(const std::string& path);
-bool use_avx2();    // the AVX2 + FMA + F16C kernels (the 'avx2' and 'avx512' paths)
-bool use_avx512();  // the AVX-512 VNNI build of gemv_i16 (gemm_avx512.cpp)
+std::string set_cpu_path(const std::string& path);  // throws std::invalid_argument if not available
+bool use_avx2();    // the *_avx2.cpp kernels (the 'avx2' and 'avx512' paths)
+bool use_avx512();  // the *_avx512.cpp kernels (the AVX-512 VNNI int16 GEMV and tile products)
 int num_threads();
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -70,12 +72,13 @@ inline void store_from_float(void* p, DType t, int64_t i, float v) {
   }
 }
 
-// Large fresh output buffers (torch.empty -> mmap) cost a page fault per 4 KiB on first touch:
+// dispatch.cpp. Large fresh output buffers (torch.empty -> mmap) cost a page fault per 4 KiB on first touch:
 // ~20 ms for 64 MB here, 5x the dequantize kernel itself. Ask for transparent huge pages on the
 // 2 MiB-aligned interior (THP is in 'madvise' mode on common distributions); harmless otherwise.
 void hint_huge_pages(void* p, size_t bytes);
 
-// Internal invariant violated: raise (pybind11 turns it into RuntimeError), never abort.
+// A kernel's argument check failed: raise, never abort. std::invalid_argument, which pybind11 turns
+// into ValueError (tests/test_qwha.py expects it for a bad CSR column).
 #define LOWBIT_CHECK(cond, msg)                                                        \
   do {                                                                                 \
     if (!(cond)) throw std::invalid_argument(std::string("lowbit internal check: ") + msg); \
