@@ -24,7 +24,7 @@ const Midpoints& midpoints() {
 // ---------------------------------------------------------------- portable block loops
 static void quantize_blocks_portable(const QuantizeParams& p, int64_t b0, int64_t b1) {
   const int bits = fmt_bits(p.fmt), per_byte = 8 / bits, qmax = fmt_qmax(p.fmt);
-  float buf[4096];
+  float buf[kMaxTableBlock];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * p.block;
     for (int i = 0; i < p.block; ++i) buf[i] = load_as_float(p.w, p.w_dtype, base + i);
@@ -90,7 +90,8 @@ static void parallel_blocks(int64_t n_blocks, int block, F&& f) {
 }
 
 void quantize(const QuantizeParams& p) {
-  LOWBIT_CHECK(p.block > 0 && p.block <= 4096 && p.numel % p.block == 0, "quantize: bad block");
+  LOWBIT_CHECK(quant_block_ok(p.fmt, p.block) && p.numel % p.block == 0,
+               "quantize: block=" + std::to_string(p.block) + ", numel=" + std::to_string(p.numel));
   const int64_t n_blocks = p.numel / p.block;
   hint_huge_pages(p.codes, size_t(p.numel) * fmt_bits(p.fmt) / 8);
   const bool avx2 = use_avx2();
@@ -104,7 +105,8 @@ void quantize(const QuantizeParams& p) {
 }
 
 void dequantize(const DequantizeParams& p) {
-  LOWBIT_CHECK(p.block > 0 && p.numel % p.block == 0, "dequantize: bad block");
+  LOWBIT_CHECK(quant_block_ok(p.fmt, p.block) && p.numel % p.block == 0,
+               "dequantize: block=" + std::to_string(p.block) + ", numel=" + std::to_string(p.numel));
   const int64_t n_blocks = p.numel / p.block;
   hint_huge_pages(p.out, size_t(p.numel) * (p.out_dtype == DType::f32 ? 4 : 2));
   const bool avx2 = use_avx2();
@@ -142,8 +144,7 @@ void dequantize8(const Dequantize8Params& p) {
   const float* map = p.is_signed ? kDynamicSigned : kDynamicUnsigned;
 #pragma omp parallel for schedule(static) if (p.numel > 65536)
   for (int64_t i = 0; i < p.numel; ++i) {
-    float v = map[p.q[i]] * p.absmax[i / p.block];
-    p.out[i] = v + p.offset;
+    p.out[i] = dq_scale(map[p.q[i]], p.absmax[i / p.block], p.offset);  // double quant's rule (formats.h)
   }
 }
 

@@ -49,8 +49,8 @@ void quantize_blocks_avx2(const QuantizeParams& p, int64_t b0, int64_t b1) {
   const __m256i sc_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sorted_codes));
   const __m256i sc_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sorted_codes + 8));
   const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), neg_one = _mm256_set1_ps(-1.0f);
-  alignas(32) float buf[4096];
-  alignas(32) int32_t q[4096];
+  alignas(32) float buf[kMaxTableBlock];
+  alignas(32) int32_t q[kMaxTableBlock];
 
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * p.block;

@@ -59,8 +59,7 @@ inline int int_code(float w, const IntBlock& b, int qmax) {
 // Scale of block b, rebuilt from double quant when present.
 inline float block_scale(const DequantizeParams& p, int64_t b) {
   if (!p.scale_q) return p.scale[b];
-  float s = kDynamicSigned[p.scale_q[b]] * p.scale_nested[b / kNestedBlock];
-  return s + p.scale_offset;
+  return dq_scale(kDynamicSigned[p.scale_q[b]], p.scale_nested[nested_block_of(b)], p.scale_offset);
 }
 
 }  // namespace lowbit::cpu
