@@ -15,6 +15,7 @@
 #include "lowbit/lowrank.h"
 #include "lowbit/optim.h"
 #include "lowbit/quant.h"
+#include "lowbit/qwha.h"
 
 namespace py = pybind11;
 using namespace lowbit;

@@ -143,36 +143,8 @@ LOWBIT_HD constexpr int hadamard_sign(const uint32_t* table, int m, int i, int j
   return ((w >> (j % 32)) & 1u) ? -1 : 1;
 }
 
-// ------------------------------------------------ QWHA's sparse products (python/lowbit/nn/qwha.py)
-// The adapter's coefficient matrix F (n_out × k) is held in CSR with int32 indices: row pointers
-// crow (n_out + 1, crow[0] = 0, non-decreasing, crow[n_out] = nnz), column indices cols (nnz, each in
-// [0, k)), values (nnz). All arrays contiguous fp32 / int32; arithmetic fp32.
-struct QwhaSpmmParams {
-  const float* z;        // (m, k) row-major
-  const float* values;   // (nnz)
-  const int32_t* crow;   // (n_out + 1)
-  const int32_t* cols;   // (nnz)
-  int64_t m;
-  int32_t k, n_out;
-  float scale;
-  float* y;              // (m, n_out) = scale · z · Fᵀ (+ y when accumulate)
-  bool accumulate = false;
-};
-struct QwhaSddmmParams {
-  const float* gy;       // (m, n_out)
-  const float* z;        // (m, k)
-  const int32_t* crow;   // F's pattern as above
-  const int32_t* cols;
-  int64_t m;
-  int32_t k, n_out;
-  float* gvals;          // (nnz): gvals[j] = Σ_i gy[i, row(j)] · z[i, cols[j]]  (dF at the support)
-};
-
 namespace cpu {  // csrc/cpu/hadamard.cpp (+ hadamard_avx2.cpp)
 void hadamard(const HadamardParams& p);
-// Both throw std::invalid_argument (ValueError) on an inconsistent CSR (crow or a column out of range).
-void qwha_spmm(const QwhaSpmmParams& p);
-void qwha_sddmm(const QwhaSddmmParams& p);
 }  // namespace cpu
 namespace kernels {  // csrc/launch/hadamard.inl (CUDA; nvcc and simt)
 int hadamard(const HadamardParams& p, intptr_t stream);
