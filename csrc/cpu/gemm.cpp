@@ -1,5 +1,6 @@
-// csrc/cpu/gemm.cpp — gemm family on the CPU: argument checks, run-time dispatch to the AVX2 file
-// (gemm_avx2.cpp) and the portable fp32 path that any x86-64 / ARM build runs.
+// csrc/cpu/gemm.cpp — gemm family on the CPU: argument checks, run-time dispatch to the ISA files
+// (gemm_avx2.cpp, which uses gemm_avx512.cpp's VNNI kernels on the 'avx512' path) and the portable
+// fp32 path that any x86-64 / ARM build runs.
 //
 //   gemm:    y (m, n)  = x (m, k) · dequant(W)ᵀ (+ bias)
 //   gemm_t:  gx (m, k) = gy (m, n) · dequant(W)
@@ -14,25 +15,11 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/common.h"
-#include "lowbit/gemm.h"
-#include "lowbit/lowrank.h"
+#include "cpu/gemm_internal.h"
 
 namespace lowbit::cpu {
 
-#if LOWBIT_HAVE_AVX2_TU
-void gemm_avx2(const GemmParams& p);    // gemm_avx2.cpp
-void gemm_t_avx2(const GemmParams& p);  // gemm_avx2.cpp
-#endif
-
 namespace {
-
-// Scale of block b of the weight (flat block index over all n * k / block blocks).
-inline float weight_scale(const GemmWeight& w, int64_t b) {
-  if (!w.scale_q) return w.scale[b];
-  float s = kDynamicSigned[w.scale_q[b]] * w.scale_nested[b / kNestedBlock];
-  return s + w.scale_offset;
-}
 
 // Row n, elements [k0, k1) (block aligned) -> fp32, bit-identical to cpu::dequantize.
 void decode_row(const GemmWeight& w, int64_t n, int64_t k0, int64_t k1, float* out) {
@@ -56,8 +43,8 @@ void decode_row(const GemmWeight& w, int64_t n, int64_t k0, int64_t k1, float* o
 // Shared with lowrank.cpp (the lowrank family runs on these kernels).
 void check_gemm(const GemmParams& p, const char* who) {
   const GemmWeight& w = p.w;
-  LOWBIT_CHECK(w.block == 32 || w.block == 64 || w.block == 128 || w.block == 256,
-               std::string(who) + ": block must be 32/64/128/256");
+  LOWBIT_CHECK(gemm_block_ok(w.block), std::string(who) + ": block=" + std::to_string(w.block) +
+                                           " is not a power of two in [32, 256]");
   LOWBIT_CHECK(w.n > 0 && w.k > 0 && w.k % w.block == 0, std::string(who) + ": k % block != 0");
   LOWBIT_CHECK(p.m >= 0 && w.codes && (w.scale || (w.scale_q && w.scale_nested)),
                std::string(who) + ": missing weight buffers");
@@ -143,7 +130,7 @@ void gemm(const GemmParams& p) {
   check_gemm(p, "gemm");
   if (p.m == 0) return;
 #if LOWBIT_HAVE_AVX2_TU
-  if (use_avx2()) return gemm_avx2(p);
+  if (use_avx2()) return gemm_avx2(p, nullptr);
 #endif
   gemm_portable(p, nullptr);
 }

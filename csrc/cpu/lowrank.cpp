@@ -1,5 +1,6 @@
 // csrc/cpu/lowrank.cpp — lowrank family on the CPU: argument checks and dispatch. The kernels are
-// the gemm kernels with the branch fused in (gemm_avx2.cpp: lowrank_avx2; gemm.cpp: gemm_portable):
+// the gemm kernels with the branch fused in, called with the LowrankParams (gemm_avx2.cpp:
+// gemm_avx2(p.g, &p), whose GEMV is cpu/gemm_gemv_i16.h; gemm.cpp: gemm_portable(p.g, &p)):
 //
 //   y (m, n)  = x (m, k) · dequant(W)ᵀ + s · (x · Aᵀ) · Bᵀ (+ bias)     A (r, k), B (n, r)
 //   xa (m, r) = x · Aᵀ                                                  (saved for the backward)
@@ -23,16 +24,9 @@
 //   M = 512, same W: compute-bound; the branch adds 2·r·(K + N)/(2·N·K) = r/2048 of the FLOPs
 //     (r = 16: 0.8%, r = 64: 3.1%), run by the same FMA micro-kernel at the same GFLOP/s, plus the
 //     conversion of A and B to fp32 once per call (r·(K + N) elements).
-#include "cpu/common.h"
-#include "lowbit/lowrank.h"
+#include "cpu/gemm_internal.h"
 
 namespace lowbit::cpu {
-
-void check_gemm(const GemmParams& p, const char* who);                 // gemm.cpp
-void gemm_portable(const GemmParams& p, const LowrankParams* lr);      // gemm.cpp
-#if LOWBIT_HAVE_AVX2_TU
-void lowrank_avx2(const LowrankParams& p);                            // gemm_avx2.cpp
-#endif
 
 void lowrank(const LowrankParams& p) {
   check_gemm(p.g, "lowrank");
@@ -40,7 +34,7 @@ void lowrank(const LowrankParams& p) {
   if (p.g.m == 0) return;  // empty x: torch may hand null data pointers
   LOWBIT_CHECK(p.a && p.b && p.xa && p.g.x && p.g.y, "lowrank: missing x, y, xa, A or B");
 #if LOWBIT_HAVE_AVX2_TU
-  if (use_avx2()) return lowrank_avx2(p);
+  if (use_avx2()) return gemm_avx2(p.g, &p);
 #endif
   gemm_portable(p.g, &p);
 }

@@ -38,7 +38,7 @@ struct GemmParams {
   int64_t m;
 };
 
-namespace cpu {  // csrc/cpu/gemm.cpp (+ gemm_avx2.cpp)
+namespace cpu {  // csrc/cpu/gemm.cpp (+ gemm_avx2.cpp, gemm_avx512.cpp)
 void gemm(const GemmParams& p);
 void gemm_t(const GemmParams& p);
 }  // namespace cpu

@@ -22,7 +22,7 @@ struct LowrankParams {
   float s;
 };
 
-namespace cpu {  // csrc/cpu/lowrank.cpp (kernels in gemm.cpp / gemm_avx2.cpp)
+namespace cpu {  // csrc/cpu/lowrank.cpp (the gemm kernels with the branch fused in)
 void lowrank(const LowrankParams& p);
 }  // namespace cpu
 namespace kernels {  // csrc/launch/lowrank.inl (CUDA; nvcc and simt)

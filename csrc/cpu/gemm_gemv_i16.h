@@ -1,7 +1,7 @@
-// csrc/cpu/gemv_i16.h — the small-M (M ≤ 8) forward kernel of the gemm family, gemv_i16, and the
-// helpers it shares with the tile kernels. Included by gemm_avx2.cpp (AVX2 + FMA + F16C) and by
+// csrc/cpu/gemm_gemv_i16.h — the gemm family's small-M (M ≤ 8) forward kernel, gemv_i16 (with the
+// lowrank family's branch fused in). Included by gemm_avx2.cpp (AVX2 + FMA + F16C) and by
 // gemm_avx512.cpp (the same plus AVX-512 VL/BW/VNNI, LOWBIT_GEMV_VNNI = 1), each compiled with its
-// own ISA flags: everything here has internal linkage (an anonymous namespace), so each TU gets
+// own ISA flags: everything here has internal linkage (an anonymous namespace), so each file gets
 // its own instantiation and the two never meet. With LOWBIT_GEMV_VNNI the int16 dot products are
 // vpdpwssd (multiply, add pairs and accumulate in one instruction) and nf4/fp4 codes become int16
 // table values with one vpermw per 16 codes; the arithmetic is otherwise the same.
@@ -17,10 +17,8 @@
 #include <limits>
 #include <vector>
 
-#include "cpu/common.h"
+#include "cpu/gemm_internal.h"
 #include "cpu/simd_avx2.h"
-#include "lowbit/gemm.h"
-#include "lowbit/lowrank.h"
 
 #ifndef LOWBIT_GEMV_VNNI
 #define LOWBIT_GEMV_VNNI 0
@@ -33,34 +31,6 @@ using simd::hmax;
 using simd::hsum;
 using simd::load8;
 using simd::unpack8;
-
-// ============================================================================ shared helpers
-
-inline float weight_scale(const GemmWeight& w, int64_t b) {
-  if (!w.scale_q) return w.scale[b];
-  float s = kDynamicSigned[w.scale_q[b]] * w.scale_nested[b / kNestedBlock];
-  return s + w.scale_offset;
-}
-
-// A 64-byte aligned buffer reused across calls on the same thread (grows, never shrinks).
-template <class T>
-struct AlignedBufT {
-  T* p = nullptr;
-  size_t cap = 0;
-  T* get(size_t n) {
-    if (n > cap) {
-      std::free(p);
-      cap = (n * sizeof(T) + 63) / 64 * 64 / sizeof(T);
-      p = static_cast<T*>(std::aligned_alloc(64, cap * sizeof(T)));
-      if (!p) throw std::bad_alloc();
-    }
-    return p;
-  }
-  ~AlignedBufT() { std::free(p); }
-};
-using AlignedBuf = AlignedBufT<float>;
-
-inline void store_out(void* y, DType t, int64_t i, float v) { store_from_float(y, t, i, v); }
 
 // ============================================================================ small-M path
 // y (M ≤ kGemvMaxM = 8, N) = x · Wᵀ with W streamed from memory once (M = 5..8 run as 8 with
@@ -250,10 +220,10 @@ __attribute__((always_inline)) inline __m256i dot_chunk(const __m256i* w, const 
 
 
 // The 256 possible double-quant scales of each nested block touching blocks [b0, b0 + cnt) →
-// tab[(nb − b0 / 256) · 256 + q] (32 vector mul + add per nested block; the same fp32 operations
-// as weight_scale: bit-identical). Returns the number of tables (≤ cnt / 256 + 2).
+// tab[(nb − b0 / 256) · 256 + q] (32 vector mul + add per nested block: a vector image of dq_scale,
+// formats.h — the same fp32 operations, bit-identical). Returns the number of tables (≤ cnt / 256 + 2).
 int64_t dq_tables(const GemmWeight& w, int64_t b0, int64_t cnt, float* tab) {
-  const int64_t nb0 = b0 / kNestedBlock, ntab = (b0 + cnt - 1) / kNestedBlock - nb0 + 1;
+  const int64_t nb0 = nested_block_of(b0), ntab = nested_block_of(b0 + cnt - 1) - nb0 + 1;
   const __m256 voff = _mm256_set1_ps(w.scale_offset);
   for (int64_t t = 0; t < ntab; ++t) {
     const __m256 vns = _mm256_set1_ps(w.scale_nested[nb0 + t]);
@@ -268,25 +238,22 @@ int64_t dq_tables(const GemmWeight& w, int64_t b0, int64_t cnt, float* tab) {
 // (cnt / 256 + 2) · 256 floats, or null): table loads instead of a scalar mul/add per block.
 void decode_scales_dq(const GemmWeight& w, int64_t b0, int64_t cnt, float* out, float* tab = nullptr) {
   const float off = w.scale_offset;
-  const int64_t nb0 = b0 / kNestedBlock;
+  const int64_t nb0 = nested_block_of(b0);
   if (tab && cnt >= 64) {
     dq_tables(w, b0, cnt, tab);
     const uint8_t* q = w.scale_q + b0;
     for (int64_t i = 0; i < cnt;) {
-      const int64_t nb = (b0 + i) / kNestedBlock, end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
+      const int64_t nb = nested_block_of(b0 + i), end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
       const float* t = tab + (nb - nb0) * 256;
       for (; i < end; ++i) out[i] = t[q[i]];
     }
     return;
   }
   for (int64_t i = 0; i < cnt;) {
-    const int64_t nb = (b0 + i) / kNestedBlock, end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
+    const int64_t nb = nested_block_of(b0 + i), end = std::min(cnt, (nb + 1) * kNestedBlock - b0);
     const float ns = w.scale_nested[nb];
     const uint8_t* q = w.scale_q + b0;
-    for (; i < end; ++i) {
-      const float v = kDynamicSigned[q[i]] * ns;
-      out[i] = v + off;
-    }
+    for (; i < end; ++i) out[i] = dq_scale(kDynamicSigned[q[i]], ns, off);
   }
 }
 
@@ -335,7 +302,7 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
   // SPC == 1: chunk ch uses the scale of block ch >> cshift (block / CH is a power of two)
   const int cshift = SPC == 1 ? __builtin_ctz(unsigned(block / CH)) : 0;
 
-  const int64_t nbr = K / block, nb0 = n0 * nbr / kNestedBlock;
+  const int64_t nbr = K / block, nb0 = nested_block_of(n0 * nbr);
   const float* tp[R];
   const uint8_t* qp[R];
 #pragma GCC unroll 4
@@ -346,7 +313,7 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
       const int64_t bi = ch >> cshift;
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const int64_t flat = (n0 + r) * nbr + bi, nb = flat / kNestedBlock;
+        const int64_t flat = (n0 + r) * nbr + bi, nb = nested_block_of(flat);
         tp[r] = tab + (nb - nb0) * 256;
         seg_end = std::min(seg_end, ((nb + 1) * kNestedBlock - (n0 + r) * nbr) << cshift);
       }

@@ -1,0 +1,108 @@
+// csrc/cpu/gemm_internal.h — what the gemm family's files share: gemm.cpp (checks, dispatch,
+// portable path), gemm_avx2.cpp (AVX2 tile kernels and the AVX2 GEMV), gemm_avx512.cpp (the AVX-512
+// VNNI int16 kernels), gemm_gemv_i16.h (the small-M GEMV, built into both ISA files) and lowrank.cpp
+// (the lowrank family runs on the gemm kernels with its branch fused in).
+//
+// The helpers defined here are in an anonymous namespace on purpose: this header is compiled with
+// different ISA flags in different files, and an inline function with external linkage would be
+// merged by the linker into one copy — possibly the AVX-512 one, called from the portable path.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "cpu/common.h"
+#include "lowbit/gemm.h"
+#include "lowbit/lowrank.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace lowbit::cpu {
+
+// ---- across files (defined once)
+void check_gemm(const GemmParams& p, const char* who);             // gemm.cpp; lowrank.cpp too
+void gemm_portable(const GemmParams& p, const LowrankParams* lr);  // gemm.cpp: forward, + branch if lr
+#if LOWBIT_HAVE_AVX2_TU
+// gemm_avx2.cpp (use_avx2()): the forward (GEMV in passes for M ≤ 24, tile GEMM above; the low-rank
+// branch fused when lr) and gemm_t. Each picks the AVX-512 VNNI int16 variant when use_avx512().
+void gemm_avx2(const GemmParams& p, const LowrankParams* lr);
+void gemm_t_avx2(const GemmParams& p);
+
+// gemm_avx512.cpp (use_avx512() only): the GEMV's VNNI build, and the int16 pieces of the tile
+// kernels (arguments and layouts at their definitions).
+void gemv_avx512(const GemmParams& p, const LowrankParams* lr);
+void pack_x_i16(const float* v, int64_t K, float qx, int32_t* xq, float* dx, float* gsum);
+void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc, float qw,
+                     int32_t* out, int64_t ld, float* sw, int64_t lds);
+void micro_i16(bool first, int depth, const int32_t* v, int64_t v_step, const int32_t* b, int64_t ldb, const float* ls,
+               const float* rs, int64_t lds, float* c, int64_t ldc);
+void pack_gy_i16(const float* gyf, int64_t mp, int64_t N, const float* sb, const float* zb, float qx, int32_t* gq,
+                 float* dq, float* zt);
+void decode_tile_t_i16(const GemmWeight& w, int64_t n0, int nn, int64_t k0, int kw, float qw, int32_t* out);
+#endif
+
+namespace {
+
+// Scale of block b of the weight (flat block index over all n * k / block blocks); double quant
+// rebuilds it by the rule of formats.h.
+inline float weight_scale(const GemmWeight& w, int64_t b) {
+  if (!w.scale_q) return w.scale[b];
+  return dq_scale(kDynamicSigned[w.scale_q[b]], w.scale_nested[nested_block_of(b)], w.scale_offset);
+}
+
+inline void store_out(void* y, DType t, int64_t i, float v) { store_from_float(y, t, i, v); }
+
+// A 64-byte aligned buffer reused across calls on the same thread (grows, never shrinks).
+template <class T>
+struct AlignedBufT {
+  T* p = nullptr;
+  size_t cap = 0;
+  T* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n * sizeof(T) + 63) / 64 * 64 / sizeof(T);
+      p = static_cast<T*>(std::aligned_alloc(64, cap * sizeof(T)));
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
+  }
+  ~AlignedBufT() { std::free(p); }
+};
+using AlignedBuf = AlignedBufT<float>;
+
+// ---- the tile kernels' shapes (gemm_avx2.cpp; the int16 micro-kernel of gemm_avx512.cpp too)
+constexpr int kMR = 16;  // rows of x per micro tile (two ymm)
+constexpr int kNR = 6;   // rows of W per micro tile (broadcasts)
+constexpr int kG = 32;   // int16 variant: k per activation group (and per int32 flush)
+
+// int16 variant: the activations' scale QX and the table weights' QW per format (the overflow and
+// error bounds behind them: top of gemm_avx512.cpp).
+struct TileQ { float qx, qw; };
+inline TileQ tile_q(Fmt f) {
+  switch (f) {
+    case Fmt::nf4: return {8191.0f, 8192.0f};
+    case Fmt::fp4: return {16383.0f, 3072.0f};
+    default: return {32767.0f, 1.0f};
+  }
+}
+
+#if defined(__AVX2__)  // the ISA files only
+// A micro-kernel's 6×16 fp32 result into c (row stride ldc): stored (first) or added.
+inline void store_tile(bool first, const __m256 (&acc)[kNR][2], float* c, int64_t ldc) {
+  for (int i = 0; i < kNR; ++i) {
+    float* ci = c + i * ldc;
+    if (first) {
+      _mm256_store_ps(ci, acc[i][0]);
+      _mm256_store_ps(ci + 8, acc[i][1]);
+    } else {
+      _mm256_store_ps(ci, _mm256_add_ps(_mm256_load_ps(ci), acc[i][0]));
+      _mm256_store_ps(ci + 8, _mm256_add_ps(_mm256_load_ps(ci + 8), acc[i][1]));
+    }
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace lowbit::cpu
