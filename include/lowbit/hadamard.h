@@ -33,7 +33,6 @@ struct HadamardParams {
 };
 
 constexpr int kHadamardMaxN = 32768;
-constexpr int kHadamardOrders[5] = {172, 40, 28, 20, 12};  // tried largest first (see above)
 
 // n = m · 2^log2_l  ->  m (1 for a power of two), or 0 when n is not a supported size.
 LOWBIT_HD constexpr int hadamard_split(int n, int* log2_l) {

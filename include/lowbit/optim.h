@@ -42,9 +42,7 @@
 
 namespace lowbit {
 
-constexpr int kOptimBlock = 256;               // 8-bit state block (bitsandbytes' optimizer blocksize)
-constexpr uint8_t kZeroCodeSigned = 127;       // kDynamicSigned[127] == 0.0f
-constexpr uint8_t kZeroCodeUnsigned = 0;       // kDynamicUnsigned[0] == 0.0f
+constexpr int kOptimBlock = 256;  // 8-bit state block (bitsandbytes' optimizer blocksize)
 
 struct AdamWScalars {
   float beta1, one_minus_beta1;
