@@ -22,7 +22,7 @@ struct GemmWeight {
   const float* scale;         // (n * k / block,) or null when scale_q is given
   const float* zero;          // int formats only
   const uint8_t* scale_q;     // double quant: (n * k / block,) uint8, or null
-  const float* scale_nested;  // (ceil(n * k / block / 256),)
+  const float* scale_nested;  // (ceil(n * k / block / kNestedBlock),)
   float scale_offset;
   int64_t n, k;
   int32_t block;

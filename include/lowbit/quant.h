@@ -26,14 +26,14 @@ struct QuantizeParams {
 
 // w_hat[i] = table[q] * scale[b]                (nf4, fp4)
 // w_hat[i] = (float(q) - zero[b]) * scale[b]    (int4, int2)
-// With double quant (scale_q != null) scale[b] is first rebuilt, in fp32, as
-//   dyn_signed[scale_q[b]] * scale_nested[b / 256] + scale_offset      (multiply, round, add, round)
+// With double quant (scale_q != null) scale[b] is first rebuilt by the rule of formats.h:
+//   dq_scale(kDynamicSigned[scale_q[b]], scale_nested[nested_block_of(b)], scale_offset)
 struct DequantizeParams {
   const uint8_t* codes;
   const float* scale;         // null when scale_q is given
   const float* zero;          // int formats only
   const uint8_t* scale_q;     // (n_blocks,) or null
-  const float* scale_nested;  // (ceil(n_blocks / 256),)
+  const float* scale_nested;  // (ceil(n_blocks / kNestedBlock),)
   float scale_offset;
   void* out;                  // (numel,) in out_dtype, rounded to nearest even from fp32
   DType out_dtype;
@@ -45,7 +45,8 @@ struct DequantizeParams {
 // Blockwise 8-bit quantization with a dynamic map (signed or unsigned):
 //   absmax[b] = max |x - offset| over the block;  inv = 1 / max(absmax[b], 1e-38)
 //   q = nearest entry of the map to clamp((x - offset) * inv, -1, 1), exact ties to the lower index.
-// Used with block 256 for double quant (x = scale, offset = mean(scale)) and by the 8-bit optimizers.
+// Used with block kNestedBlock for double quant (x = scale, offset = mean(scale)) and by the 8-bit
+// optimizers.
 struct Quantize8Params {
   const float* x;  // (numel,)
   int64_t numel;   // need not be a multiple of block: the last block is partial
@@ -62,7 +63,7 @@ struct Dequantize8Params {
   int64_t numel;
   int32_t block;
   bool is_signed;
-  float offset;  // out = map[q] * absmax[b] + offset (multiply, round, add, round)
+  float offset;  // out = dq_scale(map[q], absmax[b], offset): double quant's rule (formats.h)
   float* out;
 };
 
