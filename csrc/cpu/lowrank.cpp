@@ -5,12 +5,13 @@
 //   y (m, n)  = x (m, k) · dequant(W)ᵀ + s · (x · Aᵀ) · Bᵀ (+ bias)     A (r, k), B (n, r)
 //   xa (m, r) = x · Aᵀ                                                  (saved for the backward)
 //
-// M ≤ 8 (int16 GEMV): xa is computed in fp32 from the exact x, split into parts of 4 dots that the
-//   threads claim at the start of the GEMV's parallel region (A read once, by both cores); s·xa·B[n]ᵀ
-//   is added to each output while it is in a register (B row n read once) — or, for the few rows a
-//   thread reaches before every part is published, after the region's first barrier from an fp32
-//   copy of the base value (same operations, same order, same bits).
-// M > 8 (tile GEMM): xa for each 16-row sliver of x as soon as the sliver is packed (the same
+// M ≤ 24 (int16 GEMV, in passes of ≤ 8 rows): xa is computed in fp32 from the exact x, split into
+//   parts of 4 dots that the threads claim at the start of the GEMV's parallel region (A read once,
+//   by both cores); s·xa·B[n]ᵀ is added to each output while it is in a register (B row n read
+//   once) — or, for the few rows a thread reaches before every part is published, after the
+//   region's first barrier from an fp32 copy of the base value (same operations, same order, same
+//   bits).
+// M > 24 (tile GEMM): xa for each 16-row sliver of x as soon as the sliver is packed (the same
 //   6×16 FMA micro-kernel with A as the "weight"), and the up-projection as one more micro-kernel
 //   pass of depth r over each output tile while it sits in L2, before it is written to y.
 // Neither adds a pass over x or y, nor a barrier.
