@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "runtime.h"
+#include "internal.h"
 
 namespace simt::detail {
 

@@ -6,7 +6,7 @@
 // collective, __nanosleep, exit) and switches back. Fibers never migrate, so thread_local static
 // shared memory is the block's shared memory. A block whose run queue empties before all fibers
 // exited is deadlocked: reported, never a hang.
-#include "runtime.h"
+#include "internal.h"
 
 #include <cxxabi.h>
 #include <dlfcn.h>
