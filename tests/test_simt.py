@@ -31,7 +31,7 @@ def _default_config():
 
 
 def run(name, arrays, ints=()):
-    _sim.selftest(name, [a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr() for a in arrays], list(ints))
+    _sim.simt_test(name, [a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr() for a in arrays], list(ints))
 
 
 # ---------------------------------------------------------------------------- shuffles
@@ -198,7 +198,7 @@ def test_barrier_against_warp_collective_deadlock():
 @pytest.mark.parametrize("use_assert", [0, 1], ids=["trap", "assert"])
 def test_trap_and_assert_raise_with_kernel_block_thread(use_assert):
     with pytest.raises(RuntimeError) as e:
-        _sim.selftest("trap", [], [3, 64, 2, 17, use_assert])
+        _sim.simt_test("trap", [], [3, 64, 2, 17, use_assert])
     msg = str(e.value)
     assert "trap_kernel" in msg and "block (2,0,0), thread (17,0,0)" in msg, msg
     assert ("assertion failed" if use_assert else "__trap()") in msg, msg
@@ -220,11 +220,11 @@ def test_spin_wait_without_progress_is_reported():
 ])
 def test_launch_errors(ints, code):
     with pytest.raises(RuntimeError, match=code):
-        _sim.selftest("launch", [], list(ints))
+        _sim.simt_test("launch", [], list(ints))
 
 
 def test_launch_with_smem_opt_in():
-    _sim.selftest("launch", [], [2, 32, 1, 1, 64 * 1024, 64 * 1024])
+    _sim.simt_test("launch", [], [2, 32, 1, 1, 64 * 1024, 64 * 1024])
 
 
 # ---------------------------------------------------------------------------- per-block shared memory
@@ -277,7 +277,7 @@ def test_static_shared_memory_figures_agree_with_ptxas():
         ptxas.setdefault(e["kernel"], set()).add(e["smem"])
     sim = _sim.static_smem()
     with_smem = {k: max(v) for k, v in ptxas.items() if max(v) > 0}
-    assert len(with_smem) >= 20 and "void lowbit::selftest::static_smem_kernel<0>(float*)" in with_smem
+    assert len(with_smem) >= 20 and "void lowbit::simt_tests::static_smem_kernel<0>(float*)" in with_smem
     exact = 0
     for kernel, smem in with_smem.items():
         assert kernel in sim, f"{kernel}: ptxas reports {smem} bytes of static shared memory, simt counts none"
@@ -304,13 +304,13 @@ _sim.configure("forward", 2)
 out = np.zeros(4 * 32, np.int32)
 for attempt in range(2):  # twice: the first recovery must leave the fault handling armed
     try:
-        _sim.selftest("deep_stack", [out.ctypes.data], [4, 32, 8192])
+        _sim.simt_test("deep_stack", [out.ctypes.data], [4, 32, 8192])
         print("NO ERROR")
     except RuntimeError as e:
         print("RAISED", e)
 x = np.arange(4 * 256, dtype=np.int32)
 y = np.zeros_like(x)
-_sim.selftest("reduce", [x.ctypes.data, y.ctypes.data], [4, 256])
+_sim.simt_test("reduce", [x.ctypes.data, y.ctypes.data], [4, 256])
 xb = x.reshape(4, 256).astype(np.int64)
 want = np.roll(xb, -1, axis=1) * 3
 want[:, 0] += xb.sum(axis=1)
@@ -637,7 +637,7 @@ def test_asan_reports_out_of_bounds_write_with_its_line():
     import subprocess
     import sys
     code = ("import numpy as np; from lowbit import _sim; a = np.zeros(37, np.int32); "
-            "_sim.selftest('oob_write', [a.ctypes.data], [37])")
+            "_sim.simt_test('oob_write', [a.ctypes.data], [37])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "heap-buffer-overflow" in r.stderr and "oob_write_kernel" in r.stderr, r.stderr[-3000:]

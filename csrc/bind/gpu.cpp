@@ -27,7 +27,7 @@
 #define LOWBIT_STR2(x) #x
 #define LOWBIT_STR(x) LOWBIT_STR2(x)
 
-namespace lowbit::selftest {  // csrc/launch/simt.inl
+namespace lowbit::simt_tests {  // csrc/launch/simt.inl
 int run(const std::string& name, const std::vector<intptr_t>& p, const std::vector<int64_t>& i, intptr_t stream);
 }
 
@@ -128,8 +128,8 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
   }, py::arg("ptr"), py::arg("bytes"), py::arg("device"), py::arg("stream") = 0, nogil,
      "cudaMemPrefetchAsync to `device` (-1: host); a no-op under _sim");
 
-  // ---- simulator self-tests (tests/test_simt.py); in _cuda they run on a real device
-  m.def("selftest", [](const std::string& name, const std::vector<intptr_t>& ptrs, const std::vector<int64_t>& ints,
-                       intptr_t stream) { check(selftest::run(name, ptrs, ints, stream), ("selftest " + name).c_str()); },
+  // ---- the simulator's known-answer kernels (tests/test_simt.py); in _cuda they run on a real device
+  m.def("simt_test", [](const std::string& name, const std::vector<intptr_t>& ptrs, const std::vector<int64_t>& ints,
+                        intptr_t stream) { check(simt_tests::run(name, ptrs, ints, stream), ("simt_test " + name).c_str()); },
         py::arg("name"), py::arg("ptrs"), py::arg("ints"), py::arg("stream") = 0, nogil);
 }

@@ -35,7 +35,7 @@ int managed_alloc(intptr_t* ptr, int64_t bytes) {
   // 4 KiB aligned like a page; the pool zero-fills.
   void* p = ::operator new(size_t(bytes < 1 ? 1 : bytes), std::align_val_t(4096), std::nothrow);
   *ptr = reinterpret_cast<intptr_t>(p);
-  return p ? 0 : 2;  // cudaErrorMemoryAllocation
+  return p ? 0 : kErrMemoryAllocation;
 }
 int managed_free(intptr_t ptr) {
   ::operator delete(reinterpret_cast<void*>(ptr), std::align_val_t(4096));

@@ -21,8 +21,8 @@
 //   7.5 ops/B vs the A100 balance of ~13 ops/B: memory-bound (same for fp32, 2x fewer ops/B).
 //   m = 28: +28 ops/element -> ~15 ops/B: at the balance point; m = 172 is compute-bound (~50 ops/B).
 #pragma once
+#include "kernels/common.cuh"
 #include "lowbit/hadamard.h"
-#include "lowbit/simt/compat.cuh"
 
 namespace lowbit::kernels {
 
@@ -38,19 +38,6 @@ static __constant__ hadamard_detail::SignTable c_hadamard_signs = kHadamardSigns
 // register per element and spilled at the 64 registers of a 1024-thread CTA).
 __device__ __forceinline__ int had_pad(int i) { return i + (i >> 5); }
 
-template <class T>
-__device__ __forceinline__ float had_load1(const T* p) {
-  if constexpr (std::is_same<T, float>::value) return *p;
-  else if constexpr (std::is_same<T, __half>::value) return __half2float(*p);
-  else return __bfloat162float(*p);
-}
-template <class T>
-__device__ __forceinline__ void had_store1(T* p, float v) {
-  if constexpr (std::is_same<T, float>::value) *p = v;
-  else if constexpr (std::is_same<T, __half>::value) *p = __float2half_rn(v);
-  else *p = __float2bfloat16_rn(v);
-}
-
 // EPT contiguous elements <-> registers; 16-byte accesses when the launcher found them aligned.
 template <class T, int EPT>
 __device__ __forceinline__ void had_load(float (&v)[EPT], const T* p, bool vec) {
@@ -62,13 +49,13 @@ __device__ __forceinline__ void had_load(float (&v)[EPT], const T* p, bool vec) 
         const uint4 q = *reinterpret_cast<const uint4*>(p + c * kPer16);
         const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-        for (int j = 0; j < kPer16; ++j) v[c * kPer16 + j] = had_load1(e + j);
+        for (int j = 0; j < kPer16; ++j) v[c * kPer16 + j] = to_f32(e[j]);
       }
       return;
     }
   }
 #pragma unroll
-  for (int j = 0; j < EPT; ++j) v[j] = had_load1(p + j);
+  for (int j = 0; j < EPT; ++j) v[j] = to_f32(p[j]);
 }
 template <class T, int EPT>
 __device__ __forceinline__ void had_store(T* p, const float (&v)[EPT], float scale, bool vec) {
@@ -80,14 +67,14 @@ __device__ __forceinline__ void had_store(T* p, const float (&v)[EPT], float sca
         uint4 q;
         T* e = reinterpret_cast<T*>(&q);
 #pragma unroll
-        for (int j = 0; j < kPer16; ++j) had_store1(e + j, v[c * kPer16 + j] * scale);
+        for (int j = 0; j < kPer16; ++j) e[j] = from_f32<T>(v[c * kPer16 + j] * scale);
         *reinterpret_cast<uint4*>(p + c * kPer16) = q;
       }
       return;
     }
   }
 #pragma unroll
-  for (int j = 0; j < EPT; ++j) had_store1(p + j, v[j] * scale);
+  for (int j = 0; j < EPT; ++j) p[j] = from_f32<T>(v[j] * scale);
 }
 
 // In-register stages over the slot bits h < limit (h, limit powers of two; limit ≤ EPT).

@@ -2,9 +2,9 @@
 // in fp32 for the up-projection and rounded to x's dtype for the caller. Used where the down-
 // projection is not fused into the mma kernel (csrc/launch/lowrank.inl): the GEMV path (M ≤ 8 or
 // fp32 x), r > 64, and A not 16-byte aligned. The up-projection y += s · xa · Bᵀ runs in the
-// epilogue of the gemm kernels (csrc/kernels/gemm.cuh, LrEpi): on the tensor cores after the mma
-// main loop, or spread over the lanes of the GEMV's warps. The fused path (gemm_mma_kernel<F, T, RP>)
-// and the roofline of both are in docs/kernels.md, "CUDA lowrank".
+// epilogue of the gemm kernels (LrEpi in csrc/kernels/gemm.cuh): on the tensor cores after the mma
+// main loop (csrc/kernels/gemm_mma.cuh), or spread over the lanes of the GEMV's warps. The fused
+// path (gemm_mma_kernel<F, T, RP>) and the roofline of both are in docs/kernels.md, "CUDA lowrank".
 //
 // One CTA per (j < r, MR rows of x): 8 warps split K, lanes take 8-element chunks (one 16-byte
 // load of A and of each x row), fp32 FMAs, xor-shuffle + shared-memory reduction in warp order
@@ -17,7 +17,7 @@
 // from L2 (M·K·2·r bytes: 268 MB at M = 512, r = 64) — which is why M > 8 fuses it into the mma
 // kernel instead.
 #pragma once
-#include "kernels/gemm.cuh"
+#include "kernels/common.cuh"
 #include "lowbit/lowrank.h"
 
 namespace lowbit::kernels {
@@ -41,12 +41,12 @@ __global__ void __launch_bounds__(kDownThreads, 2)
   const int64_t n_chunks = k / 8;
   for (int64_t c = int64_t(warp) * 32 + lane; c < n_chunks; c += kDownThreads) {
     float av[8];
-    gemm_k::load8(a + j * k + c * 8, v, av);
+    load8(a + j * k + c * 8, v, av);
 #pragma unroll
     for (int i = 0; i < MR; ++i) {
       if (i < rows) {
         float xv[8];
-        gemm_k::load8(x + (m0 + i) * k + c * 8, v, xv);
+        load8(x + (m0 + i) * k + c * 8, v, xv);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[i] = __fmaf_rn(xv[e], av[e], acc[i]);
       }
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kDownThreads, 2)
     float sum = s_red[0][i];
     for (int w = 1; w < kDownWarps; ++w) sum = __fadd_rn(sum, s_red[w][i]);
     xa32[(m0 + i) * r + j] = sum;
-    xa[(m0 + i) * r + j] = gemm_k::from_f32<T>(sum);
+    xa[(m0 + i) * r + j] = from_f32<T>(sum);
   }
 }
 

@@ -14,25 +14,15 @@
 // block), grid-stride over blocks; the new absmax of m and of v is a warp-shuffle max then a
 // max over the 8 warp results in shared memory, identical in every thread.
 #pragma once
+#include "kernels/common.cuh"
 #include "lowbit/optim.h"
-#include "lowbit/simt/compat.cuh"
 
 namespace lowbit::kernels {
 
 constexpr int kOptimThreads = 256;
 static_assert(kOptimThreads == kOptimBlock, "adamw8_kernel maps one thread to one element of a state block");
 
-static __constant__ float c_optim_dyn_signed[256] = {LOWBIT_DYNAMIC_SIGNED_TABLE};
-static __constant__ float c_optim_dyn_unsigned[256] = {LOWBIT_DYNAMIC_UNSIGNED_TABLE};
-
 namespace optim_detail {
-
-__device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_f(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store_f(float* p, int64_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void store_f(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
-__device__ __forceinline__ void store_f(__nv_bfloat16* p, int64_t i, float x) { p[i] = __float2bfloat16_rn(x); }
 
 // optim.h's op sequence; m, v in/out, returns the new p.
 __device__ __forceinline__ float adamw_elem(float p, float g, float& m, float& v, const AdamWScalars& s) {
@@ -71,8 +61,8 @@ __global__ void __launch_bounds__(kOptimThreads) adamw32_kernel(AdamW32Params p)
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel; i += stride) {
     float m = p.m[i], v = p.v[i];
-    const float pn = optim_detail::adamw_elem(optim_detail::load_f(P, i), optim_detail::load_f(G, i), m, v, p.s);
-    optim_detail::store_f(static_cast<TP*>(p.p), i, pn);
+    const float pn = optim_detail::adamw_elem(to_f32(P[i]), to_f32(G[i]), m, v, p.s);
+    static_cast<TP*>(p.p)[i] = from_f32<TP>(pn);
     p.m[i] = m;
     p.v[i] = v;
   }
@@ -85,8 +75,8 @@ __global__ void __launch_bounds__(kOptimThreads) adamw8_kernel(AdamW8Params p) {
   __shared__ float s_red[kOptimThreads / 32];
   const int t = threadIdx.x;
   if (t < 255) {  // optim.h optim_boundary: ~50 scalar steps per thread, once per CTA
-    s_mid_m[t] = optim_boundary(c_optim_dyn_signed, t, p.rounding);
-    s_mid_v[t] = optim_boundary(c_optim_dyn_unsigned, t, p.rounding);
+    s_mid_m[t] = optim_boundary(c_dyn_signed, t, p.rounding);
+    s_mid_v[t] = optim_boundary(c_dyn_unsigned, t, p.rounding);
   }
   __syncthreads();
   const TP* P = static_cast<const TP*>(p.p);
@@ -97,10 +87,10 @@ __global__ void __launch_bounds__(kOptimThreads) adamw8_kernel(AdamW8Params p) {
     const bool valid = i < p.numel;
     float m = 0.0f, v = 0.0f;  // lanes past the end hold 0: they never raise an absmax
     if (valid) {
-      m = __fmul_rn(c_optim_dyn_signed[p.qm[i]], p.absmax_m[b]);
-      v = __fmul_rn(c_optim_dyn_unsigned[p.qv[i]], p.absmax_v[b]);
-      const float pn = optim_detail::adamw_elem(optim_detail::load_f(P, i), optim_detail::load_f(G, i), m, v, p.s);
-      optim_detail::store_f(static_cast<TP*>(p.p), i, pn);
+      m = __fmul_rn(c_dyn_signed[p.qm[i]], p.absmax_m[b]);
+      v = __fmul_rn(c_dyn_unsigned[p.qv[i]], p.absmax_v[b]);
+      const float pn = optim_detail::adamw_elem(to_f32(P[i]), to_f32(G[i]), m, v, p.s);
+      static_cast<TP*>(p.p)[i] = from_f32<TP>(pn);
     }
     // Every thread has read absmax_*[b] above; block_max's barriers order those reads before
     // thread 0's writes below.

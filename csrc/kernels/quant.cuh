@@ -13,19 +13,13 @@
 //   purely bandwidth-bound; 16-byte stores per thread keep it at full sector efficiency.
 //   The 8-bit quantizer runs on n/256 scales only (double quant): negligible either way.
 #pragma once
+#include "kernels/common.cuh"
 #include "lowbit/quant.h"
-#include "lowbit/simt/compat.cuh"
 
 namespace lowbit::kernels {
 
 constexpr int kQuantThreads = 256;
-constexpr int kChunk = 8;  // elements per thread and step: one 16-byte load of bf16/fp16, two of fp32
-
-// Code tables. static: one private copy per translation unit in both builds.
-static __constant__ float c_nf4[16] = {LOWBIT_NF4_TABLE};
-static __constant__ float c_fp4[16] = {LOWBIT_FP4_TABLE};
-static __constant__ float c_dyn_signed[256] = {LOWBIT_DYNAMIC_SIGNED_TABLE};
-static __constant__ float c_dyn_unsigned[256] = {LOWBIT_DYNAMIC_UNSIGNED_TABLE};
+constexpr int kChunk = 8;  // elements per thread and step: load8 / store8 (common.cuh)
 
 // FP4 codes in value order, one nibble each (nibble i = code of the i-th smallest value): the
 // sorted-index -> code map becomes a shift of an immediate instead of a table lookup.
@@ -41,75 +35,6 @@ template <Fmt F>
 __device__ __forceinline__ float sorted_table(int i) {
   if constexpr (F == Fmt::nf4) return c_nf4[i];
   else return c_fp4[int((kFP4SortedPacked >> (4 * i)) & 0xf)];
-}
-
-// ---------------------------------------------------------------------------- element I/O
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T>
-__device__ __forceinline__ float bits16_to_float(uint32_t u) {
-  if constexpr (std::is_same<T, __half>::value) return __half2float(__ushort_as_half(static_cast<unsigned short>(u)));
-  else return __uint_as_float(u << 16);  // bf16 -> fp32 is exact
-}
-template <class T>
-__device__ __forceinline__ uint32_t float_to_bits16(float x) {  // round to nearest even
-  if constexpr (std::is_same<T, __half>::value) return __half_as_ushort(__float2half_rn(x));
-  else return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-}
-
-// Loads elements [i, i + 8) as fp32. vec: 16-byte loads (the caller checked the alignment).
-template <class T>
-__device__ __forceinline__ void load8(const T* __restrict__ w, int64_t i, bool vec, float (&x)[kChunk]) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (vec) {
-      const float4 a = __ldg(reinterpret_cast<const float4*>(w + i));
-      const float4 b = __ldg(reinterpret_cast<const float4*>(w + i) + 1);
-      x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
-      x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-      return;
-    }
-  } else {
-    if (vec) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(w + i));
-      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        x[2 * k] = bits16_to_float<T>(u[k] & 0xffffu);
-        x[2 * k + 1] = bits16_to_float<T>(u[k] >> 16);
-      }
-      return;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kChunk; ++k) x[k] = to_float(w[i + k]);
-}
-
-template <class T>
-__device__ __forceinline__ void store8(T* __restrict__ out, int64_t i, bool vec, const float (&y)[kChunk]) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (vec) {
-      reinterpret_cast<float4*>(out + i)[0] = make_float4(y[0], y[1], y[2], y[3]);
-      reinterpret_cast<float4*>(out + i)[1] = make_float4(y[4], y[5], y[6], y[7]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kChunk; ++k) out[i + k] = y[k];
-    }
-  } else {
-    uint32_t u[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) u[k] = float_to_bits16<T>(y[2 * k]) | (float_to_bits16<T>(y[2 * k + 1]) << 16);
-    if (vec) {
-      *reinterpret_cast<uint4*>(out + i) = make_uint4(u[0], u[1], u[2], u[3]);
-    } else {
-      unsigned short* o = reinterpret_cast<unsigned short*>(out + i);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        o[2 * k] = static_cast<unsigned short>(u[k] & 0xffffu);
-        o[2 * k + 1] = static_cast<unsigned short>(u[k] >> 16);
-      }
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------- quantize
@@ -149,7 +74,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(QuantizeParams 
     }
     for (int c = sub; c < chunks; c += group) {
       float x[kChunk];
-      load8(w, base + int64_t(c) * kChunk, vec, x);
+      load8(w + base + int64_t(c) * kChunk, vec, x);
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) {
         if constexpr (kTable) amax = fmaxf(amax, fabsf(x[k]));
@@ -183,7 +108,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(QuantizeParams 
     for (int c = sub; c < chunks; c += group) {
       float x[kChunk];
       const int64_t e = base + int64_t(c) * kChunk;
-      load8(w, e, vec, x);
+      load8(w + e, vec, x);
       uint32_t packed = 0;
 #pragma unroll
       for (int k = 0; k < kChunk; ++k) {
@@ -230,7 +155,7 @@ __global__ void __launch_bounds__(kQuantThreads) dequantize_kernel(DequantizePar
   for (int64_t ch = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; ch < n_chunks; ch += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = ch * kChunk, b = e / p.block;
     float s;
-    if (p.scale_q) s = __fadd_rn(__fmul_rn(c_dyn_signed[p.scale_q[b]], p.scale_nested[b / kNestedBlock]), p.scale_offset);
+    if (p.scale_q) s = dq_scale(c_dyn_signed[p.scale_q[b]], p.scale_nested[nested_block_of(b)], p.scale_offset);
     else s = p.scale[b];
     const float z = kTable ? 0.0f : p.zero[b];
     uint32_t packed;
@@ -249,7 +174,7 @@ __global__ void __launch_bounds__(kQuantThreads) dequantize_kernel(DequantizePar
       const uint32_t q = (packed >> (8 * (k / per_byte) + (8 - kBits * (k % per_byte + 1)))) & ((1u << kBits) - 1u);
       y[k] = kTable ? __fmul_rn(s_table[q], s) : __fmul_rn(__fsub_rn(float(q), z), s);
     }
-    store8(out, e, vec, y);
+    store8(out + e, vec, y);
   }
 }
 
@@ -287,7 +212,7 @@ __global__ void __launch_bounds__(kQuantThreads) dequantize8_kernel(Dequantize8P
   for (int i = threadIdx.x; i < 256; i += blockDim.x) s_map[i] = map[i];
   __syncthreads();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.numel; i += int64_t(gridDim.x) * blockDim.x)
-    p.out[i] = __fadd_rn(__fmul_rn(s_map[p.q[i]], p.absmax[i / p.block]), p.offset);
+    p.out[i] = dq_scale(s_map[p.q[i]], p.absmax[i / p.block], p.offset);  // the double-quant rule, any block
 }
 
 }  // namespace lowbit::kernels

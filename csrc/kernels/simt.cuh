@@ -4,7 +4,7 @@
 #pragma once
 #include "lowbit/simt/compat.cuh"
 
-namespace lowbit::selftest {
+namespace lowbit::simt_tests {
 
 // out[t] = shuffle of value (1000 * warp + lane) with per-thread operand arg[t]; mode 0 idx, 1 up,
 // 2 down, 3 xor. wide != 0 shuffles a 64-bit value (two 32-bit shuffles on hardware).
@@ -296,4 +296,4 @@ __global__ void oob_write_kernel(int* out, int n) {
   if (i == n - 1) out[i + 1] = 7;
 }
 
-}  // namespace lowbit::selftest
+}  // namespace lowbit::simt_tests

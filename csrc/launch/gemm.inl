@@ -8,15 +8,14 @@
 //   otherwise → gemm_mma_kernel<F, T, RP> (bf16 / fp16); RP > 0 when the lowrank family asks for
 //   the fused down-projection (lowrank_fusable: r ≤ 64, RP = r rounded up to 16, 32 or 64).
 // Instantiated (STYLE 11): gemv 4 formats × 3 dtypes × 3 MR = 36; mma 4 × 2 × RP ∈ {0, 16, 32, 64}
-// = 32; gemm_t 4 × 3 × MR ∈ {1, 8} = 24. Any M ≥ 0, any N ≥ 1, K a multiple of the block; block a multiple of 32 (the
-// Python layer allows 32, 64, 128, 256).
+// = 32; gemm_t 4 × 3 × MR ∈ {1, 8} = 24. Any M ≥ 0, any N ≥ 1, K a multiple of the block; block
+// by formats.h's gemm_block_ok (32, 64, 128, 256), the rule of the CPU kernels and ops.py.
 #pragma once
-#include "kernels/gemm.cuh"
+#include "kernels/gemm_mma.cuh"  // and, through it, kernels/gemm.cuh
 
 namespace lowbit::kernels {
 
 namespace {
-constexpr int kGemmErrInvalid = 1;  // cudaErrorInvalidValue
 // M up to which the SIMT GEMV beats padding the m16 tensor-core tile (see gemv_kernel's roofline).
 constexpr int64_t kSmallM = 8;
 // CTAs wanted for one launch of the GEMV: 2 waves of an H100 (132 SMs). The simulator cannot tell
@@ -25,8 +24,6 @@ constexpr int64_t kSmallM = 8;
 // (N, K, M) — so a given shape gives the same bits on every device and every simulator schedule.
 constexpr int64_t kTargetCtas = 264;
 constexpr int64_t kMaxGridY = 65535;
-
-bool gemm_aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
 // Runs `launch(sub, m0)` over slices of M so that grid.y stays within its limit.
 template <class L>
@@ -61,10 +58,10 @@ int gemv_launch(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
     kw *= 2;
   const int cols = gemm_k::kGemvWarps / kw;
   const int64_t grid_x = (p.w.n + cols - 1) / cols;
-  if (grid_x > 0x7fffffff) return kGemmErrInvalid;
-  const int codes_vec = gemm_aligned(p.w.codes, fmt_bits(F) == 4 ? 16 : 8);
+  if (grid_x > 0x7fffffff) return kErrInvalidValue;
+  const int codes_vec = aligned(p.w.codes, fmt_bits(F) == 4 ? 16 : 8);
   return over_m_slices(p, MR, p.w.k, p.w.n, sizeof(T), [&](const GemmParams& s, int64_t m0) {
-    const int x_vec = gemm_aligned(s.x, 16);
+    const int x_vec = aligned(s.x, 16);
     const unsigned gy = unsigned((s.m + MR - 1) / MR);
     return simt::launch(gemm_k::gemv_kernel<F, T, MR>, dim3(unsigned(grid_x), gy), dim3(gemm_k::kGemvThreads), 0,
                         stream, s, kw, x_vec, codes_vec, lr_at(lr, m0, sizeof(T)));
@@ -85,7 +82,7 @@ int mma_launch(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
   static_assert(RP == 64 || kBlockSmem <= 48 * 1024, "only RP = 64 needs the dynamic shared memory opt-in");
   static_assert(kBlockSmem <= 99 * 1024, "within the smallest opt-in maximum of the arch list (sm_86/89)");
   const int64_t grid_x = (p.w.n + gemm_k::kBN - 1) / gemm_k::kBN;
-  if (grid_x > 0x7fffffff) return kGemmErrInvalid;
+  if (grid_x > 0x7fffffff) return kErrInvalidValue;
   if (kBlockSmem > 48 * 1024) {
     const int err = simt::set_max_dynamic_smem(gemm_k::gemm_mma_kernel<F, T, RP>, C::kSmem);
     if (err) return err;
@@ -101,7 +98,7 @@ int mma_launch(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
 // bytes a multiple of 16.
 template <Fmt F>
 bool mma_streamable(const GemmParams& p) {
-  return gemm_aligned(p.x, 16) && gemm_aligned(p.w.codes, 16) && (p.w.k * fmt_bits(F) / 8) % 16 == 0;
+  return aligned(p.x, 16) && aligned(p.w.codes, 16) && (p.w.k * fmt_bits(F) / 8) % 16 == 0;
 }
 
 bool mma_path(const GemmParams& p) {
@@ -121,7 +118,7 @@ int gemm_fmt(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
     return gemv_rows<F, T>(p, lr, stream);
   } else {
     if (lr.a) {  // fused down-projection (the caller checked lowrank_fusable)
-      if (p.m <= kSmallM || !mma_streamable<F>(p) || lr.r < 1 || lr.r > 64) return kGemmErrInvalid;
+      if (p.m <= kSmallM || !mma_streamable<F>(p) || lr.r < 1 || lr.r > 64) return kErrInvalidValue;
       if (lr.r <= 16) return mma_launch<F, T, 16>(p, lr, stream);
       if (lr.r <= 32) return mma_launch<F, T, 32>(p, lr, stream);
       return mma_launch<F, T, 64>(p, lr, stream);
@@ -139,14 +136,14 @@ int gemm_dtype(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
     case Fmt::int4: return gemm_fmt<Fmt::int4, T>(p, lr, stream);
     case Fmt::int2: return gemm_fmt<Fmt::int2, T>(p, lr, stream);
   }
-  return kGemmErrInvalid;
+  return kErrInvalidValue;
 }
 
 template <Fmt F, class T, int MR>
 int gemm_t_launch(const GemmParams& p, intptr_t stream) {
   const int64_t grid_x = (p.w.k + gemm_k::kTK - 1) / gemm_k::kTK;
-  if (grid_x > 0x7fffffff) return kGemmErrInvalid;
-  const int codes_vec = gemm_aligned(p.w.codes, fmt_bits(F) == 4 ? 4 : 2);
+  if (grid_x > 0x7fffffff) return kErrInvalidValue;
+  const int codes_vec = aligned(p.w.codes, fmt_bits(F) == 4 ? 4 : 2);
   return over_m_slices(p, MR, p.w.n, p.w.k, sizeof(T), [&](const GemmParams& s, int64_t) {
     const unsigned gy = unsigned((s.m + MR - 1) / MR);
     return simt::launch(gemm_k::gemm_t_kernel<F, T, MR>, dim3(unsigned(grid_x), gy), dim3(gemm_k::kTThreads), 0,
@@ -163,13 +160,13 @@ int gemm_t_dtype(const GemmParams& p, intptr_t stream) {
     case Fmt::int4: return one ? gemm_t_launch<Fmt::int4, T, 1>(p, stream) : gemm_t_launch<Fmt::int4, T, 8>(p, stream);
     case Fmt::int2: return one ? gemm_t_launch<Fmt::int2, T, 1>(p, stream) : gemm_t_launch<Fmt::int2, T, 8>(p, stream);
   }
-  return kGemmErrInvalid;
+  return kErrInvalidValue;
 }
 
 // Shape and pointer checks shared by both products (ops.py validated; these guard the kernels).
 bool gemm_valid(const GemmParams& p) {
   const GemmWeight& w = p.w;
-  if (p.m < 0 || w.n <= 0 || w.k <= 0 || w.block <= 0 || w.block % gemm_k::kChunk || w.k % w.block) return false;
+  if (p.m < 0 || w.n <= 0 || w.k <= 0 || !gemm_block_ok(w.block) || w.k % w.block) return false;
   if (p.m == 0) return true;  // nothing is read or written (empty tensors may have null pointers)
   if (!p.x || !p.y || !w.codes || (!w.scale && !w.scale_q)) return false;
   if (w.scale_q && !w.scale_nested) return false;
@@ -183,32 +180,32 @@ bool gemm_valid(const GemmParams& p) {
 // extra accumulators of RP = 64 are the most that fit without spills), A 16-byte aligned (its
 // rows of K·2 bytes then are too: K is a multiple of 32).
 bool lowrank_fusable(const GemmParams& p, int r, const void* a) {
-  return gemm_valid(p) && mma_path(p) && r >= 1 && r <= 64 && gemm_aligned(a, 16);
+  return gemm_valid(p) && mma_path(p) && r >= 1 && r <= 64 && aligned(a, 16);
 }
 
 // The forward product, with the optional low-rank epilogue (lowrank.inl).
 int gemm_with(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream) {
-  if (!gemm_valid(p)) return kGemmErrInvalid;
+  if (!gemm_valid(p)) return kErrInvalidValue;
   if (p.m == 0) return 0;
   switch (p.dtype) {
     case DType::f32: return gemm_dtype<float>(p, lr, stream);
     case DType::bf16: return gemm_dtype<__nv_bfloat16>(p, lr, stream);
     case DType::f16: return gemm_dtype<__half>(p, lr, stream);
   }
-  return kGemmErrInvalid;
+  return kErrInvalidValue;
 }
 
 int gemm(const GemmParams& p, intptr_t stream) { return gemm_with(p, gemm_k::LrEpi{nullptr, nullptr, 0, 0.0f}, stream); }
 
 int gemm_t(const GemmParams& p, intptr_t stream) {
-  if (!gemm_valid(p)) return kGemmErrInvalid;
+  if (!gemm_valid(p)) return kErrInvalidValue;
   if (p.m == 0) return 0;
   switch (p.dtype) {
     case DType::f32: return gemm_t_dtype<float>(p, stream);
     case DType::bf16: return gemm_t_dtype<__nv_bfloat16>(p, stream);
     case DType::f16: return gemm_t_dtype<__half>(p, stream);
   }
-  return kGemmErrInvalid;
+  return kErrInvalidValue;
 }
 
 }  // namespace lowbit::kernels

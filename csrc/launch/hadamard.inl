@@ -35,7 +35,7 @@ int hadamard_launch(const HadamardParams& p, int m, int log2_l, intptr_t stream)
     if (err) return err;
   }
   const int64_t ctas = (p.rows + rows_per_cta - 1) / rows_per_cta;
-  if (ctas > 0x7fffffff) return 1;  // cudaErrorInvalidValue
+  if (ctas > 0x7fffffff) return kErrInvalidValue;
   const uintptr_t align = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.out) |
                           uintptr_t(size_t(p.n) * sizeof(T));
   const bool vec = align % 16 == 0;
@@ -64,7 +64,7 @@ int hadamard_as(const HadamardParams& p, int m, int log2_l, intptr_t stream) {
     case 32 * 16 + 10: return hadamard_launch<T, 32, 5, 1>(p, m, log2_l, stream);
     case 32 * 16 + 11: return hadamard_launch<T, 32, 5, 2>(p, m, log2_l, stream);     // 32768
   }
-  return 1;  // unreachable for a valid n
+  return kErrInvalidValue;  // unreachable for a valid n
 }
 
 }  // namespace
@@ -72,14 +72,14 @@ int hadamard_as(const HadamardParams& p, int m, int log2_l, intptr_t stream) {
 int hadamard(const HadamardParams& p, intptr_t stream) {
   int log2_l = 0;
   const int m = hadamard_split(p.n, &log2_l);
-  if (m == 0 || p.rows < 0) return 1;  // cudaErrorInvalidValue
+  if (m == 0 || p.rows < 0) return kErrInvalidValue;
   if (p.rows == 0) return 0;
   switch (p.dtype) {
     case DType::f32: return hadamard_as<float>(p, m, log2_l, stream);
     case DType::bf16: return hadamard_as<__nv_bfloat16>(p, m, log2_l, stream);
     case DType::f16: return hadamard_as<__half>(p, m, log2_l, stream);
   }
-  return 1;
+  return kErrInvalidValue;
 }
 
 }  // namespace lowbit::kernels

@@ -10,6 +10,7 @@
 #pragma once
 #include <cstdlib>
 
+#include "kernels/gemm.cuh"  // LrEpi
 #include "kernels/lowrank.cuh"
 
 namespace lowbit::kernels {
@@ -18,12 +19,10 @@ int gemm_with(const GemmParams& p, const gemm_k::LrEpi& lr, intptr_t stream);  /
 bool lowrank_fusable(const GemmParams& p, int r, const void* a);                // csrc/launch/gemm.inl
 
 namespace {
-constexpr int kLowrankErrInvalid = 1;  // cudaErrorInvalidValue
-
 template <class T, int MR>
 int lowrank_down(const LowrankParams& p, float* xa32, intptr_t stream) {
   const int64_t m = p.g.m, k = p.g.w.k;
-  const int vec = (reinterpret_cast<uintptr_t>(p.g.x) % 16 == 0) && (reinterpret_cast<uintptr_t>(p.a) % 16 == 0);
+  const int vec = aligned(p.g.x, 16) && aligned(p.a, 16);
   constexpr int64_t kMaxY = 65535;
   for (int64_t m0 = 0; m0 < m; m0 += kMaxY * MR) {
     const int64_t mm = m - m0 < kMaxY * MR ? m - m0 : kMaxY * MR;
@@ -50,7 +49,7 @@ int lowrank_as(const LowrankParams& p, intptr_t stream) {
     if (err) return err;
 #else
     xa32 = static_cast<float*>(std::malloc(bytes));
-    if (!xa32) return 2;  // cudaErrorMemoryAllocation
+    if (!xa32) return kErrMemoryAllocation;
 #endif
   }
   int err = p.g.m == 1 ? lowrank_down<T, 1>(p, xa32, stream) : lowrank_down<T, 8>(p, xa32, stream);
@@ -68,15 +67,16 @@ int lowrank_as(const LowrankParams& p, intptr_t stream) {
 }  // namespace
 
 int lowrank(const LowrankParams& p, intptr_t stream) {
-  if (p.r < 1 || p.r > 256 || !p.a || !p.b || !p.xa) return p.g.m == 0 ? 0 : kLowrankErrInvalid;
-  if (p.g.m < 0 || p.g.w.k <= 0 || p.g.w.k % 8) return kLowrankErrInvalid;
+  if (p.r < 1 || p.r > 256 || !p.a || !p.b || !p.xa) return p.g.m == 0 ? 0 : kErrInvalidValue;
+  // gemm_with checks the rest; the block here too, since lowrank_down runs before it.
+  if (p.g.m < 0 || p.g.w.k <= 0 || !gemm_block_ok(p.g.w.block) || p.g.w.k % p.g.w.block) return kErrInvalidValue;
   if (p.g.m == 0) return 0;
   switch (p.g.dtype) {
     case DType::f32: return lowrank_as<float>(p, stream);
     case DType::bf16: return lowrank_as<__nv_bfloat16>(p, stream);
     case DType::f16: return lowrank_as<__half>(p, stream);
   }
-  return kLowrankErrInvalid;
+  return kErrInvalidValue;
 }
 
 }  // namespace lowbit::kernels

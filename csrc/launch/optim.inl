@@ -8,39 +8,29 @@
 
 namespace lowbit::kernels {
 
-namespace {
-constexpr int kOptimErrInvalidValue = 1;    // cudaErrorInvalidValue
-constexpr int64_t kOptimMaxCtas = 65535;    // grid-stride beyond this
-
-unsigned optim_ctas(int64_t work, int64_t per_cta) {
-  const int64_t n = (work + per_cta - 1) / per_cta;
-  return unsigned(n < 1 ? 1 : (n > kOptimMaxCtas ? kOptimMaxCtas : n));
-}
-}  // namespace
-
 int adamw32(const AdamW32Params& p, intptr_t stream) {
-  if (p.numel < 0 || p.p_dtype != p.g_dtype) return kOptimErrInvalidValue;
+  if (p.numel < 0 || p.p_dtype != p.g_dtype) return kErrInvalidValue;
   if (p.numel == 0) return 0;
-  const dim3 grid(optim_ctas(p.numel, kOptimThreads)), block(kOptimThreads);
+  const dim3 grid(grid_stride_ctas(p.numel, kOptimThreads)), block(kOptimThreads);
   switch (p.p_dtype) {
     case DType::f32: return simt::launch(adamw32_kernel<float, float>, grid, block, 0, stream, p);
     case DType::bf16: return simt::launch(adamw32_kernel<__nv_bfloat16, __nv_bfloat16>, grid, block, 0, stream, p);
     case DType::f16: return simt::launch(adamw32_kernel<__half, __half>, grid, block, 0, stream, p);
   }
-  return kOptimErrInvalidValue;
+  return kErrInvalidValue;
 }
 
 int adamw8(const AdamW8Params& p, intptr_t stream) {
-  if (p.numel < 0 || p.p_dtype != p.g_dtype) return kOptimErrInvalidValue;
-  if (p.rounding != kOptimRoundBitsandbytes && p.rounding != kOptimRoundNearest) return kOptimErrInvalidValue;
+  if (p.numel < 0 || p.p_dtype != p.g_dtype) return kErrInvalidValue;
+  if (p.rounding != kOptimRoundBitsandbytes && p.rounding != kOptimRoundNearest) return kErrInvalidValue;
   if (p.numel == 0) return 0;
-  const dim3 grid(optim_ctas(p.numel, kOptimBlock)), block(kOptimThreads);
+  const dim3 grid(grid_stride_ctas(p.numel, kOptimBlock)), block(kOptimThreads);
   switch (p.p_dtype) {
     case DType::f32: return simt::launch(adamw8_kernel<float, float>, grid, block, 0, stream, p);
     case DType::bf16: return simt::launch(adamw8_kernel<__nv_bfloat16, __nv_bfloat16>, grid, block, 0, stream, p);
     case DType::f16: return simt::launch(adamw8_kernel<__half, __half>, grid, block, 0, stream, p);
   }
-  return kOptimErrInvalidValue;
+  return kErrInvalidValue;
 }
 
 }  // namespace lowbit::kernels

@@ -10,15 +10,6 @@
 namespace lowbit::kernels {
 
 namespace {
-constexpr int kErrInvalidValue = 1;  // cudaErrorInvalidValue
-constexpr int64_t kMaxCtas = 65535;  // grid-stride beyond this (plenty to fill any GPU)
-
-bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
-unsigned ctas(int64_t work, int64_t per_cta) {
-  const int64_t n = (work + per_cta - 1) / per_cta;
-  return unsigned(n < 1 ? 1 : (n > kMaxCtas ? kMaxCtas : n));
-}
-
 template <class T>
 int quantize_as(const QuantizeParams& p, unsigned grid, int group, int vec, intptr_t stream) {
   switch (p.fmt) {
@@ -41,14 +32,16 @@ int dequantize_as(const DequantizeParams& p, unsigned grid, int vec, intptr_t st
 }
 }  // namespace
 
-// Blocks must be multiples of 8 (one chunk never straddles two blocks, so codes of two blocks
-// never share a byte) and at most 4096 (as the CPU kernels).
+// Block sizes: formats.h's rule (quant_block_ok), as the CPU kernels and ops.py. Every allowed block
+// is a multiple of kChunk, so a chunk never straddles two blocks and codes of two blocks never
+// share a byte.
+static_assert(kMinBlock % kChunk == 0, "the smallest block is whole chunks");
 int quantize(const QuantizeParams& p, intptr_t stream) {
-  if (p.block <= 0 || p.block % kChunk || p.block > 4096 || p.numel < 0 || p.numel % p.block) return kErrInvalidValue;
+  if (!quant_block_ok(p.fmt, p.block) || p.numel < 0 || p.numel % p.block) return kErrInvalidValue;
   if (p.numel == 0) return 0;
   int group = 1;  // lanes per quant block: largest power of two <= min(32, chunks)
   while (group * 2 <= 32 && group * 2 <= p.block / kChunk) group *= 2;
-  const unsigned grid = ctas(p.numel / p.block, kQuantThreads / group);
+  const unsigned grid = grid_stride_ctas(p.numel / p.block, kQuantThreads / group);
   const bool vec = aligned(p.w, 16) && aligned(p.codes, fmt_bits(p.fmt) == 4 ? 4 : 2);
   switch (p.w_dtype) {
     case DType::f32: return quantize_as<float>(p, grid, group, vec, stream);
@@ -59,9 +52,9 @@ int quantize(const QuantizeParams& p, intptr_t stream) {
 }
 
 int dequantize(const DequantizeParams& p, intptr_t stream) {
-  if (p.block <= 0 || p.block % kChunk || p.numel < 0 || p.numel % p.block) return kErrInvalidValue;
+  if (!quant_block_ok(p.fmt, p.block) || p.numel < 0 || p.numel % p.block) return kErrInvalidValue;
   if (p.numel == 0) return 0;
-  const unsigned grid = ctas(p.numel / kChunk, kQuantThreads);
+  const unsigned grid = grid_stride_ctas(p.numel / kChunk, kQuantThreads);
   const bool vec = aligned(p.out, 16) && aligned(p.codes, fmt_bits(p.fmt) == 4 ? 4 : 2);
   switch (p.out_dtype) {
     case DType::f32: return dequantize_as<float>(p, grid, vec, stream);
@@ -74,14 +67,14 @@ int dequantize(const DequantizeParams& p, intptr_t stream) {
 int quantize8(const Quantize8Params& p, intptr_t stream) {
   if (p.block <= 0 || p.numel < 0) return kErrInvalidValue;
   if (p.numel == 0) return 0;
-  const unsigned grid = ctas((p.numel + p.block - 1) / p.block, 1);
+  const unsigned grid = grid_stride_ctas((p.numel + p.block - 1) / p.block, 1);
   return simt::launch(quantize8_kernel, dim3(grid), dim3(kQuantThreads), 0, stream, p);
 }
 
 int dequantize8(const Dequantize8Params& p, intptr_t stream) {
   if (p.block <= 0 || p.numel < 0) return kErrInvalidValue;
   if (p.numel == 0) return 0;
-  return simt::launch(dequantize8_kernel, dim3(ctas(p.numel, kQuantThreads)), dim3(kQuantThreads), 0, stream, p);
+  return simt::launch(dequantize8_kernel, dim3(grid_stride_ctas(p.numel, kQuantThreads)), dim3(kQuantThreads), 0, stream, p);
 }
 
 }  // namespace lowbit::kernels

@@ -7,7 +7,7 @@
 
 #include "kernels/simt.cuh"
 
-namespace lowbit::selftest {
+namespace lowbit::simt_tests {
 
 // Returns the launch's error code; unknown names throw std::invalid_argument.
 int run(const std::string& name, const std::vector<intptr_t>& p, const std::vector<int64_t>& i, intptr_t stream) {
@@ -115,7 +115,7 @@ int run(const std::string& name, const std::vector<intptr_t>& p, const std::vect
   }
   if (name == "oob_write")  // ints: n (threads)
     return simt::launch(oob_write_kernel, dim3(1), dim3(unsigned(I(0))), 0, stream, static_cast<int*>(ptr(0)), int(I(0)));
-  throw std::invalid_argument("unknown selftest '" + name + "'");
+  throw std::invalid_argument("unknown simt_test '" + name + "'");
 }
 
-}  // namespace lowbit::selftest
+}  // namespace lowbit::simt_tests

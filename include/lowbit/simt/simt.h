@@ -9,7 +9,7 @@
 // everything between two such points runs atomically with respect to the rest of the block.
 //
 // This header is kept small (it is parsed by every kernel TU); the scheduler, fibers, context
-// switch and collective semantics live in csrc/sim/*.cpp.
+// switch and collective semantics live in csrc/simt/*.cpp.
 #pragma once
 #if defined(__CUDACC__)
 #error "simt.h is the g++ side of compat.cuh; nvcc must not include it"
@@ -98,7 +98,7 @@ int syncthreads_op(int op, int pred, const char* file, int line);  // op 0 count
 void nanosleep_yield();
 
 // Warp collectives: every lane publishes `in` words; the last lane of `mask` to arrive computes
-// all results (csrc/sim/warp.cpp) and releases the others.
+// all results (csrc/simt/warp.cpp) and releases the others.
 enum class Op : int {
   shfl_idx, shfl_up, shfl_down, shfl_bfly, ballot, any, all, reduce_add, syncwarp,
   mma_f16, mma_bf16, ldmatrix, ldmatrix_trans,

@@ -1,4 +1,4 @@
-// csrc/sim/warp.cpp — warp collectives of the simt simulator: shfl / vote / reduce / syncwarp,
+// csrc/simt/warp.cpp — warp collectives of the simt simulator: shfl / vote / reduce / syncwarp,
 // mma.sync m16n8k16 and ldmatrix, with their PTX ISA semantics, and the deadlock report.
 //
 // Every lane of a collective publishes a Collective record (on its own fiber stack) and parks;
@@ -8,11 +8,9 @@
 #include <cstdio>
 #include <vector>
 
-#include "runtime.h"
+#include "internal.h"
 
 namespace simt::detail {
-
-std::string describe_barrier_waiters(Worker& w);
 
 std::string op_name(Op op) {
   switch (op) {

@@ -1,11 +1,8 @@
-// csrc/sim/runtime.h — internals of the simt runtime shared by csrc/sim/*.cpp (not for kernels).
+// csrc/simt/internal.h — internals of the simt runtime shared by csrc/simt/*.cpp (not for kernels):
+// the fiber and worker records, and what each file offers the others.
 #pragma once
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -35,8 +32,6 @@ struct Fiber {
   void* fake_stack = nullptr;  // ASan fake stack of this fiber while switched out
 };
 
-// Fiber stack size in bytes: SIMT_STACK_KB at the first launch, then simt::set_stack_kb.
-size_t fiber_stack_bytes();
 // PROT_NONE guard below every fiber stack. 64 KiB rather than one page: a frame that skips a single
 // page without touching it (code built without -fstack-clash-protection) still lands in it.
 constexpr size_t kGuardBytes = 64 * 1024;
@@ -44,11 +39,6 @@ constexpr size_t kGuardBytes = 64 * 1024;
 struct WarpState {
   unsigned waiting = 0;  // lanes parked in a collective
 };
-
-struct Worker;
-// Workers whose fiber stacks are mapped, for the SIGSEGV handler (it may not touch TLS).
-void register_worker(Worker* w);
-void unregister_worker(Worker* w);
 
 // One per OS thread that runs blocks: fiber stacks, the block being run, its barrier and warps.
 struct Worker {
@@ -85,55 +75,57 @@ struct Worker {
   bool failed = false;
   std::string error;
 
-  ~Worker() {
-    unregister_worker(this);
-    if (region) munmap(region, region_bytes);
-  }
-
+  ~Worker();
   // Room for `count` fibers with stacks of the configured size (remapped when simt::set_stack_kb
-  // changed it since).
-  void ensure_stacks(unsigned count) {
-    const size_t want = fiber_stack_bytes();
-    if (count <= capacity && want == stack_bytes) return;
-    unregister_worker(this);
-    if (region) munmap(region, region_bytes);
-    region = nullptr;
-    capacity = 0;
-    stack_bytes = want;
-    slot = kGuardBytes + want;
-    // Always room for the largest block (1024 threads): mapped once per worker, pages touched
-    // only as fibers use them (MAP_NORESERVE).
-    const size_t cap = std::max<size_t>(count, 1024);
-    region_bytes = slot * cap;
-    char* r = static_cast<char*>(mmap(nullptr, region_bytes, PROT_READ | PROT_WRITE,
-                                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-    if (r == MAP_FAILED) throw std::runtime_error("simt: cannot map fiber stacks");
-    // The guard at the low end of each stack: a fiber overflowing its stack faults right away
-    // (caught by the SIGSEGV handler in runtime.cpp: a KernelError, not a crash) instead of
-    // corrupting its neighbour.
-    for (size_t i = 0; i < cap; ++i) mprotect(r + i * slot, kGuardBytes, PROT_NONE);
-    fibers.assign(cap, Fiber{});
-    for (size_t i = 0; i < cap; ++i) {
-      fibers[i].stack = r + i * slot + kGuardBytes;
-      fibers[i].stack_size = want;
-    }
-#if SIMT_USE_UCONTEXT
-    ucs.assign(cap, ucontext_t{});
-#endif
-    runq.assign(cap, 0);
-    region = r;
-    capacity = cap;
-    register_worker(this);
-  }
+  // changed it since). fiber.cpp.
+  void ensure_stacks(unsigned count);
 };
 
 extern thread_local Worker* t_worker;
 
-// warp.cpp: computes the results of a complete collective group (all lanes of `group` wait).
-void compute_collective(Worker& w, unsigned warp, unsigned group);
-std::string describe_deadlock(Worker& w);
+// ---- fiber.cpp
+// Fiber stack size in bytes: SIMT_STACK_KB at the first launch, then simt::set_stack_kb.
+constexpr int kStackKbMin = 16, kStackKbMax = 64 * 1024;
+size_t fiber_stack_bytes();
+void set_fiber_stack_bytes(size_t bytes);
+// Workers whose fiber stacks are mapped, for the SIGSEGV handler (it may not touch TLS).
+void register_worker(Worker* w);
+void unregister_worker(Worker* w);
+void init_fiber(Worker& w, Fiber& f);                // a fresh fiber that will run spec->entry
+void resume(Worker& w, Fiber& f);                    // scheduler -> f, until f switches back
+void to_scheduler(Worker& w, Fiber& f, bool dying);  // f -> scheduler
+void install_segv_handler();                         // at every launch: simt's handler first in line
+void ensure_altstack();                              // in every OS thread that runs fibers
 
-// runtime.cpp
+// ---- symbols.cpp
+struct KernelInfo {
+  std::string name;        // demangled, or kernel@<address>
+  size_t static_smem = 0;  // bytes of static __shared__ declared in the kernel's body
+};
+const KernelInfo& kernel_info(const void* kernel);
+std::string kernel_name(const void* kernel);
+std::vector<std::pair<std::string, size_t>> static_smem_table();
+std::string short_path(const char* file);  // from csrc/, include/ or tests/ on
+
+// ---- scheduler.cpp
+enum class Sched { forward, reverse, random };
+struct Config {
+  Sched sched = Sched::forward;
+  uint64_t seed = 0;
+  int threads = 0;  // 0: SIMT_THREADS or hardware concurrency
+  std::string text = "forward";
+};
+extern Config g_config;  // written by simt::configure between launches
+struct Counters {
+  std::atomic<uint64_t> launches{0}, blocks{0}, threads{0}, warp_ops{0}, barriers{0};
+  std::atomic<uint64_t> nanos{0};
+};
+extern Counters g_stats;
+int default_threads();
+// Runs every block of the grid on `nthreads` OS threads; the error of the lowest failing block, or "".
+std::string run_grid(const LaunchSpec& spec, int nthreads);
+void set_error(Worker& w, const Fiber& f, const std::string& what);  // the block's first error wins
+void on_exit(Worker& w);  // a fiber of the block returned from the kernel
 Fiber* current_fiber();
 unsigned existing_lanes(const Worker& w, unsigned warp);
 Fiber& fiber_at(Worker& w, unsigned linear);
@@ -142,7 +134,11 @@ void wake_in_order(Worker& w, std::vector<unsigned>& linear_ids);
 void block_on_collective(Worker& w, Fiber& f);
 void note_progress(Worker& w);
 void count_warp_op();
-std::string short_path(const char* file);
+std::string describe_barrier_waiters(Worker& w);
+
+// ---- warp.cpp: computes the results of a complete collective group (all lanes of `group` wait).
+void compute_collective(Worker& w, unsigned warp, unsigned group);
+std::string describe_deadlock(Worker& w);
 std::string op_name(Op op);
 
 }  // namespace simt::detail
