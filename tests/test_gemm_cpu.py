@@ -190,7 +190,8 @@ def test_gemm_t_formats(path, fmt, block, dq, m):
 
 
 # ---------------------------------------------------------------- shapes (edge cases of the tiling)
-SHAPES_NK = [(32, 32), (96, 32), (160, 4096), (96, 4000), (224, 1120)]  # K=4000, 1120: not multiples of 256 / 64
+SHAPES_NK = [(32, 32), (96, 32), (160, 4096), (96, 4000), (224, 1120), (200, 64), (33, 96)]
+# K=4000, 1120: not multiples of 256 / 64; N = 200, 33: not multiples of the int16 gemm_t's group of 32 n
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 33, 128])

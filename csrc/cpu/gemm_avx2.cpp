@@ -282,7 +282,9 @@ void gemm_t_tile(const GemmParams& p) {
   // int16 from the forward's tile threshold on: below it gemm_t is decode-bound and the int16
   // variant's extra passes cost more than its products save (8192×28672 nf4, M = 9: 77 vs 72 ms;
   // M = 32: 112 vs 128 ms; M = 128: 315 vs 415 ms)
-  const bool i16 = use_avx512() && M > kGemvPassMaxM;
+  // The int16 variant quantizes gy · s per group of kG consecutive n (pack_gy_i16 reads whole
+  // groups): an N that is not a multiple of kG would read past gy's rows, so it takes the exact tile.
+  const bool i16 = use_avx512() && M > kGemvPassMaxM && N % kG == 0;
   const TileQ tq = tile_q(p.w.fmt);
   const bool is_table = fmt_is_table(p.w.fmt);
   static thread_local AlignedBuf gy_buf;
