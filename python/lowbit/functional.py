@@ -1,7 +1,7 @@
 """Functional API with autograd: what the nn modules call.
 
-Each function validates its inputs (in :mod:`lowbit.ops`, the only door to native code) and runs the backend chosen by device
-or by :func:`lowbit.use_backend`. Gradients flow to activations and to adapter parameters; the
+Each function validates its inputs (in :mod:`lowbit.ops`, the only door to native code) and runs
+the backend chosen by device or by :func:`lowbit.use_backend`. Gradients flow to activations and to adapter parameters; the
 quantized base weight is frozen.
 """
 

@@ -202,8 +202,8 @@ INITS = {"svd": svd_init, "loftq": loftq, "qera": qera, "lq_lora": lq_lora}  # l
 
 
 # ================================================================================== QWHA
-# Initialisation of the Walsh–Hadamard adapter (lowbit.nn.HadamardAdapterLinear; lowbit.add_qwha): ΔW = F · Hᵀ / K with F
-# sparse, chosen to cancel the quantization error E = W − deq(W_Q) where the activations look.
+# Initialisation of the Walsh–Hadamard adapter (lowbit.nn.HadamardAdapterLinear, lowbit.add_qwha):
+# ΔW = F · Hᵀ / K with F sparse, chosen to cancel the quantization error E = W − deq(W_Q) where the activations look.
 __all__ += ["qwha_init"]
 
 
@@ -238,7 +238,8 @@ def qwha_init(w: torch.Tensor, r: int, *, qweight, calib_x: Optional[torch.Tenso
               cov: Optional[torch.Tensor] = None, alpha: float = 1.0, ridge: float = 1e-4, max_block: int = 1 << 24):
     """Support and values of a QWHA adapter (scale 1) that cancels the quantization error.
 
-    ``w`` (N, K) the dense weight, ``qweight`` its QuantizedTensor (or the dequantized (N, K) tensor),
+    ``w`` (N, K) the dense weight, ``qweight`` (keyword) its QuantizedTensor or the dequantized (N, K) tensor
+    — it stands where the other inits take the quantizer's arguments, since QWHA does not requantize;
     ``nnz = r · (N + K)`` coefficients (a rank-r LoRA's parameter count). With calibration activations
     ``calib_x`` (..., K) or their second moment ``cov = E[xᵀx]`` (K, K) the objective is the layer-output
     error ‖X (E − ΔW)ᵀ‖_F, else the weight error ‖E − ΔW‖_F. In float64:

@@ -55,7 +55,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter name {name!r} must be a non-empty str without dots")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(MAX_RANK, self.in_features, self.out_features):
+        r_max = min(MAX_RANK, self.in_features, self.out_features)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= r_max:
             raise ValueError(f"r={r!r} must be an int in [1, min({MAX_RANK}, in_features, out_features)]")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
