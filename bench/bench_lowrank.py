@@ -84,8 +84,8 @@ def init_table(args) -> int:
             if method == "plain":
                 lowbit.quantize_model(q, fmt, 64, progress=False)
             else:
-                lowbit.quantize_model(q, fmt, 64, progress=False, lora_init=method, r=r, alpha=r,
-                                      calib=calib if method == "qera" else None)
+                lowbit.add_lora(q, r, r, target_modules=None, skip=("lm_head",), init=method, fmt=fmt,
+                                block_size=64, calib=calib if method == "qera" else None)
             ppl, err = perplexity(q, ids, 1024), out_err(q)
             results.append({"fmt": fmt, "init": method, "r": r, "perplexity": ppl, "output_error": err})
             print(f"{fmt:>5} {method:>6} {r:>3} {ppl:11.2f} {err:11.4f}", flush=True)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ranks = [16] if args.quick else [16, 64]
     ms = [1, 32, 512]
     rows = []
-    print(f"lowrank backend: {'fused kernel' if ops._has_kernel('cpu', 'lowrank') else 'composed (gemm + 2 matmuls)'}")
+    print(f"lowrank backend: {'fused kernel' if ops.has_kernel('cpu', 'lowrank') else 'composed (gemm + 2 matmuls)'}")
     print(f"\n{'N x K':>11} {'r':>3} {'M':>4} {'lowrank':>8} {'unfused':>8} {'base':>8} {'dense':>8} {'bnb+LoRA':>9}"
           f" {'overhead':>9} {'vs unfused':>10} {'vs bnb':>7}   (ms)")
     for n, k in shapes:

@@ -26,7 +26,7 @@ import lowbit
 from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; alternated pairs
 from lowbit import reference as ref
 from lowbit.nn import HadamardAdapterLinear, LoRALinear, QuantLinear
-from lowbit.nn.qwha import adapter_hadamard_factors, qwha_spmm
+from lowbit.ops.qwha import adapter_hadamard_factors, qwha_spmm
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
 

@@ -1,6 +1,6 @@
 """Fine-tune QWHA adapters on SmolLM2-135M with an nf4 base (or LoRA, for comparison).
 
-Quantizes the decoder Linears to nf4 (block 64), attaches adapters with ``lowbit.add_adapters``
+Quantizes the decoder Linears to nf4 (block 64), attaches adapters with ``lowbit.add_qwha`` (or ``lowbit.add_lora``)
 (QWHA: initialised from the quantization error with the activations of ``--calib-tokens`` tokens;
 LoRA: B = 0), trains ``--steps`` AdamW steps on windows of Emma, and prints the loss curve and the
 perplexity on the opening of Pride and Prejudice before and after.
@@ -62,8 +62,10 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     targets = tuple(args.targets.split(","))
-    names = lowbit.add_adapters(model, args.kind, r=args.r, target_modules=targets,
-                                calib=calib if args.kind == "qwha" else None, fmt="nf4", block_size=64)
+    if args.kind == "qwha":
+        names = lowbit.add_qwha(model, args.r, targets, calib, fmt="nf4", block_size=64)
+    else:
+        names = lowbit.add_lora(model, args.r, 32, target_modules=targets, fmt="nf4", block_size=64, skip=("lm_head",))
     t_init = time.perf_counter() - t
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ppl_init = demo.perplexity(model, eval_ids, args.eval_tokens)

@@ -2,7 +2,7 @@
 
 For each chosen layer: W (fp32, as loaded) → W_Q (nf4, block 64), E = W − deq(W_Q); the ratio
 ‖X (E − ΔW)ᵀ‖_F / ‖X Eᵀ‖_F on HELD-OUT activations X (tokens not used for calibration) for
-  qwha   lowbit.init.qwha_init(w, qt, r, cov=calibration second moment)   nnz = r (K + N)
+  qwha   lowbit.init.qwha_init(w, r, qweight=qt, cov=calibration second moment)   nnz = r (K + N)
   qwha0  the same without calibration data (weight-space spectrum only)
   svd    rank-r LoRA from the plain SVD of E                              r (K + N) parameters
   qera   rank-r LoRA from QERA (SVD of E·R^{1/2}, the same calibration data)
@@ -36,7 +36,7 @@ def ratio(e: torch.Tensor, d: torch.Tensor, cov: torch.Tensor) -> float:
 
 
 def dense_delta(support, values, n, k):
-    from lowbit.nn.qwha import adapter_hadamard
+    from lowbit.ops.qwha import adapter_hadamard
     from lowbit import reference as ref
 
     f = torch.zeros(n, k, dtype=torch.float64)
@@ -54,11 +54,11 @@ def table(model, calib_ids, eval_ids, names, r=16, fmt="nf4", block=64):
         qt = lowbit.quantize(w, fmt, block)
         e = w.double() - qt.dequantize(torch.float32).double()
         t = time.perf_counter()
-        s, v = init.qwha_init(w, qt, r, cov=c_cal[name])
+        s, v = init.qwha_init(w, r, qweight=qt, cov=c_cal[name])
         t_init = time.perf_counter() - t
-        s0, v0 = init.qwha_init(w, qt, r)
+        s0, v0 = init.qwha_init(w, r, qweight=qt)
         a, b = init._svd_r(e, r)
-        _, aq, bq = init.qera(w, fmt, r, cov=c_cal[name], block_size=block)
+        _, aq, bq = init.qera(w, r, fmt=fmt, cov=c_cal[name], block_size=block)
         row = {"layer": name, "shape": [n, k], "nnz": s.shape[1], "lora_params": r * (n + k),
                "qwha": ratio(e, dense_delta(s, v, n, k), c_ev[name]),
                "qwha_nocalib": ratio(e, dense_delta(s0, v0, n, k), c_ev[name]),

@@ -119,10 +119,10 @@ def test_opcheck(be):
     with lowbit.use_backend(be):
         for q in (qt, qt_int):
             x = torch.randn(3, 128, requires_grad=True)
-            args = (x, *ops._weight_args(q), torch.randn(64), 64, 128, q.block_size, q.fmt)
+            args = (x, *ops.weight_args(q), torch.randn(64), 64, 128, q.block_size, q.fmt)
             torch.library.opcheck(torch.ops.lowbit.gemm.default, args)
             gy = torch.randn(3, 64, requires_grad=True)
-            torch.library.opcheck(torch.ops.lowbit.gemm_t.default, (gy, *ops._weight_args(q), 64, 128, q.block_size, q.fmt))
+            torch.library.opcheck(torch.ops.lowbit.gemm_t.default, (gy, *ops.weight_args(q), 64, 128, q.block_size, q.fmt))
 
 
 def test_torch_compile_fullgraph():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 _C = pytest.importorskip("lowbit._C")
+from lowbit import reference as ref  # noqa: E402  (the double-quant rule's one home)
 
 FMT = {"nf4": 0, "fp4": 1, "int4": 2, "int2": 3}
 DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -75,11 +76,8 @@ class QW:
         self.zero = torch.empty(nb) if fmt.startswith("int") else None
         _C.quantize(w.data_ptr(), 0, n * k, block, FMT[fmt], self.codes.data_ptr(), scale.data_ptr(), _ptr(self.zero))
         if double_quant:
-            self.scale_offset = float(scale.mean())
-            self.scale_q = torch.empty(nb, dtype=torch.uint8)
-            self.scale_nested = torch.empty((nb + 255) // 256)
-            _C.quantize8(scale.data_ptr(), nb, 256, True, self.scale_offset, self.scale_q.data_ptr(),
-                         self.scale_nested.data_ptr())
+            self.scale_q, self.scale_nested, offset = ref.double_quant_ref(scale, _quantize8)
+            self.scale_offset = float(offset)
             self.scale = None
         else:
             self.scale, self.scale_q, self.scale_nested, self.scale_offset = scale, None, None, 0.0
@@ -97,6 +95,14 @@ class QW:
 
 def _ptr(t):
     return 0 if t is None else t.data_ptr()
+
+
+def _quantize8(x, block, signed, offset):
+    """lowbit._C.quantize8 with the reference's signature (for ref.double_quant_ref)."""
+    q = torch.empty(x.numel(), dtype=torch.uint8)
+    absmax = torch.empty(-(-x.numel() // block))
+    _C.quantize8(x.data_ptr(), x.numel(), block, signed, offset, q.data_ptr(), absmax.data_ptr())
+    return q, absmax
 
 
 def gemm(x, qw, bias=None):

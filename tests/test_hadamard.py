@@ -111,6 +111,16 @@ def test_large_sizes_against_float64(backend, dtype):
         assert_close(lowbit.hadamard(x, s), expected, dtype=dtype, k=n, scale=bound, name=f"n={n} {dtype}")
 
 
+def test_public_hadamard_has_transpose(backend):
+    """lowbit.hadamard passes transpose= through (H_172 is the one order where it matters)."""
+    x = torch.randn(3, 172 * 2)
+    h = ref.hadamard_matrix(172 * 2, torch.float64)
+    assert not torch.equal(h, h.T)
+    assert torch.equal(lowbit.hadamard(x, 0.5, transpose=True), ops.hadamard(x, 0.5, transpose=True))
+    assert torch.equal(lowbit.hadamard(x, 0.5), ops.hadamard(x, 0.5))
+    _check(lowbit.hadamard(x, 0.5, transpose=True), x, h.T, 0.5, torch.float32, "lowbit.hadamard transposed")
+
+
 def test_involution(backend):
     for n in [256, 4096, 28 * 64, 40 * 16, 172 * 8]:
         x = _x((3, n), torch.float32, seed=n)

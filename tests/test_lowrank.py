@@ -82,7 +82,7 @@ def test_lowrank_opcheck():
     for be in ("reference", "cpu"):
         with lowbit.use_backend(be):
             torch.library.opcheck(torch.ops.lowbit.lowrank.default,
-                                  (x, *ops._weight_args(qt), a, b, 0.5, torch.randn(64), 64, 128, 64, "nf4"))
+                                  (x, *ops.weight_args(qt), a, b, 0.5, torch.randn(64), 64, 128, 64, "nf4"))
 
 
 def test_lowrank_errors():
@@ -134,6 +134,28 @@ def test_lora_merge_unmerge_and_multiple_adapters():
     assert base.weight.equal(before)
     with pytest.raises(ValueError, match="unknown adapter"):
         layer.set_adapter("third")
+
+
+def test_lora_linear_is_the_public_fused_product():
+    qt = lowbit.quantize(torch.randn(64, 128) * 0.05, "nf4", 64, True)
+    x = torch.randn(5, 128, requires_grad=True)
+    a = (torch.randn(8, 128) * 0.1).requires_grad_()
+    b = (torch.randn(64, 8) * 0.1).requires_grad_()
+    bias = torch.randn(64, requires_grad=True)
+    y = lowbit.lora_linear(x, qt, a, b, scale=0.5, bias=bias)
+    assert lowbit.lora_linear is lowbit.functional.lora_linear
+    assert torch.equal(y, ops.lowrank(x, qt, a, b, 0.5, bias))
+    y.sum().backward()
+    assert all(t.grad is not None for t in (x, a, b, bias))
+
+
+def test_nn_add_lora_is_a_deprecated_alias():
+    model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(64, 64)})
+    with pytest.warns(DeprecationWarning, match="lowbit.nn.add_lora is deprecated; use lowbit.add_lora"):
+        assert lowbit.nn.add_lora(model, r=4, target_modules=("q_proj",)) == ["q_proj"]
+    from lowbit.nn import add_lora
+
+    assert add_lora is lowbit.nn.lora.add_lora is lowbit.nn.add_lora
 
 
 def test_add_lora_freezes_everything_else():
@@ -203,10 +225,10 @@ def test_inits_reduce_error_and_qera_beats_loftq_on_output(fmt):
     w = torch.randn(192, 256, generator=g) * 0.02
     x = _correlated_activations(256)
     plain = init.output_error(w, lowbit.quantize(w, fmt, 64), None, None, x)
-    e_svd = init.output_error(w, *init.svd_init(w, fmt, 16), x)
-    e_loftq = init.output_error(w, *init.loftq(w, fmt, 16, iters=3), x)
-    e_qera = init.output_error(w, *init.qera(w, fmt, 16, calib_x=x), x)
-    e_lq = init.output_error(w, *init.lq_lora(w, fmt, 16, iters=4), x)
+    e_svd = init.output_error(w, *init.svd_init(w, 16, fmt=fmt), x)
+    e_loftq = init.output_error(w, *init.loftq(w, 16, fmt=fmt, iters=3), x)
+    e_qera = init.output_error(w, *init.qera(w, 16, fmt=fmt, calib_x=x), x)
+    e_lq = init.output_error(w, *init.lq_lora(w, 16, fmt=fmt, iters=4), x)
     assert e_svd < plain and e_loftq < plain and e_lq < plain
     assert e_qera < e_loftq < plain
 
@@ -215,24 +237,73 @@ def test_loftq_weight_error_decreases_with_iterations():
     w = torch.randn(128, 256) * 0.02
     errs = []
     for it in (1, 5):
-        qt, a, b = init.loftq(w, "int2", 8, iters=it)
+        qt, a, b = init.loftq(w, 8, fmt="int2", iters=it)
         errs.append(float((w - qt.dequantize() - b @ a).norm()))
     assert errs[1] < errs[0]
 
 
-def test_quantize_model_with_lora_init():
+def _two_linears_and_int2_copy():
+    """A model, inputs, its outputs, and a plain int2 copy (the error an init must beat)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
     x = torch.randn(256, 128)
     ref = model(x)
     plain = copy.deepcopy(model)
     lowbit.quantize_model(plain, "int2", 64, progress=False)
-    report = lowbit.quantize_model(model, "int2", 64, lora_init="qera", r=16, calib=x, progress=False)
+    return model, x, ref, plain
+
+
+def test_add_lora_with_init():
+    """add_lora(init=...) quantizes each dense target and initialises its adapter from the error."""
+    model, x, ref, plain = _two_linears_and_int2_copy()
+    names = lowbit.add_lora(model, 16, 32, target_modules=None, init="qera", fmt="int2", block_size=64, calib=x)
+    assert names == ["0", "2"] and isinstance(model[0], LoRALinear) and isinstance(model[0].base, QuantLinear)
+    with torch.no_grad():
+        assert (model(x) - ref).norm() < 0.8 * (plain(x) - ref).norm()
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        "0.lora_A.default", "0.lora_B.default", "2.lora_A.default", "2.lora_B.default"]
+    with pytest.raises(ValueError, match="calib"):
+        lowbit.add_lora(torch.nn.Sequential(torch.nn.Linear(64, 64)), target_modules=None, init="qera", fmt="nf4")
+    with pytest.raises(ValueError, match="give fmt="):
+        lowbit.add_lora(torch.nn.Sequential(torch.nn.Linear(64, 64)), target_modules=None, init="svd")
+    with pytest.raises(ValueError, match="needs the dense weight"):
+        lowbit.add_lora(plain, target_modules=None, init="svd", fmt="int2")
+    with pytest.raises(ValueError, match="init='dora'"):
+        lowbit.add_lora(torch.nn.Sequential(torch.nn.Linear(64, 64)), target_modules=None, init="dora", fmt="nf4")
+
+
+def test_quantize_model_with_lora_init():
+    """The deprecated spelling: quantize_model(lora_init=...) still works, with a warning."""
+    model, x, ref, plain = _two_linears_and_int2_copy()
+    with pytest.warns(DeprecationWarning, match="quantize_model\\(lora_init=...\\) is deprecated; use lowbit.add_lora"):
+        report = lowbit.quantize_model(model, "int2", 64, lora_init="qera", r=16, calib=x, progress=False)
     assert sorted(report["init_error"]) == ["0", "2"] and isinstance(model[0], LoRALinear)
     with torch.no_grad():
         assert (model(x) - ref).norm() < 0.8 * (plain(x) - ref).norm()
-    with pytest.raises(ValueError, match="calib"):
+    with pytest.raises(ValueError, match="calib"), pytest.warns(DeprecationWarning):
         lowbit.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4", 64, lora_init="qera", progress=False)
+
+
+def test_apply_init_is_a_deprecated_alias():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    with pytest.warns(DeprecationWarning, match="apply_init is deprecated; use lowbit.add_lora"):
+        errors = lowbit.init.apply_init(model, "svd", "nf4", 8, progress=False)
+    assert list(errors) == ["0"] and 0 < errors["0"] < 0.2 and isinstance(model[0], LoRALinear)
+
+
+def test_init_functions_old_argument_order_warns():
+    w = torch.randn(64, 128) * 0.02
+    new = init.loftq(w, 8, fmt="int4", iters=2)
+    with pytest.warns(DeprecationWarning, match=r"loftq\(w, fmt, r, iters\) is deprecated"):
+        old = init.loftq(w, "int4", 8, 2)
+    assert all(torch.equal(p, q) for p, q in zip(new[1:], old[1:])) and new[0].equal(old[0])
+    for fn in (init.svd_init, init.qera, init.lq_lora):
+        with pytest.warns(DeprecationWarning, match=fn.__name__):
+            kw = {"calib_x": torch.randn(32, 128)} if fn is init.qera else {}
+            old = fn(w, "nf4", 4, **kw)
+        assert old[0].equal(fn(w, 4, fmt="nf4", **kw)[0])
+    with pytest.raises(TypeError, match="multiple values"):
+        init.svd_init(w, "nf4", 4, r=4)
 
 
 def test_fp32_adapters_with_bf16_activations(kernel_backend):

@@ -38,7 +38,7 @@ def case(m, n, k, r, fmt, dtype, seed=0):
 
 
 def fused(qt, x, a, b, s, bias):
-    return ops.lowrank_op(x, *ops._weight_args(qt), a, b, s, bias, qt.shape[0], qt.shape[1], qt.block_size, qt.fmt)
+    return ops.lowrank_op(x, *ops.weight_args(qt), a, b, s, bias, qt.shape[0], qt.shape[1], qt.block_size, qt.fmt)
 
 
 # (m, n, k, r, fmt, dtype): M > 8 takes the mma kernel with the fused down-projection + tensor-core

@@ -10,7 +10,7 @@ import torch
 
 import lowbit
 from lowbit import _native, reference as ref
-from lowbit.formats import FP4, FP4_SORTED_CODES, NF4, dynamic_map
+from lowbit.formats import FP4, FP4_SORTED_CODES, GEMM_BLOCKS, INT_BLOCKS, NF4, TABLE_BLOCKS, block_sizes_of, dynamic_map
 
 from conftest import require_backend
 
@@ -48,6 +48,17 @@ def test_tables_python_equal_cpp_and_bitsandbytes():
     assert torch.equal(dynamic_map(False), bnbf.create_dynamic_map(signed=False))
     fp4 = torch.tensor(FP4)
     assert torch.all(fp4[FP4_SORTED_CODES][1:] >= fp4[FP4_SORTED_CODES][:-1])
+
+
+def test_block_lists_python_equal_cpp():
+    """formats.py holds Python's one copy of the block-size rule of include/lowbit/formats.h."""
+    require_backend("cpu")
+    t = _native.module("cpu").tables()
+    assert list(GEMM_BLOCKS) == t["gemm_blocks"]
+    assert list(TABLE_BLOCKS) == t["table_blocks"]
+    assert list(INT_BLOCKS) == t["int_blocks"]
+    assert block_sizes_of("nf4") == block_sizes_of("fp4") == TABLE_BLOCKS
+    assert block_sizes_of("int4") == block_sizes_of("int2") == INT_BLOCKS
 
 
 def test_nf4_is_the_qlora_normal_float():
@@ -240,6 +251,28 @@ def test_dequantize_into_out(backend):
         qt.dequantize(torch.float32, out=torch.empty(16, 128, dtype=torch.bfloat16))
 
 
+def test_dequantize_default_dtype_is_the_original_for_both_spellings(backend):
+    """lowbit.dequantize(qt) and qt.dequantize() follow one rule: out's dtype, else the weight's."""
+    qt = lowbit.quantize(weight(16, 128, torch.bfloat16), "nf4", 64, True)
+    assert lowbit.dequantize(qt).dtype == qt.dequantize().dtype == torch.bfloat16
+    assert torch.equal(lowbit.dequantize(qt), qt.dequantize())
+    assert lowbit.dequantize(qt, torch.float32).dtype == torch.float32
+    buf = torch.empty(16, 128, dtype=torch.float16)
+    assert lowbit.dequantize(qt, out=buf) is buf and torch.equal(buf, qt.dequantize(torch.float16))
+    with pytest.raises(TypeError, match="qt must be a QuantizedTensor"):
+        lowbit.dequantize(torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="dtype='float32'"):
+        qt.dequantize("float32")
+
+
+def test_dequantize_is_a_custom_op():
+    qt = lowbit.quantize(weight(16, 128), "int4", 64, True)
+    w = lowbit.ops.weight_args(qt)
+    torch.library.opcheck(torch.ops.lowbit.dequantize.default, (*w, 16, 128, 64, "int4", torch.bfloat16))
+    torch.library.opcheck(torch.ops.lowbit.dequantize_into.default,
+                          (torch.empty(16, 128), *w, 16, 128, 64, "int4", torch.float32))
+
+
 def test_use_backend_errors():
     with pytest.raises(ValueError, match="backend='tpu'"):
         with lowbit.use_backend("tpu"):
@@ -261,8 +294,8 @@ def test_save_load_round_trip(tmp_path, fmt, dq):
     qt = lowbit.quantize(weight(24, 128, torch.bfloat16), fmt, 32, dq)
     bias = torch.randn(24, dtype=torch.bfloat16)
     path = tmp_path / "x.safetensors"
-    lowbit.save_file({"w": qt, "b": bias}, path)
-    d = lowbit.load_file(path)
+    lowbit.save_tensors({"w": qt, "b": bias}, path)
+    d = lowbit.load_tensors(path)
     assert set(d) == {"w", "b"}
     assert d["w"].equal(qt) and d["w"].dtype == torch.bfloat16
     assert torch.equal(d["b"], bias)
@@ -272,24 +305,33 @@ def test_save_load_round_trip(tmp_path, fmt, dq):
 def test_load_rejects_truncated_and_foreign_files(tmp_path):
     qt = lowbit.quantize(weight(8, 64), "nf4", 64, True)
     path = tmp_path / "x.safetensors"
-    lowbit.save_file({"w": qt}, path)
+    lowbit.save_tensors({"w": qt}, path)
     data = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        lowbit.load_file(tmp_path / "trunc.safetensors")
+        lowbit.load_tensors(tmp_path / "trunc.safetensors")
     (tmp_path / "foreign.bin").write_bytes(b"\x00garbage" * 100)
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        lowbit.load_file(tmp_path / "foreign.bin")
+        lowbit.load_tensors(tmp_path / "foreign.bin")
     with pytest.raises(ValueError, match="is not a file"):
-        lowbit.load_file(tmp_path / "missing.safetensors")
+        lowbit.load_tensors(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file as st_save
 
     comps = {f"w.{k}": v for k, v in qt.components().items() if k != "scale_q"}
     st_save(comps, str(tmp_path / "broken.safetensors"), metadata={"lowbit": json.dumps({"version": 1, "quantized": {"w": qt.metadata()}})})
     with pytest.raises(ValueError, match="inconsistent"):
-        lowbit.load_file(tmp_path / "broken.safetensors")
+        lowbit.load_tensors(tmp_path / "broken.safetensors")
     with pytest.raises(TypeError):
-        lowbit.save_file({"w": "not a tensor"}, tmp_path / "y.safetensors")
+        lowbit.save_tensors({"w": "not a tensor"}, tmp_path / "y.safetensors")
+
+
+def test_save_file_load_file_are_deprecated_aliases(tmp_path):
+    qt = lowbit.quantize(weight(8, 64), "nf4", 64, True)
+    with pytest.warns(DeprecationWarning, match="lowbit.save_file is deprecated; use lowbit.save_tensors"):
+        lowbit.save_file({"w": qt}, tmp_path / "x.safetensors")
+    with pytest.warns(DeprecationWarning, match="lowbit.load_file is deprecated; use lowbit.load_tensors"):
+        assert lowbit.load_file(tmp_path / "x.safetensors")["w"].equal(qt)
+    assert lowbit.convert.load_file is lowbit.load_file
 
 
 # ------------------------------------------------------------------------- properties (hypothesis)

@@ -1,6 +1,6 @@
 """QWHA adapter (HadamardAdapterLinear): forward and gradients against a dense float64 formulation
 (ΔW = s · F · Hᵀ / K built densely HERE only, H from reference.hadamard_matrix), merge, state dict,
-errors; qwha_init against independent solutions; add_adapters; on SmolLM2's real layers, QWHA's
+errors; qwha_init against independent solutions; add_qwha; on SmolLM2's real layers, QWHA's
 initialisation removes more layer-output error than a plain-SVD LoRA with the same parameter count."""
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def test_gradcheck_float64_reference():
 
 def _with_values(layer, v):
     def fn(x):
-        from lowbit.nn.qwha import qwha_spmm, adapter_hadamard
+        from lowbit.ops.qwha import qwha_spmm, adapter_hadamard
 
         z = adapter_hadamard(x, 1.0 / layer.in_features, fn=ref.hadamard_ref)
         return layer.base(x) + qwha_spmm(z, v, layer.crow, layer.cols, layer.ccol, layer.rows_t, layer.perm,
@@ -168,7 +168,7 @@ def random_csr(n, k, nnz, seed, empty_rows=()):
 def test_qwha_spmm_and_backward_match_dense_float64(be, m, n, k, nnz):
     """y = s·z·Fᵀ, gz = gy·F, dF at the support — each against a dense float64 product (the CPU kernels:
     gather path for M < 8, 8-row panels from M = 8 with a partial last panel; rows without nonzeros)."""
-    from lowbit.nn.qwha import qwha_spmm, qwha_spmm_backward
+    from lowbit.ops.qwha import qwha_spmm, qwha_spmm_backward
 
     vals, idx, f, (rows, cols) = random_csr(n, k, nnz, seed=m, empty_rows=(0, 5, n - 1))
     g = torch.Generator().manual_seed(100 + m)
@@ -213,7 +213,7 @@ def test_inference_fast_path_equals_the_op_path(m):
 
 
 def test_qwha_spmm_bad_csr_raises_without_crashing():
-    from lowbit.nn.qwha import qwha_spmm, qwha_spmm_backward
+    from lowbit.ops.qwha import qwha_spmm, qwha_spmm_backward
 
     vals, (crow, cols, ccol, rows_t, perm), _, _ = random_csr(96, 128, 3000, seed=0)  # ~30 nonzeros a row
     z = torch.randn(9, 128)
@@ -341,11 +341,11 @@ def test_errors():
     with pytest.raises(ValueError, match="x must be a tensor .*in_features=128.*100"):
         HadamardAdapterLinear(base)(torch.randn(2, 100))
     with pytest.raises(ValueError, match="r=0"):
-        init.qwha_init(torch.randn(64, 128), torch.randn(64, 128), 0)
+        init.qwha_init(torch.randn(64, 128), 0, qweight=torch.randn(64, 128))
     with pytest.raises(ValueError, match="in_features=100"):
-        init.qwha_init(torch.randn(64, 100), torch.randn(64, 100), 1)
+        init.qwha_init(torch.randn(64, 100), 1, qweight=torch.randn(64, 100))
     with pytest.raises(ValueError, match="cov has shape"):
-        init.qwha_init(torch.randn(64, 128), torch.randn(64, 128), 1, cov=torch.eye(64))
+        init.qwha_init(torch.randn(64, 128), 1, qweight=torch.randn(64, 128), cov=torch.eye(64))
 
 
 # ------------------------------------------------------------------------------------ qwha_init
@@ -370,7 +370,7 @@ def test_qwha_init_without_data_keeps_the_largest_spectrum_coefficients():
     w[:5] *= 4  # rows with larger error get larger budgets
     qt = lowbit.quantize(w, "int4", 64)
     e = w.double() - qt.dequantize(torch.float32).double()
-    support, values = init.qwha_init(w, qt, 2)
+    support, values = init.qwha_init(w, 2, qweight=qt)
     assert support.shape == (2, 2 * (576 + 40)) and values.dtype == torch.float32
     assert torch.equal(support, support[:, torch.argsort(support[0] * 576 + support[1])])  # row-major sorted
     spec = e @ dense_h(576, (12, 48))
@@ -391,7 +391,7 @@ def test_qwha_init_values_are_the_least_squares_solution():
     w = torch.randn(24, 128, generator=g) * 0.02
     qt = lowbit.quantize(w, "nf4", 64)
     x = _correlated_activations(128, 512).double()
-    support, values = init.qwha_init(w, qt, 2, calib_x=x, ridge=0.0)
+    support, values = init.qwha_init(w, 2, qweight=qt, calib_x=x, ridge=0.0)
     e = w.double() - qt.dequantize(torch.float32).double()
     basis = x @ dense_h(128, (128,)) / 128  # X H / K: column i is X times ΔW's direction for F_ji
     for j in range(24):
@@ -409,7 +409,7 @@ def test_qwha_init_beats_svd_lora_on_output_error(fmt):
     x_eval = _correlated_activations(256, seed=9)[:, :]  # same distribution, other samples
     qt = lowbit.quantize(w, fmt, 64)
     e = w.double() - qt.dequantize(torch.float32).double()
-    s, v = init.qwha_init(w, qt, 8, calib_x=x)
+    s, v = init.qwha_init(w, 8, qweight=qt, calib_x=x)
     a, b = init._svd_r(e, 8)
     xe = x_eval.double()
     qwha = (xe @ (e - _delta(s, v, 192, 256, (256,))).T).norm() / (xe @ e.T).norm()
@@ -417,18 +417,18 @@ def test_qwha_init_beats_svd_lora_on_output_error(fmt):
     assert qwha < svd < 1
 
 
-# ------------------------------------------------------------------------------------ add_adapters
+# ------------------------------------------------------------------------------------ add_qwha
 def _model():
     torch.manual_seed(0)
     return torch.nn.ModuleDict({"q_proj": torch.nn.Linear(128, 128), "down_proj": torch.nn.Linear(256, 128),
                                 "lm_head": torch.nn.Linear(128, 50)})
 
 
-def test_add_adapters_qwha_initialises_from_the_error():
+def test_add_qwha_initialises_from_the_error():
     model = _model()
     x = torch.randn(64, 128)
     ref_q = model["q_proj"](x).detach()
-    names = lowbit.add_adapters(model, "qwha", r=4, target_modules=("q_proj", "down_proj"))
+    names = lowbit.add_qwha(model, r=4, target_modules=("q_proj", "down_proj"))
     assert names == ["q_proj", "down_proj"] and isinstance(model["q_proj"], HadamardAdapterLinear)
     assert isinstance(model["q_proj"].base, QuantLinear) and isinstance(model["lm_head"], torch.nn.Linear)
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["down_proj.values", "q_proj.values"]
@@ -439,19 +439,42 @@ def test_add_adapters_qwha_initialises_from_the_error():
     # a model already quantized: no W, so zero adapters
     q = _model()
     lowbit.quantize_model(q, "nf4", 64, skip=("lm_head",), progress=False)
-    lowbit.add_adapters(q, "qwha", r=2, target_modules=("q_proj",))
+    lowbit.add_qwha(q, r=2, target_modules=("q_proj",))
     assert q["q_proj"].values.abs().sum() == 0
     lora = _model()
-    assert lowbit.add_adapters(lora, "lora", r=4, target_modules=("q_proj",)) == ["q_proj"]
+    assert lowbit.add_lora(lora, r=4, target_modules=("q_proj",), fmt="nf4") == ["q_proj"]
+    assert isinstance(lora["q_proj"], LoRALinear) and isinstance(lora["q_proj"].base, QuantLinear)
+    bad = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(100, 8)})
+    with pytest.raises(ValueError, match="q_proj: in_features=100"):
+        lowbit.add_qwha(bad, fmt=None)
+
+
+def test_add_adapters_is_a_deprecated_spelling():
+    """add_adapters(kind=...) keeps working: "qwha" is add_qwha, "lora" is add_lora(fmt=...)."""
+    model = _model()
+    with pytest.warns(DeprecationWarning, match="use lowbit.add_qwha"):
+        names = lowbit.add_adapters(model, "qwha", r=4, target_modules=("q_proj", "down_proj"))
+    assert names == ["q_proj", "down_proj"] and isinstance(model["q_proj"], HadamardAdapterLinear)
+    lora = _model()
+    with pytest.warns(DeprecationWarning, match="use lowbit.add_lora"):
+        assert lowbit.add_adapters(lora, "lora", r=4, target_modules=("q_proj",)) == ["q_proj"]
     assert isinstance(lora["q_proj"], LoRALinear) and isinstance(lora["q_proj"].base, QuantLinear)
     with pytest.raises(ValueError, match="kind="):
         lowbit.add_adapters(_model(), "dora")
-    bad = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(100, 8)})
-    with pytest.raises(ValueError, match="q_proj: in_features=100"):
-        lowbit.add_adapters(bad, "qwha", fmt=None)
+    with pytest.warns(DeprecationWarning):
+        assert lowbit.nn.add_adapters(_model(), "qwha", r=2, target_modules=("q_proj",)) == ["q_proj"]
 
 
-def test_add_adapters_with_calibration_on_a_tiny_llama():
+def test_qwha_init_old_argument_order_warns():
+    w = torch.randn(64, 128) * 0.02
+    qt = lowbit.quantize(w, "nf4", 64)
+    with pytest.warns(DeprecationWarning, match=r"qwha_init\(w, qweight, r\) is deprecated"):
+        s_old, v_old = init.qwha_init(w, qt, 2)
+    s_new, v_new = init.qwha_init(w, 2, qweight=qt)
+    assert torch.equal(s_old, s_new) and torch.equal(v_old, v_new)
+
+
+def test_add_qwha_with_calibration_on_a_tiny_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -462,14 +485,12 @@ def test_add_adapters_with_calibration_on_a_tiny_llama():
         want = model(ids).logits
     plain = __import__("copy").deepcopy(model)
     lowbit.quantize_model(plain, "int2", 32, skip=("lm_head",), progress=False)
-    names = lowbit.add_adapters(model, "qwha", r=4, calib=ids, fmt="int2", block_size=32)
+    names = lowbit.add_qwha(model, r=4, calib=ids, fmt="int2", block_size=32)
     assert len(names) == 14
     with torch.no_grad():
         assert (model(ids).logits - want).norm() < (plain(ids).logits - want).norm()
 
 
-# ------------------------------------------------------------------------------------ real model
-@pytest.mark.real_model
 def test_real_layers_qwha_init_beats_svd_lora(smollm2):
     """SmolLM2 layers, nf4 block 64, r = 16: ‖X(E − ΔW)ᵀ‖ / ‖X Eᵀ‖ on held-out activations is lower
     for QWHA (calibrated on other tokens) than for a rank-16 LoRA from the SVD of E."""
@@ -485,10 +506,10 @@ def test_real_layers_qwha_init_beats_svd_lora(smollm2):
         n, k = w.shape
         qt = lowbit.quantize(w, "nf4", 64)
         e = w.double() - qt.dequantize(torch.float32).double()
-        s, v = init.qwha_init(w, qt, 16, cov=c_cal[name])
+        s, v = init.qwha_init(w, 16, qweight=qt, cov=c_cal[name])
         assert s.shape[1] == 16 * (n + k)
         a, b = init._svd_r(e, 16)
-        from lowbit.nn.qwha import adapter_hadamard_factors
+        from lowbit.ops.qwha import adapter_hadamard_factors
 
         def out_err(d, c=c_ev[name]):
             return float((((e - d) @ c) * (e - d)).sum().sqrt() / ((e @ c) * e).sum().sqrt())

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from lowbit import reference as ref
+
 try:
     _sim = importlib.import_module("lowbit._sim")
 except ImportError as e:  # pragma: no cover - depends on the build
@@ -598,17 +600,22 @@ def test_quantize8_dequantize8_bit_exact(numel, block, signed):
         assert torch.equal(a, b)
 
 
+def _c_quantize8(x, block, signed, offset):
+    """lowbit._C.quantize8 with the reference's signature (for ref.double_quant_ref)."""
+    q = torch.zeros(x.numel(), dtype=torch.uint8)
+    absmax = torch.zeros(-(-x.numel() // block))
+    _C.quantize8(x.data_ptr(), x.numel(), block, signed, offset, q.data_ptr(), absmax.data_ptr())
+    return q, absmax
+
+
 @need_C
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 def test_dequantize_double_quant_bit_exact(fmt):
     w = _weights((64, 256), torch.bfloat16, 77)
     block = 32
     codes, absmax, _ = _quantize(_C, w, block, fmt)  # 512 blocks -> 2 nested blocks
-    offset = float(absmax.mean())
-    nb = absmax.numel()
-    q = torch.zeros(nb, dtype=torch.uint8)
-    nested = torch.zeros((nb + 255) // 256)
-    _C.quantize8(absmax.data_ptr(), nb, 256, True, offset, q.data_ptr(), nested.data_ptr())
+    q, nested, offset = ref.double_quant_ref(absmax, _c_quantize8)  # the rule's one home, the CPU kernel
+    offset = float(offset)
     outs = []
     for mod in (_C, _sim):
         out = torch.zeros(w.numel(), dtype=torch.bfloat16)

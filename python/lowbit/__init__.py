@@ -15,43 +15,44 @@ import os
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before lowbit._C links to it)
 
-from . import init, nn, optim  # noqa: E402  (subpackages: lowbit.init.qera, lowbit.nn.QuantLinear, ...)
+from . import formats, functional, init, model, nn, ops, optim, reference  # noqa: E402  (lowbit.init.qera, ...)
+from . import _deprecated, _native, convert  # noqa: E402  (_native: use_backend, BACKENDS, info())
+from ._ptxas import parse_ptxas_log
 from ._native import BACKENDS, use_backend
-from .convert import from_bnb, load_adapter, load_file, quantize_model, save_adapter, save_file, to_bnb
-from .nn import add_adapters, add_lora
-from .formats import FORMATS, QuantizedTensor, QuantSpec
-from .functional import hadamard, linear
+from .convert import load_adapter, load_file, load_tensors, save_adapter, save_file, save_tensors
+from .formats import FORMATS, QuantizedTensor, QuantSpec, from_bnb, to_bnb
+from .functional import hadamard, linear, lora_linear
+from .model import add_adapters, add_lora, add_qwha, quantize_model
 from .ops import dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS",
-    "FORMATS",
-    "QuantSpec",
-    "QuantizedTensor",
-    "quantize",
-    "dequantize",
-    "from_bnb",
-    "to_bnb",
-    "save_file",
-    "load_file",
-    "use_backend",
-    "info",
-    "linear",
-    "hadamard",
-    "quantize_model",
-    "nn",
-    "add_lora",
-    "add_adapters",
-    "save_adapter",
-    "load_adapter",
+    # data and formats
+    "BACKENDS", "FORMATS", "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "from_bnb", "to_bnb",
+    # files
+    "save_tensors", "load_tensors", "save_adapter", "load_adapter",
+    # backends and facts
+    "use_backend", "info",
+    # functional
+    "linear", "lora_linear", "hadamard",
+    # models
+    "quantize_model", "add_lora", "add_qwha",
+    # subpackages and modules
+    "nn", "optim", "init", "ops", "functional", "formats", "reference", "model", "convert",
+    # deprecated spellings (they warn), kept for star-imports
+    "save_file", "load_file", "add_adapters",
 ]
+
+# Deprecated spellings of names that moved up out of lower layers (a lower module cannot import
+# lowbit.model, so the top sets them): each warns and calls the new home.
+nn.add_lora = nn.lora.add_lora = _deprecated.alias(add_lora, "lowbit.nn.add_lora", "lowbit.add_lora")
+nn.add_adapters = nn.qwha.add_adapters = add_adapters  # warns itself (-> add_qwha / add_lora)
+init.apply_init = model.apply_init  # warns itself (-> add_lora(init=...))
+convert.quantize_model = _deprecated.alias(quantize_model, "lowbit.convert.quantize_model", "lowbit.quantize_model")
 
 
 def _ptxas_kernels() -> list[dict]:
-    from ._ptxas import parse_ptxas_log
-
     path = os.path.join(os.path.dirname(__file__), "ptxas_resource_usage.log")
     return parse_ptxas_log(path) if os.path.exists(path) else []
 
@@ -59,8 +60,6 @@ def _ptxas_kernels() -> list[dict]:
 def info() -> dict:
     """Build and run-time facts: version, modules built, CPU path and threads, CUDA archs and status,
     and the ptxas resource usage of every compiled CUDA kernel."""
-    from . import _native
-
     mods = {name: (name in _native._modules) for name in ("cpu", "sim", "cuda")}
     d = {
         "version": __version__,

@@ -57,14 +57,19 @@ def _quantize(args) -> int:
 
     import lowbit
 
-    d = lowbit.load_file(args.input) if args.input.endswith(".safetensors") else torch.load(args.input)
+    try:  # the block-size rule of lowbit.formats, checked before reading the input
+        spec = lowbit.QuantSpec(args.fmt, args.block_size, args.double_quant)
+    except (TypeError, ValueError) as e:
+        print(f"python -m lowbit quantize: {e}", file=sys.stderr)
+        return 2
+    d = lowbit.load_tensors(args.input) if args.input.endswith(".safetensors") else torch.load(args.input)
     out = {}
     for name, t in d.items():
-        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point() and t.shape[1] % args.block_size == 0:
-            out[name] = lowbit.quantize(t, args.fmt, args.block_size, args.double_quant)
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point() and t.shape[1] % spec.block_size == 0:
+            out[name] = lowbit.quantize(t, spec)
         else:
             out[name] = t
-    lowbit.save_file(out, args.output)
+    lowbit.save_tensors(out, args.output)
     print(f"wrote {args.output}: {sum(isinstance(v, lowbit.QuantizedTensor) for v in out.values())} tensors quantized")
     return 0
 
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     a.add_argument("input")
     a.add_argument("output")
     a.add_argument("--fmt", default="nf4")
-    a.add_argument("--block-size", type=int, default=64)
+    a.add_argument("--block-size", type=int, default=64, help="nf4/fp4: 32..4096, int4/int2: 32..256 (powers of 2)")
     a.add_argument("--double-quant", action="store_true")
     a.set_defaults(fn=_quantize)
     args, unknown = p.parse_known_args(argv)

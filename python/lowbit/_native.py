@@ -81,11 +81,6 @@ def use_backend(name: str, schedule: Optional[str] = None, threads: Optional[int
             module("sim").configure(*restore)
 
 
-def current_backend() -> Optional[str]:
-    """The backend forced by :func:`use_backend`, or None (choose by device)."""
-    return _backend.get()
-
-
 def backend_for(t: torch.Tensor) -> str:
     """Which implementation runs for an input tensor (validated against its device)."""
     forced = _backend.get()

@@ -1,4 +1,8 @@
-"""Checkpoints: lowbit safetensors files and bitsandbytes ``Linear4bit`` state dicts."""
+"""Checkpoints (I/O only): lowbit safetensors files and PEFT LoRA adapter directories.
+
+bitsandbytes ``Linear4bit`` interchange (:func:`to_bnb`, :func:`from_bnb`) is format data and lives in
+:mod:`lowbit.formats`; it is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -9,113 +13,25 @@ from typing import Union
 
 import torch
 
-from .formats import DTYPE_NAME, FP4, NESTED_BLOCK, NF4, QuantizedTensor, QuantSpec, dynamic_map
-from .reference import _f32
+from . import _deprecated
+from .formats import QuantizedTensor, from_bnb, to_bnb
+from .model import replace_modules
+from .nn import LoRALinear, lora_layers
 
-__all__ = ["to_bnb", "from_bnb", "save_file", "load_file", "quantize_model", "save_adapter", "load_adapter"]
+__all__ = ["to_bnb", "from_bnb", "save_tensors", "load_tensors", "save_adapter", "load_adapter", "save_file",
+           "load_file"]
 
 _META_KEY = "lowbit"  # safetensors metadata entry holding the quantized tensors' descriptions
 _FORMAT_VERSION = 1
 
 
-# ----------------------------------------------------------------------------- bitsandbytes
-def to_bnb(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Tensor]:
-    """State-dict entries that bitsandbytes' ``Linear4bit`` / ``Params4bit.from_prequantized`` loads.
-
-    Keys: ``weight`` (uint8 (N*K/2, 1)), ``weight.absmax``, ``weight.quant_map``, with double
-    quant ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
-    ``weight.quant_state.bitsandbytes__<fmt>`` (uint8 bytes of a JSON dict).
-    """
-    if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
-    if qt.fmt not in ("nf4", "fp4"):
-        raise ValueError(f"bitsandbytes stores only nf4/fp4 weights; this weight is fmt={qt.fmt!r}")
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    p = prefix + "weight"
-    table = NF4 if qt.fmt == "nf4" else FP4
-    sd = {p: qt.codes.reshape(-1, 1).clone(), f"{p}.quant_map": _f32(table).to(qt.device)}
-    state = {"quant_type": qt.fmt, "blocksize": qt.block_size, "dtype": DTYPE_NAME[qt.dtype],
-             "shape": list(qt.shape)}
-    if qt.double_quant:
-        sd[f"{p}.absmax"] = qt.scale_q.clone()
-        sd[f"{p}.nested_absmax"] = qt.scale_nested.clone()
-        sd[f"{p}.nested_quant_map"] = dynamic_map(True).to(qt.device)
-        # float(fp32) -> JSON keeps every bit (a double holds any fp32 exactly)
-        state.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32",
-                     nested_offset=float(qt.scale_offset))
-    else:
-        sd[f"{p}.absmax"] = qt.scale.clone()
-    sd[f"{p}.quant_state.bitsandbytes__{qt.fmt}"] = torch.tensor(
-        list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
-    return sd
-
-
-def _need(sd, key):
-    if key not in sd:
-        raise ValueError(f"state dict lacks {key!r} (keys present: {sorted(sd)[:12]})")
-    v = sd[key]
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"state dict entry {key!r} must be a tensor, got {type(v).__name__}")
-    return v
-
-
-def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
-    """Read a bitsandbytes 4-bit weight (``{prefix}weight`` + its quant-state entries), bit-exactly.
-
-    Accepts ``quant_storage`` uint8, bf16, fp16 or fp32 (the packed bytes are reinterpreted).
-    """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    p = prefix + "weight"
-    packed = _need(state_dict, p)
-    qs_keys = [k for k in state_dict if k.startswith(f"{p}.quant_state.bitsandbytes__")]
-    if len(qs_keys) != 1:
-        raise ValueError(f"expected exactly one '{p}.quant_state.bitsandbytes__nf4|fp4' entry, found {qs_keys}")
-    try:
-        state = json.loads(bytes(_need(state_dict, qs_keys[0]).to(torch.uint8).tolist()).decode("utf-8"))
-        fmt, block = state["quant_type"], int(state["blocksize"])
-        shape, dtype_name = [int(s) for s in state["shape"]], state["dtype"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{qs_keys[0]} is not a valid bitsandbytes quant state: {e}") from None
-    if fmt not in ("nf4", "fp4") or not qs_keys[0].endswith(fmt):
-        raise ValueError(f"quant_type={fmt!r} does not match key {qs_keys[0]!r}")
-    dtype = {v: k for k, v in DTYPE_NAME.items()}.get(dtype_name)
-    if dtype is None:
-        raise ValueError(f"dtype={dtype_name!r} in {qs_keys[0]} is not float32/bfloat16/float16")
-    if len(shape) != 2:
-        raise ValueError(f"shape={shape} in {qs_keys[0]}: lowbit stores 2-D weights (N, K)")
-    quant_map = _need(state_dict, f"{p}.quant_map")
-    expected = _f32(NF4 if fmt == "nf4" else FP4)
-    if not torch.equal(quant_map.float().cpu(), expected):
-        raise ValueError(f"{p}.quant_map is not the standard {fmt} table; custom maps are not supported")
-    codes = packed.contiguous().view(torch.uint8).reshape(-1)
-    spec_dq = "nested_offset" in state or f"{p}.nested_absmax" in state_dict
-    absmax = _need(state_dict, f"{p}.absmax")
-    if not spec_dq and absmax.dtype != torch.float32:
-        raise TypeError(f"{p}.absmax.dtype={absmax.dtype}: expected float32 (or uint8 with nested_* entries)")
-    if spec_dq:
-        nested = _need(state_dict, f"{p}.nested_absmax").float()
-        if int(state.get("nested_blocksize", -1)) != NESTED_BLOCK:
-            raise ValueError(f"nested_blocksize={state.get('nested_blocksize')} is not supported (lowbit uses {NESTED_BLOCK})")
-        nmap = _need(state_dict, f"{p}.nested_quant_map")
-        if not torch.equal(nmap.float().cpu(), dynamic_map(True)):
-            raise ValueError(f"{p}.nested_quant_map is not the signed 8-bit dynamic map")
-        if "nested_offset" not in state:
-            raise ValueError(f"{qs_keys[0]} lacks nested_offset")
-        offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=codes.device)
-        return QuantizedTensor(QuantSpec(fmt, block, True), shape, dtype, codes,
-                               scale_q=absmax.reshape(-1).to(torch.uint8), scale_nested=nested.reshape(-1),
-                               scale_offset=offset)
-    return QuantizedTensor(QuantSpec(fmt, block, False), shape, dtype, codes, scale=absmax.float().reshape(-1))
-
-
 # ----------------------------------------------------------------------------- safetensors
-def save_file(tensors: dict, path: Union[str, os.PathLike], metadata: dict | None = None) -> None:
+def save_tensors(tensors: dict, path: Union[str, os.PathLike], metadata: dict | None = None) -> None:
     """Save a dict of ``torch.Tensor`` and :class:`QuantizedTensor` values to a safetensors file.
 
     A QuantizedTensor ``"w"`` is stored as tensors ``"w.codes"``, ``"w.scale"``... plus its
-    description in the file's metadata; :func:`load_file` rebuilds it exactly.
+    description in the file's metadata; :func:`load_tensors` rebuilds it exactly. (Named apart from
+    ``safetensors.torch.save_file``, which takes plain tensors only.)
     """
     from safetensors.torch import save_file as st_save
 
@@ -140,8 +56,8 @@ def save_file(tensors: dict, path: Union[str, os.PathLike], metadata: dict | Non
     st_save(flat, os.fspath(path), metadata=meta)
 
 
-def load_file(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
-    """Load a file written by :func:`save_file` (plain safetensors files load as plain tensors)."""
+def load_tensors(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
+    """Load a file written by :func:`save_tensors` (plain safetensors files load as plain tensors)."""
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
@@ -174,80 +90,6 @@ def load_file(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- models
-def _module_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:  # tied weights count once
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
-def quantize_model(model: torch.nn.Module, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
-                   skip=("lm_head",), progress: bool = True, lora_init: str | None = None, r: int = 16,
-                   alpha: float = 32, calib=None, iters: int = 5) -> dict:
-    """Replace every ``nn.Linear`` of ``model`` in place by a :class:`lowbit.nn.QuantLinear`.
-
-    ``skip``: module names (or name suffixes / components, e.g. ``"lm_head"``) to leave dense.
-    Linears whose ``in_features`` is not a multiple of ``block_size`` are left dense and listed.
-    With ``lora_init`` ("svd", "loftq", "qera", "lq_lora"; see :mod:`lowbit.init`) each layer gets a
-    rank-``r`` LoRA adapter that corrects its quantization error (``calib``: token ids or model
-    kwargs for QERA's activation statistics).
-    Returns a report: ``{"replaced", "skipped", "incompatible", "bytes_before", "bytes_after"}``
-    (+ ``"init_error"``: relative weight error per layer after the correction).
-    """
-    import sys
-
-    from .nn import QuantLinear
-
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    QuantSpec(fmt, block_size, double_quant)  # validate once, before touching the model
-    if lora_init is not None:
-        from .init import apply_init
-
-        before = _module_bytes(model)
-        errors = apply_init(model, lora_init, fmt, r, alpha, block_size, double_quant, calib, skip, iters, progress)
-        return {"replaced": list(errors), "init_error": errors, "bytes_before": before,
-                "bytes_after": _module_bytes(model)}
-    if isinstance(skip, str):
-        skip = (skip,)
-
-    def skipped(name: str) -> bool:
-        parts = name.split(".")
-        return any(name == s or name.endswith("." + s) or s in parts for s in skip)
-
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    report = {"replaced": [], "skipped": [], "incompatible": [], "bytes_before": _module_bytes(model)}
-    todo = []
-    for name, m in targets:
-        if skipped(name):
-            report["skipped"].append(name)
-        elif m.in_features % block_size:
-            report["incompatible"].append(name)
-        else:
-            todo.append(name)
-    for i, name in enumerate(todo):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(getattr(parent, child), fmt, block_size, double_quant))
-        report["replaced"].append(name)
-        if progress:
-            done = (i + 1) * 30 // len(todo)
-            print(f"\rquantize_model {fmt}: [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(todo)}",
-                  end="" if i + 1 < len(todo) else "\n", file=sys.stderr, flush=True)
-    report["bytes_after"] = _module_bytes(model)
-    if progress:
-        print(f"quantize_model: {len(todo)} Linear -> QuantLinear({fmt}, block {block_size}"
-              f"{', double quant' if double_quant else ''}); memory {report['bytes_before'] / 2**20:.1f} MiB -> "
-              f"{report['bytes_after'] / 2**20:.1f} MiB; skipped {report['skipped']}"
-              + (f"; left dense (K % block != 0): {report['incompatible']}" if report["incompatible"] else ""),
-              file=sys.stderr)
-    return report
-
-
 # ----------------------------------------------------------------------------- PEFT adapters
 _PEFT_PREFIX = "base_model.model."
 
@@ -257,8 +99,6 @@ def save_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
     """Write one adapter of a model in PEFT's LoRA format: ``adapter_model.safetensors`` (keys
     ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``."""
     from safetensors.torch import save_file as st_save
-
-    from .nn.lora import lora_layers
 
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
@@ -290,8 +130,6 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
     model: wraps the targeted modules with :class:`lowbit.nn.LoRALinear` where needed, then sets
     A and B exactly. Returns the module names loaded."""
     from safetensors.torch import load_file as st_load
-
-    from .nn.lora import LoRALinear
 
     cfg_path = os.path.join(directory, "adapter_config.json")
     w_path = os.path.join(directory, "adapter_model.safetensors")
@@ -328,10 +166,8 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
         a, b = ab["lora_A"], ab["lora_B"]
         r = a.shape[0]
         if not isinstance(m, LoRALinear):
-            parent_name, _, child = mod.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            m = LoRALinear(m, r, alpha, dropout, adapter_name)
-            setattr(parent, child, m)
+            replace_modules(model, [mod], lambda name, base: LoRALinear(base, r, alpha, dropout, adapter_name))
+            m = model.get_submodule(mod)
         elif adapter_name not in m.lora_A:
             m.add_adapter(adapter_name, r, alpha, dropout)
         if a.shape != m.lora_A[adapter_name].shape or b.shape != m.lora_B[adapter_name].shape:
@@ -343,3 +179,9 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
         m.scaling[adapter_name] = alpha / (math.sqrt(r) if use_rslora else r)
         loaded.append(mod)
     return loaded
+
+
+# ------------------------------------------------------------------------- deprecated spellings
+# lowbit.save_file / load_file reused safetensors' names for another meaning (QuantizedTensor values in and out)
+save_file = _deprecated.alias(save_tensors, "lowbit.save_file", "lowbit.save_tensors")
+load_file = _deprecated.alias(load_tensors, "lowbit.load_file", "lowbit.load_tensors")

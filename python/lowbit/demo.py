@@ -107,18 +107,20 @@ def dequantized_copy(qmodel) -> torch.nn.Module:
     """The quantized model with every QuantLinear replaced by a dense nn.Linear holding the
     reference dequantization of its weight: the same numbers, computed by plain matmuls."""
     import lowbit
+    from lowbit.model import replace_modules, select_modules
     from lowbit.nn import QuantLinear
 
     dense = copy.deepcopy(qmodel)
-    for name, m in list(dense.named_modules()):
-        if isinstance(m, QuantLinear):
-            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            with lowbit.use_backend("reference"):
-                lin.weight.data = m.weight.dequantize(torch.float32)
-            if m.bias is not None:
-                lin.bias.data = m.bias.data.float()
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, child, lin)
+
+    def build(name, m):
+        lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with lowbit.use_backend("reference"):
+            lin.weight.data = m.weight.dequantize(torch.float32)
+        if m.bias is not None:
+            lin.bias.data = m.bias.data.float()
+        return lin
+
+    replace_modules(dense, select_modules(dense, QuantLinear), build)
     return dense
 
 

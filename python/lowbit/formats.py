@@ -1,7 +1,10 @@
 """Formats: code tables, packing rules, QuantSpec and QuantizedTensor.
 
 The tables and rules here are the Python copy of ``include/lowbit/formats.h`` (tests check that
-the two agree and that both equal bitsandbytes' tables).
+the two agree and that both equal bitsandbytes' tables), including the one list of accepted block
+sizes (``block_sizes_of`` for quantize, ``GEMM_BLOCKS`` for the packed products). This module is the
+ground floor: it imports nothing from lowbit. ``QuantizedTensor.dequantize`` reaches the kernels
+through torch's dispatcher (``torch.ops.lowbit.dequantize``, registered by :mod:`lowbit.ops.quant`).
 
 Canonical layout of a weight ``W`` of shape ``(N, K)`` quantized with ``block_size`` ``B``:
 
@@ -18,6 +21,7 @@ Canonical layout of a weight ``W`` of shape ``(N, K)`` quantized with ``block_si
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Optional
 
 import torch
@@ -35,6 +39,11 @@ __all__ = [
     "bits_of",
     "dynamic_map",
     "block_sizes_of",
+    "TABLE_BLOCKS",
+    "INT_BLOCKS",
+    "GEMM_BLOCKS",
+    "to_bnb",
+    "from_bnb",
 ]
 
 FORMATS = ("nf4", "fp4", "int4", "int2")
@@ -55,8 +64,12 @@ FP4 = FP4 + [-v if v != 0 else 0.0 for v in FP4]
 FP4_SORTED_CODES = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]
 
 _BITS = {"nf4": 4, "fp4": 4, "int4": 4, "int2": 2}
-_TABLE_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_INT_BLOCKS = (32, 64, 128, 256)
+# The accepted block sizes: Python's one copy of quant_block_ok / gemm_block_ok (include/lowbit/formats.h;
+# tests/test_quant.py checks them against _C.tables()). nf4/fp4 go up to 4096 like bitsandbytes; the
+# packed products (gemm, gemm_t, lowrank) take the blocks their kernels are instantiated for.
+TABLE_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+INT_BLOCKS = (32, 64, 128, 256)
+GEMM_BLOCKS = (32, 64, 128, 256)
 
 
 def bits_of(fmt: str) -> int:
@@ -65,7 +78,7 @@ def bits_of(fmt: str) -> int:
 
 def block_sizes_of(fmt: str) -> tuple[int, ...]:
     """Block sizes a format accepts (nf4/fp4 go up to 4096 like bitsandbytes)."""
-    return _TABLE_BLOCKS if fmt in ("nf4", "fp4") else _INT_BLOCKS
+    return TABLE_BLOCKS if fmt in ("nf4", "fp4") else INT_BLOCKS
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -208,19 +221,22 @@ class QuantizedTensor:
 
     # ---- conversions
     def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Dense ``(N, K)`` weight in ``dtype`` (default: the original weight's dtype, or out's),
-        written into ``out`` when given (a contiguous (N, K) workspace)."""
-        from . import ops
-
+        """Dense ``(N, K)`` weight in ``dtype`` (default: ``out``'s dtype, else the original weight's),
+        written into ``out`` when given (a contiguous (N, K) workspace, no extra copy). The ops
+        ``lowbit::dequantize`` / ``lowbit::dequantize_into`` validate and run the kernel."""
         if dtype is None:
             dtype = out.dtype if isinstance(out, torch.Tensor) else self.dtype
-        return ops.dequantize(self, dtype, out)
-
-    def block_scales(self) -> torch.Tensor:
-        """The per-block fp32 scales ``(N * K // block_size,)``, rebuilt from double quant if needed."""
-        from . import ops
-
-        return ops.block_scales(self)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype={dtype!r} must be a torch.dtype")
+        c = self.components()
+        w = (c["codes"], c.get("scale"), c.get("zero"), c.get("scale_q"), c.get("scale_nested"), c.get("scale_offset"))
+        n, k = self.shape
+        if out is None:
+            return torch.ops.lowbit.dequantize(*w, n, k, self.block_size, self.fmt, dtype)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        torch.ops.lowbit.dequantize_into(out, *w, n, k, self.block_size, self.fmt, dtype)
+        return out
 
     def to(self, device) -> "QuantizedTensor":
         return QuantizedTensor(self.spec, self.shape, self.dtype,
@@ -241,11 +257,9 @@ class QuantizedTensor:
 
     def to_bnb(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """bitsandbytes ``Linear4bit`` state-dict entries (``{prefix}weight`` ...); nf4/fp4 only."""
-        from .convert import to_bnb
-
         return to_bnb(self, prefix)
 
-    # ---- serialization helpers (used by save_file / QuantLinear)
+    # ---- serialization helpers (used by save_tensors / QuantLinear)
     def metadata(self) -> dict:
         return {"fmt": self.fmt, "block_size": self.block_size, "double_quant": self.double_quant,
                 "shape": list(self.shape), "dtype": DTYPE_NAME[self.dtype]}
@@ -270,3 +284,96 @@ class QuantizedTensor:
                 f"double_quant={self.double_quant}, dtype={self.dtype}, device={self.device}, "
                 f"nbytes={self.nbytes}, bits_per_weight={8 * self.nbytes / max(self.shape.numel(), 1):.3f})")
 
+
+# ----------------------------------------------------------------------------- bitsandbytes
+# Interchange with bitsandbytes' Linear4bit is format data only (no kernel): it lives here, beside the
+# layout it converts, so QuantizedTensor.to_bnb needs nothing above this module.
+def to_bnb(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """State-dict entries that bitsandbytes' ``Linear4bit`` / ``Params4bit.from_prequantized`` loads.
+
+    Keys: ``weight`` (uint8 (N*K/2, 1)), ``weight.absmax``, ``weight.quant_map``, with double
+    quant ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
+    ``weight.quant_state.bitsandbytes__<fmt>`` (uint8 bytes of a JSON dict).
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    if qt.fmt not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes stores only nf4/fp4 weights; this weight is fmt={qt.fmt!r}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    p = prefix + "weight"
+    table = NF4 if qt.fmt == "nf4" else FP4
+    sd = {p: qt.codes.reshape(-1, 1).clone(), f"{p}.quant_map": torch.tensor(table, dtype=torch.float32).to(qt.device)}
+    state = {"quant_type": qt.fmt, "blocksize": qt.block_size, "dtype": DTYPE_NAME[qt.dtype],
+             "shape": list(qt.shape)}
+    if qt.double_quant:
+        sd[f"{p}.absmax"] = qt.scale_q.clone()
+        sd[f"{p}.nested_absmax"] = qt.scale_nested.clone()
+        sd[f"{p}.nested_quant_map"] = dynamic_map(True).to(qt.device)
+        # float(fp32) -> JSON keeps every bit (a double holds any fp32 exactly)
+        state.update(nested_blocksize=NESTED_BLOCK, nested_dtype="float32",
+                     nested_offset=float(qt.scale_offset))
+    else:
+        sd[f"{p}.absmax"] = qt.scale.clone()
+    sd[f"{p}.quant_state.bitsandbytes__{qt.fmt}"] = torch.tensor(
+        list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+    return sd
+
+
+def _need(sd, key):
+    if key not in sd:
+        raise ValueError(f"state dict lacks {key!r} (keys present: {sorted(sd)[:12]})")
+    v = sd[key]
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"state dict entry {key!r} must be a tensor, got {type(v).__name__}")
+    return v
+
+
+def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
+    """Read a bitsandbytes 4-bit weight (``{prefix}weight`` + its quant-state entries), bit-exactly.
+
+    Accepts ``quant_storage`` uint8, bf16, fp16 or fp32 (the packed bytes are reinterpreted).
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    p = prefix + "weight"
+    packed = _need(state_dict, p)
+    qs_keys = [k for k in state_dict if k.startswith(f"{p}.quant_state.bitsandbytes__")]
+    if len(qs_keys) != 1:
+        raise ValueError(f"expected exactly one '{p}.quant_state.bitsandbytes__nf4|fp4' entry, found {qs_keys}")
+    try:
+        state = json.loads(bytes(_need(state_dict, qs_keys[0]).to(torch.uint8).tolist()).decode("utf-8"))
+        fmt, block = state["quant_type"], int(state["blocksize"])
+        shape, dtype_name = [int(s) for s in state["shape"]], state["dtype"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{qs_keys[0]} is not a valid bitsandbytes quant state: {e}") from None
+    if fmt not in ("nf4", "fp4") or not qs_keys[0].endswith(fmt):
+        raise ValueError(f"quant_type={fmt!r} does not match key {qs_keys[0]!r}")
+    dtype = {v: k for k, v in DTYPE_NAME.items()}.get(dtype_name)
+    if dtype is None:
+        raise ValueError(f"dtype={dtype_name!r} in {qs_keys[0]} is not float32/bfloat16/float16")
+    if len(shape) != 2:
+        raise ValueError(f"shape={shape} in {qs_keys[0]}: lowbit stores 2-D weights (N, K)")
+    quant_map = _need(state_dict, f"{p}.quant_map")
+    expected = torch.tensor(NF4 if fmt == "nf4" else FP4, dtype=torch.float32)
+    if not torch.equal(quant_map.float().cpu(), expected):
+        raise ValueError(f"{p}.quant_map is not the standard {fmt} table; custom maps are not supported")
+    codes = packed.contiguous().view(torch.uint8).reshape(-1)
+    spec_dq = "nested_offset" in state or f"{p}.nested_absmax" in state_dict
+    absmax = _need(state_dict, f"{p}.absmax")
+    if not spec_dq and absmax.dtype != torch.float32:
+        raise TypeError(f"{p}.absmax.dtype={absmax.dtype}: expected float32 (or uint8 with nested_* entries)")
+    if spec_dq:
+        nested = _need(state_dict, f"{p}.nested_absmax").float()
+        if int(state.get("nested_blocksize", -1)) != NESTED_BLOCK:
+            raise ValueError(f"nested_blocksize={state.get('nested_blocksize')} is not supported (lowbit uses {NESTED_BLOCK})")
+        nmap = _need(state_dict, f"{p}.nested_quant_map")
+        if not torch.equal(nmap.float().cpu(), dynamic_map(True)):
+            raise ValueError(f"{p}.nested_quant_map is not the signed 8-bit dynamic map")
+        if "nested_offset" not in state:
+            raise ValueError(f"{qs_keys[0]} lacks nested_offset")
+        offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=codes.device)
+        return QuantizedTensor(QuantSpec(fmt, block, True), shape, dtype, codes,
+                               scale_q=absmax.reshape(-1).to(torch.uint8), scale_nested=nested.reshape(-1),
+                               scale_offset=offset)
+    return QuantizedTensor(QuantSpec(fmt, block, False), shape, dtype, codes, scale=absmax.float().reshape(-1))

@@ -1,9 +1,12 @@
 """Error-reconstructing initialisations: the low-rank branch as a correction of the quantization error.
 
-Each function takes a dense weight ``w`` (N, K) and returns ``(qt, A, B)`` with
-``w ≈ dequant(qt) + B · A`` — ``A`` (r, K), ``B`` (N, r), fp32, for an adapter of scale 1 (divide
-``B`` by the LoRA scaling ``alpha / r`` before loading it into a LoRALinear; :func:`apply_init`
-does that).
+Each function takes a dense weight ``w`` (N, K) and the rank ``r``, then keywords only — the
+quantizer (``fmt``, ``block_size``, ``double_quant``), the data (``calib_x`` or ``cov``), the method's
+own (``iters``, ``fisher``, ``ridge``) — and returns ``(qt, A, B)`` with ``w ≈ dequant(qt) + B · A`` —
+``A`` (r, K), ``B`` (N, r), fp32, for an adapter of scale 1 (divide ``B`` by the LoRA scaling
+``alpha / r`` before loading it into a LoRALinear; :func:`lowbit.add_lora` with ``init=`` does that).
+The order before issue 12 (``svd_init(w, fmt, r, ...)``, ``qwha_init(w, qweight, r, ...)``) still works,
+with a DeprecationWarning.
 
 * ``svd``: quantize once, then the rank-r SVD of the error (weight-space optimum for that Q).
 * ``loftq`` (Li et al. 2023, LoftQ): alternate ``Q = quantize(W − BA)`` and ``BA = SVD_r(W − deq(Q))``.
@@ -15,14 +18,44 @@ does that).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
 
 from . import ops
+from . import reference as ref
 from .formats import QuantizedTensor, QuantSpec
+from .ops.qwha import adapter_hadamard, adapter_hadamard_factors
 
-__all__ = ["svd_init", "loftq", "qera", "lq_lora", "output_error", "calibration_covariances", "apply_init"]
+__all__ = ["svd_init", "loftq", "qera", "lq_lora", "output_error", "calibration_covariances", "INITS"]
+
+
+def _old_order(*names: str):
+    """Accept the call form before issue 12, ``fn(w, <names...>)`` — recognised by a second positional
+    argument that is not the int rank — with a DeprecationWarning: its positional arguments become
+    the keywords ``names``."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def shim(w, *args, **kwargs):
+            if not args or (isinstance(args[0], int) and not isinstance(args[0], bool)):
+                return fn(w, *args, **kwargs)
+            if len(args) > len(names):
+                raise TypeError(f"{fn.__name__}(w, {', '.join(names)}) takes at most {len(names) + 1} positional "
+                                f"arguments, got {len(args) + 1}")
+            old = dict(zip(names, args))
+            twice = sorted(set(old) & set(kwargs))
+            if twice:
+                raise TypeError(f"{fn.__name__}() got multiple values for {twice}")
+            warnings.warn(f"{fn.__name__}(w, {', '.join(old)}) is deprecated: call {fn.__name__}(w, r, ...) with "
+                          f"the other arguments as keywords", DeprecationWarning, stacklevel=2)
+            return fn(w, **old, **kwargs)
+
+        return shim
+
+    return wrap
 
 
 def _svd_r(e: torch.Tensor, r: int):
@@ -43,7 +76,9 @@ def _q(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> QuantizedTensor:
     return ops.quantize(w.to(dtype), spec)
 
 
-def svd_init(w: torch.Tensor, fmt: str, r: int, block_size: int = 64, double_quant: bool = False):
+@_old_order("fmt", "r", "block_size", "double_quant")
+def svd_init(w: torch.Tensor, r: int, *, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False):
+    """Quantize once, then the rank-r SVD of the error W − deq(Q)."""
     _check(w, r)
     spec = QuantSpec(fmt, block_size, double_quant)
     qt = _q(w, spec, w.dtype)
@@ -51,7 +86,9 @@ def svd_init(w: torch.Tensor, fmt: str, r: int, block_size: int = 64, double_qua
     return qt, a.float(), b.float()
 
 
-def loftq(w: torch.Tensor, fmt: str, r: int, iters: int = 5, block_size: int = 64, double_quant: bool = False):
+@_old_order("fmt", "r", "iters", "block_size", "double_quant")
+def loftq(w: torch.Tensor, r: int, *, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
+          iters: int = 5):
     """LoftQ alternation (iters ≥ 1): Q_t = quantize(W − B_{t-1}A_{t-1}), B_tA_t = SVD_r(W − deq(Q_t))."""
     _check(w, r)
     if not isinstance(iters, int) or iters < 1:
@@ -74,8 +111,9 @@ def _sqrt_and_inv_sqrt(cov: torch.Tensor, ridge: float):
     return (v * lam.sqrt()) @ v.T, (v * lam.rsqrt()) @ v.T
 
 
-def qera(w: torch.Tensor, fmt: str, r: int, calib_x: Optional[torch.Tensor] = None, cov: Optional[torch.Tensor] = None,
-         block_size: int = 64, double_quant: bool = False, ridge: float = 1e-4):
+@_old_order("fmt", "r", "calib_x", "cov", "block_size", "double_quant", "ridge")
+def qera(w: torch.Tensor, r: int, *, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
+         calib_x: Optional[torch.Tensor] = None, cov: Optional[torch.Tensor] = None, ridge: float = 1e-4):
     """QERA closed form. Give calibration activations ``calib_x`` (..., K) or their second moment
     ``cov = E[xᵀx]`` (K, K). ``ridge`` (relative to the mean eigenvalue) keeps R invertible."""
     _check(w, r)
@@ -94,8 +132,9 @@ def qera(w: torch.Tensor, fmt: str, r: int, calib_x: Optional[torch.Tensor] = No
     return qt, (a @ s_inv).float(), b.float()
 
 
-def lq_lora(w: torch.Tensor, fmt: str, r: int, iters: int = 10, fisher: Optional[torch.Tensor] = None,
-            block_size: int = 64, double_quant: bool = False):
+@_old_order("fmt", "r", "iters", "fisher", "block_size", "double_quant")
+def lq_lora(w: torch.Tensor, r: int, *, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
+            iters: int = 10, fisher: Optional[torch.Tensor] = None):
     """LQ-LoRA: alternate ``BA = SVD_r(D_r (W − deq(Q)) D_c)`` (unscaled) and ``Q = quantize(W − BA)``,
     keeping the best iterate. ``fisher`` (N, K) (e.g. squared gradients) gives the row/column
     weights ``D_r = √(mean_k F)``, ``D_c = √(mean_n F)``; without it the weighting is uniform."""
@@ -159,56 +198,12 @@ def calibration_covariances(model: torch.nn.Module, inputs, module_names) -> dic
     return {n: covs[n] / counts[n] for n in covs}
 
 
-def apply_init(model: torch.nn.Module, method: str, fmt: str, r: int, alpha: float = 32, block_size: int = 64,
-               double_quant: bool = False, calib=None, skip=("lm_head",), iters: int = 5, progress: bool = True,
-               target_modules=None) -> dict:
-    """Quantize every targeted ``nn.Linear`` of ``model`` and attach a LoRA adapter initialised by
-    ``method`` ∈ {"svd", "loftq", "qera", "lq_lora"}; returns ``{name: relative weight error}``."""
-    import sys
-
-    from .nn import LoRALinear, QuantLinear
-
-    fns = {"svd": svd_init, "loftq": loftq, "qera": qera, "lq_lora": lq_lora}
-    if method not in fns:
-        raise ValueError(f"lora_init={method!r} is not one of {sorted(fns)}")
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and not any(n == s or n.endswith("." + s) for s in skip)
-             and (target_modules is None or n.rpartition(".")[2] in target_modules)
-             and m.in_features % block_size == 0]
-    covs = {}
-    if method == "qera":
-        if calib is None:
-            raise ValueError("lora_init='qera' needs calib= (token ids or model kwargs) for the activation statistics")
-        covs = calibration_covariances(model, calib, names)
-    errors = {}
-    for i, name in enumerate(names):
-        lin = model.get_submodule(name)
-        w = lin.weight.detach()
-        if method == "qera":
-            qt, a, b = qera(w, fmt, r, cov=covs[name], block_size=block_size, double_quant=double_quant)
-        elif method in ("loftq", "lq_lora"):
-            qt, a, b = fns[method](w, fmt, r, iters, block_size=block_size, double_quant=double_quant)
-        else:
-            qt, a, b = svd_init(w, fmt, r, block_size, double_quant)
-        q = QuantLinear.from_linear(lin, fmt, block_size, double_quant)
-        q.set_weight(qt)
-        layer = LoRALinear(q, r, alpha)
-        with torch.no_grad():
-            layer.lora_A["default"].copy_(a)
-            layer.lora_B["default"].copy_(b / layer.scaling["default"])
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-        errors[name] = float((w.double() - qt.dequantize(torch.float32).double() - b.double() @ a.double()).norm()
-                             / w.double().norm())
-        if progress:
-            print(f"\rlora_init={method} {fmt} r={r}: {i + 1}/{len(names)}", end="\n" if i + 1 == len(names) else "",
-                  file=sys.stderr, flush=True)
-    return errors
+INITS = {"svd": svd_init, "loftq": loftq, "qera": qera, "lq_lora": lq_lora}  # lowbit.add_lora(init=...)
 
 
 # ================================================================================== QWHA
-# Initialisation of the Walsh–Hadamard adapter (lowbit.nn.HadamardAdapterLinear): ΔW = F · Hᵀ / K with F
-# sparse, chosen to cancel the quantization error E = W − deq(W_Q) where the activations look.
+# Initialisation of the Walsh–Hadamard adapter (lowbit.nn.HadamardAdapterLinear, lowbit.add_qwha):
+# ΔW = F · Hᵀ / K with F sparse, chosen to cancel the quantization error E = W − deq(W_Q) where the activations look.
 __all__ += ["qwha_init"]
 
 
@@ -237,12 +232,14 @@ def _qwha_budgets(weight: torch.Tensor, nnz: int, cap: int) -> torch.Tensor:
     return k
 
 
+@_old_order("qweight", "r", "calib_x", "alpha")
 @torch.no_grad()
-def qwha_init(w: torch.Tensor, qweight, r: int, calib_x: Optional[torch.Tensor] = None, alpha: float = 1.0, *,
-              cov: Optional[torch.Tensor] = None, ridge: float = 1e-4, max_block: int = 1 << 24):
+def qwha_init(w: torch.Tensor, r: int, *, qweight, calib_x: Optional[torch.Tensor] = None,
+              cov: Optional[torch.Tensor] = None, alpha: float = 1.0, ridge: float = 1e-4, max_block: int = 1 << 24):
     """Support and values of a QWHA adapter (scale 1) that cancels the quantization error.
 
-    ``w`` (N, K) the dense weight, ``qweight`` its QuantizedTensor (or the dequantized (N, K) tensor),
+    ``w`` (N, K) the dense weight, ``qweight`` (keyword) its QuantizedTensor or the dequantized (N, K) tensor
+    — it stands where the other inits take the quantizer's arguments, since QWHA does not requantize;
     ``nnz = r · (N + K)`` coefficients (a rank-r LoRA's parameter count). With calibration activations
     ``calib_x`` (..., K) or their second moment ``cov = E[xᵀx]`` (K, K) the objective is the layer-output
     error ‖X (E − ΔW)ᵀ‖_F, else the weight error ‖E − ΔW‖_F. In float64:
@@ -260,9 +257,6 @@ def qwha_init(w: torch.Tensor, qweight, r: int, calib_x: Optional[torch.Tensor] 
     Returns ``(support (2, nnz) int64 row-major sorted, values (nnz,) fp32)`` for
     :class:`lowbit.nn.HadamardAdapterLinear` (divide values by its ``scale`` when scale ≠ 1).
     """
-    from . import reference as ref
-    from .nn.qwha import adapter_hadamard, adapter_hadamard_factors
-
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise TypeError(f"w must be a 2-D float tensor, got {type(w).__name__} {getattr(w, 'shape', '')}")
     n, k = w.shape

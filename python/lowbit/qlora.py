@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .convert import from_bnb
-from .nn import QuantLinear, add_lora, lora_layers
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .formats import from_bnb
+from .model import TARGETS, add_lora, replace_modules, select_modules
+from .nn import QuantLinear, lora_layers
+from .optim import AdamW
 
 
 def token_batches(ids: torch.Tensor, seq_len: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
@@ -54,17 +54,18 @@ def bnb_quantize_targets(model, targets=TARGETS, block_size: int = 64, double_qu
     import bitsandbytes as bnb
 
     bmodel = copy.deepcopy(model)
-    for name, m in list(bmodel.named_modules()):
-        if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets:
-            l4 = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                   compute_dtype=m.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
-            l4.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                          compress_statistics=double_quant, blocksize=block_size)
-            l4.weight._quantize("cpu")
-            if m.bias is not None:
-                l4.bias = torch.nn.Parameter(m.bias.data.clone())
-            parent, _, child = name.rpartition(".")
-            setattr(bmodel.get_submodule(parent) if parent else bmodel, child, l4)
+
+    def build(name, m):
+        l4 = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                               compute_dtype=m.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
+        l4.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=double_quant, blocksize=block_size)
+        l4.weight._quantize("cpu")
+        if m.bias is not None:
+            l4.bias = torch.nn.Parameter(m.bias.data.clone())
+        return l4
+
+    replace_modules(bmodel, select_modules(bmodel, torch.nn.Linear, targets), build)
     return bmodel
 
 
@@ -72,17 +73,18 @@ def lowbit_from_bnb_model(model, bmodel, targets=TARGETS):
     """A copy of the dense ``model`` whose target Linears are QuantLinears holding exactly the
     weights of ``bmodel``'s Linear4bit layers (read through ``lowbit.from_bnb``)."""
     lmodel = copy.deepcopy(model)
-    for name, m in list(lmodel.named_modules()):
-        if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets:
-            l4 = bmodel.get_submodule(name)
-            qt = from_bnb({k: v for k, v in l4.state_dict().items() if k.startswith("weight")}, "")
-            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qt.fmt, qt.block_size,
-                            qt.double_quant, dtype=qt.dtype)
-            q.set_weight(qt)
-            if m.bias is not None:
-                q.bias = torch.nn.Parameter(m.bias.data.clone())
-            parent, _, child = name.rpartition(".")
-            setattr(lmodel.get_submodule(parent) if parent else lmodel, child, q)
+
+    def build(name, m):
+        l4 = bmodel.get_submodule(name)
+        qt = from_bnb({k: v for k, v in l4.state_dict().items() if k.startswith("weight")}, "")
+        q = QuantLinear(m.in_features, m.out_features, m.bias is not None, qt.fmt, qt.block_size,
+                        qt.double_quant, dtype=qt.dtype)
+        q.set_weight(qt)
+        if m.bias is not None:
+            q.bias = torch.nn.Parameter(m.bias.data.clone())
+        return q
+
+    replace_modules(lmodel, select_modules(lmodel, torch.nn.Linear, targets), build)
     return lmodel
 
 
@@ -107,8 +109,6 @@ def peft_parity(model, batches, r: int = 16, alpha: float = 32, lr: float = 5e-4
             p.lora_B["default"].weight.copy_(layer.lora_B["default"])
     lparams = [p for p in lmodel.parameters() if p.requires_grad]
     if optimizer == "lowbit":
-        from .optim import AdamW
-
         lopt = AdamW(lparams, lr=lr)
     else:
         lopt = torch.optim.AdamW(lparams, lr=lr)

@@ -144,20 +144,25 @@ def dequantize8_ref(q: torch.Tensor, absmax: torch.Tensor, block: int, signed: b
     return v + torch.tensor(offset, dtype=torch.float32)
 
 
-def double_quant_ref(scale: torch.Tensor):
-    """Compress per-block fp32 scales: ``offset = mean(scale)`` (torch's fp32 mean, as
-    bitsandbytes), then signed 8-bit dynamic quantization of ``scale - offset`` in nested blocks of 256.
-    Returns ``(scale_q uint8, scale_nested fp32, scale_offset 0-d fp32)``."""
+def double_quant_ref(scale: torch.Tensor, quantize8=quantize8_ref):
+    """The double-quant scale rule (its one home): compress per-block fp32 scales with
+    ``offset = mean(scale)`` (torch's fp32 mean, as bitsandbytes), then signed 8-bit dynamic
+    quantization of ``scale - offset`` in nested blocks of 256.
+    Returns ``(scale_q uint8, scale_nested fp32, scale_offset 0-d fp32)``. ``quantize8(x, block, signed,
+    offset) -> (q, absmax)`` is the 8-bit quantizer: the reference's by default; ``lowbit.quantize``
+    passes the kernels' (bit-exact with it)."""
     offset = scale.mean()
-    q, nested = quantize8_ref(scale, NESTED_BLOCK, True, float(offset))
+    q, nested = quantize8(scale, NESTED_BLOCK, True, float(offset))
     return q, nested, offset.reshape(())
 
 
-def block_scales_ref(qt) -> torch.Tensor:
-    """Per-block fp32 scales of a QuantizedTensor, rebuilt from double quant if needed."""
+def block_scales_ref(qt, dequantize8=dequantize8_ref) -> torch.Tensor:
+    """Per-block fp32 scales of a QuantizedTensor, rebuilt from double quant if needed:
+    ``code[scale_q] * scale_nested[b // 256] + scale_offset`` (the inverse of :func:`double_quant_ref`;
+    ``dequantize8`` as there)."""
     if not qt.double_quant:
         return qt.scale
-    return dequantize8_ref(qt.scale_q, qt.scale_nested, NESTED_BLOCK, True, float(qt.scale_offset))
+    return dequantize8(qt.scale_q, qt.scale_nested, NESTED_BLOCK, True, float(qt.scale_offset))
 
 
 def dequantize_qt_ref(qt, dtype: torch.dtype) -> torch.Tensor:

@@ -4,12 +4,12 @@
 PEFT (Kaiming-uniform, a = √5) and ``B (N, r)`` zero, so a fresh adapter leaves the output unchanged.
 On a QuantLinear base with dropout inactive the whole product is one fused op (``lowbit::lowrank``);
 when no autograd graph is recorded (decoding) and x is fp32 on the "cpu" backend, the module calls
-that op's CPU kernel directly with a cached stacked (A, s·B) pair (:meth:`LoRALinear.forward`).
+that op's CPU kernel directly (:func:`lowbit.ops.lowrank_inference`) with a cached stacked (A, s·B)
+pair (:meth:`LoRALinear.forward`). Adapters are added to a model by :func:`lowbit.add_lora`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Union
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.lowrank import MAX_RANK
 from .quant_linear import QuantLinear
 
 
@@ -54,8 +55,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter name {name!r} must be a non-empty str without dots")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists")
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(256, self.in_features, self.out_features):
-            raise ValueError(f"r={r!r} must be an int in [1, min(256, in_features, out_features)]")
+        r_max = min(MAX_RANK, self.in_features, self.out_features)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= r_max:
+            raise ValueError(f"r={r!r} must be an int in [1, min({MAX_RANK}, in_features, out_features)]")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         dev = self.base.weight.device
@@ -163,15 +165,11 @@ class LoRALinear(nn.Module):
         return y
 
     def _forward_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The decode fast path of :meth:`forward` (QuantLinear base, dropout inactive): the raw CPU
-        ``lowrank`` kernel with the arguments ``ops.lowrank_op`` would pass it (x made contiguous,
-        bias in fp32, s = 1, a fresh (M, r) xa that nobody reads). Returns None to take the op path,
-        which also owns every error message (wrong K, r > 256, device mismatch, block size)."""
-        if torch.compiler.is_compiling():
-            return None
-        k, n = self.in_features, self.out_features
-        if (not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
-                or x.shape[-1] != k or ops.backend_for(x) != "cpu" or not _cpu_lowrank_kernel()):
+        """The decode fast path of :meth:`forward` (QuantLinear base, dropout inactive):
+        :func:`lowbit.ops.lowrank_inference` with the cached stacked pair, when no autograd graph is
+        recorded. Returns None to take the op path, which also owns every error message (wrong K,
+        r > 256, device mismatch, block size)."""
+        if not isinstance(x, torch.Tensor):
             return None
         base, lora_a, lora_b = self.base, self.lora_A, self.lora_B
         bias = base.bias
@@ -180,24 +178,10 @@ class LoRALinear(nn.Module):
                                         or any(p.requires_grad for p in params)):
             return None
         bufs = base._buffers
-        codes = bufs["codes"]
-        if codes.device != x.device or base.spec.block_size not in ops.GEMM_BLOCKS:
-            return None
-        if bias is not None:
-            if bias.device != x.device:
-                return None
-            if bias.dtype != torch.float32 or not bias.is_contiguous():
-                bias = bias.detach().to(torch.float32).contiguous()  # what ops.lowrank passes
-        a, b = self._cached_stacked(params)
-        if a.shape[0] > 256 or a.device != x.device:
-            return None
-        x2 = x.reshape(-1, k).contiguous()
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-        xa = torch.empty(x2.shape[0], a.shape[0], dtype=torch.float32)  # the kernel always writes x·Aᵀ
-        w = (codes, bufs.get("scale"), bufs.get("zero"), bufs.get("scale_q"), bufs.get("scale_nested"),
+        w = (bufs["codes"], bufs.get("scale"), bufs.get("zero"), bufs.get("scale_q"), bufs.get("scale_nested"),
              bufs.get("scale_offset"))
-        ops._native_lowrank("cpu", x2, y, xa, bias, w, a, b, 1.0, n, k, base.spec.block_size, base.spec.fmt)
-        return y.reshape(*x.shape[:-1], n)
+        return ops.lowrank_inference(x, w, self.out_features, self.in_features, base.spec.block_size, base.spec.fmt,
+                                     lambda: self._cached_stacked(params), bias)
 
     # ---- merge
     def delta_weight(self) -> torch.Tensor:
@@ -244,42 +228,8 @@ class LoRALinear(nn.Module):
             f", active={self.active}"
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_lowrank_kernel() -> bool:
-    return ops._has_kernel("cpu", "lowrank")  # the compiled module does not change within a process
-
-
-def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-             target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-             adapter_name: str = "default") -> list[str]:
-    """Wrap the matching ``QuantLinear`` / ``nn.Linear`` modules of ``model`` in :class:`LoRALinear`
-    (a module matches when the last component of its name is in ``target_modules``) and freeze
-    every other parameter. Returns the wrapped module names."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    wrapped = []
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear) and name.rpartition(".")[2] in targets:
-            m.add_adapter(adapter_name, r, alpha, dropout)
-            wrapped.append(name)
-            continue
-        if isinstance(m, (QuantLinear, nn.Linear)) and name.rpartition(".")[2] in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if isinstance(parent, LoRALinear):
-                continue
-            setattr(parent, child, LoRALinear(m, r, alpha, dropout, adapter_name))
-            wrapped.append(name)
-    if not wrapped:
-        raise ValueError(f"no Linear/QuantLinear module of the model matches target_modules={targets}")
-    for pname, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
-    return wrapped
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-__all__ = ["LoRALinear", "add_lora", "lora_layers"]
+__all__ = ["LoRALinear", "lora_layers"]

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec
 from ..functional import linear
+from ..ops import quantize
 
 _DTYPES = {v: k for k, v in DTYPE_NAME.items()}
 _COMPONENTS = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")
@@ -117,6 +118,4 @@ class QuantLinear(nn.Module):
 
 
 def _quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    from ..ops import quantize
-
     return quantize(w if w.dtype in DTYPE_NAME else w.float(), spec)

@@ -15,12 +15,12 @@ inverse transform (``g · Hᵀ / K``) for dx. F's values are the only trainable 
 K must have a Hadamard matrix here: a size ``lowbit.hadamard`` supports (m·2^k, m ∈ {1, 12, 20, 28,
 40, 172}) or a product K = K₁·K₂ of two such sizes, for which H = H_{K₁} ⊗ H_{K₂} (two WHT passes;
 e.g. 576 = 12·48, the hidden size of SmolLM2, has no m·2^k form). The initialisation from the
-quantization error is :func:`lowbit.init.qwha_init`; :func:`add_adapters` wires both into a model.
+quantization error is :func:`lowbit.init.qwha_init`; :func:`lowbit.add_qwha` wires both into a model.
+The transform and the sparse products are the ops of :mod:`lowbit.ops.qwha`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Union
 
 import torch
@@ -28,175 +28,10 @@ from torch import nn
 
 from .. import ops
 from .. import reference as ref
-from ..formats import DTYPE_ID
+from ..ops.qwha import adapter_hadamard, adapter_hadamard_factors, qwha_inference, qwha_spmm
 from .quant_linear import QuantLinear
 
-__all__ = ["HadamardAdapterLinear", "add_adapters", "qwha_layers", "adapter_hadamard_factors",
-           "adapter_hadamard"]
-
-
-# ----------------------------------------------------------------------------- the transform
-def _supported(n: int) -> bool:
-    try:
-        ref.hadamard_split(n)
-        return True
-    except ValueError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def adapter_hadamard_factors(n: int) -> tuple[int, ...]:
-    """``(n,)`` when ``lowbit.hadamard`` supports n, else ``(n1, n2)`` with n = n1·n2 both supported
-    (largest n2 first), meaning H_n = H_{n1} ⊗ H_{n2}; ValueError naming n otherwise."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"in_features={n!r} must be a positive int")
-    if _supported(n):
-        return (n,)
-    for n2 in range(n // 2, 1, -1):
-        if n % n2 == 0 and _supported(n2) and _supported(n // n2):
-            return (n // n2, n2)
-    raise ValueError(f"in_features={n} has no Hadamard transform here: it must be m * 2^k (m in 1, 12, 20, 28, 40, "
-                     f"172) or a product of two such sizes (e.g. 576 = 12 * 48); QWHA needs H of order in_features")
-
-
-def adapter_hadamard(x: torch.Tensor, scale: float = 1.0, transpose: bool = False, fn=None) -> torch.Tensor:
-    """``x @ H_n * scale`` along the last dim with H_n of :func:`adapter_hadamard_factors` (``H_nᵀ`` when
-    ``transpose``). ``fn(x, scale, transpose)`` is the 1-D transform (default ``lowbit.hadamard``'s op;
-    the init passes the float64 reference). For H_{n1} ⊗ H_{n2}: the last dim viewed as (n1, n2), the
-    WHT of size n2 on each row (a dense product for n2 < 256), then the small n1 × n1 mix as a batched matmul (n1 is the smaller
-    factor, ≤ 172: what the m × m stage of the m·2^k transform does); (A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ."""
-    fn = fn or _hadamard_op
-    n = x.shape[-1]
-    f = adapter_hadamard_factors(n)
-    if len(f) == 1:
-        return fn(x, scale, transpose)
-    n1, n2 = f
-    lead = x.shape[:-1]
-    y = x.reshape(*lead, n1, n2)
-    if n2 >= 256:
-        y = fn(y, scale, transpose)                       # (..., n1, n2)
-    else:  # small n2: a dense (n2, n2) product beats the per-row transform (0.08 vs 0.63 ms for
-        # 6144 rows of 48 here) and costs n2 MACs per element, a few % of the base GEMM's N
-        h2 = _dense_h(n2, y.dtype, y.device)
-        y = torch.matmul(y, h2.T if transpose else h2) * scale
-    h1 = _dense_h(n1, y.dtype, y.device)
-    # out[a', b] = Σ_a y[a, b] · H1[a, a']  ->  H1ᵀ @ y   (H1ᵀᵀ = H1 for the transpose)
-    return torch.matmul(h1 if transpose else h1.T, y).reshape(*lead, n)
-
-
-@functools.lru_cache(maxsize=None)
-def _dense_h(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return ref.hadamard_matrix(m, dtype).to(device)
-
-
-def _hadamard_op(x, scale, transpose):
-    # the registered op itself (autograd included): sizes were validated once by adapter_hadamard_factors
-    # and x is fp32 here, so lowbit.hadamard's per-call checks (~20 µs at M = 1) are skipped
-    return ops.hadamard_op(x.contiguous(), float(scale), bool(transpose))
-
-
-# ---------------------------------------------------------------------- sparse product (the op)
-# y = scale · z · Fᵀ for F (N, K) in CSR (crow (N+1), cols (nnz), values (nnz)). The backward also needs
-# the CSR of Fᵀ: its row pointers ``ccol`` (K+1), column indices ``rows_t`` and the permutation ``perm``
-# taking F's value order to Fᵀ's — fixed with the support, so the module computes them once. Index
-# arrays are int32: at M = 1 the product streams nnz × (index + value) bytes, int32 makes that 8 B.
-def _csr(crow, cols, values, shape):
-    return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
-
-
-def _cpu_kernel(z: torch.Tensor) -> bool:
-    """The hand-written CSR kernels run for fp32 on the "cpu" backend; other backends and fp64 (the
-    tests' spec) take torch's sparse products."""
-    return z.dtype == torch.float32 and ops.backend_for(z) == "cpu" and ops._has_kernel("cpu", "qwha_spmm")
-
-
-def _check_spmm_args(z, values, crow, cols, n_out) -> None:
-    """Shapes and dtypes of the CSR operands (the kernel checks crow's order and the column range)."""
-    if z.dim() != 2 or z.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"z must be a 2-D fp32/fp64 tensor, got {tuple(z.shape)} {z.dtype}")
-    if values.dtype != z.dtype or values.dim() != 1:
-        raise ValueError(f"values must be 1-D of z's dtype {z.dtype}, got {tuple(values.shape)} {values.dtype}")
-    for name, t in (("crow", crow), ("cols", cols)):
-        if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous 1-D int32 tensor, got {tuple(t.shape)} {t.dtype}")
-    if not isinstance(n_out, int) or n_out < 0 or crow.numel() != n_out + 1:
-        raise ValueError(f"crow must have n_out + 1 = {n_out + 1} entries, got {crow.numel()}")
-    if cols.numel() != values.numel() or int(crow[-1]) != values.numel():
-        raise ValueError(f"cols ({cols.numel()}), values ({values.numel()}) and crow[-1] ({int(crow[-1])}) must "
-                         "all count the nonzeros")
-
-
-@torch.library.custom_op("lowbit::qwha_spmm", mutates_args=())
-def qwha_spmm(z: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, ccol: torch.Tensor,
-              rows_t: torch.Tensor, perm: torch.Tensor, n_out: int, scale: float) -> torch.Tensor:
-    """``scale · z (M, K) · Fᵀ -> (M, N)``, F the CSR matrix (crow, cols, values) of shape (n_out, K); z
-    and values share one dtype (fp32 / fp64). ``ccol, rows_t, perm`` describe Fᵀ (for the backward)."""
-    _check_spmm_args(z, values, crow, cols, n_out)
-    if _cpu_kernel(z):  # csrc/cpu/hadamard.cpp: threads split the nonzeros, fixed summation order
-        z, values = z.contiguous(), values.contiguous()  # named: alive through the call
-        y = z.new_empty((z.shape[0], n_out))
-        ops.call("cpu", "qwha_spmm", z.data_ptr(), values.data_ptr(), crow.data_ptr(), cols.data_ptr(),
-                 z.shape[0], z.shape[1], n_out, float(scale), y.data_ptr())
-        return y
-    f = _csr(crow, cols, values, (n_out, z.shape[1]))
-    y = torch.sparse.mm(f, z.T).T.contiguous()
-    return y.mul_(scale) if scale != 1.0 else y
-
-
-@qwha_spmm.register_fake
-def _(z, values, crow, cols, ccol, rows_t, perm, n_out, scale):
-    return z.new_empty((z.shape[0], n_out))
-
-
-def _qwha_spmm_setup(ctx, inputs, output):
-    z, values, crow, cols, ccol, rows_t, perm, n_out, scale = inputs
-    ctx.save_for_backward(z, values, crow, cols, ccol, rows_t, perm)
-    ctx.scale = scale
-
-
-@torch.library.custom_op("lowbit::qwha_spmm_backward", mutates_args=())
-def qwha_spmm_backward(gy: torch.Tensor, z: torch.Tensor, values: torch.Tensor, crow: torch.Tensor,
-                       cols: torch.Tensor, ccol: torch.Tensor, rows_t: torch.Tensor, perm: torch.Tensor,
-                       need_z: bool, need_values: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gy · F, (gyᵀ · z) at the support)``; a gradient not needed is returned empty."""
-    n, k = gy.shape[1], z.shape[1]
-    gy = gy.contiguous()
-    gz, gvals = z.new_empty(0), values.new_empty(0)
-    if _cpu_kernel(z) and gy.dtype == z.dtype:
-        _check_spmm_args(z, values, crow, cols, n)
-        _check_spmm_args(gy, values, ccol, rows_t, k)
-        z = z.contiguous()
-        if need_z:  # gz = gy · F: the forward kernel on Fᵀ's CSR
-            gz, vt = z.new_empty((gy.shape[0], k)), values[perm].contiguous()  # vt: held through the call
-            ops.call("cpu", "qwha_spmm", gy.data_ptr(), vt.data_ptr(), ccol.data_ptr(),
-                     rows_t.data_ptr(), gy.shape[0], n, k, 1.0, gz.data_ptr())
-        if need_values:
-            gvals = values.new_empty(values.shape)
-            ops.call("cpu", "qwha_sddmm", gy.data_ptr(), z.data_ptr(), crow.data_ptr(), cols.data_ptr(),
-                     gy.shape[0], k, n, gvals.data_ptr())
-        return gz, gvals
-    if need_z:  # gz = gy · F = (Fᵀ · gyᵀ)ᵀ: Fᵀ in CSR, the same values permuted
-        gz = torch.sparse.mm(_csr(ccol, rows_t, values[perm], (k, n)), gy.T).T.contiguous()
-    if need_values:  # dF = gyᵀ · z sampled at the support only (never the dense N × K)
-        pattern = _csr(crow, cols, torch.zeros_like(values), (n, k))
-        gvals = torch.sparse.sampled_addmm(pattern, gy.T.contiguous(), z, beta=0.0).values().clone()
-    return gz, gvals
-
-
-@qwha_spmm_backward.register_fake
-def _(gy, z, values, crow, cols, ccol, rows_t, perm, need_z, need_values):
-    return (z.new_empty(z.shape if need_z else (0,)), values.new_empty(values.shape if need_values else (0,)))
-
-
-def _qwha_spmm_backward(ctx, gy):
-    z, values, crow, cols, ccol, rows_t, perm = ctx.saved_tensors
-    need_z, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gy = gy * ctx.scale if ctx.scale != 1.0 else gy  # (M, N): cheaper than scaling either gradient
-    gz, gvals = qwha_spmm_backward(gy, z, values, crow, cols, ccol, rows_t, perm, need_z, need_values)
-    return (gz if need_z else None), (gvals if need_values else None), None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("lowbit::qwha_spmm", _qwha_spmm_backward, setup_context=_qwha_spmm_setup)
+__all__ = ["HadamardAdapterLinear", "qwha_layers"]
 
 
 # --------------------------------------------------------------------------------- the module
@@ -223,7 +58,7 @@ class HadamardAdapterLinear(nn.Module):
     ``values`` (nnz,) their initial values in the same order (default zeros: the layer starts as its
     base). Without ``support``, each row gets ≈ nnz / N seeded-random columns with
     ``nnz = r · (in_features + out_features)``; the useful support comes from the quantization error
-    (:func:`lowbit.init.qwha_init`, :func:`add_adapters`). Stored row-major sorted: buffer ``support``,
+    (:func:`lowbit.init.qwha_init`, :func:`lowbit.add_qwha`). Stored row-major sorted: buffer ``support``,
     parameter ``values`` (fp32) — the state dict holds both.
     """
 
@@ -303,25 +138,14 @@ class HadamardAdapterLinear(nn.Module):
         return y + a.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def _forward_inference(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """Decode fast path: with no gradient to record, fp32 on the "cpu" backend and a single-factor
-        H, run the WHT and the sparse product as two raw kernel calls, the product accumulating into
-        the base output y in place — the same kernels as the op path, without three custom-op
-        dispatches and an add (≈ 30 µs at M = 1, a tenth of a 4096² nf4 GEMV). Returns False to
-        take the op path."""
+        """Decode fast path: with no gradient to record and a single-factor H,
+        :func:`lowbit.ops.qwha_inference` adds the branch into the base output y in place (fp32 on the
+        "cpu" backend only). Returns False to take the op path."""
         if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad):
             return False
-        if (x.dtype != torch.float32 or y.dtype != torch.float32 or self.values.dtype != torch.float32
-                or len(self.factors) != 1 or not y.is_contiguous() or torch.compiler.is_compiling()
-                or x.device.type != "cpu" or ops.backend_for(x) != "cpu" or not ops._has_kernel("cpu", "qwha_spmm")):
+        if len(self.factors) != 1:
             return False
-        k, n = self.in_features, self.out_features
-        x2 = x.reshape(-1, k).contiguous()
-        z = torch.empty_like(x2)
-        ops.call("cpu", "hadamard", x2.data_ptr(), z.data_ptr(), DTYPE_ID[torch.float32], x2.shape[0], k, 1.0 / k,
-                 False)
-        ops.call("cpu", "qwha_spmm", z.data_ptr(), self.values.data_ptr(), self.crow.data_ptr(), self.cols.data_ptr(),
-                 x2.shape[0], k, n, float(self.scale), y.data_ptr(), True)
-        return True
+        return qwha_inference(x, y, self.values, self.crow, self.cols, self.out_features, self.scale)
 
     # ---- merge
     def coefficients(self) -> torch.Tensor:
@@ -397,64 +221,3 @@ def _random_support(n: int, k: int, nnz: int, seed: int) -> torch.Tensor:
 
 def qwha_layers(model: nn.Module) -> dict[str, HadamardAdapterLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, HadamardAdapterLinear)}
-
-
-# ------------------------------------------------------------------------------ add_adapters
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_adapters(model: nn.Module, kind: str = "qwha", r: int = 16, target_modules=TARGETS, calib=None, *,
-                 fmt: Optional[str] = "nf4", block_size: int = 64, double_quant: bool = False, scale: float = 1.0,
-                 alpha: float = 1.0, lora_alpha: float = 32, skip=("lm_head",)) -> list[str]:
-    """Wrap the target layers of ``model`` in adapters and freeze every other parameter; returns the
-    wrapped module names. A module matches when the last component of its name is in ``target_modules``.
-
-    ``nn.Linear`` targets are first quantized to ``fmt`` (``fmt=None`` keeps them dense);
-    ``QuantLinear`` targets are used as they are.
-
-    * ``kind="qwha"``: :class:`HadamardAdapterLinear`. A target that was an ``nn.Linear`` still has its
-      dense weight W here, so its adapter is initialised by :func:`lowbit.init.qwha_init` from the
-      quantization error W − deq(W_Q) — weighted by the activations of ``calib`` (token ids (B, T) or
-      a dict of model kwargs, one forward pass) when given — with budgets ∝ ‖·‖^alpha. A target that
-      was already a QuantLinear (W unknown) gets a zero adapter on a random support.
-    * ``kind="lora"``: :func:`lowbit.nn.add_lora` (``lora_alpha``; ``calib`` is not used).
-    """
-    from ..init import calibration_covariances, qwha_init
-    from .lora import add_lora
-
-    if kind not in ("qwha", "lora"):
-        raise ValueError(f"kind={kind!r} must be 'qwha' or 'lora'")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    names = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, nn.Linear))
-             and n.rpartition(".")[2] in targets and not any(n == s or n.endswith("." + s) for s in skip)]
-    if not names:
-        raise ValueError(f"no Linear/QuantLinear module of the model matches target_modules={targets}")
-    if kind == "qwha":
-        for n in names:  # validate every layer before changing any
-            try:
-                adapter_hadamard_factors(model.get_submodule(n).in_features)
-            except ValueError as e:
-                raise ValueError(f"{n}: {e}") from None
-    dense = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
-    covs = calibration_covariances(model, calib, dense) if (kind == "qwha" and calib is not None and dense) else {}
-    for n in names:
-        m = model.get_submodule(n)
-        w = m.weight.detach() if isinstance(m, nn.Linear) else None
-        if w is not None and fmt is not None:
-            m = QuantLinear.from_linear(m, fmt, block_size, double_quant)
-        if kind == "qwha":
-            if w is not None and isinstance(m, QuantLinear):
-                support, values = qwha_init(w, m.weight, r, cov=covs.pop(n, None), alpha=alpha)
-                m = HadamardAdapterLinear(m, r, scale, support=support, values=values / scale)
-            else:
-                m = HadamardAdapterLinear(m, r, scale)
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m)
-    if kind == "lora":
-        return add_lora(model, r=r, alpha=lora_alpha, target_modules=targets)
-    for pname, p in model.named_parameters():
-        p.requires_grad_(pname.endswith(".values") and isinstance(model.get_submodule(pname.rpartition(".")[0]),
-                                                                  HadamardAdapterLinear))
-    return names

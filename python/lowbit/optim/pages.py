@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .. import _native
+from ..ops.optim import ManagedMemory
 
 __all__ = ["PagePool", "PAGE_BYTES"]
 
@@ -78,10 +78,8 @@ class PagePool:
                 raise ValueError(f"offload_dir={offload_dir!r} is not a directory")
             self.offload_dir = offload_dir
         else:
-            if backend not in ("cuda", "sim"):
-                raise ValueError(f"managed pages need backend 'cuda' or 'sim', got backend={backend!r}")
+            self._mem = ManagedMemory(backend)  # ValueError / RuntimeError naming the backend
             self.backend = backend
-            self._mod = _native.module(backend)
             self._ptrs: list[int] = []
 
     # ------------------------------------------------------------------ allocation
@@ -96,7 +94,7 @@ class PagePool:
                 os.close(fd)
                 os.unlink(path)  # the mapping keeps the inode alive
         else:
-            ptr = self._mod.managed_alloc(size)
+            ptr = self._mem.alloc(size)
             self._ptrs.append(ptr)
             if self.backend == "cuda":
                 t = torch.as_tensor(_CudaArray(ptr, size), device="cuda")
@@ -138,7 +136,7 @@ class PagePool:
         if device is None:
             device = torch.cuda.current_device() if self.backend == "cuda" else 0
         for t in tensors:
-            self._mod.managed_prefetch(t.data_ptr(), t.numel() * t.element_size(), int(device), int(stream))
+            self._mem.prefetch(t.data_ptr(), t.numel() * t.element_size(), int(device), int(stream))
 
     def evict(self) -> None:
         """Ask the OS to write back and drop the pool's resident pages now (file pages; a hint)."""
@@ -173,7 +171,7 @@ class PagePool:
         self._chunks.clear()
         if self.kind == "managed":
             for ptr in self._ptrs:
-                self._mod.managed_free(ptr)
+                self._mem.free(ptr)
             self._ptrs.clear()
         elif self._tmp is not None:
             self._tmp.cleanup()

@@ -1,0 +1,292 @@
+"""Model surgery: quantize a model's Linears and attach adapters, with one loop and one matcher.
+
+* :func:`quantize_model` — every ``nn.Linear`` → :class:`lowbit.nn.QuantLinear` (in place).
+* :func:`add_lora` — LoRA adapters (:class:`lowbit.nn.LoRALinear`); with ``init=`` ("svd", "loftq",
+  "qera", "lq_lora") each dense target is quantized and its adapter initialised from the quantization
+  error in the same pass: these inits need the dense weight W, which only exists before quantization.
+* :func:`add_qwha` — QWHA adapters (:class:`lowbit.nn.HadamardAdapterLinear`), initialised from the
+  quantization error of each dense target (:func:`lowbit.init.qwha_init`).
+
+**Which modules** (:func:`matches`, the one rule of all three): a module is a target when the last
+component of its name is in ``target_modules`` (``None``: every Linear), and is skipped when some entry
+of ``skip`` appears in its dotted name as a whole run of components: ``"lm_head"`` skips ``lm_head`` and
+``model.lm_head``, ``"vision"`` skips everything under ``model.vision``, ``"layers.0.mlp"`` skips that
+block — never ``"lm_head_2"`` or ``"my_vision"`` (components are compared whole). Every rule the copies
+before issue 12 used (equal, dotted suffix, any component) is a case of it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import _deprecated
+from .formats import QuantSpec
+from .init import INITS, calibration_covariances, qwha_init
+from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear
+from .ops.qwha import adapter_hadamard_factors
+
+__all__ = ["TARGETS", "matches", "select_modules", "replace_modules", "quantize_model", "add_lora", "add_qwha",
+           "add_adapters", "apply_init"]
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a decoder's Linears
+_ADAPTERS = (LoRALinear, HadamardAdapterLinear)
+
+
+def _names(arg) -> Optional[tuple[str, ...]]:
+    return None if arg is None else ((arg,) if isinstance(arg, str) else tuple(arg))
+
+
+def matches(name: str, target_modules=None, skip=()) -> bool:
+    """Whether module ``name`` is a target: its last component is in ``target_modules`` (None: any), and
+    no entry of ``skip`` is a run of whole components of the name (see the module docstring)."""
+    parts = name.split(".")
+    targets = _names(target_modules)
+    if targets is not None and parts[-1] not in targets:
+        return False
+    for s in _names(skip):
+        sub = s.split(".")
+        if any(parts[i:i + len(sub)] == sub for i in range(len(parts) - len(sub) + 1)):
+            return False
+    return True
+
+
+def select_modules(model: nn.Module, types, target_modules=None, skip=(), into_adapters: bool = True) -> list[str]:
+    """Names of the modules of ``types`` that :func:`matches` accepts, in model order. Without
+    ``into_adapters`` the bases inside existing adapters are not candidates (the adapter is)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    names, adapters = [], []
+    for name, m in model.named_modules():
+        if not into_adapters and any(name.startswith(a + ".") for a in adapters):
+            continue
+        if isinstance(m, _ADAPTERS):
+            adapters.append(name)
+        if isinstance(m, types) and matches(name, target_modules, skip):
+            names.append(name)
+    return names
+
+
+def replace_modules(model: nn.Module, names: list[str], build: Callable[[str, nn.Module], nn.Module],
+                    label: Optional[str] = None) -> None:
+    """The one replacement loop: module ``name`` becomes ``build(name, module)``; a progress bar on
+    stderr when ``label`` is given."""
+    for i, name in enumerate(names):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, build(name, getattr(owner, child)))
+        if label:
+            done = (i + 1) * 30 // len(names)
+            print(f"\r{label}: [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(names)}",
+                  end="" if i + 1 < len(names) else "\n", file=sys.stderr, flush=True)
+
+
+def _module_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:  # tied weights count once
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _check_blocks(model: nn.Module, names: list[str], block_size: int) -> None:
+    """Every target must hold whole blocks along K (checked before any module changes)."""
+    for n in names:
+        k = model.get_submodule(n).in_features
+        if k % block_size:
+            raise ValueError(f"{n}: in_features={k} is not a multiple of block_size={block_size}")
+
+
+# ----------------------------------------------------------------------------- quantize_model
+def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
+                   skip=("lm_head",), progress: bool = True, lora_init: Optional[str] = None, r: int = 16,
+                   alpha: float = 32, calib=None, iters: int = 5) -> dict:
+    """Replace every ``nn.Linear`` of ``model`` in place by a :class:`lowbit.nn.QuantLinear`.
+
+    ``skip``: module names or runs of name components to leave dense (:func:`matches`). Linears whose
+    ``in_features`` is not a multiple of ``block_size`` are left dense and listed.
+    Returns a report: ``{"replaced", "skipped", "incompatible", "bytes_before", "bytes_after"}``.
+    ``lora_init=`` (deprecated: use ``add_lora(model, r, alpha, target_modules=None, init=..., fmt=...)``)
+    also attaches initialised LoRA adapters and adds ``"init_error"`` to the report.
+    """
+    spec = QuantSpec(fmt, block_size, double_quant)  # validate once, before touching the model
+    linears = select_modules(model, nn.Linear, None, (), into_adapters=True)
+    todo = [n for n in linears if matches(n, None, skip) and model.get_submodule(n).in_features % block_size == 0]
+    report = {"replaced": todo, "skipped": [n for n in linears if not matches(n, None, skip)],
+              "incompatible": [n for n in linears if matches(n, None, skip) and n not in todo],
+              "bytes_before": _module_bytes(model)}
+    if lora_init is not None:
+        _deprecated.warn("quantize_model(lora_init=...)", "lowbit.add_lora(model, r, alpha, target_modules=None, "
+                         "init=..., fmt=...)")
+        report["init_error"] = _lora(model, todo, r, alpha, 0.0, "default", lora_init, spec, calib, iters,
+                                     progress)
+    else:
+        replace_modules(model, todo, lambda n, m: QuantLinear.from_linear(m, fmt, block_size, double_quant),
+                 f"quantize_model {fmt}" if progress and todo else None)
+    report["bytes_after"] = _module_bytes(model)
+    if progress:
+        print(f"quantize_model: {len(todo)} Linear -> QuantLinear({fmt}, block {block_size}"
+              f"{', double quant' if double_quant else ''}); memory {report['bytes_before'] / 2**20:.1f} MiB -> "
+              f"{report['bytes_after'] / 2**20:.1f} MiB; skipped {report['skipped']}"
+              + (f"; left dense (K % block != 0): {report['incompatible']}" if report["incompatible"] else ""),
+              file=sys.stderr)
+    return report
+
+
+# ----------------------------------------------------------------------------------- LoRA
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0, target_modules=TARGETS,
+             adapter_name: str = "default", *, init: Optional[str] = None, fmt: Optional[str] = None,
+             block_size: int = 64, double_quant: bool = False, calib=None, iters: int = 5, skip=(),
+             progress: bool = False) -> list[str]:
+    """Wrap the target ``QuantLinear`` / ``nn.Linear`` modules of ``model`` in :class:`lowbit.nn.LoRALinear`
+    (an existing LoRALinear target gets one more adapter, ``adapter_name``) and freeze every other
+    parameter. Returns the wrapped module names.
+
+    ``target_modules``: last name components (None: every Linear); ``skip``: see :func:`matches`.
+    ``fmt``: quantize dense ``nn.Linear`` targets to this format first (None keeps them dense).
+    ``init``: ``None`` (PEFT's init: A Kaiming-uniform, B zero — the layer starts as its base) or an
+    error-reconstructing init of :mod:`lowbit.init` (``"svd"``, ``"loftq"``, ``"qera"``, ``"lq_lora"``):
+    each target is then quantized to ``fmt`` and its adapter set so that ``deq(Q) + s·BA ≈ W``. These
+    need the dense W, so with ``init`` every target must still be an ``nn.Linear`` (quantize through
+    this call, not before it). ``"qera"`` needs ``calib`` (token ids or a dict of model kwargs: one
+    forward pass gives E[xᵀx] per layer); ``iters`` is LoftQ's / LQ-LoRA's number of alternations.
+    """
+    types = (LoRALinear, QuantLinear, nn.Linear)
+    names = select_modules(model, types, target_modules, skip, into_adapters=False)
+    if not names:
+        raise ValueError(f"no Linear/QuantLinear module of the model matches target_modules={_names(target_modules)}")
+    if init is not None:
+        if fmt is None:
+            raise ValueError(f"init={init!r} quantizes each target: give fmt= (e.g. 'nf4')")
+        not_dense = [n for n in names if type(model.get_submodule(n)) is not nn.Linear]
+        if not_dense:
+            raise ValueError(f"init={init!r} needs the dense weight, but {not_dense} are no longer nn.Linear; "
+                             f"call add_lora(init=..., fmt=...) on the unquantized model")
+        spec = QuantSpec(fmt, block_size, double_quant)
+        _check_blocks(model, names, block_size)
+        _lora(model, names, r, alpha, dropout, adapter_name, init, spec, calib, iters, progress)
+    else:
+        if fmt is not None:
+            spec = QuantSpec(fmt, block_size, double_quant)
+            _check_blocks(model, [n for n in names if type(model.get_submodule(n)) is nn.Linear], block_size)
+
+        def build(name, m):
+            if isinstance(m, LoRALinear):
+                m.add_adapter(adapter_name, r, alpha, dropout)
+                return m
+            if fmt is not None and type(m) is nn.Linear:
+                m = QuantLinear.from_linear(m, spec.fmt, spec.block_size, spec.double_quant)
+            return LoRALinear(m, r, alpha, dropout, adapter_name)
+
+        replace_modules(model, names, build, f"add_lora r={r}" if progress else None)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+    return names
+
+
+def _lora(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float, adapter_name: str, init: str,
+          spec: QuantSpec, calib, iters: int, progress: bool) -> dict[str, float]:
+    """Quantize the dense targets ``names`` and attach LoRA adapters initialised by ``init``; returns
+    ``{name: ‖W − deq(Q) − BA‖ / ‖W‖}``."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not one of {sorted(INITS)}")
+    covs = {}
+    if init == "qera":
+        if calib is None:
+            raise ValueError("init='qera' needs calib= (token ids or model kwargs) for the activation statistics")
+        covs = calibration_covariances(model, calib, names)
+    quant = dict(fmt=spec.fmt, block_size=spec.block_size, double_quant=spec.double_quant)
+    errors = {}
+
+    def build(name, lin):
+        w = lin.weight.detach()
+        extra = {"qera": {"cov": covs.get(name)}, "loftq": {"iters": iters}, "lq_lora": {"iters": iters}}.get(init, {})
+        qt, a, b = INITS[init](w, r, **quant, **extra)
+        q = QuantLinear.from_linear(lin, spec.fmt, spec.block_size, spec.double_quant)
+        q.set_weight(qt)
+        layer = LoRALinear(q, r, alpha, dropout, adapter_name)
+        with torch.no_grad():
+            layer.lora_A[adapter_name].copy_(a)
+            layer.lora_B[adapter_name].copy_(b / layer.scaling[adapter_name])
+        errors[name] = float((w.double() - qt.dequantize(torch.float32).double() - b.double() @ a.double()).norm()
+                             / w.double().norm())
+        return layer
+
+    replace_modules(model, names, build, f"lora init={init} {spec.fmt} r={r}" if progress and names else None)
+    return errors
+
+
+# ----------------------------------------------------------------------------------- QWHA
+def add_qwha(model: nn.Module, r: int = 16, target_modules=TARGETS, calib=None, *, fmt: Optional[str] = "nf4",
+             block_size: int = 64, double_quant: bool = False, scale: float = 1.0, alpha: float = 1.0,
+             skip=("lm_head",)) -> list[str]:
+    """Wrap the target layers of ``model`` in QWHA adapters (:class:`lowbit.nn.HadamardAdapterLinear`)
+    and freeze every other parameter; returns the wrapped module names.
+
+    ``nn.Linear`` targets are first quantized to ``fmt`` (``fmt=None`` keeps them dense); ``QuantLinear``
+    targets are used as they are. A target that was an ``nn.Linear`` still has its dense weight W here,
+    so its adapter is initialised by :func:`lowbit.init.qwha_init` from the quantization error
+    W − deq(W_Q) — weighted by the activations of ``calib`` (token ids (B, T) or a dict of model kwargs,
+    one forward pass) when given — with row budgets ∝ ‖·‖^``alpha``. A target that was already a
+    QuantLinear (W unknown) gets a zero adapter on a random support. ``scale``: the adapter's output scale.
+    """
+    names = select_modules(model, (QuantLinear, nn.Linear), target_modules, skip, into_adapters=False)
+    if not names:
+        raise ValueError(f"no Linear/QuantLinear module of the model matches target_modules={_names(target_modules)}")
+    for n in names:  # validate every layer before changing any
+        try:
+            adapter_hadamard_factors(model.get_submodule(n).in_features)
+        except ValueError as e:
+            raise ValueError(f"{n}: {e}") from None
+    dense = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    if fmt is not None:
+        QuantSpec(fmt, block_size, double_quant)
+        _check_blocks(model, dense, block_size)
+    covs = calibration_covariances(model, calib, dense) if (calib is not None and dense) else {}
+
+    def build(name, m):
+        w = m.weight.detach() if isinstance(m, nn.Linear) else None
+        if w is not None and fmt is not None:
+            m = QuantLinear.from_linear(m, fmt, block_size, double_quant)
+        if w is None or not isinstance(m, QuantLinear):
+            return HadamardAdapterLinear(m, r, scale)
+        support, values = qwha_init(w, r, qweight=m.weight, cov=covs.pop(name, None), alpha=alpha)
+        return HadamardAdapterLinear(m, r, scale, support=support, values=values / scale)
+
+    replace_modules(model, names, build)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(pname.endswith(".values") and isinstance(model.get_submodule(pname.rpartition(".")[0]),
+                                                                  HadamardAdapterLinear))
+    return names
+
+
+# ------------------------------------------------------------------------- deprecated spellings
+def add_adapters(model: nn.Module, kind: str = "qwha", r: int = 16, target_modules=TARGETS, calib=None, *,
+                 fmt: Optional[str] = "nf4", block_size: int = 64, double_quant: bool = False, scale: float = 1.0,
+                 alpha: float = 1.0, lora_alpha: float = 32, skip=("lm_head",)) -> list[str]:
+    """Deprecated: ``kind="qwha"`` is :func:`add_qwha`, ``kind="lora"`` is :func:`add_lora` (with ``fmt``)."""
+    if kind not in ("qwha", "lora"):
+        raise ValueError(f"kind={kind!r} must be 'qwha' or 'lora'")
+    _deprecated.warn(f"add_adapters(model, {kind!r}, ...)", "lowbit.add_qwha" if kind == "qwha" else "lowbit.add_lora")
+    if kind == "qwha":
+        return add_qwha(model, r, target_modules, calib, fmt=fmt, block_size=block_size, double_quant=double_quant,
+                        scale=scale, alpha=alpha, skip=skip)
+    return add_lora(model, r, lora_alpha, target_modules=target_modules, fmt=fmt, block_size=block_size,
+                    double_quant=double_quant, skip=skip)
+
+
+def apply_init(model: nn.Module, method: str, fmt: str, r: int, alpha: float = 32, block_size: int = 64,
+               double_quant: bool = False, calib=None, skip=("lm_head",), iters: int = 5, progress: bool = True,
+               target_modules=None) -> dict:
+    """Deprecated: :func:`add_lora` with ``init=method``. Returns ``{name: relative weight error}`` of the
+    targeted Linears whose in_features is a multiple of ``block_size`` (the others are left dense)."""
+    _deprecated.warn("lowbit.init.apply_init / lowbit.model.apply_init", "lowbit.add_lora(model, r, alpha, init=...)")
+    spec = QuantSpec(fmt, block_size, double_quant)
+    names = [n for n in select_modules(model, nn.Linear, target_modules, skip, into_adapters=False)
+             if model.get_submodule(n).in_features % block_size == 0]
+    return _lora(model, names, r, alpha, 0.0, "default", method, spec, calib, iters, progress)

@@ -1,0 +1,155 @@
+"""gemm family: ``y = x · dequant(W)ᵀ (+ bias)`` and its transpose ``gx = gy · dequant(W)``.
+
+torch.library custom ops: opaque to torch.compile (fake impls give shapes), autograd registered on
+the op itself, so ``torch.compile(model)`` and ``opcheck`` see one op per product. The public
+functions resolve the backend once and pass it to the op (``backend``); the op resolves it itself
+when called without one (torch.compile graphs, backward passes, opcheck).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference as ref
+from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
+from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, ptr, qt_from_args, tracing, weight_args
+
+__all__ = ["gemm", "gemm_t", "gemm_op", "gemm_t_op", "native_gemm", "check_gemm_operands", "resolve_backend"]
+
+
+def native_gemm(fn: str, be: str, a: torch.Tensor, out: torch.Tensor, bias, w, n, k, block, fmt) -> None:
+    """The ``gemm`` / ``gemm_t`` kernel of backend ``be`` on contiguous a (M, ·) into out (M, ·);
+    w = the weight's component tensors (``weight_args``)."""
+    codes, scale, zero, scale_q, scale_nested, scale_offset = w
+    m = a.numel() // a.shape[-1]
+    args = [a.data_ptr(), out.data_ptr()]
+    if fn == "gemm":
+        args.append(ptr(bias))
+    args += [DTYPE_ID[a.dtype], m, n, k, codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q),
+             ptr(scale_nested), float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt]]
+    call(be, fn, *args)
+
+
+@torch.library.custom_op("lowbit::gemm", mutates_args=())
+def gemm_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+            scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+            scale_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], n: int, k: int, block: int,
+            fmt: str, backend: Optional[str] = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) · dequant(W)ᵀ (+ bias); inputs validated by :func:`gemm`."""
+    w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
+    be = backend or backend_for(x)
+    if be == "reference":
+        return ref.gemm_ref(x, qt_from_args(*w, n, k, block, fmt, torch.float32), bias)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    native_gemm("gemm", be, x, y, bias, w, n, k, block, fmt)
+    return y
+
+
+@gemm_op.register_fake
+def _(x, codes, scale, zero, scale_q, scale_nested, scale_offset, bias, n, k, block, fmt, backend=None):
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("lowbit::gemm_t", mutates_args=())
+def gemm_t_op(gy: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+              scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+              scale_offset: Optional[torch.Tensor], n: int, k: int, block: int, fmt: str,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """gx (M, K) = gy (M, N) · dequant(W): the backward of gemm to its input."""
+    w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
+    be = backend or backend_for(gy)
+    if be == "reference":
+        return ref.gemm_t_ref(gy, qt_from_args(*w, n, k, block, fmt, torch.float32))
+    gx = torch.empty(gy.shape[0], k, dtype=gy.dtype, device=gy.device)
+    native_gemm("gemm_t", be, gy, gx, None, w, n, k, block, fmt)
+    return gx
+
+
+@gemm_t_op.register_fake
+def _(gy, codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt, backend=None):
+    return gy.new_empty(gy.shape[0], k)
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, codes, scale, zero, scale_q, scale_nested, scale_offset, bias, n, k, block, fmt = inputs[:12]
+    ctx.save_for_backward(codes, scale, zero, scale_q, scale_nested, scale_offset)
+    ctx.meta = (n, k, block, fmt, bias is not None)
+
+
+def _gemm_backward(ctx, gy):
+    n, k, block, fmt, has_bias = ctx.meta
+    # the backend of the backward is resolved when it runs (it may run outside the forward's use_backend)
+    gx = gemm_t_op(gy.contiguous(), *ctx.saved_tensors, n, k, block, fmt) if ctx.needs_input_grad[0] else None
+    gb = gy.sum(0) if has_bias and ctx.needs_input_grad[7] else None
+    return gx, None, None, None, None, None, None, gb, None, None, None, None, None
+
+
+def _gemm_t_setup_context(ctx, inputs, output):
+    gy, codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt = inputs[:11]
+    ctx.save_for_backward(codes, scale, zero, scale_q, scale_nested, scale_offset)
+    ctx.meta = (n, k, block, fmt)
+
+
+def _gemm_t_backward(ctx, ggx):
+    n, k, block, fmt = ctx.meta
+    # d/d(gy) of gy · W is ggx · Wᵀ: the forward product again
+    ggy = gemm_op(ggx.contiguous(), *ctx.saved_tensors, None, n, k, block, fmt) if ctx.needs_input_grad[0] else None
+    return ggy, None, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("lowbit::gemm", _gemm_backward, setup_context=_gemm_setup_context)
+torch.library.register_autograd("lowbit::gemm_t", _gemm_t_backward, setup_context=_gemm_t_setup_context)
+
+
+def resolve_backend(a) -> Optional[str]:
+    """The backend for input ``a``, resolved once per call; None under torch.compile tracing (the ops
+    resolve it at run time) or for a non-tensor (the checks then name the argument)."""
+    if tracing() or not isinstance(a, torch.Tensor):
+        return None
+    return backend_for(a)
+
+
+def check_gemm_operands(a: torch.Tensor, a_name: str, qt: QuantizedTensor, inner: int, inner_name: str,
+                        be: Optional[str]) -> None:
+    """Checks shared by the packed products; ``be`` from :func:`resolve_backend`."""
+    # float64 is accepted by the reference backend only (gradcheck); kernels take fp32/bf16/fp16.
+    ref_only = isinstance(a, torch.Tensor) and a.dtype == torch.float64 and be == "reference"
+    check_tensor(a_name, a, dtypes=FLOAT_DTYPES + ((torch.float64,) if ref_only else ()))
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"weight must be a lowbit.QuantizedTensor, got {type(qt).__name__}")
+    if a.dim() == 0 or a.shape[-1] != inner:
+        raise ValueError(f"{a_name}.shape[-1]={a.shape[-1] if a.dim() else None} does not match "
+                         f"{inner_name}={inner} of the weight {tuple(qt.shape)}")
+    if a.device != qt.device:
+        raise ValueError(f"{a_name} is on {a.device} but the weight is on {qt.device}")
+    if qt.block_size not in GEMM_BLOCKS and be != "reference":
+        raise ValueError(f"the gemm kernels take block_size in {GEMM_BLOCKS}, the weight has "
+                         f"block_size={qt.block_size}; use lowbit.use_backend('reference') or requantize")
+
+
+def gemm(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x (..., K) · dequant(W)ᵀ (+ bias) -> (..., N)`` in x's dtype (fp32 accumulation)."""
+    n, k = qt.shape
+    be = resolve_backend(x)
+    check_gemm_operands(x, "x", qt, k, "in_features K", be)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=1)
+        if bias.shape[0] != n or bias.device != x.device:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} on {bias.device} does not fit N={n} on {x.device}")
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    y = gemm_op(x.reshape(-1, k).contiguous(), *weight_args(qt), bias, n, k, qt.block_size, qt.fmt, be)
+    return y.reshape(*lead, n)
+
+
+def gemm_t(gy: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """``gy (..., N) · dequant(W) -> (..., K)``: the product with the transposed weight."""
+    n, k = qt.shape
+    be = resolve_backend(gy)
+    check_gemm_operands(gy, "gy", qt, n, "out_features N", be)
+    lead = gy.shape[:-1]
+    gx = gemm_t_op(gy.reshape(-1, n).contiguous(), *weight_args(qt), n, k, qt.block_size, qt.fmt, be)
+    return gx.reshape(*lead, k)

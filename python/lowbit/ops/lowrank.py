@@ -1,0 +1,162 @@
+"""lowrank family: ``y = x · dequant(W)ᵀ + s · (x · Aᵀ) · Bᵀ (+ bias)``, one fused product.
+
+The op also returns xa = x · Aᵀ (M, r): the backward needs it for dB, and recomputing it would be a
+second pass over x. :func:`lowrank_inference` is the decode entry point of ``LoRALinear``'s fast path:
+the same kernel without the custom-op dispatch, for callers that hold no autograd graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference as ref
+from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
+from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, has_kernel, ptr, qt_from_args, weight_args
+from .gemm import check_gemm_operands, gemm_t_op, native_gemm, resolve_backend
+
+__all__ = ["lowrank", "lowrank_op", "lowrank_inference", "MAX_RANK"]
+
+MAX_RANK = 256  # the fused kernels keep x·Aᵀ of one row in registers / shared memory
+
+
+def _native_lowrank(be: str, x: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, bias, w, a: torch.Tensor,
+                    b: torch.Tensor, s: float, n: int, k: int, block: int, fmt: str) -> None:
+    """The fused lowrank kernel of backend ``be`` on contiguous x (M, K), y (M, N), xa (M, r), A, B
+    in x's dtype; w = the weight's component tensors (``weight_args``)."""
+    codes, scale, zero, scale_q, scale_nested, scale_offset = w
+    call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), ptr(bias), DTYPE_ID[x.dtype], x.shape[0], n, k,
+         codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q), ptr(scale_nested),
+         float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt], a.data_ptr(), b.data_ptr(),
+         a.shape[0], float(s))
+
+
+@torch.library.custom_op("lowbit::lowrank", mutates_args=())
+def lowrank_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+               scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+               scale_offset: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, s: float,
+               bias: Optional[torch.Tensor], n: int, k: int, block: int, fmt: str,
+               backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (codes, scale, zero, scale_q, scale_nested, scale_offset)
+    be = backend or backend_for(x)
+    r = a.shape[0]
+    if be == "reference":
+        qt = qt_from_args(*w, n, k, block, fmt, torch.float32)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return ref.lowrank_ref(x, qt, a, b, s, bias), (x.to(acc) @ a.to(acc).T).to(x.dtype)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    xa = torch.empty(x.shape[0], r, dtype=x.dtype, device=x.device)
+    if has_kernel(be, "lowrank"):  # fused: x·Aᵀ while x is loaded, s·xa·Bᵀ in the epilogue
+        _native_lowrank(be, x, y, xa, bias, w, a, b, s, n, k, block, fmt)
+        return y, xa
+    # unfused composition on backends without the fused kernel: extra passes over x and y. The base
+    # product is taken in fp32 so the sum is rounded to x's dtype once (a bf16 intermediate would
+    # lose the branch under cancellation).
+    xf = x.float()
+    yf = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    native_gemm("gemm", be, xf, yf, None if bias is None else bias.float(), w, n, k, block, fmt)
+    xa = xf @ a.float().T
+    y = (yf + s * (xa @ b.float().T)).to(x.dtype)
+    return y, xa.to(x.dtype)
+
+
+@lowrank_op.register_fake
+def _(x, codes, scale, zero, scale_q, scale_nested, scale_offset, a, b, s, bias, n, k, block, fmt, backend=None):
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], a.shape[0])
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    x, codes, scale, zero, scale_q, scale_nested, scale_offset, a, b, s, bias, n, k, block, fmt = inputs[:15]
+    ctx.save_for_backward(x, a, b, output[1], codes, scale, zero, scale_q, scale_nested, scale_offset)
+    ctx.meta = (s, n, k, block, fmt, bias is not None)
+
+
+def _lowrank_backward(ctx, gy, gxa):
+    # dx = gy·dequant(W) + s·(gy·B)·A ; dA = s·(gy·B)ᵀ·x ; dB = s·gyᵀ·(x·Aᵀ), with u = s·gy·B shared
+    # (plus the gradient of the xa output, if a caller used it).
+    x, a, b, xa, *w = ctx.saved_tensors
+    s, n, k, block, fmt, has_bias = ctx.meta
+    need = ctx.needs_input_grad
+    acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+    g = gy.to(acc)
+    u = s * (g @ b.to(acc))  # (M, r)
+    if gxa is not None:
+        u = u + gxa.to(acc)
+    gx = ga = gb = gbias = None
+    if need[0]:
+        gx = (gemm_t_op(gy.contiguous(), *w, n, k, block, fmt).to(acc) + u @ a.to(acc)).to(x.dtype)
+    if need[7]:
+        ga = (u.T @ x.to(acc)).to(a.dtype)
+    if need[8]:
+        gb = (s * (g.T @ xa.to(acc))).to(b.dtype)
+    if has_bias and need[10]:
+        gbias = gy.sum(0)
+    return gx, None, None, None, None, None, None, ga, gb, None, gbias, None, None, None, None, None
+
+
+torch.library.register_autograd("lowbit::lowrank", _lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+def lowrank(x: torch.Tensor, qt: QuantizedTensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x (..., K) · dequant(W)ᵀ + scale · (x · Aᵀ) · Bᵀ (+ bias) -> (..., N)``; A (r, K), B (N, r)."""
+    n, k = qt.shape
+    be = resolve_backend(x)
+    check_gemm_operands(x, "x", qt, k, "in_features K", be)
+    for name, t in (("lora_A", a), ("lora_B", b)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=2)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    r = a.shape[0]
+    if a.shape[1] != k or b.shape != (n, r):
+        raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit W {tuple(qt.shape)}: "
+                         f"expected A (r, {k}) and B ({n}, r)")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"rank r={r} must be in [1, {MAX_RANK}]")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale={scale!r} must be a float")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit N={n}")
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    # the kernels read A and B in x's dtype (autograd casts their gradients back)
+    a, b = a.to(x.dtype).contiguous(), b.to(x.dtype).contiguous()
+    y, _ = lowrank_op(x.reshape(-1, k).contiguous(), *weight_args(qt), a, b,
+                      float(scale), bias, n, k, qt.block_size, qt.fmt, be)
+    return y.reshape(*lead, n)
+
+
+def lowrank_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str, stacked,
+                      bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The decode entry point: ``x · dequant(W)ᵀ + (x · Aᵀ) · Bᵀ (+ bias)`` (s = 1, B pre-scaled) by the
+    CPU fused kernel, with the arguments :func:`lowrank_op` would pass it (x made contiguous, bias in
+    fp32, a fresh (M, r) xa that nobody reads) — bit-identical to the op path, without its dispatch.
+
+    For callers with no autograd graph to record; w = the weight's component tensors; ``stacked()``
+    returns contiguous fp32 A (r, K) and B (N, r), called only once this path applies (a cache stays
+    unbuilt otherwise). Returns None when it does not (not fp32 on the "cpu" backend, devices differ,
+    block or rank outside the kernel's range, under torch.compile): the caller then takes
+    :func:`lowrank`, which also owns every error message."""
+    if torch.compiler.is_compiling():
+        return None
+    if (not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+            or x.shape[-1] != k or backend_for(x) != "cpu" or not has_kernel("cpu", "lowrank")):
+        return None
+    if w[0].device != x.device or block not in GEMM_BLOCKS:
+        return None
+    if bias is not None:
+        if bias.device != x.device:
+            return None
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.detach().to(torch.float32).contiguous()  # what lowrank() passes
+    a, b = stacked()
+    if a.shape[0] > MAX_RANK or a.device != x.device:
+        return None
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    xa = torch.empty(x2.shape[0], a.shape[0], dtype=torch.float32)  # the kernel always writes x·Aᵀ
+    _native_lowrank("cpu", x2, y, xa, bias, w, a, b, 1.0, n, k, block, fmt)
+    return y.reshape(*x.shape[:-1], n)
