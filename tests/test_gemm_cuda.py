@@ -1,4 +1,5 @@
-"""CUDA gemm kernels (csrc/kernels/gemm.cuh) on the simulator: the edge cases of each path.
+"""CUDA gemm kernels on the simulator: the edge cases of each path (csrc/kernels/gemm.cuh: the GEMV and
+gemm_t; csrc/kernels/gemm_mma.cuh: the tensor-core kernel).
 
 Paths (csrc/launch/gemm.inl): gemv_kernel for M ≤ 8 and for fp32 x (MR = 1 / 4 / 8 rows per CTA,
 intra-CTA split-K), gemm_mma_kernel (mma.m16n8k16, 64×64×64 tiles, 3-stage cp.async) for M > 8

@@ -74,6 +74,36 @@ def test_nf4_is_the_qlora_normal_float():
     np.testing.assert_allclose(np.array(NF4), v, atol=2e-7)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+def test_native_entry_points_apply_the_one_block_rule(backend):
+    """The native quantize and gemm refuse exactly the blocks formats.h refuses (before, the CUDA
+    launchers took any multiple of 8 / 32 that Python refused): ValueError from _C, RuntimeError
+    from a launcher's error code."""
+    require_backend(backend)
+    mod = _native.module(backend)
+    numel = 8192
+    w = torch.randn(numel)
+    codes = torch.empty(numel, dtype=torch.uint8)
+    scale, zero = torch.empty(numel // 32), torch.empty(numel // 32)
+    fmt_id = {"nf4": 0, "int4": 2}
+    for fmt, block in (("nf4", 48), ("nf4", 16), ("nf4", 8192), ("int4", 512), ("nf4", 64), ("nf4", 4096), ("int4", 256)):
+        args = (w.data_ptr(), 0, numel, block, fmt_id[fmt], codes.data_ptr(), scale.data_ptr(), zero.data_ptr())
+        if block in block_sizes_of(fmt):
+            mod.quantize(*args)
+        else:
+            with pytest.raises((ValueError, RuntimeError)):
+                mod.quantize(*args)
+    x, y = torch.randn(2, 512), torch.empty(2, 16)
+    for block in (64, 256, 512, 96):
+        args = (x.data_ptr(), y.data_ptr(), 0, 0, 2, 16, 512, codes.data_ptr(), scale.data_ptr(), 0, 0, 0, 0.0,
+                block, 0)
+        if block in GEMM_BLOCKS:
+            mod.gemm(*args)
+        else:
+            with pytest.raises((ValueError, RuntimeError)):
+                mod.gemm(*args)
+
+
 # ------------------------------------------------------------------------- bit-exact on every backend
 SHAPES = [(1, None), (3, None), (5, 4096 * 3), (2, 4096)]  # None: K = block
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lowbit {info,bench,demo,quantize}``."""
+"""Command line: ``python -m lowbit {info,bench,gpucheck,demo,quantize}``."""
 
 from __future__ import annotations
 
@@ -28,22 +28,32 @@ def _info(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
+def _run_checkout_script(name: str, argv: list[str]) -> int:
+    """Run bench/<name>.py's main(argv): the bench scripts and the GPU check kit live in the source
+    tree, not in the wheel, so this works from a checkout (the current directory or the one this
+    package was imported from)."""
     import importlib.util
     import os
 
-    # bench scripts live in the source tree (bench/); run from a checkout
     here = os.path.dirname(os.path.abspath(__file__))
     for root in (os.getcwd(), os.path.join(here, "..", "..")):
-        path = os.path.join(root, "bench", f"bench_{args.family}.py")
+        path = os.path.join(root, "bench", f"{name}.py")
         if os.path.exists(path):
             sys.path.insert(0, os.path.dirname(path))  # the scripts share bench/_timing.py
-            spec = importlib.util.spec_from_file_location(f"bench_{args.family}", path)
+            spec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
-            return int(mod.main(args.rest) or 0)
-    print(f"bench/bench_{args.family}.py not found: run from a lowbit checkout", file=sys.stderr)
+            return int(mod.main(argv) or 0)
+    print(f"bench/{name}.py not found: run from a lowbit checkout", file=sys.stderr)
     return 2
+
+
+def _bench(args) -> int:
+    return _run_checkout_script(f"bench_{args.family}", args.rest)
+
+
+def _gpucheck(args) -> int:
+    return _run_checkout_script("gpu_check", args.rest)
 
 
 def _demo(args) -> int:
@@ -84,6 +94,9 @@ def main(argv=None) -> int:
     a.add_argument("family")
     a.add_argument("rest", nargs=argparse.REMAINDER)
     a.set_defaults(fn=_bench)
+    a = sub.add_parser("gpucheck", help="the GPU check kit (docs/gpu.md): build, device tests, sanitizers, bench")
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+    a.set_defaults(fn=_gpucheck)
     a = sub.add_parser("demo", help="quantize a real model and compare fp32 / nf4 / int4 / int2")
     a.add_argument("rest", nargs=argparse.REMAINDER)
     a.set_defaults(fn=_demo)
@@ -95,7 +108,7 @@ def main(argv=None) -> int:
     a.add_argument("--double-quant", action="store_true")
     a.set_defaults(fn=_quantize)
     args, unknown = p.parse_known_args(argv)
-    if args.cmd in ("bench", "demo"):
+    if args.cmd in ("bench", "demo", "gpucheck"):
         args.rest = unknown + list(args.rest)  # options of the sub-tool pass through
     elif unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")

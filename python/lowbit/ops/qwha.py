@@ -119,7 +119,7 @@ def qwha_spmm(z: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, cols: t
     """``scale · z (M, K) · Fᵀ -> (M, N)``, F the CSR matrix (crow, cols, values) of shape (n_out, K); z
     and values share one dtype (fp32 / fp64). ``ccol, rows_t, perm`` describe Fᵀ (for the backward)."""
     _check_spmm_args(z, values, crow, cols, n_out)
-    if _cpu_kernel(z):  # csrc/cpu/hadamard.cpp: threads split the nonzeros, fixed summation order
+    if _cpu_kernel(z):  # csrc/cpu/qwha.cpp: threads split the nonzeros, fixed summation order
         z, values = z.contiguous(), values.contiguous()  # named: alive through the call
         y = z.new_empty((z.shape[0], n_out))
         call("cpu", "qwha_spmm", z.data_ptr(), values.data_ptr(), crow.data_ptr(), cols.data_ptr(),
