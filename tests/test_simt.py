@@ -649,3 +649,98 @@ def test_asan_reports_out_of_bounds_write_with_its_line():
     assert r.returncode != 0
     assert "heap-buffer-overflow" in r.stderr and "oob_write_kernel" in r.stderr, r.stderr[-3000:]
     assert re.search(r"simt\.cuh:\d+", r.stderr), r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------- the OS thread pool
+# Each in a subprocess: a regression crashes (SIGSEGV) or hangs a process, and must not take the
+# test run down with it.
+_POOL_PRELUDE = r"""
+import os, sys, threading, time
+import torch
+import lowbit
+torch.manual_seed(0)
+w = torch.randn(64, 256)  # 256 blocks of 64: every OS thread of the pool gets blocks
+with lowbit.use_backend("reference"):
+    want = lowbit.quantize(w, "nf4", 64)
+def check(threads):
+    with lowbit.use_backend("sim", threads=threads):
+        got = lowbit.quantize(w, "nf4", 64)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), threads
+"""
+
+_POOL_RESIZE_SCRIPT = _POOL_PRELUDE + r"""
+for rep in range(20):
+    for t in (2, 7, 1, 5, 2, 8, 3, 16, 1):
+        check(t)
+print("RESIZE OK")
+"""
+
+# The parent used >= 2 OS threads; a forked child (which has none of them) launches with the same
+# and with other counts, then again while a thread of the parent was launching at the fork.
+_POOL_FORK_SCRIPT = _POOL_PRELUDE + r"""
+def fork_and_wait(counts):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for t in counts:
+                check(t)
+        except BaseException as e:
+            print("CHILD FAILED", repr(e), flush=True)
+            os._exit(1)
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return "exit %d" % os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return "hang"
+check(2)
+print("FORK same-count", fork_and_wait([2, 2]), flush=True)
+check(7)
+print("FORK other-count", fork_and_wait([3, 7, 1]), flush=True)
+stop = False
+def busy():
+    while not stop:
+        check(4)
+bg = threading.Thread(target=busy)
+bg.start()
+results = [fork_and_wait([4, 2]) for _ in range(5)]
+stop = True
+bg.join()
+print("FORK during-launch", " ".join(results), flush=True)
+check(3)
+print("PARENT OK")
+"""
+
+
+def _run_pool_script(script, timeout):
+    import os
+    import subprocess
+    import sys
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(_sim.__file__)))  # this lowbit, not another
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
+    try:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung for {timeout} s: {e.stdout!r} {e.stderr!r}")
+    assert r.returncode == 0, f"process died with {r.returncode}: {r.stdout[-2000:]} {r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_pool_survives_any_sequence_of_thread_counts():
+    # A pool restarted with another thread count used to start its new threads with a stale view of
+    # the last launch (epoch, helpers wanted, grid): SIGSEGV in nearly every run of this script.
+    out = _run_pool_script(_POOL_RESIZE_SCRIPT, timeout=240)
+    assert "RESIZE OK" in out, out
+
+
+def test_pool_works_in_a_forked_child():
+    # The child of a fork has none of the parent's pool threads: it used to wait forever for them.
+    out = _run_pool_script(_POOL_FORK_SCRIPT, timeout=240)
+    assert "FORK same-count exit 0" in out, out
+    assert "FORK other-count exit 0" in out, out
+    assert "FORK during-launch " + " ".join(["exit 0"] * 5) in out, out
+    assert "PARENT OK" in out, out

@@ -5,6 +5,9 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
+
+#include <pthread.h>
 
 #include "internal.h"
 
@@ -25,6 +28,31 @@ size_t smem_optin_max() {
 std::mutex g_attr_mutex;
 std::map<const void*, int> g_max_dyn_smem;
 thread_local std::string t_last_launch_error;
+
+// fork(): only the forking thread exists in the child, so a mutex another thread held at the fork
+// would stay locked there forever, and the pool's threads are gone. The handlers hold every
+// simt mutex across fork() (a fork waits for a running launch to end: the pool is then idle), and
+// the child re-initialises them and drops the pool, which its next launch re-creates with threads
+// of its own (it used to wait forever for the parent's). Lock order: launch, attributes, symbols
+// (a launch may look up a kernel's name; nothing takes them the other way round).
+void before_fork() {
+  g_launch_mutex.lock();
+  g_attr_mutex.lock();
+  g_symbols_mutex.lock();
+}
+void after_fork_in_parent() {
+  g_symbols_mutex.unlock();
+  g_attr_mutex.unlock();
+  g_launch_mutex.unlock();
+}
+void after_fork_in_child() {
+  // locked by the forking thread, whose copy in the child has another thread id: re-initialised
+  new (&g_symbols_mutex) std::mutex();
+  new (&g_attr_mutex) std::mutex();
+  new (&g_launch_mutex) std::mutex();
+  reset_pool_in_child();
+}
+const int g_fork_handlers = pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
 }  // namespace
 
 int launch(const LaunchSpec& spec) {

@@ -3,6 +3,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,7 @@ struct KernelInfo {
 const KernelInfo& kernel_info(const void* kernel);
 std::string kernel_name(const void* kernel);
 std::vector<std::pair<std::string, size_t>> static_smem_table();
+extern std::mutex g_symbols_mutex;  // kernel_info's cache (held across fork by api.cpp's handlers)
 std::string short_path(const char* file);  // from csrc/, include/ or tests/ on
 
 // ---- scheduler.cpp
@@ -124,6 +126,9 @@ extern Counters g_stats;
 int default_threads();
 // Runs every block of the grid on `nthreads` OS threads; the error of the lowest failing block, or "".
 std::string run_grid(const LaunchSpec& spec, int nthreads);
+// In the child of fork() (under the launch mutex): forget the pool, whose threads stayed in the
+// parent; the next launch creates a new one.
+void reset_pool_in_child();
 void set_error(Worker& w, const Fiber& f, const std::string& what);  // the block's first error wins
 void on_exit(Worker& w);  // a fiber of the block returned from the kernel
 Fiber* current_fiber();

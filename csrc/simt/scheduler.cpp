@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 
 #include "internal.h"
@@ -282,9 +284,15 @@ void work(Worker& w, Grid& g) {
   t_worker = nullptr;
 }
 
+// The helper threads of the pool (the launching thread is the other one) wait for a new epoch in
+// which they are wanted. All of the pool's state (grid, epoch, helpers wanted and active) belongs
+// to mu_, and a helper's view of the epochs starts from the epoch current when it was created: a
+// helper created by a restart with another thread count used to start with `seen = 0`, so it took
+// any past launch (epoch != 0, and `want_` still that launch's count) for a new one, ran
+// `*grid_` while it was null (SIGSEGV) and decremented `active_` below zero, after which a launch
+// could return while helpers still ran its blocks.
 class Pool {
  public:
-  ~Pool() { stop(); }
   void run(Grid& g, int nthreads) {
     if (int(threads_.size()) != nthreads - 1) {
       stop();
@@ -299,18 +307,38 @@ class Pool {
       ++epoch_;
     }
     cv_.notify_all();
-    work(main_worker_, g);
+    work(*main_worker_, g);
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [&] { return active_ == 0; });
     grid_ = nullptr;
+    want_ = 0;
+  }
+
+  // In the child of fork(): the helper threads exist only in the parent. Their std::thread handles
+  // are forgotten (joining or detaching a thread of another process is undefined, and glibc may
+  // already have handed their stacks and descriptors to threads of the child) and the workers'
+  // fiber stacks unmapped (no thread of the child runs on them: the fork waited for the launch
+  // mutex). The Pool itself is leaked, not destroyed: its mutex and condition variables may record
+  // waiters that do not exist here, and destroying such a condition variable can block.
+  void abandon_after_fork() {
+    for (auto& t : threads_) new (&t) std::thread();  // ends the handle's lifetime without ~thread
+    threads_.clear();
+    workers_.clear();
+    main_worker_.reset();
   }
 
  private:
   void start(int n) {
-    quit_ = false;
     workers_.clear();
     for (int i = 0; i < n; ++i) workers_.emplace_back(new Worker());
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this, i] { loop(i); });
+    uint64_t epoch;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      quit_ = false;
+      want_ = 0;
+      epoch = epoch_;
+    }
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this, i, epoch] { loop(i, epoch); });
   }
   void stop() {
     {
@@ -322,8 +350,7 @@ class Pool {
     threads_.clear();
     workers_.clear();
   }
-  void loop(int i) {
-    uint64_t seen = 0;
+  void loop(int i, uint64_t seen) {  // seen: the last epoch before this thread existed
     for (;;) {
       Grid* g;
       {
@@ -342,15 +369,19 @@ class Pool {
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> threads_;
   std::vector<std::unique_ptr<Worker>> workers_;
-  Worker main_worker_;
+  std::unique_ptr<Worker> main_worker_{new Worker()};
   Grid* grid_ = nullptr;
   uint64_t epoch_ = 0;
   int want_ = 0, active_ = 0;
   bool quit_ = false;
 };
+// Created at the first launch, never destroyed (joining threads at exit is not worth the risk);
+// reset in the child of a fork, which then creates its own at its first launch. Only touched under
+// the launch mutex (api.cpp), which the fork handlers hold across fork().
+Pool* g_pool = nullptr;
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: joining threads at exit is not worth the risk
-  return *p;
+  if (!g_pool) g_pool = new Pool();
+  return *g_pool;
 }
 }  // namespace
 
@@ -360,6 +391,12 @@ std::string run_grid(const LaunchSpec& spec, int nthreads) {
   g.n_blocks = uint64_t(spec.grid.x) * spec.grid.y * spec.grid.z;
   pool().run(g, nthreads);
   return g.error;
+}
+
+void reset_pool_in_child() {
+  if (!g_pool) return;
+  g_pool->abandon_after_fork();
+  g_pool = nullptr;  // leaked (see Pool::abandon_after_fork)
 }
 
 }  // namespace simt::detail

@@ -91,8 +91,10 @@ size_t static_smem_of(const ModuleSymbols& m, const std::string& mangled) {
 }
 }  // namespace
 
+std::mutex g_symbols_mutex;
+
 const KernelInfo& kernel_info(const void* addr) {
-  static std::mutex mu;
+  std::mutex& mu = g_symbols_mutex;
   static std::map<const void*, KernelInfo> cache;
   static std::map<std::string, ModuleSymbols> modules;
   std::lock_guard<std::mutex> lock(mu);
