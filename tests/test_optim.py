@@ -8,6 +8,7 @@ backends must equal bit for bit.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -531,3 +532,64 @@ def test_lora_finetune_8bit_state_matches_32bit(smollm2):
     assert rel <= 0.02
     for k in curves:
         assert last[k] < 0.95 * first[k], (k, first[k], last[k])
+
+
+# ------------------------------------------------------------------------------- reliability (issue 14)
+def test_managed_pool_memory_outlives_close_while_tensors_live(monkeypatch):
+    """Issue 14, finding 5: close() (and __del__) freed managed memory that tensors it handed out
+    still used. Now each chunk is freed when the last tensor viewing it dies. The real free is
+    deferred to the end of this test, so the old code fails the assertion instead of crashing."""
+    require_backend("sim")
+    from lowbit.ops.optim import ManagedMemory
+    freed, real_free = [], ManagedMemory.free
+    monkeypatch.setattr(ManagedMemory, "free", lambda self, address: freed.append((self, address)))
+    try:
+        pool = PagePool("managed", page_bytes=1 << 16, backend="sim")
+        t = pool.alloc((1000,), torch.float32)
+        u = pool.alloc((10,), torch.float32)[2:5]  # a view of a view keeps the chunk too
+        t.fill_(2.5)
+        u.fill_(-1.0)
+        pool.close()
+        del pool
+        gc.collect()
+        assert freed == [], "managed memory freed while tensors from the pool are alive"
+        assert float(t.sum()) == 2500.0 and u.tolist() == [-1.0] * 3
+        del t
+        gc.collect()
+        assert freed == []
+        del u
+        gc.collect()
+        assert len(freed) == 1  # the one chunk, once, when its last tensor died
+    finally:
+        for mem, address in freed:
+            real_free(mem, address)
+
+
+def test_paged_optimizer_state_outlives_the_optimizer(tmp_path, monkeypatch):
+    """Finding 5 through the optimizer: a state tensor kept past the optimizer stays valid (file
+    pages: the mapping lives with the tensor; managed pages: the chunk is freed with its last tensor)."""
+    p = torch.nn.Parameter(torch.randn(300))
+    p.grad = torch.randn(300)
+    opt = PagedAdamW([p], offload_dir=str(tmp_path), page_bytes=1 << 16)
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    want = m.clone()
+    del opt
+    gc.collect()
+    assert _bits_equal(m, want)
+    m.add_(1.0)  # still writable memory
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit], ids=lambda c: c.__name__)
+def test_paged_optimizers_step_zero_element_parameters(cls, tmp_path):
+    """Finding 9: a 0-element parameter failed with 'must be divisible by 4 to view Byte as Float'."""
+    kw = {"min_8bit_size": 0} if "8bit" in cls.__name__ else {}
+    empty, full = torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.ones(300))
+    opt = cls([empty, full], lr=1e-2, offload_dir=str(tmp_path), page_bytes=1 << 16, **kw)
+    empty.grad, full.grad = torch.zeros(0, 5), torch.ones(300)
+    opt.step()
+    opt.step()
+    assert opt.state[empty]["step"] == 2 and bool((full < 1).all())
+    sd = opt.state_dict()
+    cls([torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.ones(300))], lr=1e-2,
+        offload_dir=str(tmp_path), **kw).load_state_dict(sd)
