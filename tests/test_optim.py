@@ -8,6 +8,7 @@ backends must equal bit for bit.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -531,3 +532,139 @@ def test_lora_finetune_8bit_state_matches_32bit(smollm2):
     assert rel <= 0.02
     for k in curves:
         assert last[k] < 0.95 * first[k], (k, first[k], last[k])
+
+
+# ------------------------------------------------------------------------------- reliability (issue 14)
+def test_managed_pool_memory_outlives_close_while_tensors_live(monkeypatch):
+    """Issue 14, finding 5: close() (and __del__) freed managed memory that tensors it handed out
+    still used. Now each chunk is freed when the last tensor viewing it dies. The real free is
+    deferred to the end of this test, so the old code fails the assertion instead of crashing."""
+    require_backend("sim")
+    from lowbit.ops.optim import ManagedMemory
+    freed, real_free = [], ManagedMemory.free
+    monkeypatch.setattr(ManagedMemory, "free", lambda self, address: freed.append((self, address)))
+    try:
+        pool = PagePool("managed", page_bytes=1 << 16, backend="sim")
+        t = pool.alloc((1000,), torch.float32)
+        u = pool.alloc((10,), torch.float32)[2:5]  # a view of a view keeps the chunk too
+        t.fill_(2.5)
+        u.fill_(-1.0)
+        pool.close()
+        del pool
+        gc.collect()
+        assert freed == [], "managed memory freed while tensors from the pool are alive"
+        assert float(t.sum()) == 2500.0 and u.tolist() == [-1.0] * 3
+        del t
+        gc.collect()
+        assert freed == []
+        del u
+        gc.collect()
+        assert len(freed) == 1  # the one chunk, once, when its last tensor died
+    finally:
+        for mem, address in freed:
+            real_free(mem, address)
+
+
+def test_paged_optimizer_state_outlives_the_optimizer(tmp_path, monkeypatch):
+    """Finding 5 through the optimizer: a state tensor kept past the optimizer stays valid (file
+    pages: the mapping lives with the tensor; managed pages: the chunk is freed with its last tensor)."""
+    p = torch.nn.Parameter(torch.randn(300))
+    p.grad = torch.randn(300)
+    opt = PagedAdamW([p], offload_dir=str(tmp_path), page_bytes=1 << 16)
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    want = m.clone()
+    del opt
+    gc.collect()
+    assert _bits_equal(m, want)
+    m.add_(1.0)  # still writable memory
+
+
+def test_hyperparameters_refuse_nan_and_bool():
+    """Finding 9: NaN lr / eps / weight_decay and lr=True were accepted."""
+    mk = lambda **kw: AdamW([torch.nn.Parameter(torch.zeros(4))], **kw)  # noqa: E731
+    for name in ("lr", "eps", "weight_decay"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name}={bad}"):
+                mk(**{name: bad})
+        with pytest.raises(TypeError, match=f"{name}=True"):
+            mk(**{name: True})
+        with pytest.raises(TypeError, match=f"{name}='1'"):
+            mk(**{name: "1"})
+    with pytest.raises(ValueError, match="betas"):
+        mk(betas=(float("nan"), 0.999))
+    for cls in (AdamW8bit, PagedAdamW, PagedAdamW8bit):
+        with pytest.raises(ValueError, match="lr=nan"):
+            cls([torch.nn.Parameter(torch.zeros(4))], lr=float("nan"))
+    mk(lr=1, eps=0, weight_decay=0)  # ints are fine, as in torch.optim
+
+
+def _stepped(cls, n=1000, **kw):
+    p = torch.nn.Parameter(torch.randn(n) * 0.1)
+    opt = cls([p], lr=1e-2, **kw)
+    p.grad = torch.randn(n)
+    opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("cls", [AdamW, AdamW8bit, PagedAdamW8bit], ids=lambda c: c.__name__)
+def test_corrupted_state_dict_is_refused_at_load(cls):
+    """Finding 9: a corrupted optimizer state_dict loaded fine and failed only at the next step().
+    Now load_state_dict validates keys, step, dtypes and sizes against the parameter, and a refused
+    load leaves the optimizer as it was."""
+    kw = {"min_8bit_size": 256} if "8bit" in cls.__name__ else {}
+    p, opt = _stepped(cls, **kw)
+    sd = opt.state_dict()
+    keys = [k for k, v in sd["state"][0].items() if isinstance(v, torch.Tensor) and k != "step"]
+
+    def corrupt(fn):
+        bad = copy.deepcopy(sd)
+        fn(bad["state"][0])
+        return bad
+
+    cases = []
+    for k in keys:
+        cases.append((k, corrupt(lambda st, k=k: st.__setitem__(k, st[k].flatten()[:-1]))))   # truncated
+        cases.append((k, corrupt(lambda st, k=k: st.__setitem__(k, st[k].to(torch.float64)))))  # wrong dtype
+    cases.append((keys[0], corrupt(lambda st: st.pop(keys[0]))))
+    cases.append(("step", corrupt(lambda st: st.__setitem__("step", torch.tensor(float("nan"))))))
+    cases.append(("step", corrupt(lambda st: st.__setitem__("step", -3))))
+    cases.append(("step", corrupt(lambda st: st.__setitem__("step", "7"))))
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+    lr_before = opt.param_groups[0]["lr"]
+    for name, bad in cases:
+        bad["param_groups"][0]["lr"] = 0.5
+        with pytest.raises((ValueError, TypeError), match=name):
+            opt.load_state_dict(bad)
+        assert opt.param_groups[0]["lr"] == lr_before  # nothing half-loaded
+        for k, v in before.items():
+            w = opt.state[p][k]
+            assert _bits_equal(w, v) if isinstance(v, torch.Tensor) else w == v, (name, k)
+    opt.load_state_dict(sd)
+    opt.step()
+    assert opt.state[p]["step"] == 2
+
+
+def test_failed_step_does_not_advance_the_counter():
+    """Finding 9: each failing step() advanced state['step'] before the kernel refused."""
+    p, opt = _stepped(AdamW)
+    opt.state[p]["exp_avg"] = torch.zeros(7)  # corrupted behind the optimizer's back
+    for _ in range(3):
+        with pytest.raises(ValueError, match="exp_avg"):
+            opt.step()
+    assert opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit], ids=lambda c: c.__name__)
+def test_paged_optimizers_step_zero_element_parameters(cls, tmp_path):
+    """Finding 9: a 0-element parameter failed with 'must be divisible by 4 to view Byte as Float'."""
+    kw = {"min_8bit_size": 0} if "8bit" in cls.__name__ else {}
+    empty, full = torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.ones(300))
+    opt = cls([empty, full], lr=1e-2, offload_dir=str(tmp_path), page_bytes=1 << 16, **kw)
+    empty.grad, full.grad = torch.zeros(0, 5), torch.ones(300)
+    opt.step()
+    opt.step()
+    assert opt.state[empty]["step"] == 2 and bool((full < 1).all())
+    sd = opt.state_dict()
+    cls([torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.ones(300))], lr=1e-2,
+        offload_dir=str(tmp_path), **kw).load_state_dict(sd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Optional
 
 import torch
@@ -11,6 +12,15 @@ from . import functional as F
 from .pages import PAGE_BYTES, PagePool
 
 __all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
+
+
+def _check_scalar(name: str, x) -> None:
+    """A hyperparameter is a finite real >= 0: a NaN lr would silently turn every parameter into NaN,
+    and ``lr=True`` is a bug, not 1.0 (bool is an int subclass, hence the explicit test)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}={x!r} must be a float, not {type(x).__name__}")
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name}={x!r} must be a finite float >= 0")
 
 
 class AdamW(torch.optim.Optimizer):
@@ -32,14 +42,10 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, optim_bits: int = 32, min_8bit_size: int = 4096, paged: bool = False,
                  offload_dir: Optional[str] = None, page_bytes: int = PAGE_BYTES, rounding: str = "bitsandbytes"):
-        if not (isinstance(lr, float) or isinstance(lr, int)) or lr < 0:
-            raise ValueError(f"lr={lr!r} must be a non-negative float")
-        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        for name, x in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            _check_scalar(name, x)
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):  # also refuses NaN
             raise ValueError(f"betas={betas!r} must be two floats in [0, 1)")
-        if eps < 0:
-            raise ValueError(f"eps={eps!r} must be >= 0")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits={optim_bits!r} must be 8 or 32")
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
@@ -118,15 +124,17 @@ class AdamW(torch.optim.Optimizer):
                 self._check_param(p)
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
                     state.update(F.init_state(p, self._bits_for(p), self._alloc(p)))
-                state["step"] += 1
+                    state["step"] = 0
                 pool = self._pools.get(str(p.device))
                 if pool is not None and pool.kind == "managed":
                     pool.prefetch([t for t in state.values() if isinstance(t, torch.Tensor)],
                                   stream=torch.cuda.current_stream().cuda_stream)
+                # The counter advances only once the step was taken: a step that raises (bad state,
+                # bad gradient) leaves it as it was, so retrying does not skew the bias correction.
                 F.adamw_step(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                             weight_decay=group["weight_decay"], step=state["step"], rounding=self.rounding)
+                             weight_decay=group["weight_decay"], step=state["step"] + 1, rounding=self.rounding)
+                state["step"] += 1
         return loss
 
     # ------------------------------------------------------------------ state dict
@@ -148,25 +156,68 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"state_dict was saved with rounding={rounding!r} but this optimizer uses "
                              f"rounding={self.rounding!r}: construct it with the same rule to resume the same trajectory")
         state_dict = {k: v for k, v in state_dict.items() if k != "rounding"}
-        super().load_state_dict(state_dict)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):
+            raise ValueError("loaded state dict's param_groups do not match this optimizer's (number of "
+                             "groups or of parameters per group)")
+        for i, g in enumerate(groups):
+            for name in ("lr", "eps", "weight_decay"):
+                if name in g:
+                    _check_scalar(f"param_groups[{i}][{name!r}]", g[name])
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in groups)
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
-        for k, st in saved.items():
-            if k not in id_map:
-                continue
-            p = id_map[k]
-            new = {}
+        # Validate every entry before changing anything (a refused load leaves the optimizer as it
+        # was), and here rather than at the next step(): shapes, dtypes and the 8-bit sizes vs the
+        # parameter are what the kernels will trust.
+        checked = {id_map[k]: _checked_state(k, st, id_map[k]) for k, st in saved.items() if k in id_map}
+        super().load_state_dict(state_dict)
+        for p, st in checked.items():
             alloc = self._alloc(p)
+            new = {}
             for name, t in st.items():
-                if isinstance(t, torch.Tensor) and name != "step":
+                if isinstance(t, torch.Tensor):
                     dst = alloc(t.shape, t.dtype) if alloc is not None else torch.empty(t.shape, dtype=t.dtype,
                                                                                         device=p.device)
                     new[name] = dst.copy_(t)
                 else:
-                    new[name] = int(t.item()) if isinstance(t, torch.Tensor) else t
-            F.state_bits(new)  # raises with the keys if the layout is not one of ours
+                    new[name] = t
             self.state[p] = new
+
+
+def _checked_state(key, st, p: torch.Tensor) -> dict:
+    """Saved state ``st`` of parameter ``p`` (saved under ``key``) checked against the layout that
+    :func:`lowbit.ops.optim.state_shapes` gives ``p``; ``step`` as an int. ValueError / TypeError
+    naming the entry and the values otherwise."""
+    where = f"state_dict['state'][{key!r}]"
+    if not isinstance(st, dict):
+        raise TypeError(f"{where} is a {type(st).__name__}, expected a dict")
+    try:
+        bits = F.state_bits(st)  # raises with the keys if the layout is not one of ours
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    out = {}
+    step = st.get("step")
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1:
+            raise ValueError(f"{where}['step'] has {step.numel()} elements, expected one")
+        step = step.item()
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{where}['step']={step!r} must be an int >= 0")
+    out["step"] = step
+    for name, (shape, dtype, _) in F.state_shapes(p, bits).items():
+        t = st[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}[{name!r}] is a {type(t).__name__}, expected a tensor")
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{where}[{name!r}] has dtype {t.dtype} and shape {tuple(t.shape)}; expected "
+                             f"{dtype} and {tuple(shape)} for a parameter of shape {tuple(p.shape)} "
+                             f"({bits}-bit state)")
+        out[name] = t
+    return out
 
 
 class AdamW8bit(AdamW):

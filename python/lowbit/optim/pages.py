@@ -13,8 +13,13 @@ One small allocator over fixed-size pages (``page_bytes``), used by both paged o
 
 An allocation never straddles two mappings: a mapping ("chunk") is ``max(page_bytes,
 round_up(n, page_bytes))`` bytes and allocations are packed into it at 64-byte alignment.
-Memory is released when the pool is closed (or garbage collected), never piecemeal: optimizer
-state lives as long as its optimizer.
+Memory is released chunk by chunk when the last tensor viewing the chunk dies, never before:
+``close()`` (or garbage collection of the pool) only drops the pool's own references, so a tensor
+the pool handed out stays valid for as long as it lives. For file chunks the mapping belongs to
+the tensor's storage (``torch.from_file``); for managed chunks a :class:`_ManagedChunk` owner is
+held by the object the storage was built from (``torch.frombuffer`` and ``torch.as_tensor`` on a
+``__cuda_array_interface__`` both keep that object alive until the storage is freed), and its
+finaliser frees the allocation.
 """
 
 from __future__ import annotations
@@ -49,10 +54,29 @@ def _c():
     return _libc
 
 
-class _CudaArray:
-    """A raw device pointer as a ``__cuda_array_interface__`` object, for ``torch.as_tensor``."""
+class _ManagedChunk:
+    """Owns one managed allocation; frees it when garbage collected, i.e. when the last tensor
+    built on it (through the buffer object that references this owner) has died."""
 
-    def __init__(self, ptr: int, nbytes: int):
+    live = 0  # managed chunks not yet freed, over all pools (for tests and leak checks)
+
+    def __init__(self, mem: ManagedMemory, nbytes: int):
+        self.mem, self.ptr, self.nbytes = mem, mem.alloc(nbytes), nbytes
+        _ManagedChunk.live += 1
+
+    def __del__(self):
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            type(self).live -= 1  # not the global name: it may be gone at interpreter exit
+            self.mem.free(ptr)
+
+
+class _CudaArray:
+    """A raw device pointer as a ``__cuda_array_interface__`` object, for ``torch.as_tensor``, which
+    keeps this object (and so ``owner``) alive as long as the tensor's storage."""
+
+    def __init__(self, ptr: int, nbytes: int, owner: _ManagedChunk):
+        self.owner = owner
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
                                          "version": 3, "strides": None}
 
@@ -80,7 +104,6 @@ class PagePool:
         else:
             self._mem = ManagedMemory(backend)  # ValueError / RuntimeError naming the backend
             self.backend = backend
-            self._ptrs: list[int] = []
 
     # ------------------------------------------------------------------ allocation
     def _new_chunk(self, nbytes: int) -> None:
@@ -94,12 +117,14 @@ class PagePool:
                 os.close(fd)
                 os.unlink(path)  # the mapping keeps the inode alive
         else:
-            ptr = self._mem.alloc(size)
-            self._ptrs.append(ptr)
+            owner = _ManagedChunk(self._mem, size)
             if self.backend == "cuda":
-                t = torch.as_tensor(_CudaArray(ptr, size), device="cuda")
-            else:  # simulator: host memory
-                t = torch.frombuffer((ctypes.c_uint8 * size).from_address(ptr), dtype=torch.uint8)
+                t = torch.as_tensor(_CudaArray(owner.ptr, size, owner), device="cuda")
+            else:  # simulator: host memory; frombuffer holds the ctypes array, which holds the owner
+                buf = (ctypes.c_uint8 * size).from_address(owner.ptr)
+                buf.owner = owner
+                t = torch.frombuffer(buf, dtype=torch.uint8)
+            del owner  # from here on the tensor's storage is the only way to the owner
             t.zero_()
         self._chunks.append((t, t.data_ptr(), size))
         self._top = 0
@@ -112,7 +137,10 @@ class PagePool:
         numel = 1
         for s in shape:
             numel *= int(s)
-        nbytes = max(numel * torch.empty((), dtype=dtype).element_size(), 1)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:  # nothing to place: a plain empty tensor on the pool's device (no chunk needed)
+            device = "cpu" if self.kind == "file" or self.backend != "cuda" else torch.cuda.current_device()
+            return torch.empty(shape, dtype=dtype, device=device)
         if not self._chunks or self._top + nbytes > self._chunks[-1][2]:
             self._new_chunk(nbytes)
         t, _, _ = self._chunks[-1]
@@ -136,6 +164,8 @@ class PagePool:
         if device is None:
             device = torch.cuda.current_device() if self.backend == "cuda" else 0
         for t in tensors:
+            if t.numel() == 0:  # 0-element state is a plain tensor outside the pool
+                continue
             self._mem.prefetch(t.data_ptr(), t.numel() * t.element_size(), int(device), int(stream))
 
     def evict(self) -> None:
@@ -168,12 +198,10 @@ class PagePool:
         if self._closed:
             return
         self._closed = True
+        # Drop the pool's references only: each chunk is freed (managed) or unmapped (file) when its
+        # last tensor dies; the page files were unlinked when mapped, so removing the directory is safe.
         self._chunks.clear()
-        if self.kind == "managed":
-            for ptr in self._ptrs:
-                self._mem.free(ptr)
-            self._ptrs.clear()
-        elif self._tmp is not None:
+        if self.kind == "file" and self._tmp is not None:
             self._tmp.cleanup()
 
     def __del__(self):
