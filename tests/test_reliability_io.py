@@ -153,3 +153,60 @@ def test_f8_load_tensors_name_both_plain_and_quantized_is_refused(tmp_path):
             metadata={"lowbit": json.dumps({"version": 1, "quantized": {"w": qt.metadata()}})})
     with pytest.raises(ValueError, match="both plain and quantized"):
         lowbit.load_tensors(path)
+
+
+# ------------------------------------------------------------------------- finding 8: QuantLinear
+def _layer(fmt="nf4", dq=True, seed=0):
+    torch.manual_seed(seed)
+    return QuantLinear.from_linear(torch.nn.Linear(128, 32), fmt, 64, dq)
+
+
+def _corruptions():
+    good = _layer(seed=1).state_dict()
+    yield "scale_q_float", {**good, "scale_q": good["scale_q"].float()}, TypeError
+    yield "scale_nested_short", {**good, "scale_nested": good["scale_nested"][:0]}, ValueError
+    yield "codes_short", {**good, "codes": good["codes"][:-1]}, ValueError
+    yield "missing_scale_q", {k: v for k, v in good.items() if k != "scale_q"}, ValueError
+    yield "bias_shape", {**good, "bias": torch.zeros(31)}, ValueError
+    spec = json.loads(bytes(good["_extra_state"].tolist()))
+    yield "dq_string", {**good, "_extra_state": torch.tensor(list(json.dumps({**spec, "double_quant": "false"}).encode()),
+                                                              dtype=torch.uint8)}, TypeError
+    yield "other_spec", _layer("nf4", dq=False, seed=1).state_dict(), ValueError
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("name", ["scale_q_float", "scale_nested_short", "codes_short", "missing_scale_q",
+                                  "bias_shape", "dq_string", "other_spec"])
+def test_f8_failed_quant_linear_load_state_dict_leaves_the_layer_unchanged(name, assign):
+    sd, exc = {n: (sd, exc) for n, sd, exc in _corruptions()}[name]
+    layer = _layer(seed=0)
+    x = torch.randn(3, 128)
+    before, y = layer.weight.clone(), layer(x)
+    bias = layer.bias.detach().clone()
+    with pytest.raises((exc, RuntimeError)):
+        layer.load_state_dict(sd, strict=True, assign=assign)
+    assert layer.weight.equal(before), name
+    assert torch.equal(layer.bias, bias) and torch.equal(layer(x), y), name
+
+
+def test_f8_quant_linear_load_is_all_or_nothing_and_still_loads(tmp_path):
+    src, dst = _layer(seed=1), _layer(seed=0)
+    x = torch.randn(2, 128)
+    # strict=False without the weight at all: the bias loads, the weight stays, the weight's keys are missing
+    w0 = dst.weight.clone()
+    r = dst.load_state_dict({"bias": src.bias.detach()}, strict=False)
+    assert dst.weight.equal(w0) and torch.equal(dst.bias, src.bias)
+    assert sorted(r.missing_keys) == ["_extra_state", "codes", "scale_nested", "scale_offset", "scale_q"]
+    assert r.unexpected_keys == []
+    with pytest.raises(RuntimeError, match="Missing key.*codes"):
+        dst.load_state_dict({"bias": src.bias.detach()}, strict=True)
+    for assign in (False, True):
+        d = _layer(seed=0)
+        d.load_state_dict(src.state_dict(), strict=True, assign=assign)
+        assert d.weight.equal(src.weight) and torch.equal(d(x), src(x))
+    # a flat codes tensor with the right byte count is accepted and stored in the canonical shape
+    sd = dict(src.state_dict())
+    sd["codes"] = sd["codes"].reshape(-1)
+    d = _layer(seed=0)
+    d.load_state_dict(sd)
+    assert d.codes.shape == (32, 64) and d.weight.equal(src.weight)
