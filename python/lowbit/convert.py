@@ -31,8 +31,11 @@ def save_tensors(tensors: dict, path: Union[str, os.PathLike], metadata: dict | 
     """Save a dict of ``torch.Tensor`` and :class:`QuantizedTensor` values to a safetensors file.
 
     A QuantizedTensor ``"w"`` is stored as tensors ``"w.codes"``, ``"w.scale"``... plus its
-    description in the file's metadata; :func:`load_tensors` rebuilds it exactly. (Named apart from
-    ``safetensors.torch.save_file``, which takes plain tensors only.)
+    description in the file's metadata; :func:`load_tensors` rebuilds it exactly. What this accepts
+    loads back exactly, so it refuses (ValueError) a plain tensor named like a component of a
+    quantized one (``"w.zero"`` beside ``"w"``), the name ``"__metadata__"`` and the metadata key
+    ``"lowbit"``; ``metadata`` is str: str. (Named apart from ``safetensors.torch.save_file``, which
+    takes plain tensors only.)
     """
     from safetensors.torch import save_file as st_save
 
