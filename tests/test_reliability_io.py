@@ -108,6 +108,14 @@ def test_f8_bnb_quant_state_needs_json_ints(field, value):
         lowbit.from_bnb(_with_state(_bnb_sd(dq=True), **{field: value}), "m.")
 
 
+def test_f8_bnb_quant_state_must_be_uint8_bytes():
+    sd = _bnb_sd(dq=False)
+    key = "m.weight.quant_state.bitsandbytes__nf4"
+    sd[key] = sd[key].float() + 0.5
+    with pytest.raises(TypeError, match=f"{key}.dtype=torch.float32"):
+        lowbit.from_bnb(sd, "m.")
+
+
 def test_f8_bnb_valid_checkpoint_still_loads_bit_exactly():
     for dq in (False, True):
         qt = lowbit.quantize(weight(8, 512), "fp4", 64, dq)

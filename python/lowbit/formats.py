@@ -381,8 +381,11 @@ def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
     if len(qs_keys) != 1:
         raise ValueError(f"expected exactly one '{p}.quant_state.bitsandbytes__nf4|fp4' entry, found {qs_keys}")
     where = qs_keys[0]
+    raw = _need(state_dict, where)
+    if raw.dtype != torch.uint8:  # bytes of JSON; a cast would turn 123.7 into 123
+        raise TypeError(f"{where}.dtype={raw.dtype}: a bitsandbytes quant state is uint8 bytes of JSON")
     try:
-        state = json.loads(bytes(_need(state_dict, where).to(torch.uint8).tolist()).decode("utf-8"))
+        state = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{where} is not a valid bitsandbytes quant state: {e}") from None
     if not isinstance(state, dict):
