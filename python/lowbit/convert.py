@@ -23,6 +23,7 @@ __all__ = ["to_bnb", "from_bnb", "save_tensors", "load_tensors", "save_adapter",
 
 _META_KEY = "lowbit"  # safetensors metadata entry holding the quantized tensors' descriptions
 _FORMAT_VERSION = 1
+_COMPONENT_NAMES = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")  # QuantizedTensor.components()
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -30,13 +31,25 @@ def save_tensors(tensors: dict, path: Union[str, os.PathLike], metadata: dict | 
     """Save a dict of ``torch.Tensor`` and :class:`QuantizedTensor` values to a safetensors file.
 
     A QuantizedTensor ``"w"`` is stored as tensors ``"w.codes"``, ``"w.scale"``... plus its
-    description in the file's metadata; :func:`load_tensors` rebuilds it exactly. (Named apart from
-    ``safetensors.torch.save_file``, which takes plain tensors only.)
+    description in the file's metadata; :func:`load_tensors` rebuilds it exactly. What this accepts
+    loads back exactly, so it refuses (ValueError) a plain tensor named like a component of a
+    quantized one (``"w.zero"`` beside ``"w"``), the name ``"__metadata__"`` and the metadata key
+    ``"lowbit"``; ``metadata`` is str: str. (Named apart from ``safetensors.torch.save_file``, which
+    takes plain tensors only.)
     """
     from safetensors.torch import save_file as st_save
 
     if not isinstance(tensors, dict):
         raise TypeError(f"tensors must be a dict, got {type(tensors).__name__}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    # Refuse here what load_tensors could not give back exactly: saved data that cannot be loaded is lost.
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata entries must be str: str (safetensors stores strings), got {k!r}: {v!r}")
+    if _META_KEY in (metadata or {}):
+        raise ValueError(f"metadata key {_META_KEY!r} is reserved for lowbit's description of the quantized tensors")
+    quantized = {name for name, v in tensors.items() if isinstance(v, QuantizedTensor)}
     flat, described = {}, {}
     for name, v in tensors.items():
         if not isinstance(name, str):
@@ -46,12 +59,16 @@ def save_tensors(tensors: dict, path: Union[str, os.PathLike], metadata: dict | 
             for comp, t in v.components().items():
                 flat[f"{name}.{comp}"] = t.detach().cpu().contiguous()
         elif isinstance(v, torch.Tensor):
+            owner, _, comp = name.rpartition(".")
+            if comp in _COMPONENT_NAMES and owner in quantized:
+                raise ValueError(f"tensor key {name!r} is reserved for the {comp!r} component of the quantized "
+                                 f"tensor {owner!r}; rename one of them")
+            if name == "__metadata__":
+                raise ValueError(f"tensor key {name!r} is reserved by the safetensors header")
             flat[name] = v.detach().cpu().contiguous()
         else:
             raise TypeError(f"value of {name!r} must be a Tensor or QuantizedTensor, got {type(v).__name__}")
-    if len(flat) != sum(len(v.components()) if isinstance(v, QuantizedTensor) else 1 for v in tensors.values()):
-        raise ValueError("a tensor key collides with a component of a quantized tensor (e.g. 'w.codes' beside 'w')")
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta = dict(metadata or {})
     meta[_META_KEY] = json.dumps({"version": _FORMAT_VERSION, "quantized": described})
     st_save(flat, os.fspath(path), metadata=meta)
 
@@ -73,17 +90,24 @@ def load_tensors(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
     if _META_KEY in meta:
         try:
             info = json.loads(meta[_META_KEY])
-            described = info["quantized"]
-            if info.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"lowbit format version {info.get('version')} (this lowbit reads {_FORMAT_VERSION})")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except json.JSONDecodeError as e:
             raise ValueError(f"{path!r} has corrupt lowbit metadata: {e}") from None
+        if not isinstance(info, dict) or not isinstance(info.get("quantized"), dict):
+            raise ValueError(f"{path!r} has corrupt lowbit metadata: expected an object with a 'quantized' object, "
+                             f"got {meta[_META_KEY][:200]!r}")
+        version = info.get("version")
+        if isinstance(version, bool) or version != _FORMAT_VERSION:
+            raise ValueError(f"{path!r}: lowbit format version={version!r} (this lowbit reads {_FORMAT_VERSION})")
+        described = info["quantized"]
+    parts = {name: {c: f"{name}.{c}" for c in _COMPONENT_NAMES if f"{name}.{c}" in flat} for name in described}
+    parts = {name: {c: flat.pop(k) for c, k in keys.items()} for name, keys in parts.items()}
+    both = sorted(set(described) & set(flat))
+    if both:
+        raise ValueError(f"{path!r}: {both} are both plain and quantized tensors")
     out = {}
     for name, m in described.items():
-        comps = {k[len(name) + 1:]: flat.pop(k) for k in list(flat) if k.startswith(name + ".")
-                 and k[len(name) + 1:] in ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")}
         try:
-            out[name] = QuantizedTensor.from_components(m, comps)
+            out[name] = QuantizedTensor.from_components(m, parts[name])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path!r}: quantized tensor {name!r} is inconsistent: {e}") from None
     out.update(flat)

@@ -267,12 +267,7 @@ class QuantizedTensor:
     @classmethod
     def from_components(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "QuantizedTensor":
         """Inverse of ``(metadata(), components())``; validates everything."""
-        try:
-            spec = QuantSpec(meta["fmt"], int(meta["block_size"]), bool(meta["double_quant"]))
-            shape = [int(s) for s in meta["shape"]]
-            dtype = {v: k for k, v in DTYPE_NAME.items()}[meta["dtype"]]
-        except KeyError as e:
-            raise ValueError(f"quantized-tensor metadata {meta!r} lacks or has a bad entry {e}") from None
+        spec, shape, dtype = parse_metadata(meta)
         unknown = set(tensors) - set(_COMPONENTS)
         if unknown:
             raise ValueError(f"unknown quantized-tensor components {sorted(unknown)}")
@@ -320,6 +315,50 @@ def to_bnb(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Tensor]:
     return sd
 
 
+def _json_int(where: str, field: str, v, lo: int = 0) -> int:
+    """A JSON integer (not a bool, float or string: ``blocksize`` 64.9 or "64" is refused, not rounded)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{where}: {field}={v!r} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{where}: {field}={v} must be >= {lo}")
+    return v
+
+
+def _json_shape(where: str, field: str, v) -> list[int]:
+    """A list of two non-negative ints whose product fits int64 (torch.Size wraps on overflow)."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError(f"{where}: {field}={v!r} must be a list [N, K] (lowbit stores 2-D weights)")
+    shape = [_json_int(where, f"{field}[{i}]", d) for i, d in enumerate(v)]
+    if shape[0] * shape[1] >= 2 ** 62:
+        raise ValueError(f"{where}: {field}={shape} has more elements than any tensor can hold")
+    return shape
+
+
+def _json_str(where: str, field: str, v) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{where}: {field}={v!r} must be a str, got {type(v).__name__}")
+    return v
+
+
+def parse_metadata(meta, where: str = "quantized-tensor metadata") -> tuple[QuantSpec, list[int], torch.dtype]:
+    """Read ``QuantizedTensor.metadata()`` back strictly: real JSON ints and booleans only
+    (``bool("false")`` is True, ``int(64.9)`` is 64: coercing would load other numbers)."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"{where} must be a dict, got {type(meta).__name__}: {meta!r}")
+    missing = [k for k in ("fmt", "block_size", "double_quant", "shape", "dtype") if k not in meta]
+    if missing:
+        raise ValueError(f"{where} {meta!r} lacks {missing}")
+    dq = meta["double_quant"]
+    if not isinstance(dq, bool):
+        raise TypeError(f"{where}: double_quant={dq!r} must be a bool (JSON true/false), got {type(dq).__name__}")
+    spec = QuantSpec(_json_str(where, "fmt", meta["fmt"]), _json_int(where, "block_size", meta["block_size"]), dq)
+    shape = _json_shape(where, "shape", meta["shape"])
+    dtype = {v: k for k, v in DTYPE_NAME.items()}.get(_json_str(where, "dtype", meta["dtype"]))
+    if dtype is None:
+        raise ValueError(f"{where}: dtype={meta['dtype']!r} is not one of {sorted(DTYPE_NAME.values())}")
+    return spec, shape, dtype
+
+
 def _need(sd, key):
     if key not in sd:
         raise ValueError(f"state dict lacks {key!r} (keys present: {sorted(sd)[:12]})")
@@ -341,39 +380,70 @@ def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
     qs_keys = [k for k in state_dict if k.startswith(f"{p}.quant_state.bitsandbytes__")]
     if len(qs_keys) != 1:
         raise ValueError(f"expected exactly one '{p}.quant_state.bitsandbytes__nf4|fp4' entry, found {qs_keys}")
+    where = qs_keys[0]
+    raw = _need(state_dict, where)
+    if raw.dtype != torch.uint8:  # bytes of JSON; a cast would turn 123.7 into 123
+        raise TypeError(f"{where}.dtype={raw.dtype}: a bitsandbytes quant state is uint8 bytes of JSON")
     try:
-        state = json.loads(bytes(_need(state_dict, qs_keys[0]).to(torch.uint8).tolist()).decode("utf-8"))
-        fmt, block = state["quant_type"], int(state["blocksize"])
-        shape, dtype_name = [int(s) for s in state["shape"]], state["dtype"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{qs_keys[0]} is not a valid bitsandbytes quant state: {e}") from None
-    if fmt not in ("nf4", "fp4") or not qs_keys[0].endswith(fmt):
-        raise ValueError(f"quant_type={fmt!r} does not match key {qs_keys[0]!r}")
+        state = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not a valid bitsandbytes quant state: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} is not a valid bitsandbytes quant state: a JSON {type(state).__name__}, not an object")
+    missing = [k for k in ("quant_type", "blocksize", "shape", "dtype") if k not in state]
+    if missing:
+        raise ValueError(f"{where} is not a valid bitsandbytes quant state: it lacks {missing}")
+    fmt = _json_str(where, "quant_type", state["quant_type"])
+    if fmt not in ("nf4", "fp4") or not where.endswith(fmt):
+        raise ValueError(f"quant_type={fmt!r} does not match key {where!r}")
+    block = _json_int(where, "blocksize", state["blocksize"])
+    shape = _json_shape(where, "shape", state["shape"])
+    dtype_name = _json_str(where, "dtype", state["dtype"])
     dtype = {v: k for k, v in DTYPE_NAME.items()}.get(dtype_name)
     if dtype is None:
-        raise ValueError(f"dtype={dtype_name!r} in {qs_keys[0]} is not float32/bfloat16/float16")
-    if len(shape) != 2:
-        raise ValueError(f"shape={shape} in {qs_keys[0]}: lowbit stores 2-D weights (N, K)")
+        raise ValueError(f"dtype={dtype_name!r} in {where} is not float32/bfloat16/float16")
     quant_map = _need(state_dict, f"{p}.quant_map")
     expected = torch.tensor(NF4 if fmt == "nf4" else FP4, dtype=torch.float32)
-    if not torch.equal(quant_map.float().cpu(), expected):
+    if quant_map.shape != expected.shape or not torch.equal(quant_map.float().cpu(), expected):
         raise ValueError(f"{p}.quant_map is not the standard {fmt} table; custom maps are not supported")
-    codes = packed.contiguous().view(torch.uint8).reshape(-1)
+    # quant_storage: bitsandbytes packs the bytes into uint8 or a float dtype; the bytes are reinterpreted,
+    # never converted (an int64 or bool tensor is not packed data: converting it would invent codes)
+    if packed.dtype not in (torch.uint8, torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{p}.dtype={packed.dtype}: packed 4-bit weights are stored as uint8, bfloat16, "
+                        f"float16 or float32")
+    n_bytes = packed.numel() * packed.element_size()
+    if n_bytes * 2 != shape[0] * shape[1]:
+        raise ValueError(f"{p} holds {n_bytes} bytes; shape={shape} at 4 bits needs {shape[0] * shape[1] // 2}")
+    codes = packed.contiguous().reshape(-1).view(torch.uint8)
     spec_dq = "nested_offset" in state or f"{p}.nested_absmax" in state_dict
     absmax = _need(state_dict, f"{p}.absmax")
-    if not spec_dq and absmax.dtype != torch.float32:
-        raise TypeError(f"{p}.absmax.dtype={absmax.dtype}: expected float32 (or uint8 with nested_* entries)")
-    if spec_dq:
-        nested = _need(state_dict, f"{p}.nested_absmax").float()
-        if int(state.get("nested_blocksize", -1)) != NESTED_BLOCK:
-            raise ValueError(f"nested_blocksize={state.get('nested_blocksize')} is not supported (lowbit uses {NESTED_BLOCK})")
-        nmap = _need(state_dict, f"{p}.nested_quant_map")
-        if not torch.equal(nmap.float().cpu(), dynamic_map(True)):
-            raise ValueError(f"{p}.nested_quant_map is not the signed 8-bit dynamic map")
-        if "nested_offset" not in state:
-            raise ValueError(f"{qs_keys[0]} lacks nested_offset")
-        offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32, device=codes.device)
-        return QuantizedTensor(QuantSpec(fmt, block, True), shape, dtype, codes,
-                               scale_q=absmax.reshape(-1).to(torch.uint8), scale_nested=nested.reshape(-1),
-                               scale_offset=offset)
-    return QuantizedTensor(QuantSpec(fmt, block, False), shape, dtype, codes, scale=absmax.float().reshape(-1))
+    if not spec_dq:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"{p}.absmax.dtype={absmax.dtype}: expected float32 (or uint8 with nested_* entries)")
+        return QuantizedTensor(QuantSpec(fmt, block, False), shape, dtype, codes, scale=absmax.reshape(-1))
+    # double quant: absmax holds 8-bit codes into the nested map; a float absmax cast to uint8 would
+    # truncate (2.7 -> 2) and load other numbers
+    if absmax.dtype != torch.uint8:
+        raise TypeError(f"{p}.absmax.dtype={absmax.dtype}: with nested_* entries (double quant) it must be uint8")
+    nested = _need(state_dict, f"{p}.nested_absmax")
+    if nested.dtype != torch.float32:
+        raise TypeError(f"{p}.nested_absmax.dtype={nested.dtype}: expected float32")
+    nested_block = state.get("nested_blocksize")
+    if isinstance(nested_block, bool) or not isinstance(nested_block, int) or nested_block != NESTED_BLOCK:
+        raise ValueError(f"nested_blocksize={nested_block!r} in {where} is not supported (lowbit uses {NESTED_BLOCK})")
+    if state.get("nested_dtype", "float32") != "float32":
+        raise ValueError(f"nested_dtype={state['nested_dtype']!r} in {where}: only float32 nested statistics are supported")
+    nmap = _need(state_dict, f"{p}.nested_quant_map")
+    if nmap.shape != (256,) or not torch.equal(nmap.float().cpu(), dynamic_map(True)):
+        raise ValueError(f"{p}.nested_quant_map is not the signed 8-bit dynamic map")
+    if "nested_offset" not in state:
+        raise ValueError(f"{where} lacks nested_offset")
+    off = state["nested_offset"]
+    if isinstance(off, bool) or not isinstance(off, (int, float)):
+        raise TypeError(f"{where}: nested_offset={off!r} must be a number, got {type(off).__name__}")
+    # fp32 like bitsandbytes' QuantState.from_dict; a finite double beyond fp32's range becomes inf
+    offset = torch.tensor(float(off), dtype=torch.float32, device=codes.device)
+    if not torch.isfinite(offset):
+        raise ValueError(f"{where}: nested_offset={off!r} is not a finite float32")
+    return QuantizedTensor(QuantSpec(fmt, block, True), shape, dtype, codes,
+                           scale_q=absmax.reshape(-1), scale_nested=nested.reshape(-1), scale_offset=offset)

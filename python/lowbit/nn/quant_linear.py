@@ -8,11 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec
+from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec, parse_metadata
 from ..functional import linear
 from ..ops import quantize
 
-_DTYPES = {v: k for k, v in DTYPE_NAME.items()}
 _COMPONENTS = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")
 
 
@@ -91,15 +90,69 @@ class QuantLinear(nn.Module):
         return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
+        self.weight_dtype = self._read_extra_state(state)
+
+    def _read_extra_state(self, state) -> torch.dtype:
+        """Validate the saved format description against this layer; return the weight's dtype."""
         try:
             meta = json.loads(bytes(state.tolist()).decode()) if isinstance(state, torch.Tensor) else dict(state)
         except (ValueError, TypeError) as e:
             raise ValueError(f"QuantLinear extra state is corrupt: {e}") from None
-        spec = QuantSpec(meta["fmt"], int(meta["block_size"]), bool(meta["double_quant"]))
-        if spec != self.spec or list(meta["shape"]) != [self.out_features, self.in_features]:
-            raise ValueError(f"state dict holds a {meta['shape']} {spec} weight; this layer is "
+        spec, shape, dtype = parse_metadata(meta, "QuantLinear extra state")
+        if spec != self.spec or shape != [self.out_features, self.in_features]:
+            raise ValueError(f"state dict holds a {shape} {spec} weight; this layer is "
                              f"[{self.out_features}, {self.in_features}] {self.spec}")
-        self.weight_dtype = _DTYPES[meta["dtype"]]
+        return dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Transactional: the whole incoming weight (extra state + every component) is validated by building
+        # the new QuantizedTensor, and the bias is checked, before anything of this layer is assigned. nn.Module's
+        # default copies buffer by buffer and fails half way (new codes beside old scales).
+        extra_key = prefix + "_extra_state"
+        dtype = self._read_extra_state(state_dict[extra_key]) if extra_key in state_dict else self.weight_dtype
+        names = [n for n in _COMPONENTS if self._buffers.get(n) is not None]
+        keys = {n: prefix + n for n in names}
+        present = [n for n in names if keys[n] in state_dict]
+        if present and len(present) != len(names):
+            raise ValueError(f"state dict has {[keys[n] for n in present]} but lacks "
+                             f"{[keys[n] for n in names if n not in present]}: a quantized weight loads whole or not at all")
+        new = None
+        if present:
+            for n in names:
+                if not isinstance(state_dict[keys[n]], torch.Tensor):
+                    raise TypeError(f"state dict entry {keys[n]!r} must be a tensor, got {type(state_dict[keys[n]]).__name__}")
+            new = QuantizedTensor(self.spec, (self.out_features, self.in_features), dtype,
+                                  **{n: state_dict[keys[n]] for n in names})
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None and (
+                not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,)):
+            raise ValueError(f"state dict entry {prefix + 'bias'!r} must be a tensor of shape ({self.out_features},), "
+                             f"got {tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        own = set(keys.values()) | {extra_key}
+        if strict:  # nn.Module.load_state_dict always passes True here and filters missing keys itself
+            missing_keys.extend(k for k in [*keys.values(), extra_key] if k not in state_dict)
+        # the bias (and unexpected-key bookkeeping) by nn.Module, with the weight's buffers hidden from it
+        saved = {n: self._buffers.pop(n) for n in _COMPONENTS if n in self._buffers}
+        n_errors, n_missing = len(error_msgs), len(missing_keys)
+        try:
+            super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in own}, prefix,
+                                          local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        finally:
+            self._buffers.update(saved)
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k not in own]  # hidden above, not missing
+        if new is None or len(error_msgs) != n_errors:
+            return
+        comps = new.components()
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        with torch.no_grad():
+            for n in names:
+                t = comps[n].reshape(self._buffers[n].shape)
+                if assign:
+                    self._buffers[n] = t.contiguous()
+                else:
+                    self._buffers[n].copy_(t)
+        self.weight_dtype = dtype
 
     def _apply(self, fn, recurse=True):
         # Quantized components only change device, never dtype (model.half() must not cast scales).
