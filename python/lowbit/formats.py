@@ -129,6 +129,22 @@ class QuantSpec:
 _COMPONENTS = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")
 
 
+def check_storage(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor whose storage does not hold the elements its view spans (a storage shrunk
+    with ``untyped_storage().resize_()`` after the view was made): native code would read past it."""
+    if not t.numel() or t.device.type == "meta" or torch.compiler.is_compiling():
+        return  # under torch.compile the ops' kernel door checks the real tensors at run time
+    if t.is_contiguous():
+        span = t.numel()
+    else:  # the furthest element a strided view reaches (strides are never negative in torch)
+        span = 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+    need = (t.storage_offset() + span) * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if have < need:
+        raise ValueError(f"{name} spans {need} bytes of its storage but the storage holds {have} "
+                         f"(shape {tuple(t.shape)}, strides {t.stride()}, offset {t.storage_offset()})")
+
+
 class QuantizedTensor:
     """A weight of shape ``(N, K)`` in a low-bit format (see the module docstring for the layout).
 
@@ -143,12 +159,30 @@ class QuantizedTensor:
                  scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
                  scale_q: Optional[torch.Tensor] = None, scale_nested: Optional[torch.Tensor] = None,
                  scale_offset: Optional[torch.Tensor] = None):
-        self.spec = spec
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
-        self.codes, self.scale, self.zero = codes, scale, zero
-        self.scale_q, self.scale_nested, self.scale_offset = scale_q, scale_nested, scale_offset
+        # Immutable once built (issue 14, finding 4): _check's guarantees (sizes, dtypes, dense
+        # buffers) are what the kernels rely on, so nothing may replace a component afterwards.
+        # The constructor is the only writer; derive a new weight with QuantizedTensor(...)/.to/.clone.
+        init = object.__setattr__
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
+        init(self, "spec", spec)
+        init(self, "shape", torch.Size(shape))
+        init(self, "dtype", dtype)
+        for name, t in zip(_COMPONENTS, (codes, scale, zero, scale_q, scale_nested, scale_offset)):
+            init(self, name, t)
         self._check()
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"QuantizedTensor is immutable: cannot set {name!r} (build a new weight with "
+                             f"QuantizedTensor(...), .to() or .clone())")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"QuantizedTensor is immutable: cannot delete {name!r}")
+
+    def __reduce__(self):
+        # copy / deepcopy / pickle rebuild through the constructor, so a loaded weight is validated
+        return (QuantizedTensor, (self.spec, tuple(self.shape), self.dtype, self.codes, self.scale, self.zero,
+                                  self.scale_q, self.scale_nested, self.scale_offset))
 
     # ---- metadata
     @property
@@ -189,7 +223,7 @@ class QuantizedTensor:
         if self.dtype not in DTYPE_ID:
             raise TypeError(f"dtype={self.dtype} must be one of {list(DTYPE_ID)}")
 
-        def need(name, t, dtype, numel):
+        def need(name, t, dtype, numel, shape=None):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name} is missing (got {type(t).__name__})")
             if t.dtype != dtype:
@@ -199,23 +233,28 @@ class QuantizedTensor:
                                  f"{tuple(self.shape)}, fmt={spec.fmt!r}, block_size={spec.block_size}")
             if t.device != self.codes.device:
                 raise ValueError(f"{name} is on {t.device} but codes are on {self.codes.device}")
+            check_storage(name, t)
+            # Dense buffers only (issue 14, finding 1): the kernels index every component as a
+            # contiguous array, and checkpoints (from_bnb, load_state_dict) come with views: a
+            # transposed or strided view is copied, a stride-0 expand becomes a real buffer.
+            t = t.reshape(shape) if shape is not None else t
+            object.__setattr__(self, name, t if t.is_contiguous() else t.contiguous())
 
-        need("codes", self.codes, torch.uint8, n * spec.bits // 8)
-        # canonical shapes (views: free); bitsandbytes stores codes as (n/2, 1), offsets as 0-d
-        self.codes = self.codes.reshape(self.shape[0], self.shape[1] * spec.bits // 8)
+        # canonical shapes: codes (N, K*bits/8), per-block statistics 1-D, offset 0-d (bitsandbytes
+        # stores codes as (n/2, 1), offsets as 0-d)
+        need("codes", self.codes, torch.uint8, n * spec.bits // 8, (self.shape[0], self.shape[1] * spec.bits // 8))
         if spec.double_quant:
-            need("scale_q", self.scale_q, torch.uint8, nb)
-            need("scale_nested", self.scale_nested, torch.float32, -(-nb // NESTED_BLOCK))
-            need("scale_offset", self.scale_offset, torch.float32, 1)
-            self.scale_offset = self.scale_offset.reshape(())
+            need("scale_q", self.scale_q, torch.uint8, nb, (nb,))
+            need("scale_nested", self.scale_nested, torch.float32, -(-nb // NESTED_BLOCK), (-1,))
+            need("scale_offset", self.scale_offset, torch.float32, 1, ())
             if self.scale is not None:
                 raise ValueError("scale must be None when double_quant=True (it lives in scale_q)")
         else:
-            need("scale", self.scale, torch.float32, nb)
+            need("scale", self.scale, torch.float32, nb, (nb,))
             if self.scale_q is not None or self.scale_nested is not None:
                 raise ValueError("scale_q/scale_nested given but double_quant=False")
         if spec.fmt in ("int4", "int2"):
-            need("zero", self.zero, torch.float32, nb)
+            need("zero", self.zero, torch.float32, nb, (nb,))
         elif self.zero is not None:
             raise ValueError(f"zero given for fmt={spec.fmt!r} (only int formats have a zero point)")
 

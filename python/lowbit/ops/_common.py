@@ -12,16 +12,63 @@ from typing import Optional
 import torch
 
 from .._native import backend_for, call, module
-from ..formats import DTYPE_ID, QuantizedTensor, QuantSpec
+from ..formats import DTYPE_ID, QuantizedTensor, QuantSpec, check_storage
 
 FLOAT_DTYPES = tuple(DTYPE_ID)
 
 __all__ = ["FLOAT_DTYPES", "backend_for", "call", "has_kernel", "ptr", "check_tensor", "check_finite",
-           "weight_args", "qt_from_args", "tracing"]
+           "weight_args", "qt_from_args", "tracing", "dense", "dense_out", "dense_weight"]
 
 
 def ptr(t: Optional[torch.Tensor]) -> int:
+    """The address native code gets; only of tensors that went through :func:`dense` / :func:`dense_out`
+    / :func:`dense_weight` (the kernel door)."""
     return 0 if t is None else t.data_ptr()
+
+
+# ---- the kernel door (issue 14, findings 1 and 2): every tensor whose data_ptr() goes to native code
+# passes one of these three right before the call. Kernels index their arguments as dense arrays of a
+# known dtype and length, so that is what is checked here, whoever called the op (the public
+# functions, autograd, torch.ops.lowbit.* directly): an input view is copied (a stride-0 expand
+# becomes a real buffer), an output view is refused (a copy would lose the writes), and a storage
+# that does not hold the elements is refused.
+def _door(name: str, t, dtype, numel, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}.dtype={t.dtype}, the kernel reads {dtype}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements (shape {tuple(t.shape)}), the kernel reads {numel}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the kernel runs on {device}")
+    check_storage(name, t)
+    return t
+
+
+def dense(name: str, t: Optional[torch.Tensor], *, dtype=None, numel=None, device=None) -> Optional[torch.Tensor]:
+    """An input for native code: checked, made contiguous (keep the result alive across the call)."""
+    if t is None:
+        return None
+    t = _door(name, t, dtype, numel, device)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def dense_out(name: str, t: torch.Tensor, *, dtype=None, numel=None, device=None) -> torch.Tensor:
+    """An output native code writes: checked, and contiguous or refused."""
+    t = _door(name, t, dtype, numel, device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+    return t
+
+
+def dense_weight(w, n: int, k: int, block: int, fmt: str, device: torch.device) -> tuple:
+    """The weight's components (``weight_args`` order) for native code: rebuilt as a QuantizedTensor,
+    whose constructor checks format, block, dtypes, lengths and storage against (n, k) and makes
+    every component dense, so no stale or foreign component reaches a kernel."""
+    qt = qt_from_args(*w, n, k, block, fmt, torch.float32)
+    if qt.device != device:
+        raise ValueError(f"the weight is on {qt.device}, the kernel runs on {device}")
+    return weight_args(qt)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,16 +14,24 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
-from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, ptr, qt_from_args, tracing, weight_args
+from ._common import (FLOAT_DTYPES, backend_for, call, check_tensor, dense, dense_out, dense_weight, ptr, qt_from_args,
+                      tracing, weight_args)
 
 __all__ = ["gemm", "gemm_t", "gemm_op", "gemm_t_op", "native_gemm", "check_gemm_operands", "resolve_backend"]
 
 
 def native_gemm(fn: str, be: str, a: torch.Tensor, out: torch.Tensor, bias, w, n, k, block, fmt) -> None:
-    """The ``gemm`` / ``gemm_t`` kernel of backend ``be`` on contiguous a (M, ·) into out (M, ·);
-    w = the weight's component tensors (``weight_args``)."""
-    codes, scale, zero, scale_q, scale_nested, scale_offset = w
-    m = a.numel() // a.shape[-1]
+    """The ``gemm`` / ``gemm_t`` kernel of backend ``be`` on a (M, ·) into out (M, ·); w = the weight's
+    component tensors (``weight_args``). Every pointer passes the kernel door (``_common.dense*``)."""
+    inner, outer = (k, n) if fn == "gemm" else (n, k)
+    if a.dtype not in DTYPE_ID or a.dim() != 2 or a.shape[1] != inner:
+        raise ValueError(f"{fn}: the input must be a (M, {inner}) fp32/bf16/fp16 matrix, got "
+                         f"{tuple(a.shape)} {a.dtype}")
+    m = a.shape[0]
+    a = dense("x" if fn == "gemm" else "gy", a)
+    out = dense_out("out", out, dtype=a.dtype, numel=m * outer, device=a.device)
+    bias = dense("bias", bias, dtype=a.dtype, numel=n, device=a.device)
+    codes, scale, zero, scale_q, scale_nested, scale_offset = dense_weight(w, n, k, block, fmt, a.device)
     args = [a.data_ptr(), out.data_ptr()]
     if fn == "gemm":
         args.append(ptr(bias))
@@ -138,8 +146,8 @@ def gemm(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = No
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=1)
         if bias.shape[0] != n or bias.device != x.device:
             raise ValueError(f"bias of shape {tuple(bias.shape)} on {bias.device} does not fit N={n} on {x.device}")
-        if bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+        # a view (strided, expanded) becomes a dense copy here; the op's door would copy it anyway
+        bias = bias.to(x.dtype).contiguous()
     lead = x.shape[:-1]
     y = gemm_op(x.reshape(-1, k).contiguous(), *weight_args(qt), bias, n, k, qt.block_size, qt.fmt, be)
     return y.reshape(*lead, n)

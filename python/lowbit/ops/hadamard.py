@@ -8,14 +8,19 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID
-from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, tracing
+from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, dense, dense_out, tracing
 
 __all__ = ["hadamard", "hadamard_op", "hadamard_native"]
 
 
 def hadamard_native(be: str, x: torch.Tensor, out: torch.Tensor, scale: float, transpose: bool) -> None:
-    """The kernel of backend ``be``: contiguous x (..., n) into out of the same shape and dtype."""
+    """The kernel of backend ``be``: x (..., n) into out of the same shape and dtype (both through the
+    kernel door: x copied if a view, out contiguous or refused)."""
     n = x.shape[-1]
+    if x.dtype not in DTYPE_ID:
+        raise TypeError(f"x.dtype={x.dtype}: the hadamard kernels take fp32/bf16/fp16")
+    x = dense("x", x)
+    out = dense_out("out", out, dtype=x.dtype, numel=x.numel(), device=x.device)
     call(be, "hadamard", x.data_ptr(), out.data_ptr(), DTYPE_ID[x.dtype], x.numel() // n, n, float(scale),
          bool(transpose))
 

@@ -13,7 +13,8 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
-from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, has_kernel, ptr, qt_from_args, weight_args
+from ._common import (FLOAT_DTYPES, backend_for, call, check_tensor, dense, dense_out, dense_weight, has_kernel, ptr,
+                      qt_from_args, weight_args)
 from .gemm import check_gemm_operands, gemm_t_op, native_gemm, resolve_backend
 
 __all__ = ["lowrank", "lowrank_op", "lowrank_inference", "MAX_RANK"]
@@ -23,13 +24,25 @@ MAX_RANK = 256  # the fused kernels keep x·Aᵀ of one row in registers / share
 
 def _native_lowrank(be: str, x: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, bias, w, a: torch.Tensor,
                     b: torch.Tensor, s: float, n: int, k: int, block: int, fmt: str) -> None:
-    """The fused lowrank kernel of backend ``be`` on contiguous x (M, K), y (M, N), xa (M, r), A, B
-    in x's dtype; w = the weight's component tensors (``weight_args``)."""
-    codes, scale, zero, scale_q, scale_nested, scale_offset = w
-    call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), ptr(bias), DTYPE_ID[x.dtype], x.shape[0], n, k,
+    """The fused lowrank kernel of backend ``be`` on x (M, K), y (M, N), xa (M, r), A (r, K), B (N, r)
+    in x's dtype; w = the weight's component tensors (``weight_args``). Every pointer passes the kernel
+    door (``_common.dense*``)."""
+    if x.dtype not in DTYPE_ID or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"lowrank: x must be a (M, {k}) fp32/bf16/fp16 matrix, got {tuple(x.shape)} {x.dtype}")
+    if a.dim() != 2 or not 1 <= a.shape[0] <= MAX_RANK:
+        raise ValueError(f"lowrank: lora_A must be (r, {k}) with 1 <= r <= {MAX_RANK}, got {tuple(a.shape)}")
+    m, r, dev = x.shape[0], a.shape[0], x.device
+    x = dense("x", x)
+    y = dense_out("y", y, dtype=x.dtype, numel=m * n, device=dev)
+    xa = dense_out("xa", xa, dtype=x.dtype, numel=m * r, device=dev)
+    bias = dense("bias", bias, dtype=x.dtype, numel=n, device=dev)
+    a = dense("lora_A", a, dtype=x.dtype, numel=r * k, device=dev)
+    b = dense("lora_B", b, dtype=x.dtype, numel=n * r, device=dev)
+    codes, scale, zero, scale_q, scale_nested, scale_offset = dense_weight(w, n, k, block, fmt, dev)
+    call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), ptr(bias), DTYPE_ID[x.dtype], m, n, k,
          codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q), ptr(scale_nested),
          float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt], a.data_ptr(), b.data_ptr(),
-         a.shape[0], float(s))
+         r, float(s))
 
 
 @torch.library.custom_op("lowbit::lowrank", mutates_args=())
@@ -120,7 +133,7 @@ def lowrank(x: torch.Tensor, qt: QuantizedTensor, a: torch.Tensor, b: torch.Tens
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=1)
         if bias.shape[0] != n:
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit N={n}")
-        bias = bias.to(x.dtype)
+        bias = bias.to(x.dtype).contiguous()  # a view becomes a dense copy (the door would copy it anyway)
     lead = x.shape[:-1]
     # the kernels read A and B in x's dtype (autograd casts their gradients back)
     a, b = a.to(x.dtype).contiguous(), b.to(x.dtype).contiguous()

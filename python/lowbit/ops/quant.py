@@ -7,13 +7,15 @@ torch.compile sees), so the format layer needs no import of this module.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID, FMT_ID, QuantizedTensor, QuantSpec
-from ._common import FLOAT_DTYPES, backend_for, call, check_finite, check_tensor, ptr, qt_from_args
+from ._common import (FLOAT_DTYPES, backend_for, call, check_finite, check_tensor, dense, dense_out, dense_weight, ptr,
+                      qt_from_args)
 
 __all__ = ["quantize", "dequantize", "quantize8", "dequantize8"]
 
@@ -37,6 +39,7 @@ def quantize(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, double_qua
         codes = torch.empty(n, k * spec.bits // 8, dtype=torch.uint8, device=w.device)
         scale = torch.empty(nb, dtype=torch.float32, device=w.device)
         zero = torch.empty(nb, dtype=torch.float32, device=w.device) if spec.fmt in ("int4", "int2") else None
+        w = dense("w", w)  # the kernel door (outputs above are fresh dense buffers)
         call(be, "quantize", w.data_ptr(), DTYPE_ID[w.dtype], w.numel(), spec.block_size, FMT_ID[spec.fmt],
              codes.data_ptr(), scale.data_ptr(), ptr(zero))
     if not spec.double_quant:
@@ -74,7 +77,8 @@ def _dequantize_to(out: torch.Tensor, w, n: int, k: int, block: int, fmt: str) -
     if be == "reference":
         out.copy_(ref.dequantize_qt_ref(qt_from_args(*w, n, k, block, fmt, out.dtype), out.dtype))
         return
-    codes, scale, zero, scale_q, scale_nested, scale_offset = (None if t is None else t.contiguous() for t in w)
+    codes, scale, zero, scale_q, scale_nested, scale_offset = dense_weight(w, n, k, block, fmt, out.device)
+    out = dense_out("out", out, dtype=out.dtype, numel=n * k)
     call(be, "dequantize", codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q), ptr(scale_nested),
          float(scale_offset) if scale_offset is not None else 0.0,
          out.data_ptr(), DTYPE_ID[out.dtype], out.numel(), block, FMT_ID[fmt])
@@ -123,14 +127,39 @@ def _(out, codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block,
     return None
 
 
-def _offset(offset) -> float:
-    return float(offset.item()) if isinstance(offset, torch.Tensor) else float(offset)
+MAX_BLOCK8 = 2 ** 31 - 1  # the kernels' Quantize8Params::block is an int32
+
+
+def _check8(numel: int, block, signed, offset) -> tuple[int, float]:
+    """Validate the 8-bit quantizer's arguments (issue 14, finding 6: block=-10 crashed the kernels,
+    block=0 divided by zero). Returns (the block to run, offset as a float). Any block in
+    [1, 2**31 - 1] is accepted; one larger than the tensor means a single block, so the block run is
+    ``min(block, numel)``: the same result without sizing anything by ``block`` (the reference used to
+    pad the input to 2**31 elements for ``block=2**31``)."""
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"block={block!r} must be an int")
+    if not 1 <= block <= MAX_BLOCK8:
+        raise ValueError(f"block={block} must be in [1, {MAX_BLOCK8}]")
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed={signed!r} must be a bool")
+    if isinstance(offset, torch.Tensor):
+        if offset.numel() != 1 or not (offset.dtype.is_floating_point or offset.dtype == torch.int64):
+            raise TypeError(f"offset must be a real number or a one-element float tensor, got a tensor of shape "
+                            f"{tuple(offset.shape)} {offset.dtype}")
+        offset = offset.item()
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"offset={offset!r} must be a real number")
+    off = float(offset)
+    if not math.isfinite(off) or not math.isfinite(float(torch.tensor(off, dtype=torch.float32))):
+        raise ValueError(f"offset={offset!r} must be finite in fp32")
+    return min(block, max(numel, 1)), off
 
 
 def _quantize8(be: str, x: torch.Tensor, block: int, signed: bool, off: float):
-    """:func:`quantize8` on backend ``be`` for a flat contiguous fp32 x (already validated)."""
+    """:func:`quantize8` on backend ``be`` for a flat fp32 x (already validated)."""
     if be == "reference":
         return ref.quantize8_ref(x, block, signed, off)
+    x = dense("x", x, dtype=torch.float32)
     q = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-x.numel() // block), dtype=torch.float32, device=x.device)
     call(be, "quantize8", x.data_ptr(), x.numel(), block, bool(signed), off, q.data_ptr(), absmax.data_ptr())
@@ -138,26 +167,29 @@ def _quantize8(be: str, x: torch.Tensor, block: int, signed: bool, off: float):
 
 
 def quantize8(x: torch.Tensor, block: int = 256, signed: bool = True, offset=0.0):
-    """Blockwise 8-bit dynamic quantization of a flat fp32 tensor: returns ``(q uint8, absmax fp32)``."""
+    """Blockwise 8-bit dynamic quantization of a flat fp32 tensor: returns ``(q uint8, absmax fp32)``.
+    ``block`` in [1, 2**31 - 1] (one larger than x is one block), ``signed`` a bool, ``offset`` a finite
+    real number (or a one-element tensor)."""
     check_tensor("x", x, dtypes=(torch.float32,))
-    if not isinstance(block, int) or block <= 0:
-        raise ValueError(f"block={block!r} must be a positive int")
+    block, off = _check8(x.numel(), block, signed, offset)
     x = x.detach().reshape(-1).contiguous()
-    return _quantize8(backend_for(x), x, block, signed, _offset(offset))
+    return _quantize8(backend_for(x), x, block, signed, off)
 
 
 def dequantize8(q: torch.Tensor, absmax: torch.Tensor, block: int = 256, signed: bool = True, offset=0.0):
-    """Inverse of :func:`quantize8`: ``map[q] * absmax[i // block] + offset`` in fp32."""
+    """Inverse of :func:`quantize8`: ``map[q] * absmax[i // block] + offset`` in fp32 (same argument rules)."""
     check_tensor("q", q, dtypes=(torch.uint8,))
     check_tensor("absmax", absmax, dtypes=(torch.float32,))
+    block, off = _check8(q.numel(), block, signed, offset)
     if absmax.numel() != -(-q.numel() // block):
         raise ValueError(f"absmax has {absmax.numel()} entries, expected {-(-q.numel() // block)} "
                          f"for {q.numel()} codes in blocks of {block}")
-    off = _offset(offset)
-    q, absmax = q.reshape(-1).contiguous(), absmax.contiguous()
+    if absmax.device != q.device:
+        raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}")
     be = backend_for(q)
     if be == "reference":
-        return ref.dequantize8_ref(q, absmax, block, signed, off)
+        return ref.dequantize8_ref(q.reshape(-1), absmax.reshape(-1), block, signed, off)
+    q, absmax = dense("q", q.reshape(-1)), dense("absmax", absmax.reshape(-1))
     out = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
     call(be, "dequantize8", q.data_ptr(), absmax.data_ptr(), q.numel(), block, bool(signed), off, out.data_ptr())
     return out
