@@ -287,3 +287,22 @@ def test_f6_large_valid_block_still_works(be):
     assert absmax.numel() == 1
     y = ops.dequantize8(q, absmax, block=4096)
     assert (y - x).abs().max() <= x.abs().max() * 0.02
+
+
+def test_f1_qwha_inference_reads_csr_views_by_their_strides():
+    """The QWHA decode entry point (HadamardAdapterLinear's fast path) hands values / crow / cols /
+    y to native code: a strided values view is read by its strides, like every other kernel input."""
+    from lowbit.ops.qwha import qwha_inference
+
+    require_backend("cpu")
+    k, n_out = 8, 4
+    crow = torch.tensor([0, 2, 3, 5, 6], dtype=torch.int32)
+    cols = torch.tensor([0, 5, 3, 1, 7, 2], dtype=torch.int32)
+    values = torch.randn(12)[::2]  # strided: a contiguous read would take the wrong numbers
+    x = torch.randn(3, k)
+    y = torch.zeros(3, n_out)
+    assert qwha_inference(x, y, values, crow, cols, n_out, 0.5)
+    f = torch.sparse_csr_tensor(crow.long(), cols.long(), values.contiguous(), (n_out, k)).to_dense().double()
+    with lowbit.use_backend("reference"):
+        z = lowbit.hadamard(x.double(), 1.0 / k)
+    torch.testing.assert_close(y.double(), 0.5 * z @ f.T, rtol=1e-5, atol=1e-6)

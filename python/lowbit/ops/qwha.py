@@ -16,7 +16,7 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID
-from ._common import backend_for, call, has_kernel
+from ._common import backend_for, call, dense, dense_out, has_kernel
 from .hadamard import hadamard_op
 
 __all__ = ["adapter_hadamard_factors", "adapter_hadamard", "qwha_spmm", "qwha_spmm_backward", "qwha_inference"]
@@ -201,6 +201,11 @@ def qwha_inference(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, crow:
         return False
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
+    # the kernel door (issue 14, finding 1): the CSR operands are read as dense arrays of these lengths
+    values = dense("values", values, dtype=torch.float32, device=x.device)
+    crow = dense("crow", crow, dtype=torch.int32, numel=n_out + 1, device=x.device)
+    cols = dense("cols", cols, dtype=torch.int32, numel=values.numel(), device=x.device)
+    y = dense_out("y", y, dtype=torch.float32, numel=x2.shape[0] * n_out, device=x.device)
     z = torch.empty_like(x2)
     call("cpu", "hadamard", x2.data_ptr(), z.data_ptr(), DTYPE_ID[torch.float32], x2.shape[0], k, 1.0 / k, False)
     call("cpu", "qwha_spmm", z.data_ptr(), values.data_ptr(), crow.data_ptr(), cols.data_ptr(),
