@@ -37,8 +37,9 @@ def be(request):
 def _isolated(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (a crash is a failed return code, not a dead test session)."""
     env = dict(os.environ)
-    root = os.path.join(os.path.dirname(__file__), "..", "python")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(root), env.get("PYTHONPATH", "")])
+    # the lowbit this session imported (a checkout's python/ in development, site-packages in CI)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=120)
 
