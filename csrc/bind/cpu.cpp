@@ -66,10 +66,16 @@ PYBIND11_MODULE(_C, m) {
   const py::call_guard<py::gil_scoped_release> nogil;
 
   m.def("cpu_path", &cpu::cpu_path,
-        "'avx512' (the AVX2 kernels + the AVX-512 VNNI int16 kernels), 'avx2' (AVX2+FMA+F16C) or 'portable'");
+        "the CPU path in use: 'amx', 'avx512bf16', 'avx512', 'avx2', 'portable' or 'amx-emulated' "
+        "(csrc/cpu/dispatch.cpp)");
   m.def("set_cpu_path", &cpu::set_cpu_path, arg("path"),
-        "Force 'avx512', 'avx2', 'portable' or 'auto' (the best available; tests use it to check every path); "
+        "Force one of available_cpu_paths() or 'auto' (the best available; tests use it to check every path); "
         "returns the path in use");
+  m.def("available_cpu_paths", &cpu::available_cpu_paths, "the paths this CPU and build can run");
+  m.def("amx_status", &cpu::amx_unavailable_reason, "'' when AMX tiles run in this process, else why not");
+  m.def("matmul_precision", [] { return int(cpu::matmul_precision()); },
+        "the precision policy: 0 highest, 1 high, 2 medium (lowbit.get_matmul_precision)");
+  m.def("set_matmul_precision", [](int p) { cpu::set_matmul_precision(Precision(p)); }, arg("precision"));
   m.def("num_threads", &cpu::num_threads);
   m.def("tables", &tables, "the code tables and block-size lists of include/lowbit/formats.h");
 

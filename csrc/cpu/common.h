@@ -6,18 +6,31 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "lowbit/formats.h"
+#include "lowbit/gemm.h"
 
 namespace lowbit::cpu {
 
-// dispatch.cpp. The path in use: 'avx512' when the CPU has AVX2+FMA+F16C and AVX-512 F/BW/VL/VNNI,
-// 'avx2' with the first set only, else (or when the ISA files were not built) 'portable'.
+// dispatch.cpp. The path in use, the best the CPU has unless forced: 'amx' (AMX-TILE/BF16 usable by
+// the process, + AVX-512 BF16), 'avx512bf16', 'avx512' (AVX-512 F/BW/VL/VNNI), 'avx2' (AVX2 + FMA +
+// F16C), 'portable' (or when the ISA files were not built); and 'amx-emulated' (forced only: the
+// 'avx2' path with the AMX kernels run on the tile emulator).
 std::string cpu_path();
 std::string set_cpu_path(const std::string& path);  // throws std::invalid_argument if not available
-bool use_avx2();    // the *_avx2.cpp kernels (the 'avx2' and 'avx512' paths)
+std::vector<std::string> available_cpu_paths();
+std::string amx_unavailable_reason();  // "" when AMX runs in this process
+bool use_avx2();    // the *_avx2.cpp kernels (every path but 'portable')
 bool use_avx512();  // the *_avx512.cpp kernels (the AVX-512 VNNI int16 GEMV and tile products)
+// The bf16 matrix engine of the path: vdpbf16ps ('avx512bf16'), AMX tiles ('amx'), or the AMX kernels
+// on the tile emulator ('amx-emulated'); none on the other paths.
+enum class Engine { none, avx512bf16, amx, amx_emulated };
+Engine bf16_engine();
 int num_threads();
+// The precision policy (lowbit.set_matmul_precision; the paths each level allows: docs/kernels.md).
+Precision matmul_precision();
+void set_matmul_precision(Precision p);
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }

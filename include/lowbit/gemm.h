@@ -17,6 +17,12 @@
 
 namespace lowbit {
 
+// The precision policy for fp32 activations (python: lowbit.set_matmul_precision; bounds in
+// docs/kernels.md): highest = fp32 accumulation error only; high = ≤ 2e-4 relative (int16 images);
+// medium = bf16 rounding (x may be rounded to bf16 and run on a bf16 matrix engine). bf16 activations
+// always compute as torch's bf16 matmul does; fp16 activations never drop below fp16-level error.
+enum class Precision : int32_t { highest = 0, high = 1, medium = 2 };
+
 struct GemmWeight {
   const uint8_t* codes;       // (n, k * bits / 8)
   const float* scale;         // (n * k / block,) or null when scale_q is given

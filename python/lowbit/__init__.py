@@ -23,7 +23,7 @@ from .convert import load_adapter, load_file, load_tensors, save_adapter, save_f
 from .formats import FORMATS, QuantizedTensor, QuantSpec, from_bnb, to_bnb
 from .functional import hadamard, linear, lora_linear
 from .model import add_adapters, add_lora, add_qwha, quantize_model
-from .ops import dequantize, quantize
+from .ops import dequantize, get_matmul_precision, matmul_precision, quantize, set_matmul_precision
 
 __version__ = "0.1.0"
 

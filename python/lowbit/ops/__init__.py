@@ -18,6 +18,7 @@ from ._common import backend_for, check_finite, check_tensor, has_kernel, weight
 from ..formats import GEMM_BLOCKS
 from .gemm import gemm, gemm_op, gemm_t, gemm_t_op
 from .hadamard import hadamard, hadamard_op
+from .precision import PRECISIONS, get_matmul_precision, matmul_precision, set_matmul_precision
 from .lowrank import lowrank, lowrank_inference, lowrank_op
 from .quant import dequantize, dequantize8, quantize, quantize8
 from .qwha import adapter_hadamard, adapter_hadamard_factors, qwha_inference, qwha_spmm, qwha_spmm_backward
@@ -26,4 +27,5 @@ from . import optim  # noqa: E402  (lowbit.ops.optim: the AdamW kernels, managed
 __all__ = ["quantize", "dequantize", "quantize8", "dequantize8", "gemm", "gemm_t", "gemm_op", "gemm_t_op", "GEMM_BLOCKS",
            "lowrank", "lowrank_op", "lowrank_inference", "hadamard", "hadamard_op", "adapter_hadamard",
            "adapter_hadamard_factors", "qwha_spmm", "qwha_spmm_backward", "qwha_inference", "optim",
+           "set_matmul_precision", "get_matmul_precision", "matmul_precision", "PRECISIONS",
            "backend_for", "has_kernel", "check_tensor", "check_finite", "weight_args"]
