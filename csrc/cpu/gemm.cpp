@@ -126,6 +126,17 @@ void gemm_t_portable(const GemmParams& p) {
 
 }  // namespace
 
+std::string gemm_route_name(DType dt, int64_t m, bool transposed) {
+#if LOWBIT_HAVE_AVX2_TU
+  if (use_avx2()) {
+    static const char* names[] = {"gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx", "amx_emulated"};
+    return names[int(gemm_route(dt, m, transposed))];
+  }
+#endif
+  (void)dt, (void)m, (void)transposed;
+  return "portable";
+}
+
 void gemm(const GemmParams& p) {
   check_gemm(p, "gemm");
   if (p.m == 0) return;
