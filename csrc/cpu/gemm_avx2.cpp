@@ -402,12 +402,25 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 //           tile ('avx512' and above) or the fp32 tile; medium — as high, but the bf16 engine above
 //           the GEMV's range where the path has one (x rounded to bf16);
 //   fp16 x: as fp32 under high (fp16-level error needs no more), the fp32 tile under highest.
+// Test hook (tests/test_gemm_engines.py): LOWBIT_GEMV_MAX_M=0 in the environment sends every M to the
+// tile kernels and engines, so they are tested at M = 1, 2, 3... too. Read per call (≈ 0.1 µs).
+// With a bf16 engine the GEMV keeps M ≤ kGemvEngineMaxM only: the engine's cost at small M is its panel
+// decode (≈ 1 cycle per weight once per call), the GEMV's grows with M (a pass per 8 rows). Zen 4,
+// 1 thread, 4096² nf4 + dq in L3, bf16 x, CPU-ms GEMV / engine: M = 4 2.5 / 4.8, M = 8 4.2 / 4.9,
+// M = 12 8.1 / 6.9, M = 16 8.5 / 7.2, M = 24 11.4 / ~9, M = 32 20.3 / 16.5.
+constexpr int64_t kGemvEngineMaxM = 8;
+inline int64_t gemv_max_m(bool engine) {
+  const char* e = std::getenv("LOWBIT_GEMV_MAX_M");
+  if (e && *e) return std::strtoll(e, nullptr, 10);
+  return engine ? kGemvEngineMaxM : kGemvPassMaxM;
+}
+
 Route gemm_route(DType dt, int64_t m, bool transposed) {
   const Engine e = bf16_engine();
   const Precision pr = matmul_precision();
   const bool engine = e != Engine::none && (dt == DType::bf16 || (dt == DType::f32 && pr == Precision::medium));
   const bool exact = dt != DType::bf16 && pr == Precision::highest;
-  if (!transposed && !exact && m <= kGemvPassMaxM) return Route::gemv_i16;
+  if (!transposed && !exact && m <= gemv_max_m(engine)) return Route::gemv_i16;
   if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
   if (dt == DType::bf16) return Route::tile_f32_bf16w;
   if (exact) return Route::tile_f32;

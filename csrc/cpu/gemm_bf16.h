@@ -54,9 +54,69 @@ struct RowSrc {
   int64_t rows = 0, cols = 0;  // outside this extent the source reads as zeros
 };
 
+#if defined(__AVX512BW__)
+// 16 fp32 → 16 bf16 (RNE, NaN stays NaN: the rule of float_to_bf16 / to_bf16x8).
+inline __m256i to_bf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// The AVX-512 decode of a quantized row: per block, the 16 (int2: 4) values a code can take are
+// computed once with the fp32 operations of cpu::dequantize and rounded to bf16 — a table of 16 bf16 —
+// then vpermw maps 32 codes to their bf16 values at once (≈ 7 instructions per 32 weights).
+inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, uint16_t* out) {
+  const int bits = fmt_bits(w.fmt);
+  const bool is_table = fmt_is_table(w.fmt);
+  const __m512 tab = _mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m4 = _mm512_set1_epi32(0xf), m2 = _mm512_set1_epi32(0x3);
+  const __m512i sh_a = _mm512_setr_epi32(6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2);
+  const __m512i sh_b = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  __m512i lut = _mm512_setzero_si512();
+  int64_t lut_block = -1;
+  // The panel decodes kKC columns of 16 rows at a time, so a row's codes arrive in short runs (128
+  // bytes at 4 bits) far apart in time: fetch the row's next run now (measured: the code loads were
+  // 25% of the engine's time at M = 8 without it).
+  const int64_t next = row * w.k + c0 + cv;
+  if (c0 + cv < w.k)
+    for (int o = 0; o < cv * bits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * bits / 8 + o), _MM_HINT_T0);
+  for (int i = 0; i < cv; i += 32) {
+    const int64_t e0 = row * w.k + c0 + i, b = e0 / w.block;
+    if (b != lut_block) {  // the block's 16 possible values, exactly as dequantize(bf16) makes them
+      const __m512 sc = _mm512_set1_ps(weight_scale(w, b));
+      const __m512 v = is_table ? _mm512_mul_ps(tab, sc) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(w.zero[b])), sc);
+      lut = _mm512_castsi256_si512(to_bf16x16(v));
+      lut_block = b;
+    }
+    __m512i idx;  // 16 dwords = 32 int16 code indices in element order (element 2p low, 2p + 1 high)
+    if (bits == 4) {  // byte j: element 2j in the high nibble
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + e0 / 2)));
+      idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, m4), 16));
+    } else {  // byte j: elements 4j..4j+3 in bits 7-6, 5-4, 3-2, 1-0; pair p from byte p / 2
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + e0 / 4));
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(q, q));
+      idx = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(d, sh_a), m2),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(d, sh_b), m2), 16));
+    }
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, lut));
+  }
+}
+#endif
+
 // Row `row`, columns [c0, c0 + cn) of src → bf16; c0 and cn multiples of 32.
 inline void src_row_bf16(const RowSrc& s, int64_t row, int64_t c0, int cn, uint16_t* out) {
   const int cv = row < s.rows ? int(std::clamp<int64_t>(s.cols - c0, 0, cn)) : 0;
+#if defined(__AVX512BW__)
+  if (s.w && cv > 0) {
+    row_bf16_lut(*s.w, row, c0, cv, out);
+    std::memset(out + cv, 0, sizeof(uint16_t) * size_t(cn - cv));
+    return;
+  }
+#endif
   if (s.w && cv > 0) {  // cv is a multiple of 32 (k % block == 0): each run of 32 lies in one block
     const GemmWeight& w = *s.w;
     const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
@@ -203,6 +263,10 @@ inline void store_rows(const float* c, int64_t ldc, int64_t mv, int nv, const vo
   }
 }
 
+// Packed x rows are kRowPad elements (64 bytes) longer than their data: with K a multiple of 2048
+// the rows of a micro-kernel's 8 (32) rows would otherwise all map to the same L1 sets.
+constexpr int64_t kRowPad = 32;
+
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 inline size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
@@ -213,9 +277,10 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
   const int r = lr ? lr->r : 0;
   const int64_t rp = round_up(r, 32);
   const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
+  const int64_t ldx = K + kRowPad;
   static thread_local AlignedBufT<uint16_t> x_buf, xa_buf;
-  uint16_t* xb = x_buf.get(size_t(mc * K));
-  uint16_t* xab = lr ? xa_buf.get(size_t(mc * rp)) : nullptr;
+  uint16_t* xb = x_buf.get(size_t(mc * ldx));
+  uint16_t* xab = lr ? xa_buf.get(size_t(mc * (rp + kRowPad))) : nullptr;
   RowSrc wsrc;
   wsrc.w = &p.w;
   wsrc.rows = N;
@@ -234,12 +299,12 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
       E::thread_init();
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < mp; ++m) {
-        if (m < mv) pack_row_bf16(p.x, p.dtype, K, m0 + m, K, K, xb + m * K);
-        else std::memset(xb + m * K, 0, sizeof(uint16_t) * size_t(K));
-        if (lr) std::memset(xab + m * rp, 0, sizeof(uint16_t) * size_t(rp));
+        if (m < mv) pack_row_bf16(p.x, p.dtype, K, m0 + m, K, K, xb + m * ldx);
+        else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(K));
+        if (lr) std::memset(xab + m * (rp + kRowPad), 0, sizeof(uint16_t) * size_t(rp));
       }
       if (lr) {  // xa = x · Aᵀ: the xa output (dtype), and s·xa in bf16 as the branch's X
-        const Term ta{xb, K, K, asrc, false};
+        const Term ta{xb, ldx, K, asrc, false};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t j0 = 0; j0 < r; j0 += E::kNC) {
           column_block<E>(&ta, 1, mp, j0, sc, c);
@@ -248,11 +313,11 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
             for (int j = 0; j < nv; ++j) {
               const float v = c[m * E::kNC + j];
               store_from_float(lr->xa, p.dtype, (m0 + m) * r + j0 + j, v);
-              xab[m * rp + j0 + j] = float_to_bf16(lr->s * v);
+              xab[m * (rp + kRowPad) + j0 + j] = float_to_bf16(lr->s * v);
             }
         }
       }
-      const Term terms[2] = {{xb, K, K, wsrc, false}, {xab, rp, rp, bsrc, false}};
+      const Term terms[2] = {{xb, ldx, K, wsrc, false}, {xab, rp + kRowPad, rp, bsrc, false}};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t j0 = 0; j0 < N; j0 += E::kNC) {
         column_block<E>(terms, lr ? 2 : 1, mp, j0, sc, c);
@@ -268,10 +333,10 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
 template <class E>
 void gemm_t_bf16(const GemmParams& p) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k;
-  const int64_t np = round_up(N, 32);
+  const int64_t np = round_up(N, 32), ldx = np + kRowPad;
   const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
   static thread_local AlignedBufT<uint16_t> x_buf;
-  uint16_t* xb = x_buf.get(size_t(mc * np));
+  uint16_t* xb = x_buf.get(size_t(mc * ldx));
   RowSrc wsrc;
   wsrc.w = &p.w;
   wsrc.rows = N;
@@ -285,10 +350,10 @@ void gemm_t_bf16(const GemmParams& p) {
       E::thread_init();
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < mp; ++m) {
-        if (m < mv) pack_row_bf16(p.x, p.dtype, N, m0 + m, N, np, xb + m * np);
-        else std::memset(xb + m * np, 0, sizeof(uint16_t) * size_t(np));
+        if (m < mv) pack_row_bf16(p.x, p.dtype, N, m0 + m, N, np, xb + m * ldx);
+        else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(np));
       }
-      const Term t{xb, np, np, wsrc, true};
+      const Term t{xb, ldx, np, wsrc, true};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t j0 = 0; j0 < K; j0 += E::kNC) {
         column_block<E>(&t, 1, mp, j0, sc, c);
