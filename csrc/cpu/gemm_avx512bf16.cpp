@@ -17,7 +17,7 @@ namespace lowbit::cpu {
 namespace {
 
 struct Avx512Bf16 {
-  static constexpr int kMR = 8, kNC = 96, kKC = 256;
+  static constexpr int kMR = 8, kNC = 96, kKC = 128;  // the 96 × 128 panel (24 KiB) stays in L1
   static constexpr int64_t kMC = 1024;
   static void thread_init() {}
   static void thread_done() {}
