@@ -305,8 +305,17 @@ _PEFT_PREFIX = "base_model.model."
 def save_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default",
                  base_model_name_or_path: str | None = None) -> None:
     """Write one adapter of a model in PEFT's LoRA format: ``adapter_model.safetensors`` (keys
-    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``."""
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``.
+
+    ``base_model_name_or_path`` (what PEFT's ``AutoPeftModel*.from_pretrained`` loads the base from) defaults to
+    the model's own: ``model.config.name_or_path`` of a transformers model (its hub id or the directory it was
+    loaded from); it stays null only for a model that has none (pass it then)."""
     from safetensors.torch import save_file as st_save
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str, got {type(base_model_name_or_path).__name__}")
 
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
@@ -348,6 +357,11 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"peft_type={config.get('peft_type')!r}: only LORA adapters are supported")
+    # PEFT options lowbit's LoRALinear cannot reproduce: refused, never ignored (the outputs would differ)
+    for key, harmless in (("use_dora", False), ("lora_bias", False), ("alpha_pattern", {}), ("modules_to_save", None),
+                          ("fan_in_fan_out", False)):
+        if config.get(key, harmless) not in (harmless, None, [], {}):
+            raise ValueError(f"{key}={config[key]!r} in {cfg_path}: lowbit's LoRA supports plain LoRA only")
     try:
         tensors = st_load(w_path)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault

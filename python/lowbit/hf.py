@@ -420,7 +420,7 @@ def attach(model: nn.Module) -> nn.Module:
     q = getattr(model, "hf_quantizer", None)
     if isinstance(q, LowbitHfQuantizer):
         return model
-    if q is not None:
+    if q is not None and not _dense_quant_method(q.quantization_config):
         raise ValueError(f"the model is already quantized by transformers ({q.quantization_config.quant_method}); "
                          f"lowbit cannot quantize it further")
     first = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
@@ -437,11 +437,20 @@ def attach(model: nn.Module) -> nn.Module:
     return model
 
 
+def _dense_quant_method(cfg) -> bool:
+    """Whether a transformers quantization config leaves dense weights: GGUF files are dequantized on load, and
+    a model loaded from one and saved keeps ``quant_method: "gguf"`` in its config.json."""
+    method = cfg.get("quant_method") if isinstance(cfg, dict) else getattr(cfg, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
 def from_pretrained(path, *args, model_class=None, quantization_config: Optional[LowbitConfig] = None, **kwargs):
     """``model_class.from_pretrained(path, ...)`` (default ``AutoModelForCausalLM``) with lowbit in charge:
     a lowbit checkpoint loads as saved; a bitsandbytes 4-bit checkpoint (its config.json has a
     ``load_in_4bit`` quantization_config) loads into QuantLinears, bit-exactly; a plain checkpoint is quantized
-    on load with ``quantization_config`` (default ``LowbitConfig()``)."""
+    on load with ``quantization_config`` (default ``LowbitConfig()``) — also one saved from a model loaded from
+    GGUF (dense weights, but a stale ``quant_method: "gguf"`` in its config.json, which transformers' own
+    from_pretrained refuses to combine with a LowbitConfig)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
@@ -452,6 +461,9 @@ def from_pretrained(path, *args, model_class=None, quantization_config: Optional
     found = getattr(config, "quantization_config", None)
     if found is not None and not isinstance(found, dict):
         found = found.to_dict()
+    if found is not None and _dense_quant_method(found):
+        del config.quantization_config  # a model dequantized from GGUF and saved: its weights are dense
+        found = None
     if found and found.get("load_in_4bit"):
         config.quantization_config = LowbitConfig.from_bnb(found).to_dict()
     elif found and found.get("load_in_8bit"):
