@@ -11,6 +11,7 @@ Quick start::
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before lowbit._C links to it)
@@ -19,7 +20,8 @@ from . import formats, functional, init, model, nn, ops, optim, reference  # noq
 from . import _deprecated, _native, convert  # noqa: E402  (_native: use_backend, BACKENDS, info())
 from ._ptxas import parse_ptxas_log
 from ._native import BACKENDS, use_backend
-from .convert import load_adapter, load_file, load_tensors, save_adapter, save_file, save_tensors
+from .convert import (load_adapter, load_file, load_model, load_tensors, save_adapter, save_file, save_model,
+                      save_tensors)
 from .formats import FORMATS, QuantizedTensor, QuantSpec, from_bnb, to_bnb
 from .functional import hadamard, linear, lora_linear
 from .model import add_adapters, add_lora, add_qwha, quantize_model
@@ -31,7 +33,7 @@ __all__ = [
     # data and formats
     "BACKENDS", "FORMATS", "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "from_bnb", "to_bnb",
     # files
-    "save_tensors", "load_tensors", "save_adapter", "load_adapter",
+    "save_tensors", "load_tensors", "save_adapter", "load_adapter", "save_model", "load_model",
     # backends and facts
     "use_backend", "info", "set_matmul_precision", "get_matmul_precision", "matmul_precision",
     # functional
@@ -50,6 +52,24 @@ nn.add_lora = nn.lora.add_lora = _deprecated.alias(add_lora, "lowbit.nn.add_lora
 nn.add_adapters = nn.qwha.add_adapters = add_adapters  # warns itself (-> add_qwha / add_lora)
 init.apply_init = model.apply_init  # warns itself (-> add_lora(init=...))
 convert.quantize_model = _deprecated.alias(quantize_model, "lowbit.convert.quantize_model", "lowbit.quantize_model")
+
+
+def _attach_hf(m) -> None:
+    """After lowbit quantized a model: a transformers model gets lowbit's quantizer (lowbit.hf.attach), so that
+    its save_pretrained writes a lowbit checkpoint. lowbit.hf (which imports transformers) is imported only
+    for a transformers model, whose class tells without importing anything."""
+    if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(m).__mro__):
+        importlib.import_module(".hf", __name__).attach(m)
+
+
+model.AFTER_QUANTIZE.append(_attach_hf)
+
+
+def __getattr__(name):
+    # lowbit.hf imports transformers (seconds): loaded on first use, `lowbit.hf.LowbitConfig` works after `import lowbit`
+    if name == "hf":
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ptxas_kernels() -> list[dict]:

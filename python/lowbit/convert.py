@@ -1,4 +1,6 @@
-"""Checkpoints (I/O only): lowbit safetensors files and PEFT LoRA adapter directories.
+"""Checkpoints (I/O only): lowbit safetensors files, whole lowbit models (any ``nn.Module``) and PEFT LoRA
+adapter directories. transformers models also save and load through ``save_pretrained`` / ``from_pretrained``
+(:mod:`lowbit.hf`).
 
 bitsandbytes ``Linear4bit`` interchange (:func:`to_bnb`, :func:`from_bnb`) is format data and lives in
 :mod:`lowbit.formats`; it is re-exported here.
@@ -16,10 +18,10 @@ import torch
 from . import _deprecated
 from .formats import QuantizedTensor, from_bnb, to_bnb
 from .model import replace_modules
-from .nn import LoRALinear, lora_layers
+from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear, lora_layers
 
-__all__ = ["to_bnb", "from_bnb", "save_tensors", "load_tensors", "save_adapter", "load_adapter", "save_file",
-           "load_file"]
+__all__ = ["to_bnb", "from_bnb", "save_tensors", "load_tensors", "save_model", "load_model", "save_adapter",
+           "load_adapter", "save_file", "load_file"]
 
 _META_KEY = "lowbit"  # safetensors metadata entry holding the quantized tensors' descriptions
 _FORMAT_VERSION = 1
@@ -114,6 +116,188 @@ def load_tensors(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- whole models
+MODEL_FILE = "model.safetensors"
+_MODEL_META = "lowbit_model"  # metadata entry of MODEL_FILE: which modules lowbit replaced, and how
+
+
+def _model_manifest(model: torch.nn.Module) -> dict:
+    """What load_model needs beyond the tensors to rebuild the lowbit modules on a skeleton of plain Linears."""
+    modules = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            modules[name] = {"type": "QuantLinear"}
+        elif isinstance(m, LoRALinear):
+            if m.merged is not None:
+                raise ValueError(f"{name}: adapters are merged; unmerge() before saving (a merged quantized base "
+                                 f"is re-quantized and its original weight lives outside the state dict)")
+            modules[name] = {"type": "LoRALinear", "active": list(m.active), "adapters": {
+                a: {"scaling": m.scaling[a], "dropout": float(getattr(m.dropout[a], "p", 0.0)),
+                    "dropout_module": type(m.dropout[a]).__name__} for a in m.lora_A}}
+            for a, info in modules[name]["adapters"].items():
+                if info["dropout_module"] not in ("Identity", "Dropout"):
+                    raise ValueError(f"{name}: adapter {a!r} has a custom dropout module {info['dropout_module']}; "
+                                     f"save_model stores nn.Dropout / nn.Identity only")
+        elif isinstance(m, HadamardAdapterLinear):
+            modules[name] = {"type": "HadamardAdapterLinear", "scale": m.scale}
+    return modules
+
+
+def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike]) -> str:
+    """Write a model with lowbit layers (QuantLinear, LoRALinear, HadamardAdapterLinear) to
+    ``directory/model.safetensors``: its state dict with each QuantLinear's weight as a QuantizedTensor
+    (:func:`save_tensors`: exact bytes + format), plus a description of the lowbit modules in the file's
+    metadata. :func:`load_model` rebuilds the model on a skeleton of the original architecture. Works for
+    any ``nn.Module`` (no transformers needed). Tensors shared between entries (tied weights) are stored once
+    and tied again on load. Returns the file's path."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    modules = _model_manifest(model)
+    quantized = {n for n, info in modules.items() if info["type"] == "QuantLinear"}
+    tensors, aliases, seen = {}, {}, {}
+    for key, v in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized and leaf != "bias":
+            continue  # the weight's components and format: written once below as a QuantizedTensor
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state dict entry {key!r} is a {type(v).__name__}, not a tensor")
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype) \
+            if v.numel() else None
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = v.detach()
+    for name in quantized:
+        tensors[f"{name}.weight"] = model.get_submodule(name).weight
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, MODEL_FILE)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    save_tensors(tensors, path, metadata={_MODEL_META: json.dumps({"version": _FORMAT_VERSION, "modules": modules,
+                                                                    "aliases": aliases, "frozen": frozen})})
+    return path
+
+
+def load_model(directory: Union[str, os.PathLike], model_skeleton: torch.nn.Module) -> torch.nn.Module:
+    """Load what :func:`save_model` wrote into ``model_skeleton`` — the architecture as built before lowbit
+    touched it (plain ``nn.Linear`` where QuantLinears were; parameters on any device, "meta" included:
+    nothing is computed from them) — and return it: the same modules, bit-identical tensors, the same
+    adapters, scales, active adapters and tied parameters. Every entry of the file must land in the model and
+    every tensor of the model must come from the file (ValueError otherwise)."""
+    from safetensors import safe_open
+
+    if not isinstance(model_skeleton, torch.nn.Module):
+        raise TypeError(f"model_skeleton must be an nn.Module, got {type(model_skeleton).__name__}")
+    path = os.path.join(os.fspath(directory), MODEL_FILE)
+    tensors = load_tensors(path)
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get(_MODEL_META)
+    if raw is None:
+        raise ValueError(f"{path!r} was not written by lowbit.save_model (no {_MODEL_META!r} metadata)")
+    try:
+        info = json.loads(raw)
+        modules, aliases, frozen = dict(info["modules"]), dict(info["aliases"]), set(info["frozen"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path!r} has corrupt {_MODEL_META!r} metadata: {e}") from None
+    if info.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{path!r}: lowbit model format version={info.get('version')!r} (this lowbit reads "
+                         f"{_FORMAT_VERSION})")
+    model = model_skeleton
+
+    def linear_at(name):
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the saved model has a lowbit layer at {name!r}; the skeleton has no such module") from None
+        if type(m) is not torch.nn.Linear:
+            raise ValueError(f"the saved model has a lowbit layer at {name!r}; the skeleton has {type(m).__name__} "
+                             f"there (expected the original nn.Linear)")
+        return m
+
+    def quant_linear(name, lin):
+        qt = tensors.pop(f"{name}.weight", None)
+        if not isinstance(qt, QuantizedTensor):
+            raise ValueError(f"{path!r} lacks the quantized weight of {name!r}")
+        if tuple(qt.shape) != (lin.out_features, lin.in_features):
+            raise ValueError(f"{name}: saved weight {tuple(qt.shape)} does not fit the skeleton's "
+                             f"({lin.out_features}, {lin.in_features}) Linear")
+        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, qt.fmt, qt.block_size,
+                        qt.double_quant, dtype=qt.dtype, device="meta")
+        q.set_weight(qt)
+        return q
+
+    adapters = {n: i for n, i in modules.items() if i.get("type") in ("LoRALinear", "HadamardAdapterLinear")}
+    for name, i in modules.items():
+        t = i.get("type")
+        if t not in ("QuantLinear", "LoRALinear", "HadamardAdapterLinear"):
+            raise ValueError(f"{path!r}: module {name!r} has unknown type {t!r}")
+        if t == "QuantLinear" and _module_of_base(name) not in adapters:
+            replace_modules(model, [name], lambda n, m: quant_linear(n, linear_at(n)))
+    for name, i in adapters.items():
+        lin = linear_at(name)
+        base = quant_linear(f"{name}.base", lin) if modules.get(f"{name}.base", {}).get("type") == "QuantLinear" \
+            else lin
+        if i["type"] == "HadamardAdapterLinear":
+            support, values = tensors.get(f"{name}.support"), tensors.get(f"{name}.values")
+            if support is None or values is None:
+                raise ValueError(f"{path!r} lacks the support/values of the QWHA adapter {name!r}")
+            layer = HadamardAdapterLinear(base, scale=float(i["scale"]), support=support, values=values)
+        else:
+            names = list(i["adapters"])
+            if not names:
+                raise ValueError(f"{path!r}: LoRA layer {name!r} lists no adapters")
+            layer = None
+            for a in names:
+                la = tensors.get(f"{name}.lora_A.{a}")
+                if la is None:
+                    raise ValueError(f"{path!r} lacks {name}.lora_A.{a}")
+                r, p = la.shape[0], float(i["adapters"][a]["dropout"])
+                if layer is None:
+                    layer = LoRALinear(base, r, 1.0, p, a)
+                else:
+                    layer.add_adapter(a, r, 1.0, p)
+                layer.scaling[a] = float(i["adapters"][a]["scaling"])
+            layer.set_adapter(list(i["active"]))
+        replace_modules(model, [name], lambda n, m, layer=layer: layer)
+    # everything else (and the biases, LoRA factors, QWHA values) through load_state_dict, strictly
+    plain = {k: v for k, v in tensors.items() if not isinstance(v, QuantizedTensor)}
+    leftover = sorted(k for k, v in tensors.items() if isinstance(v, QuantizedTensor))
+    if leftover:
+        raise ValueError(f"{path!r} has quantized weights {leftover[:4]} for modules it does not describe")
+    for key, src in aliases.items():
+        if src not in plain:
+            raise ValueError(f"{path!r}: {key!r} is tied to {src!r}, which the file does not hold")
+        plain[key] = plain[src]
+    own = {k for n, m in model.named_modules() if isinstance(m, QuantLinear)
+           for k in (f"{n}.{c}" for c in (*_COMPONENT_NAMES, "_extra_state"))}
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(plain) - own)
+    unexpected = sorted(set(plain) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict(plain, strict=False, assign=True)
+    for key, src in aliases.items():  # tie again what was one tensor when saved
+        owner, _, leaf = key.rpartition(".")
+        sowner, _, sleaf = src.rpartition(".")
+        src_mod = model.get_submodule(sowner) if sowner else model
+        dst_mod = model.get_submodule(owner) if owner else model
+        shared = getattr(src_mod, sleaf)
+        if isinstance(shared, torch.nn.Parameter):
+            dst_mod.register_parameter(leaf, shared)
+        else:
+            dst_mod.register_buffer(leaf, shared, persistent=True)
+    for n, p in model.named_parameters():  # which parameters train (add_lora froze the rest)
+        p.requires_grad_(n not in frozen)
+    return model
+
+
+def _module_of_base(name: str) -> str:
+    """``"x.base"`` -> ``"x"`` (the adapter owning a base), anything else -> ``""``."""
+    owner, _, leaf = name.rpartition(".")
+    return owner if leaf == "base" else ""
+
+
 # ----------------------------------------------------------------------------- PEFT adapters
 _PEFT_PREFIX = "base_model.model."
 
@@ -121,8 +305,17 @@ _PEFT_PREFIX = "base_model.model."
 def save_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default",
                  base_model_name_or_path: str | None = None) -> None:
     """Write one adapter of a model in PEFT's LoRA format: ``adapter_model.safetensors`` (keys
-    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``."""
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``.
+
+    ``base_model_name_or_path`` (what PEFT's ``AutoPeftModel*.from_pretrained`` loads the base from) defaults to
+    the model's own: ``model.config.name_or_path`` of a transformers model (its hub id or the directory it was
+    loaded from); it stays null only for a model that has none (pass it then)."""
     from safetensors.torch import save_file as st_save
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str, got {type(base_model_name_or_path).__name__}")
 
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
@@ -164,6 +357,11 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"peft_type={config.get('peft_type')!r}: only LORA adapters are supported")
+    # PEFT options lowbit's LoRALinear cannot reproduce: refused, never ignored (the outputs would differ)
+    for key, harmless in (("use_dora", False), ("lora_bias", False), ("alpha_pattern", {}), ("modules_to_save", None),
+                          ("fan_in_fan_out", False)):
+        if config.get(key, harmless) not in (harmless, None, [], {}):
+            raise ValueError(f"{key}={config[key]!r} in {cfg_path}: lowbit's LoRA supports plain LoRA only")
     try:
         tensors = st_load(w_path)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault

@@ -138,6 +138,34 @@ def linear_weight_bytes(model) -> int:
     return total
 
 
+def quantized_model(model, tok, fmt: str, args):
+    """The demo's ``fmt`` model: ``model`` quantized by lowbit.quantize_model — or, with ``--load DIR``, the
+    checkpoint DIR/<fmt> read back by ``lowbit.hf.from_pretrained`` (a round trip through disk: the table then
+    shows the saved model's numbers). With ``--save DIR`` it is written to DIR/<fmt>."""
+    import lowbit
+
+    if args.load:
+        import lowbit.hf
+
+        src, t = os.path.join(args.load, fmt), time.perf_counter()
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            raise SystemExit(f"--load {args.load}: no saved {fmt} model in {src} (write it with --save)")
+        qmodel = lowbit.hf.from_pretrained(src).eval()
+        found = {m.spec.fmt for m in qmodel.modules() if isinstance(m, lowbit.nn.QuantLinear)}
+        if found != {fmt}:
+            raise SystemExit(f"--load {args.load}: {src} holds {sorted(found)} weights, not {fmt}")
+        print(f"{fmt}: loaded {src} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    else:
+        qmodel = copy.deepcopy(model)
+        lowbit.quantize_model(qmodel, fmt, args.block_size, args.double_quant, skip=("lm_head",), progress=False)
+    if args.save:
+        dst = os.path.join(args.save, fmt)
+        qmodel.save_pretrained(dst)
+        tok.save_pretrained(dst)
+        print(f"{fmt}: saved to {dst}", file=sys.stderr)
+    return qmodel
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lowbit demo", description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="nf4,int4,int2", help="comma-separated formats")
@@ -151,6 +179,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=["reference", "cpu", "sim"],
                     help="force an implementation (default: cpu)")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--save", metavar="DIR", default=None,
+                    help="write each quantized model to DIR/<fmt> (save_pretrained: lowbit checkpoint + tokenizer)")
+    ap.add_argument("--load", metavar="DIR", default=None,
+                    help="read the quantized models from DIR/<fmt> (written by --save) instead of quantizing")
     args = ap.parse_args(argv)
 
     import lowbit
@@ -184,8 +216,7 @@ def main(argv=None) -> int:
     rows.append(("fp32", linear_weight_bytes(model), ppl, None, tps, generate(model, tok, PROMPT, args.gen_tokens)))
     ok = True
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
-        qmodel = copy.deepcopy(model)
-        lowbit.quantize_model(qmodel, fmt, args.block_size, args.double_quant, skip=("lm_head",), progress=False)
+        qmodel = quantized_model(model, tok, fmt, args)
         ppl_k, tps = measure(qmodel)
         ppl_r = perplexity(dequantized_copy(qmodel), ids, args.ctx)
         with (lowbit.use_backend(args.backend) if args.backend else contextlib.nullcontext()):

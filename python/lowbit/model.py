@@ -35,6 +35,17 @@ __all__ = ["TARGETS", "matches", "select_modules", "replace_modules", "quantize_
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a decoder's Linears
 _ADAPTERS = (LoRALinear, HadamardAdapterLinear)
 
+# Called with the model after quantize_model / add_lora / add_qwha replaced Linears by QuantLinears.
+# lowbit/__init__ adds lowbit.hf's `attach` for transformers models (this module cannot import lowbit.hf, which
+# sits above it): it gives the model lowbit's quantizer, so that save_pretrained writes a lowbit checkpoint
+# instead of state-dict keys that from_pretrained would drop with a warning (random weights).
+AFTER_QUANTIZE: list[Callable[[nn.Module], None]] = []
+
+
+def _after_quantize(model: nn.Module) -> None:
+    for hook in AFTER_QUANTIZE:
+        hook(model)
+
 
 def _names(arg) -> Optional[tuple[str, ...]]:
     return None if arg is None else ((arg,) if isinstance(arg, str) else tuple(arg))
@@ -129,6 +140,8 @@ def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, dou
         replace_modules(model, todo, lambda n, m: QuantLinear.from_linear(m, fmt, block_size, double_quant),
                  f"quantize_model {fmt}" if progress and todo else None)
     report["bytes_after"] = _module_bytes(model)
+    if todo:
+        _after_quantize(model)
     if progress:
         print(f"quantize_model: {len(todo)} Linear -> QuantLinear({fmt}, block {block_size}"
               f"{', double quant' if double_quant else ''}); memory {report['bytes_before'] / 2**20:.1f} MiB -> "
@@ -184,6 +197,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
             return LoRALinear(m, r, alpha, dropout, adapter_name)
 
         replace_modules(model, names, build, f"add_lora r={r}" if progress else None)
+    if fmt is not None:
+        _after_quantize(model)
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
     return names
@@ -259,6 +274,8 @@ def add_qwha(model: nn.Module, r: int = 16, target_modules=TARGETS, calib=None, 
         return HadamardAdapterLinear(m, r, scale, support=support, values=values / scale)
 
     replace_modules(model, names, build)
+    if fmt is not None and dense:
+        _after_quantize(model)
     for pname, p in model.named_parameters():
         p.requires_grad_(pname.endswith(".values") and isinstance(model.get_submodule(pname.rpartition(".")[0]),
                                                                   HadamardAdapterLinear))
