@@ -11,6 +11,7 @@ ratios. The machine is shared and noisy: compare ratios measured in the same run
 
     python bench/bench_gemm.py [--quick] [--threads 2] [--json out.json] [--plot out.png]
     python bench/bench_gemm.py --precision high,medium --in-cache --shapes 4096x4096 --ms 1,8,24 --lowbit-only
+    python bench/bench_gemm.py --bf16 [--quick]    # the matrix-engine table (issue 13): bf16 activations
     python -m lowbit bench gemm --quick
 
 --precision runs every lowbit row once per listed policy (lowbit.set_matmul_precision; rows named
@@ -200,6 +201,64 @@ def bnb_impl(w):
 
 
 # ---------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------- bf16 activations (--bf16)
+def bf16_table(args) -> list[dict]:
+    """bf16 x on the matrix engines: lowbit gemm / gemm_t (nf4 + dq, int4) against torch dense bf16
+    ``F.linear`` / ``gy @ W`` and ``F.linear(x, qt.dequantize(bf16))``, validated first against the
+    float64 product of the same bf16 operands. Weights in cache (the prefill/training regime: at
+    M >= 8 the products are compute-bound). Prints the engine each row ran (``_C.gemm_route``)."""
+    C = lowbit._C
+    d = lowbit.info()
+    print(f"CPU paths {d['cpu_paths']}, in use {d['cpu_path']}; AMX: {d['amx_status'] or 'available'}; "
+          f"precision {d['matmul_precision']}")
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    ms = [8, 32, 128, 512] if args.quick else [1, 8, 32, 128, 512, 2048]
+    budget = args.budget or (0.5 if args.quick else 1.5)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        wb = w.to(torch.bfloat16)
+        qts = {"nf4+dq": lowbit.quantize(w, "nf4", BLOCK, True), "int4": lowbit.quantize(w, "int4", BLOCK, False)}
+        deq = {name: qt.dequantize(torch.bfloat16) for name, qt in qts.items()}
+        print(f"\n== W {n}x{k}, bf16 activations")
+        print(f"{'M':>5} {'product':<8} {'impl':<22} {'engine':<14} {'ms':>9} {'GFLOP/s':>8} {'vs dense':>9}")
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            gy = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+            for name, qt in qts.items():  # validate: float64 products of the same bf16 operands
+                ref = x.double() @ deq[name].double().T
+                err = float((lowbit.linear(x, qt).double() - ref).abs().max() / ref.abs().max())
+                reft = gy.double() @ deq[name].double()
+                errt = float((lowbit.ops.gemm_t(gy, qt).double() - reft).abs().max() / reft.abs().max())
+                if not (err <= 1e-2 and errt <= 1e-2):
+                    raise SystemExit(f"VALIDATION FAILED: lowbit {name} bf16 {n}x{k} M={m}: {err:.2e} / {errt:.2e}")
+            for prod in ("gemm", "gemm_t"):
+                t_dense = timeit((lambda: F.linear(x, wb)) if prod == "gemm" else (lambda: gy @ wb), budget)
+                impls = [("torch dense bf16", "-", t_dense)]
+                for name, qt in qts.items():
+                    route = C.gemm_route(DTYPE_ID[torch.bfloat16], m, prod == "gemm_t")
+                    f = (lambda qt=qt: lowbit.linear(x, qt)) if prod == "gemm" else (lambda qt=qt: lowbit.ops.gemm_t(gy, qt))
+                    impls.append((f"lowbit {name}", route, timeit(f, budget)))
+                    if prod == "gemm" and name == "nf4+dq":
+                        impls.append(("torch dequant+F.linear", "-",
+                                      timeit(lambda qt=qt: F.linear(x, qt.dequantize(torch.bfloat16)), budget)))
+                for impl, route, t in impls:
+                    r = {"shape": [n, k], "m": m, "product": prod, "impl": impl, "engine": route, "ms": t * 1e3,
+                         "gflops": 2 * m * n * k / t / 1e9, "vs_dense": t_dense / t}
+                    rows.append(r)
+                    print(f"{m:>5} {prod:<8} {impl:<22} {route:<14} {t * 1e3:9.3f} {r['gflops']:8.1f} "
+                          f"{r['vs_dense']:8.2f}x", flush=True)
+    print("\ntargets (issue 13), speed / torch dense bf16 in this run (AMX targets; on other CPUs for reference):")
+    goals = {8: 1.5, 32: 1.5, 128: 1.2, 512: 1.0, 2048: 1.0}
+    for r in rows:
+        if r["impl"].startswith("lowbit") and r["m"] in goals and (r["product"] == "gemm" or r["m"] == 512):
+            goal = goals[r["m"]]
+            print(f"  {r['product']:<6} M={r['m']:<5} {r['shape'][0]}x{r['shape'][1]} {r['impl']:<14} "
+                  f"{r['vs_dense']:6.2f}x (goal >= {goal:g}) {'MET' if r['vs_dense'] >= goal else 'NOT MET'}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -215,6 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma list of NxK (default: the model shapes)")
     ap.add_argument("--ms", default=None, help="comma list of M (default: 1,8,32,128,512)")
     ap.add_argument("--lowbit-only", action="store_true", help="time lowbit's rows only (no torch / bnb peers)")
+    ap.add_argument("--bf16", action="store_true", help="the bf16-activation / matrix-engine table instead")
     args = ap.parse_args(argv)
     IN_CACHE[0] = args.in_cache
     precisions = args.precision.split(",")
@@ -223,6 +283,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"--precision: {p!r} is not one of {lowbit.ops.PRECISIONS}")
     print(_timing.machine_line())
     torch.set_num_threads(args.threads)
+    if args.bf16:
+        rows = bf16_table(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": args.threads, "rows": rows}, f, indent=1)
+        return 0
     budget = args.budget or (0.4 if args.quick else 1.0)
     plan = [((8192, 28672), [1]), ((4096, 4096), [1, 128, 512])] if args.quick else [(s, MS) for s in SHAPES]
     if args.shapes or args.ms:

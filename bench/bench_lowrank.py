@@ -29,15 +29,16 @@ import torch.nn.functional as F
 import lowbit
 from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; paired ratios
 from lowbit import ops
+from lowbit.formats import DTYPE_ID
 from lowbit.nn import LoRALinear, QuantLinear
 
 
-def bnb_layer(w: torch.Tensor):
+def bnb_layer(w: torch.Tensor, dtype: torch.dtype = torch.float32):
     try:
         import bitsandbytes as bnb
     except ImportError:
         return None
-    l4 = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    l4 = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=dtype, quant_type="nf4")
     l4.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
     l4.weight._quantize("cpu")
     return l4
@@ -196,33 +197,55 @@ def main(argv=None) -> int:
                       f"{t['base'] * 1e3:8.3f} {t['dense'] * 1e3:8.3f} {bnb_s} {100 * row['overhead_vs_base']:8.1f}% "
                       f"{row['speedup_vs_unfused']:9.2f}x {vs_bnb}")
     modules = module_rows(shapes, ranks, args.reps)
-    # ---- training step of one layer (forward + backward to x, A, B), M = 512
+    # ---- training step of one layer (forward + backward to x, A, B), M = 512, fp32 and bf16
     n, k, r, m = 4096, 4096, 16, 512
     w = torch.randn(n, k) * 0.02
     qt = lowbit.quantize(w, "nf4", 64, True)
-    x = torch.randn(m, k, requires_grad=True)
-    a = (torch.randn(r, k) / k ** 0.5).requires_grad_()
-    b = (torch.randn(n, r) / r ** 0.5).requires_grad_()
-    gy = torch.randn(m, n)
+    train = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = "fp32" if dtype == torch.float32 else "bf16"
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+        a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype).requires_grad_()
+        b = (torch.randn(n, r, generator=g) / r ** 0.5).to(dtype).requires_grad_()
+        gy = torch.randn(m, n, generator=g).to(dtype)
 
-    def step_lowbit():
-        ops.lowrank(x, qt, a, b, 2.0).backward(gy)
-        x.grad = a.grad = b.grad = None
-
-    t_ours = timeit(step_lowbit, 3, 1)
-    print(f"\ntraining step (fwd + bwd, nf4 {n}x{k}, r={r}, M={m}): lowbit {t_ours * 1e3:.1f} ms", end="")
-    l4 = bnb_layer(w)
-    train = {"lowbit_ms": t_ours * 1e3}
-    if l4 is not None:
-        def step_bnb():
-            (l4(x) + 2.0 * F.linear(F.linear(x, a), b)).backward(gy)
+        def step_lowbit():
+            ops.lowrank(x, qt, a, b, 2.0).backward(gy)
             x.grad = a.grad = b.grad = None
 
-        t_bnb = timeit(step_bnb, 2, 1)
-        train.update(bnb_ms=t_bnb * 1e3, speedup=t_bnb / t_ours)
-        print(f", bitsandbytes + LoRA {t_bnb * 1e3:.1f} ms: {t_bnb / t_ours:.1f}x")
-    else:
-        print()
+        l4 = bnb_layer(w, dtype)
+        # validate first: lowbit's forward and grad_x against the dense product on its own weight
+        # (float64), and bitsandbytes' against its own (both nf4 block 64; lowbit with double quant)
+        with torch.no_grad():
+            wd = qt.dequantize().double()
+            ref = x.double() @ wd.T + 2.0 * (x.double() @ a.double().T) @ b.double().T
+            err = float((ops.lowrank(x, qt, a, b, 2.0).double() - ref).abs().max() / ref.abs().max())
+        y = ops.lowrank(x, qt, a, b, 2.0)
+        y.backward(gy)
+        gx_ref = gy.double() @ wd + 2.0 * (gy.double() @ b.double()) @ a.double()
+        errg = float((x.grad.double() - gx_ref).abs().max() / gx_ref.abs().max())
+        x.grad = a.grad = b.grad = None
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+        if not (err <= tol and errg <= tol):
+            raise SystemExit(f"VALIDATION FAILED: lowbit training step {dn}: forward {err:.2e}, grad_x {errg:.2e}")
+        t_ours = timeit(step_lowbit, 3, 1)
+        row = {"lowbit_ms": t_ours * 1e3, "validation_fwd": err, "validation_grad_x": errg,
+               "routes": {"gemm": lowbit._C.gemm_route(DTYPE_ID[dtype], m, False),
+                          "gemm_t": lowbit._C.gemm_route(DTYPE_ID[dtype], m, True)}}
+        print(f"\ntraining step ({dn}, fwd + bwd, nf4 {n}x{k}, r={r}, M={m}; lowbit on {row['routes']}): "
+              f"lowbit {t_ours * 1e3:.1f} ms", end="")
+        if l4 is not None:
+            def step_bnb():
+                (l4(x) + 2.0 * F.linear(F.linear(x, a), b)).backward(gy)
+                x.grad = a.grad = b.grad = None
+
+            t_bnb = timeit(step_bnb, 2, 1)
+            row.update(bnb_ms=t_bnb * 1e3, speedup=t_bnb / t_ours)
+            print(f", bitsandbytes + LoRA {t_bnb * 1e3:.1f} ms: {t_bnb / t_ours:.2f}x (target >= 2x in bf16)")
+        else:
+            print()
+        train[dn] = row
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "rows": rows, "module_rows": modules, "train_step": train}, f,

@@ -69,32 +69,50 @@ def eps(dtype: torch.dtype) -> float:
 EPS_I16 = 0.5 / 16383 + 2.6e-5
 
 
-# On the 'avx512' CPU path the M > 24 tile kernel is int16 too (x per group of 32 with QX = 8191 for
-# nf4, nf4 weights as round(T·8192)): its worst format's term, for any format.
+# The int16 tile kernel (M > 24 under the 'high' policy on the AVX-512 paths): x per group of 32 with
+# QX = 8191 for nf4, nf4 weights as round(T·8192): its worst format's term, for any format.
 EPS_TILE16 = 0.5 / 8191 + 0.5 / 8192
+# The bf16 routes (the matrix engines; the fp32 tile on the bf16-rounded weight): the weight rounded
+# to bf16 (≤ 2^-9 relative each), and fp32 x rounded to bf16 under 'medium' (≤ 2^-9 each).
+EPS_BF16_ROUTE = 2.0 ** -8
 
 
-def int16_path_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Error bound of the CPU int16 paths for y = x·wᵀ: eps · Σ_k max|x_group(k)| · |w_k|, eps =
-    EPS_I16 (the GEMV, M ≤ 24) or EPS_TILE16 (the int16 tile kernel, M > 24 on the 'avx512' path)."""
-    rows = x.reshape(-1, x.shape[-1]).shape[0]
-    tile16 = rows > 24 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"
+def cpu_route(a: torch.Tensor, transposed: bool = False) -> str:
+    """The kernel lowbit's CPU backend runs for this product now (csrc/cpu/gemm_avx2.cpp gemm_route)."""
+    rows = a.reshape(-1, a.shape[-1]).shape[0]
+    if a.dtype not in lowbit.formats.DTYPE_ID or not lowbit._native.has("cpu"):
+        return "reference"
+    return _native.module("cpu").gemm_route(lowbit.formats.DTYPE_ID[a.dtype], rows, transposed)
+
+
+def cpu_route_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | float:
+    """Error bound of the CPU route for y = x·wᵀ beyond fp32 accumulation (w dequantized, exact):
+    gemv_i16 EPS_I16 · Σ_k max|x_group(k)|·|w_k|, tile_i16 the same with EPS_TILE16, the bf16 routes
+    EPS_BF16_ROUTE · Σ_k |x_k|·|w_k|; zeros for the exact fp32 routes."""
+    route = cpu_route(x)
     x = x.double().reshape(-1, x.shape[-1])
+    if route in ("avx512bf16", "amx", "amx_emulated", "tile_f32_bf16w"):
+        return EPS_BF16_ROUTE * x.abs() @ w.double().abs().T
+    if route not in ("gemv_i16", "tile_i16"):
+        return torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
     k = x.shape[-1]
     pad = (-k) % 32
     g = torch.nn.functional.pad(x.abs(), (0, pad)).reshape(x.shape[0], -1, 32).amax(-1, keepdim=True)
     xg = g.expand(-1, -1, 32).reshape(x.shape[0], -1)[:, :k]
-    return (EPS_TILE16 if tile16 else EPS_I16) * xg @ w.double().abs().T
+    return (EPS_TILE16 if route == "tile_i16" else EPS_I16) * xg @ w.double().abs().T
 
 
-def int16_gemm_t_bound(gy: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor | float:
-    """Error bound of the int16 gemm_t (M > 24 on the 'avx512' CPU path) for gx = gy·w, w (n, k)
-    dequantized: per k-block b, gy·s[:, b] is quantized per row and group of 32 n, so element n's
-    error is EPS_TILE16 · max_{n' in its group} |gy[n'] s[n', b]| / s[n, b] times |w[n, k]| (s taken
-    as the block absmax of |w|). 0.0 where the path is exact fp32."""
+def cpu_route_t_bound(gy: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor | float:
+    """Error bound of the CPU route for gx = gy·w, w (n, k) dequantized. int16 gemm_t: per k-block b,
+    gy·s[:, b] is quantized per row and group of 32 n, so element n's error is EPS_TILE16 ·
+    max_{n' in its group} |gy[n'] s[n', b]| / s[n, b] times |w[n, k]| (s taken as the block absmax of
+    |w|); the bf16 routes EPS_BF16_ROUTE · |gy|·|w|; 0.0 where the route is exact fp32."""
+    route = cpu_route(gy, transposed=True)
     gy = gy.double().reshape(-1, gy.shape[-1])
     rows, (n, k) = gy.shape[0], w.shape
-    if not (rows > 24 and lowbit._native.has("cpu") and _native.module("cpu").cpu_path() == "avx512"):
+    if route in ("avx512bf16", "amx", "amx_emulated", "tile_f32_bf16w"):
+        return EPS_BF16_ROUTE * gy.abs() @ w.double().abs()
+    if route != "tile_i16" or n % 32:
         return 0.0
     w = w.double().abs()
     s = w.reshape(n, k // block, block).amax(-1).clamp_min(1e-300)  # (n, blocks)
@@ -113,7 +131,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.d
 
     ``|actual - expected| <= factor * (eps(dtype) * |expected| + sqrt(k) * eps(fp32) * scale)``
     where ``scale`` bounds ``sum |x_i w_i|`` per output (pass it from the inputs; default
-    ``|expected|``), plus ``extra``: a documented path error (e.g. :func:`int16_path_bound`).
+    ``|expected|``), plus ``extra``: a documented path error (e.g. :func:`cpu_route_bound`).
     NaN anywhere fails (NaN never compares as close).
     """
     a, e = actual.double(), expected.double()

@@ -13,7 +13,7 @@ import lowbit
 from lowbit import ops
 from lowbit.nn import QuantLinear
 
-from conftest import assert_close, int16_gemm_t_bound, int16_path_bound, require_backend
+from conftest import assert_close, cpu_route_t_bound, cpu_route_bound, require_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMATS = ["nf4", "fp4", "int4", "int2"]
@@ -35,12 +35,12 @@ def check_gemm(x, qt, w64, bias=None, name=""):
     x64 = x.double()
     expected = x64 @ w64.T + (bias.double() if bias is not None else 0)
     scale = x64.abs() @ w64.abs().T  # bound on sum |x_i w_i| per output
-    extra = int16_path_bound(x, w64).reshape(y.shape) if lowbit._native.backend_for(x) == "cpu" else 0.0
+    extra = cpu_route_bound(x, w64).reshape(y.shape) if lowbit._native.backend_for(x) == "cpu" else 0.0
     assert_close(y, expected, dtype=x.dtype, k=qt.shape[1], scale=scale, name=f"gemm {name}", extra=extra)
     gy = torch.randn(*x.shape[:-1], qt.shape[0], generator=torch.Generator().manual_seed(1)).to(x.dtype)
     gx = ops.gemm_t(gy, qt)
     exp_t = gy.double() @ w64
-    extra_t = int16_gemm_t_bound(gy, w64, qt.block_size) if lowbit._native.backend_for(x) == "cpu" else 0.0
+    extra_t = cpu_route_t_bound(gy, w64, qt.block_size) if lowbit._native.backend_for(x) == "cpu" else 0.0
     if torch.is_tensor(extra_t):
         extra_t = extra_t.reshape(gx.shape)
     assert_close(gx, exp_t, dtype=x.dtype, k=qt.shape[0], scale=gy.double().abs() @ w64.abs(), name=f"gemm_t {name}",

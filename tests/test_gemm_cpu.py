@@ -28,12 +28,21 @@ EPS_I16 = 0.5 / 16383 + 2.6e-5
 EPS_TILE16 = {"nf4": 0.5 / 8191 + 0.5 / 8192, "fp4": 0.5 / 16383, "int4": 0.5 / 32767, "int2": 0.5 / 32767}
 
 
-def eps_i16(fmt, m):
-    """The int16 error term of the kernel that runs for M = m on the current CPU path (the GEMV in
-    passes of 8 rows up to M = 24, the tile kernels above)."""
-    if _C.cpu_path() == "avx512" and m > 24:
-        return EPS_TILE16[fmt]
-    return EPS_I16
+BF16_ROUTES = ("avx512bf16", "amx", "amx_emulated", "tile_f32_bf16w")
+
+
+def eps_i16(fmt, m, dtype=torch.float32, transposed=False):
+    """The int16 error term of the kernel that runs for M = m on the current CPU path and policy (the
+    GEMV in passes of 8 rows up to M = 24, the tile kernels above; 0 for the fp32 and bf16 routes)."""
+    route = _C.gemm_route(DT[dtype], m, transposed)
+    return EPS_TILE16[fmt] if route == "tile_i16" else (EPS_I16 if route == "gemv_i16" else 0.0)
+
+
+def w_ref(qw, dtype, m, transposed=False):
+    """The weight the kernel multiplies: dequant(W), or dequant(W) rounded to bf16 on the bf16 routes
+    (torch's bf16 matmul semantics: csrc/cpu/gemm_bf16.h)."""
+    route = _C.gemm_route(DT[dtype], m, transposed)
+    return qw.w_hat.to(torch.bfloat16).float() if route in BF16_ROUTES else qw.w_hat
 
 
 def _available_paths():
@@ -156,10 +165,11 @@ def run_gemm(m, n, k, fmt, block, dq, dtype, with_bias, seed=0):
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype) if with_bias else None
     y = gemm(x, qw, bias)
-    ref = x.double() @ qw.w_hat.double().T
+    wr = w_ref(qw, dtype, m)
+    ref = x.double() @ wr.double().T
     if bias is not None:
         ref += bias.double()
-    check(y, ref, x, qw.w_hat, k, dtype, group_max(x.float()), eps16=eps_i16(fmt, m),
+    check(y, ref, x, wr, k, dtype, group_max(x.float()), eps16=eps_i16(fmt, m, dtype),
           wabs=qw.block_absmax if fmt == "nf4" else None)
 
 
@@ -167,8 +177,9 @@ def run_gemm_t(m, n, k, fmt, block, dq, dtype, seed=0):
     qw = QW(n, k, fmt, block, dq, seed)
     gy = torch.randn(m, n, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     gx = gemm_t(gy, qw)
-    ref = gy.double() @ qw.w_hat.double()
-    if _C.cpu_path() == "avx512" and m > 24:
+    wr = w_ref(qw, dtype, m, transposed=True)
+    ref = gy.double() @ wr.double()
+    if _C.gemm_route(DT[dtype], m, True) == "tile_i16" and n % 32 == 0:
         # int16 gemm_t: gy·s (the block scales folded in) quantized per row and group of 32 n, so an
         # element's error follows the group max of |gy·s|, not |gy|: bounded in max norm (docs:
         # measured max |err| / max |ref| ≤ 1.6e-4 for nf4), plus the output rounding.
@@ -176,7 +187,7 @@ def run_gemm_t(m, n, k, fmt, block, dq, dtype, seed=0):
         tol = 4 * EPS_TILE16[fmt] * ref.abs().max() + EPS[dtype] * ref.abs()
         assert not (~(err <= tol)).any(), f"worst err/tol {float((err / tol).max()):.3g}"
         return
-    check(gx, ref, gy, qw.w_hat.T, n, dtype)
+    check(gx, ref, gy, wr.T, n, dtype)
 
 
 # ---------------------------------------------------------------- every format / block / dq / path

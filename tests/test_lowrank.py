@@ -12,7 +12,7 @@ import lowbit
 from lowbit import init, ops
 from lowbit.nn import LoRALinear, QuantLinear
 
-from conftest import assert_close, int16_path_bound
+from conftest import assert_close, cpu_route_bound
 
 
 def make(n, k, fmt="nf4", block=64, dq=True, seed=0):
@@ -40,7 +40,7 @@ def test_lowrank_matches_float64(backend, dtype, m, r):
     x64, a64, b64 = x.double(), a.double(), b.double()
     expected = x64 @ w64.T + 0.5 * (x64 @ a64.T) @ b64.T + bias.double()
     scale = x64.abs() @ w64.abs().T + 0.5 * (x64.abs() @ a64.abs().T) @ b64.abs().T
-    extra = int16_path_bound(x, w64) if backend == "cpu" else 0.0
+    extra = cpu_route_bound(x, w64) if backend == "cpu" else 0.0
     assert_close(y, expected, dtype=dtype, k=k + r, scale=scale, factor=8 if dtype == torch.bfloat16 else 4, extra=extra)
 
 
@@ -125,7 +125,7 @@ def test_lora_merge_unmerge_and_multiple_adapters():
                  for n in ("default", "second"))
     expected = x64 @ w64.T + base.bias.double() + branch
     scale = x64.abs() @ w64.abs().T + base.bias.abs().double() + branch.abs()
-    assert_close(y_both, expected, dtype=torch.float32, k=132, scale=scale, extra=int16_path_bound(x, w64))
+    assert_close(y_both, expected, dtype=torch.float32, k=132, scale=scale, extra=cpu_route_bound(x, w64))
     before = base.weight.clone()
     err = layer.merge()
     assert 0 < err < 0.2 and layer.merged is not None
@@ -395,7 +395,7 @@ def test_lora_fast_path_bit_identical_to_op_path(m, r, monkeypatch):
                 cpu.set_cpu_path("auto")
             expected, scale, w64 = _dense_reference(layer, x.reshape(-1, 256))
             assert_close(y.reshape(-1, 192), expected, dtype=torch.float32, k=256 + r + 5, scale=scale,
-                         extra=int16_path_bound(x, w64))
+                         extra=cpu_route_bound(x, w64))
 
 
 def test_lora_fast_path_cache_follows_every_change():
@@ -407,7 +407,7 @@ def test_lora_fast_path_cache_follows_every_change():
             y = layer(x)
         assert torch.equal(y, _op_path(layer, x)), f"after {what}: fast path != op path"
         expected, scale, w64 = _dense_reference(layer, x)
-        assert_close(y, expected, dtype=torch.float32, k=256 + 21, scale=scale, extra=int16_path_bound(x, w64),
+        assert_close(y, expected, dtype=torch.float32, k=256 + 21, scale=scale, extra=cpu_route_bound(x, w64),
                      name=what)
         if expect_change:
             assert not torch.equal(y, check.last), f"after {what}: output did not change"
@@ -503,7 +503,7 @@ def test_lora_fast_path_dropout_and_compile():
         y = layer(x)
     assert torch.equal(y, _op_path(layer, x))
     expected, scale, w64 = _dense_reference(layer, x)
-    assert_close(y, expected, dtype=torch.float32, k=264, scale=scale, extra=int16_path_bound(x, w64))
+    assert_close(y, expected, dtype=torch.float32, k=264, scale=scale, extra=cpu_route_bound(x, w64))
     layer.train()
     with torch.no_grad():
         assert not torch.equal(layer(x), y)  # half of x's entries dropped in the branch
@@ -513,7 +513,7 @@ def test_lora_fast_path_dropout_and_compile():
     layer.dropout["default"] = torch.nn.Identity()
     with torch.no_grad():
         want = layer(torch.nn.functional.hardtanh(x, -0.1, 0.1)) - layer.base(x.clamp(-0.1, 0.1)) + layer.base(x)
-    assert_close(clipped, want, dtype=torch.float32, k=264, scale=scale, extra=2 * int16_path_bound(x, w64))
+    assert_close(clipped, want, dtype=torch.float32, k=264, scale=scale, extra=2 * cpu_route_bound(x, w64))
     layer.dropout["default"] = torch.nn.Dropout(0.5)
     layer.eval()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)

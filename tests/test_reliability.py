@@ -19,7 +19,7 @@ import lowbit
 from lowbit import ops
 from lowbit.formats import QuantizedTensor
 
-from conftest import assert_close, int16_path_bound, require_backend
+from conftest import assert_close, cpu_route_bound, require_backend
 
 # sim with one OS thread: the thread pool's own findings are tested elsewhere
 BACKENDS = [("reference", {}), ("cpu", {}), ("sim", {"schedule": "forward", "threads": 1})]
@@ -59,7 +59,7 @@ def _close(y, x, w, expected):
     documented error (applied on every backend: a wrong buffer is off by far more)."""
     w = w.dequantize(torch.float32) if isinstance(w, QuantizedTensor) else w
     scale = x.double().abs() @ w.double().abs().T
-    assert_close(y, expected, dtype=torch.float32, k=x.shape[-1], scale=scale, extra=int16_path_bound(x, w))
+    assert_close(y, expected, dtype=torch.float32, k=x.shape[-1], scale=scale, extra=cpu_route_bound(x, w))
 
 
 # ------------------------------------------------------------------------------------------ finding 1

@@ -6,9 +6,10 @@
 //   gemm_t:  gx (m, k) = gy (m, n) · dequant(W)
 //
 // Portable path: each weight row segment is decoded to fp32 exactly as cpu::dequantize does
-// (table[q] * s, or (q - z) * s, double-quant scale rebuilt first), then plain fp32 dot products /
-// axpys. Error vs x @ dequant(W).T in fp64: fp32 accumulation only, ≤ ~k · 2^-24 · Σ|x||w| worst
-// case (sequential sums), typically sqrt(k) · 2^-24 relative. Speed is not the point here (scalar,
+// (table[q] * s, or (q - z) * s, double-quant scale rebuilt first), then dot products of the fp32
+// products summed in fp64 (forward) / fp32 axpys (gemm_t). Error vs x @ dequant(W).T in fp64: the
+// forward ≈ one fp32 rounding of each product and of the output; gemm_t fp32 accumulation, ≤ ~k ·
+// 2^-24 · Σ|x||w| worst case (sequential sums), typically sqrt(k) · 2^-24 relative. Speed is not the point here (scalar,
 // ~1-2 GFLOP/s per core); it is the fallback and the second opinion the tests compare against.
 #include <omp.h>
 
@@ -78,8 +79,9 @@ void gemm_portable(const GemmParams& p, const LowrankParams* lr) {
       const float b = p.bias ? load_as_float(p.bias, p.dtype, n) : 0.0f;
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = xf.data() + m * K;
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k) acc += xr[k] * wrow[k];
+        double dacc = 0.0;  // the second opinion: fp64 sums of the fp32 products (≤ 'highest' at any K)
+        for (int64_t k = 0; k < K; ++k) dacc += double(xr[k] * wrow[k]);
+        float acc = float(dacc);
         if (lr) {
           float br = 0.0f;
           for (int64_t j = 0; j < r; ++j) br += xa[m * r + j] * load_as_float(lr->b, p.dtype, n * r + j);
@@ -125,6 +127,17 @@ void gemm_t_portable(const GemmParams& p) {
 }
 
 }  // namespace
+
+std::string gemm_route_name(DType dt, int64_t m, bool transposed) {
+#if LOWBIT_HAVE_AVX2_TU
+  if (use_avx2()) {
+    static const char* names[] = {"gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx", "amx_emulated"};
+    return names[int(gemm_route(dt, m, transposed))];
+  }
+#endif
+  (void)dt, (void)m, (void)transposed;
+  return "portable";
+}
 
 void gemm(const GemmParams& p) {
   check_gemm(p, "gemm");

@@ -35,8 +35,10 @@ void to_f32(const void* src, DType t, int64_t n, float* out) {
 // rows [rows, rows_pad) are zero-filled. k0 and kc are multiples of 32, so every run of 32
 // elements lies in one block. Same fp32 operations as cpu::dequantize (no FMA): bit-identical.
 // Cost ≈ 7 vector instructions per 8 weights (broadcast, srlv, and, 2 vpermps, blend, mul, store).
+// bf16w: each value then rounded to bf16 (RNE) and back: exactly qt.dequantize(torch.bfloat16), for
+// bf16 activations on paths without a bf16 engine (torch's bf16 matmul semantics on fp32 FMA units).
 void decode_tile_f32(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc,
-                     float* out, int64_t ld) {
+                     float* out, int64_t ld, bool bf16w = false) {
   const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
   const bool is_table = fmt_is_table(w.fmt);
   const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
@@ -58,6 +60,7 @@ void decode_tile_f32(const GemmWeight& w, int64_t n0, int rows, int rows_pad, in
         } else {
           v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), s);
         }
+        if (bf16w) v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(simd::to_bf16x8(v)), 16));
         _mm256_store_ps(o + i + j, v);
       }
     }
@@ -121,7 +124,7 @@ inline void micro_fwd(int kc, const float* xs, const float* w, int64_t ldw, floa
 // against 5.7 / 6.3; M = 32 about even).
 constexpr int64_t kGemvPassMaxM = 24;
 
-void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
+void gemm_tile(const GemmParams& p, const LowrankParams* lr, Route route) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k;
   static thread_local AlignedBuf xp_buf;  // owned by the calling thread, shared inside the region
   const int64_t mc_max = std::min<int64_t>(kMC, (M + kMR - 1) / kMR * kMR);
@@ -129,7 +132,7 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
   // int16 variant (the 'avx512' path; its pieces are in gemm_avx512.cpp): per sliver of 16 rows,
   // xq16 [K/2][16] int32 pairs, dxs [K/32][16], and for the int formats xb [K/block][16] (the
   // zero-point term's X_b).
-  const bool i16 = use_avx512();
+  const bool i16 = route == Route::tile_i16, bf16w = route == Route::tile_f32_bf16w;
   const TileQ tq = tile_q(p.w.fmt);
   const bool is_int = !fmt_is_table(p.w.fmt);
   const int64_t nbk = K / p.w.block, ngk = K / kG;
@@ -221,7 +224,7 @@ void gemm_tile(const GemmParams& p, const LowrankParams* lr) {
                           swt + g * kNR * (kKC / kG), kKC / kG, cb + g * kNR * mcp + s * kMR, mcp);
             continue;
           }
-          decode_tile_f32(p.w, n0, nv, ng * kNR, k0, kc, wt, kKC);
+          decode_tile_f32(p.w, n0, nv, ng * kNR, k0, kc, wt, kKC, bf16w);
           for (int64_t s = 0; s < nsl; ++s) {
             const float* xs = xp + (s * K + k0) * kMR;
             for (int g = 0; g < ng; ++g) {
@@ -277,14 +280,14 @@ inline void micro_t(int nn, const float* wt, int64_t ldw, const float* g, int64_
   micro_6x16<kFirst>(nn, wt, ldw, g, ldg, c, ldc);
 }
 
-void gemm_t_tile(const GemmParams& p) {
+void gemm_t_tile(const GemmParams& p, Route route) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k, nbk = K / p.w.block;
   // int16 from the forward's tile threshold on: below it gemm_t is decode-bound and the int16
   // variant's extra passes cost more than its products save (8192×28672 nf4, M = 9: 77 vs 72 ms;
   // M = 32: 112 vs 128 ms; M = 128: 315 vs 415 ms)
   // The int16 variant quantizes gy · s per group of kG consecutive n (pack_gy_i16 reads whole
   // groups): an N that is not a multiple of kG would read past gy's rows, so it takes the exact tile.
-  const bool i16 = use_avx512() && M > kGemvPassMaxM && N % kG == 0;
+  const bool i16 = route == Route::tile_i16 && N % kG == 0, bf16w = route == Route::tile_f32_bf16w;
   const TileQ tq = tile_q(p.w.fmt);
   const bool is_table = fmt_is_table(p.w.fmt);
   static thread_local AlignedBuf gy_buf;
@@ -351,7 +354,7 @@ void gemm_t_tile(const GemmParams& p) {
         }
         for (int64_t n0 = 0; n0 < N; n0 += kTN) {
           const int nn = int(std::min<int64_t>(kTN, N - n0));
-          decode_tile_f32(p.w, n0, nn, nn, k0, kt, wt, kTK);
+          decode_tile_f32(p.w, n0, nn, nn, k0, kt, wt, kTK, bf16w);
           for (int ks = 0; ks < kt; ks += 16)
             for (int64_t g = 0; g < mp / kNR; ++g) {
               float* c = cb + g * kNR * kTK + ks;
@@ -392,12 +395,59 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
   }
 }
 
+// The kernel each product runs on the paths with AVX2: the one place the precision policy, the
+// activation dtype, M and the CPU path meet (lowbit.info() reports it through _C.gemm_route).
+//   bf16 x: a bf16 engine if the path has one (else the fp32 tile on Ŵ rounded to bf16: torch's bf16
+//           matmul either way), the GEMV at small M (exact Ŵ, int16 x: more accurate than that);
+//   fp32 x: highest — the exact fp32 tile at every M; high — the GEMV at small M, then the int16
+//           tile ('avx512' and above) or the fp32 tile; medium — as high, but the bf16 engine above
+//           the GEMV's range where the path has one (x rounded to bf16);
+//   fp16 x: as fp32 under high (fp16-level error needs no more), the fp32 tile under highest.
+// Test hook (tests/test_gemm_engines.py): LOWBIT_GEMV_MAX_M=0 in the environment sends every M to the
+// tile kernels and engines, so they are tested at M = 1, 2, 3... too. Read per call (≈ 0.1 µs).
+// With a bf16 engine the GEMV keeps M ≤ kGemvEngineMaxM only: the engine's cost at small M is its panel
+// decode (≈ 1 cycle per weight once per call), the GEMV's grows with M (a pass per 8 rows). Zen 4,
+// 1 thread, 4096² nf4 + dq in L3, bf16 x, CPU-ms GEMV / engine: M = 4 2.5 / 4.8, M = 8 4.2 / 4.9,
+// M = 12 8.1 / 6.9, M = 16 8.5 / 7.2, M = 24 11.4 / ~9, M = 32 20.3 / 16.5.
+constexpr int64_t kGemvEngineMaxM = 8;
+inline int64_t gemv_max_m(bool engine) {
+  const char* e = std::getenv("LOWBIT_GEMV_MAX_M");
+  if (e && *e) return std::strtoll(e, nullptr, 10);
+  return engine ? kGemvEngineMaxM : kGemvPassMaxM;
+}
+
+Route gemm_route(DType dt, int64_t m, bool transposed) {
+  const Engine e = bf16_engine();
+  const Precision pr = matmul_precision();
+  const bool engine = e != Engine::none && (dt == DType::bf16 || (dt == DType::f32 && pr == Precision::medium));
+  const bool exact = dt != DType::bf16 && pr == Precision::highest;
+  if (!transposed && !exact && m <= gemv_max_m(engine)) return Route::gemv_i16;
+  if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
+  if (dt == DType::bf16) return Route::tile_f32_bf16w;
+  if (exact) return Route::tile_f32;
+  return use_avx512() && m > kGemvPassMaxM ? Route::tile_i16 : Route::tile_f32;
+}
+
 // The forward; with lr, the lowrank family's branch rides on the activation preparation
 // (down-projection) and on the output epilogue (up-projection) of the same kernels (docs/kernels.md).
 void gemm_avx2(const GemmParams& p, const LowrankParams* lr) {
-  if (p.m <= kGemvPassMaxM) return gemv_passes(p, lr);
-  gemm_tile(p, lr);
+  const Route r = gemm_route(p.dtype, p.m, false);
+  switch (r) {
+    case Route::gemv_i16: return gemv_passes(p, lr);
+    case Route::avx512bf16: return gemm_bf16_avx512bf16(p, lr);
+    case Route::amx: return gemm_bf16_amx(p, lr);
+    case Route::amx_emulated: return gemm_bf16_amx_emu(p, lr);
+    default: return gemm_tile(p, lr, r);
+  }
 }
-void gemm_t_avx2(const GemmParams& p) { gemm_t_tile(p); }
+void gemm_t_avx2(const GemmParams& p) {
+  const Route r = gemm_route(p.dtype, p.m, true);
+  switch (r) {
+    case Route::avx512bf16: return gemm_t_bf16_avx512bf16(p);
+    case Route::amx: return gemm_t_bf16_amx(p);
+    case Route::amx_emulated: return gemm_t_bf16_amx_emu(p);
+    default: return gemm_t_tile(p, r);
+  }
+}
 
 }  // namespace lowbit::cpu

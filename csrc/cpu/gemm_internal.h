@@ -30,6 +30,17 @@ void gemm_portable(const GemmParams& p, const LowrankParams* lr);  // gemm.cpp: 
 void gemm_avx2(const GemmParams& p, const LowrankParams* lr);
 void gemm_t_avx2(const GemmParams& p);
 
+// The kernel a product runs (gemm_avx2.cpp: gemm_route, where the rules are written down).
+enum class Route { gemv_i16, tile_f32, tile_f32_bf16w, tile_i16, avx512bf16, amx, amx_emulated };
+Route gemm_route(DType dt, int64_t m, bool transposed);
+// The bf16 engines (cpu/gemm_bf16.h): gemm / lowrank forward (lr) and gemm_t, per engine TU.
+void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // gemm_avx512bf16.cpp
+void gemm_t_bf16_avx512bf16(const GemmParams& p);
+void gemm_bf16_amx(const GemmParams& p, const LowrankParams* lr);  // gemm_amx.cpp
+void gemm_t_bf16_amx(const GemmParams& p);
+void gemm_bf16_amx_emu(const GemmParams& p, const LowrankParams* lr);  // gemm_amx_emu_avx2.cpp
+void gemm_t_bf16_amx_emu(const GemmParams& p);
+
 // gemm_avx512.cpp (use_avx512() only): the GEMV's VNNI build, and the int16 pieces of the tile
 // kernels (arguments and layouts at their definitions).
 void gemv_avx512(const GemmParams& p, const LowrankParams* lr);

@@ -33,7 +33,7 @@ __all__ = [
     # files
     "save_tensors", "load_tensors", "save_adapter", "load_adapter",
     # backends and facts
-    "use_backend", "info",
+    "use_backend", "info", "set_matmul_precision", "get_matmul_precision", "matmul_precision",
     # functional
     "linear", "lora_linear", "hadamard",
     # models
@@ -57,6 +57,27 @@ def _ptxas_kernels() -> list[dict]:
     return parse_ptxas_log(path) if os.path.exists(path) else []
 
 
+def _engine_table(c) -> dict:
+    """Which kernel each product runs on the current CPU path and precision policy, per activation
+    dtype and range of M (rows of activations): {"bfloat16": {"gemm": [("1-24", "gemv_i16"), ("25+",
+    "avx512bf16")], "gemm_t": [...]}, ...}. Read off the dispatcher itself (_C.gemm_route)."""
+    probe = list(range(1, 129))
+    out = {}
+    for name, dt in (("float32", 0), ("bfloat16", 1), ("float16", 2)):
+        rows = {}
+        for fn, transposed in (("gemm", False), ("gemm_t", True)):
+            ranges, start, cur = [], 1, c.gemm_route(dt, 1, transposed)
+            for m in probe[1:]:
+                r = c.gemm_route(dt, m, transposed)
+                if r != cur:
+                    ranges.append((f"{start}-{m - 1}" if m - 1 > start else f"{start}", cur))
+                    start, cur = m, r
+            ranges.append((f"{start}+", cur))
+            rows[fn] = ranges
+        out[name] = rows
+    return out
+
+
 def info() -> dict:
     """Build and run-time facts: version, modules built, CPU path and threads, CUDA archs and status,
     and the ptxas resource usage of every compiled CUDA kernel."""
@@ -70,7 +91,11 @@ def info() -> dict:
     if mods["cpu"]:
         c = _native.module("cpu")
         d["cpu_path"] = c.cpu_path()
+        d["cpu_paths"] = c.available_cpu_paths()
+        d["amx_status"] = c.amx_status()
         d["cpu_threads"] = c.num_threads()
+        d["matmul_precision"] = get_matmul_precision()
+        d["engines"] = _engine_table(c)
     ok, why = _native.cuda_status()
     d["cuda_available"] = ok
     d["cuda_status"] = why

@@ -1,0 +1,369 @@
+// csrc/cpu/gemm_bf16.h — the gemm family's bf16 matrix-engine kernels: gemm, gemm_t and the lowrank
+// forward on bf16 products with fp32 accumulation, as torch computes a bf16 matmul. One driver, three
+// engines, each a translation unit that includes this header with its own ISA flags (everything here
+// has internal linkage, as in gemm_internal.h):
+//
+//   gemm_avx512bf16.cpp     vdpbf16ps (AVX-512 BF16; Zen 4, Cooper Lake and later)     'avx512bf16'
+//   gemm_amx.cpp            tdpbf16ps through cpu/tile.h's intrinsics (AMX-TILE/BF16)  'amx'
+//   gemm_amx_emu_avx2.cpp   the same AMX engine over cpu/tile.h's emulator             'amx-emulated'
+//
+// The driver below uses AVX2 only (the emulated engine must run on any AVX2 CPU).
+//
+// Operands. Every product is C (M × cols) = X (M × Kc) · B (Kc × cols), fp32 C:
+//   gemm:    X = x, Kc = K, B[k][n] = Ŵ[n][k]        (cols = N)
+//   gemm_t:  X = gy, Kc = N, B[n][k] = Ŵ[n][k]       (cols = K)
+//   lowrank: first xa = x · Aᵀ (B[k][j] = A[j][k]), then the base product plus one more term
+//            (s·xa) · Bᵀ over j, accumulated into the same C (the up-projection at engine rate).
+// Ŵ is the weight decoded exactly as cpu::dequantize does in fp32, then rounded to bf16 (RNE): bit for
+// bit what qt.dequantize(torch.bfloat16) returns. X is x rounded to bf16 (RNE; exact for bf16 x).
+//
+// Layouts. X: row-major bf16, rows padded to the engine's kMR, K to a multiple of 32 (zeros). B: a
+// panel of kKC × kNC decoded per (column block, k block), in tiles of 16 k-pairs × 16 columns
+// (1 KiB: the AMX B-tile layout, pairs along k, "VNNI"), tile (ks, cg) at (ks · kNC/16 + cg) · 1 KiB.
+// vdpbf16ps reads the same tile rows as 16 fp32 lanes × a pair. C: row-major fp32 [rows][kNC].
+//
+// Loops: per block of kMC rows of x: pack X (threads share it); threads take column blocks of kNC
+// dynamically (shared cores); per column block, per k block of kKC: decode the panel (L1/L2),
+// then the engine's micro-kernel over all rows of the block. The panel is decoded once per kMC rows
+// of x: ≈ 2 vector instructions per weight against 2·kMC flops per weight.
+// Each output element is computed by one thread in a fixed order: results do not depend on the
+// number of threads. A non-finite x element reaches only its own row of C.
+#pragma once
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/gemm_internal.h"
+#include "cpu/simd_avx2.h"
+
+namespace lowbit::cpu {
+namespace {
+
+using simd::load8;
+using simd::to_bf16x8;
+using simd::unpack8;
+
+// Rows of the B operand's source: a packed weight (decoded) or a dense matrix (converted).
+struct RowSrc {
+  const GemmWeight* w = nullptr;  // quantized rows (w->n × w->k), or
+  const void* a = nullptr;        // dense rows in dtype dt, row stride ld elements
+  DType dt = DType::f32;
+  int64_t ld = 0;
+  int64_t rows = 0, cols = 0;  // outside this extent the source reads as zeros
+};
+
+#if defined(__AVX512BW__)
+// 16 fp32 → 16 bf16 (RNE, NaN stays NaN: the rule of float_to_bf16 / to_bf16x8).
+inline __m256i to_bf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// The AVX-512 decode of a quantized row: per block, the 16 (int2: 4) values a code can take are
+// computed once with the fp32 operations of cpu::dequantize and rounded to bf16 — a table of 16 bf16 —
+// then vpermw maps 32 codes to their bf16 values at once (≈ 7 instructions per 32 weights).
+inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, uint16_t* out) {
+  const int bits = fmt_bits(w.fmt);
+  const bool is_table = fmt_is_table(w.fmt);
+  const __m512 tab = _mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m4 = _mm512_set1_epi32(0xf), m2 = _mm512_set1_epi32(0x3);
+  const __m512i sh_a = _mm512_setr_epi32(6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2);
+  const __m512i sh_b = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  __m512i lut = _mm512_setzero_si512();
+  int64_t lut_block = -1;
+  // The panel decodes kKC columns of 16 rows at a time, so a row's codes arrive in short runs (128
+  // bytes at 4 bits) far apart in time: fetch the row's next run now (measured: the code loads were
+  // 25% of the engine's time at M = 8 without it).
+  const int64_t next = row * w.k + c0 + cv;
+  if (c0 + cv < w.k)
+    for (int o = 0; o < cv * bits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * bits / 8 + o), _MM_HINT_T0);
+  for (int i = 0; i < cv; i += 32) {
+    const int64_t e0 = row * w.k + c0 + i, b = e0 / w.block;
+    if (b != lut_block) {  // the block's 16 possible values, exactly as dequantize(bf16) makes them
+      const __m512 sc = _mm512_set1_ps(weight_scale(w, b));
+      const __m512 v = is_table ? _mm512_mul_ps(tab, sc) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(w.zero[b])), sc);
+      lut = _mm512_castsi256_si512(to_bf16x16(v));
+      lut_block = b;
+    }
+    __m512i idx;  // 16 dwords = 32 int16 code indices in element order (element 2p low, 2p + 1 high)
+    if (bits == 4) {  // byte j: element 2j in the high nibble
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + e0 / 2)));
+      idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, m4), 16));
+    } else {  // byte j: elements 4j..4j+3 in bits 7-6, 5-4, 3-2, 1-0; pair p from byte p / 2
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + e0 / 4));
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(q, q));
+      idx = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(d, sh_a), m2),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(d, sh_b), m2), 16));
+    }
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, lut));
+  }
+}
+#endif
+
+// Row `row`, columns [c0, c0 + cn) of src → bf16; c0 and cn multiples of 32.
+inline void src_row_bf16(const RowSrc& s, int64_t row, int64_t c0, int cn, uint16_t* out) {
+  const int cv = row < s.rows ? int(std::clamp<int64_t>(s.cols - c0, 0, cn)) : 0;
+#if defined(__AVX512BW__)
+  if (s.w && cv > 0) {
+    row_bf16_lut(*s.w, row, c0, cv, out);
+    std::memset(out + cv, 0, sizeof(uint16_t) * size_t(cn - cv));
+    return;
+  }
+#endif
+  if (s.w && cv > 0) {  // cv is a multiple of 32 (k % block == 0): each run of 32 lies in one block
+    const GemmWeight& w = *s.w;
+    const int bits = fmt_bits(w.fmt), per_byte = 8 / bits;
+    const bool is_table = fmt_is_table(w.fmt);
+    const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
+    const __m256 t_lo = _mm256_loadu_ps(table), t_hi = _mm256_loadu_ps(table + 8);
+    for (int i = 0; i < cv; i += 32) {
+      const int64_t e0 = row * w.k + c0 + i, b = e0 / w.block;
+      const __m256 sc = _mm256_set1_ps(weight_scale(w, b));
+      const __m256 z = _mm256_set1_ps(is_table ? 0.0f : w.zero[b]);
+      const uint8_t* src = w.codes + e0 / per_byte;
+      for (int j = 0; j < 32; j += 8) {
+        const __m256i idx = unpack8(src + j / per_byte, bits);
+        __m256 v;
+        if (is_table) {  // the fp32 operations of cpu::dequantize (no FMA), then RNE to bf16
+          const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx), hi = _mm256_permutevar8x32_ps(t_hi, idx);
+          v = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))), sc);
+        } else {
+          v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), sc);
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + j), to_bf16x8(v));
+      }
+    }
+  } else if (cv > 0) {
+    int i = 0;
+    for (; i + 8 <= cv; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_bf16x8(load8(s.a, s.dt, row * s.ld + c0 + i)));
+    for (; i < cv; ++i) out[i] = float_to_bf16(load_as_float(s.a, s.dt, row * s.ld + c0 + i));
+  }
+  std::memset(out + cv, 0, sizeof(uint16_t) * size_t(cn - cv));
+}
+
+// dst[c][r] = src[r][c] for an 8 × 8 block of 32-bit elements.
+inline void transpose8x8(const int32_t* src, int64_t lds, int32_t* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * lds)));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 u[8];
+  for (int h = 0; h < 8; h += 4) {
+    u[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0x44);
+    u[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0xee);
+    u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * ldd), _mm256_castps_si256(r[i]));
+}
+
+// The panel for C columns [j0, j0 + nc) × contraction [k0, k0 + kc) when B[k][j] = src[j][k]
+// (gemm, the lowrank branch): 16 source rows at a time into tmp (16 × kc bf16), then each 16 × 16
+// block of k-pairs transposed into its tile.
+inline void panel_rows(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, uint16_t* tmp, int32_t* panel) {
+  const int ncg = nc / 16;
+  for (int cg = 0; cg < ncg; ++cg) {
+    for (int r = 0; r < 16; ++r) src_row_bf16(s, j0 + cg * 16 + r, k0, kc, tmp + r * kc);
+    const int32_t* t32 = reinterpret_cast<const int32_t*>(tmp);  // [16 columns][kc / 2 pairs]
+    for (int ks = 0; ks < kc / 32; ++ks) {
+      int32_t* tile = panel + (int64_t(ks) * ncg + cg) * 256;  // [16 pairs][16 columns]
+      for (int tb = 0; tb < 2; ++tb)
+        for (int cb = 0; cb < 2; ++cb)
+          transpose8x8(t32 + cb * 8 * (kc / 2) + ks * 16 + tb * 8, kc / 2, tile + tb * 8 * 16 + cb * 8, 16);
+    }
+  }
+}
+
+// The panel when B[k][j] = src[k][j] (gemm_t: the contraction runs over W's rows): source rows k0 + 2p
+// and k0 + 2p + 1 interleaved into row p % 16 of the tiles of step p / 16.
+inline void panel_cols(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, uint16_t* tmp, int32_t* panel) {
+  const int ncg = nc / 16;
+  for (int pr = 0; pr < kc / 2; ++pr) {
+    src_row_bf16(s, k0 + 2 * pr, j0, nc, tmp);
+    src_row_bf16(s, k0 + 2 * pr + 1, j0, nc, tmp + nc);
+    int32_t* row = panel + int64_t(pr / 16) * ncg * 256 + (pr % 16) * 16;
+    for (int cg = 0; cg < ncg; ++cg) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp + cg * 16));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp + nc + cg * 16));
+      const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + cg * 256), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + cg * 256 + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+  }
+}
+
+// Row m of a dtype matrix (cols valid, row stride ld) → bf16, zero-padded to kp.
+inline void pack_row_bf16(const void* x, DType dt, int64_t ld, int64_t m, int64_t cols, int64_t kp, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= cols; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_bf16x8(load8(x, dt, m * ld + i)));
+  for (; i < cols; ++i) out[i] = float_to_bf16(load_as_float(x, dt, m * ld + i));
+  std::memset(out + cols, 0, sizeof(uint16_t) * size_t(kp - cols));
+}
+
+// C (+)= X · B for one term of a product: X packed bf16 (row stride ldx, kp columns), B from src.
+struct Term {
+  const uint16_t* x;
+  int64_t ldx, kp;
+  RowSrc src;
+  bool cols;  // B[k][j] = src[k][j] (panel_cols) instead of src[j][k] (panel_rows)
+};
+
+template <class E>
+struct Scratch {  // per thread
+  AlignedBufT<int32_t> panel_buf;
+  AlignedBufT<uint16_t> tmp_buf;
+  AlignedBuf c_buf;
+};
+
+// One column block [j0, j0 + kNC) of C for rows [0, mp): the terms' k blocks in order.
+template <class E>
+void column_block(const Term* terms, int nterms, int64_t mp, int64_t j0, Scratch<E>& sc, float* c) {
+  int32_t* panel = sc.panel_buf.get(size_t(E::kKC) * E::kNC / 2);
+  uint16_t* tmp = sc.tmp_buf.get(size_t(16) * std::max(E::kKC, E::kNC));
+  bool first = true;
+  for (int t = 0; t < nterms; ++t) {
+    const Term& T = terms[t];
+    for (int64_t k0 = 0; k0 < T.kp; k0 += E::kKC) {
+      const int kc = int(std::min<int64_t>(E::kKC, T.kp - k0));
+      if (T.cols) panel_cols(T.src, j0, E::kNC, k0, kc, tmp, panel);
+      else panel_rows(T.src, j0, E::kNC, k0, kc, tmp, panel);
+      for (int64_t m0 = 0; m0 < mp; m0 += E::kMR) E::micro(first, T.x + m0 * T.ldx + k0, T.ldx, panel, kc, c + m0 * E::kNC, E::kNC);
+      first = false;
+    }
+  }
+}
+
+// Rows [0, mv) × columns [j0, j0 + nv) of C (+ bias) → out (row stride ld, dtype dt).
+inline void store_rows(const float* c, int64_t ldc, int64_t mv, int nv, const void* bias, DType dt, void* out,
+                       int64_t ld, int64_t j0) {
+  for (int64_t m = 0; m < mv; ++m) {
+    const float* cm = c + m * ldc;
+    int j = 0;
+    for (; j + 8 <= nv; j += 8) {
+      __m256 v = _mm256_loadu_ps(cm + j);
+      if (bias) v = _mm256_add_ps(v, load8(bias, dt, j0 + j));
+      simd::store8(out, dt, m * ld + j0 + j, v);
+    }
+    for (; j < nv; ++j) store_from_float(out, dt, m * ld + j0 + j, cm[j] + (bias ? load_as_float(bias, dt, j0 + j) : 0.0f));
+  }
+}
+
+// Packed x rows are kRowPad elements (64 bytes) longer than their data: with K a multiple of 2048
+// the rows of a micro-kernel's 8 (32) rows would otherwise all map to the same L1 sets.
+constexpr int64_t kRowPad = 32;
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+inline size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
+
+// gemm / lowrank forward on engine E (lr: the branch, see the top of this file).
+template <class E>
+void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;  // K % 32 == 0 (block ≥ 32)
+  const int r = lr ? lr->r : 0;
+  const int64_t rp = round_up(r, 32);
+  const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
+  const int64_t ldx = K + kRowPad;
+  static thread_local AlignedBufT<uint16_t> x_buf, xa_buf;
+  uint16_t* xb = x_buf.get(size_t(mc * ldx));
+  uint16_t* xab = lr ? xa_buf.get(size_t(mc * (rp + kRowPad))) : nullptr;
+  RowSrc wsrc;
+  wsrc.w = &p.w;
+  wsrc.rows = N;
+  wsrc.cols = K;
+  RowSrc asrc, bsrc;
+  if (lr) {
+    asrc.a = lr->a, asrc.dt = p.dtype, asrc.ld = K, asrc.rows = r, asrc.cols = K;
+    bsrc.a = lr->b, bsrc.dt = p.dtype, bsrc.ld = r, bsrc.rows = N, bsrc.cols = r;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += E::kMC) {
+    const int64_t mv = std::min<int64_t>(E::kMC, M - m0), mp = round_up(mv, E::kMR);
+#pragma omp parallel
+    {
+      static thread_local Scratch<E> sc;
+      float* c = sc.c_buf.get(size_t(mp) * E::kNC);
+      E::thread_init();
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < mp; ++m) {
+        if (m < mv) pack_row_bf16(p.x, p.dtype, K, m0 + m, K, K, xb + m * ldx);
+        else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(K));
+        if (lr) std::memset(xab + m * (rp + kRowPad), 0, sizeof(uint16_t) * size_t(rp));
+      }
+      if (lr) {  // xa = x · Aᵀ: the xa output (dtype), and s·xa in bf16 as the branch's X
+        const Term ta{xb, ldx, K, asrc, false};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t j0 = 0; j0 < r; j0 += E::kNC) {
+          column_block<E>(&ta, 1, mp, j0, sc, c);
+          const int nv = int(std::min<int64_t>(E::kNC, r - j0));
+          for (int64_t m = 0; m < mv; ++m)
+            for (int j = 0; j < nv; ++j) {
+              const float v = c[m * E::kNC + j];
+              store_from_float(lr->xa, p.dtype, (m0 + m) * r + j0 + j, v);
+              xab[m * (rp + kRowPad) + j0 + j] = float_to_bf16(lr->s * v);
+            }
+        }
+      }
+      const Term terms[2] = {{xb, ldx, K, wsrc, false}, {xab, rp + kRowPad, rp, bsrc, false}};
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t j0 = 0; j0 < N; j0 += E::kNC) {
+        column_block<E>(terms, lr ? 2 : 1, mp, j0, sc, c);
+        store_rows(c, E::kNC, mv, int(std::min<int64_t>(E::kNC, N - j0)), p.bias, p.dtype,
+                   static_cast<char*>(p.y) + size_t(m0 * N) * dtype_size(p.dtype), N, j0);
+      }
+      E::thread_done();
+    }
+  }
+}
+
+// gemm_t on engine E: gx (M, K) = gy (M, N) · Ŵ.
+template <class E>
+void gemm_t_bf16(const GemmParams& p) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;
+  const int64_t np = round_up(N, 32), ldx = np + kRowPad;
+  const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
+  static thread_local AlignedBufT<uint16_t> x_buf;
+  uint16_t* xb = x_buf.get(size_t(mc * ldx));
+  RowSrc wsrc;
+  wsrc.w = &p.w;
+  wsrc.rows = N;
+  wsrc.cols = K;
+  for (int64_t m0 = 0; m0 < M; m0 += E::kMC) {
+    const int64_t mv = std::min<int64_t>(E::kMC, M - m0), mp = round_up(mv, E::kMR);
+#pragma omp parallel
+    {
+      static thread_local Scratch<E> sc;
+      float* c = sc.c_buf.get(size_t(mp) * E::kNC);
+      E::thread_init();
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < mp; ++m) {
+        if (m < mv) pack_row_bf16(p.x, p.dtype, N, m0 + m, N, np, xb + m * ldx);
+        else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(np));
+      }
+      const Term t{xb, ldx, np, wsrc, true};
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t j0 = 0; j0 < K; j0 += E::kNC) {
+        column_block<E>(&t, 1, mp, j0, sc, c);
+        store_rows(c, E::kNC, mv, int(std::min<int64_t>(E::kNC, K - j0)), nullptr, p.dtype,
+                   static_cast<char*>(p.y) + size_t(m0 * K) * dtype_size(p.dtype), K, j0);
+      }
+      E::thread_done();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lowbit::cpu

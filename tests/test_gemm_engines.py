@@ -1,0 +1,316 @@
+"""The bf16 matrix engines (csrc/cpu/gemm_bf16.h) and the precision policy (lowbit.set_matmul_precision).
+
+Every engine the machine can run is tested: 'amx-emulated' everywhere (the AMX kernel code over the
+tile emulator of csrc/cpu/tile.h), 'avx512bf16' and 'amx' where the CPU has them. The references are
+float64 products of the same rounded operands: bf16-rounded x (and A, B of the lowrank branch) and
+``qt.dequantize(torch.bfloat16)``, the weight the engines decode. ``LOWBIT_GEMV_MAX_M=0`` sends every
+M to the engines (the small-M GEMV would take M <= 24 otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import _native
+from lowbit.ops.gemm import gemm_t
+from lowbit.ops.lowrank import lowrank_op
+
+pytestmark = pytest.mark.skipif("cpu" not in _native._modules, reason="lowbit._C not built")
+if "cpu" in _native._modules:
+    _C = _native.module("cpu")
+    ENGINES = [p for p in ("amx-emulated", "avx512bf16", "amx") if p in _C.available_cpu_paths()]
+else:  # pragma: no cover
+    _C, ENGINES = None, []
+FMTS = ("nf4", "fp4", "int4", "int2")
+ROUTE = {"amx-emulated": "amx_emulated", "avx512bf16": "avx512bf16", "amx": "amx"}
+
+
+@pytest.fixture
+def engine_path(request, monkeypatch):
+    """Force a CPU path and every M onto the tile kernels; restore both after."""
+    monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "0")
+    old = _C.cpu_path()
+    _C.set_cpu_path(request.param)
+    yield request.param
+    _C.set_cpu_path(old)
+
+
+def quantized(n, k, fmt, block, dq, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, :: max(1, k // 7)] *= 8.0  # outlier columns
+    return lowbit.quantize(w, lowbit.QuantSpec(fmt, block, double_quant=dq))
+
+
+def bf16_ref(a: torch.Tensor) -> torch.Tensor:
+    return a.to(torch.bfloat16).double()
+
+
+def assert_bf16_out(y, ref, scale):
+    """bf16 output: round to nearest even (≤ 2^-9 relative) after an fp32 sum (≤ 1e-5 of the scale here)."""
+    err = (y.double() - ref).abs()
+    tol = 2.0 ** -8 * ref.abs() + 1e-5 * scale
+    assert bool((err <= tol).all()), f"worst err/tol {float((err / tol).max()):.3g}"
+
+
+def assert_f32_out(y, ref, rel):
+    err = float((y.double() - ref).abs().max())
+    assert err <= rel * float(ref.abs().max()), f"max|err|/max|ref| = {err / float(ref.abs().max()):.3g} > {rel}"
+
+
+# ---------------------------------------------------------------- bf16 activations: torch's bf16 matmul
+CASES = [  # (fmt, block, double quant): every format, every block, dq on and off
+    ("nf4", 64, True), ("nf4", 32, False), ("fp4", 128, True), ("fp4", 256, False),
+    ("int4", 32, False), ("int4", 256, True), ("int2", 64, False), ("int2", 128, True),
+]
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt,block,dq", CASES)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 17, 33, 128, 300])
+def test_engine_gemm_bf16(engine_path, fmt, block, dq, m):
+    k = block * 3  # an odd multiple of the block; N too (odd M), or 200 (no multiple of 16 or 32)
+    n = block * 3 if m % 2 else 200
+    qt = quantized(n, k, fmt, block, dq, seed=m)
+    g = torch.Generator().manual_seed(100 + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    assert _C.gemm_route(1, m, False) == ROUTE[engine_path]
+    y = lowbit.linear(x, qt, bias)
+    wd = qt.dequantize(torch.bfloat16).double()
+    ref = x.double() @ wd.T + bias.double()
+    assert y.dtype == torch.bfloat16
+    assert_bf16_out(y, ref, float((x.double().abs() @ wd.abs().T).max()))
+    # gemm_t: gx = gy · Ŵ, contraction over N (odd or not a multiple of 32: zero-padded)
+    gy = torch.randn(m, n, generator=g).to(torch.bfloat16)
+    assert _C.gemm_route(1, m, True) == ROUTE[engine_path]
+    gx = gemm_t(gy, qt)
+    rt = gy.double() @ wd
+    assert_bf16_out(gx, rt, float((gy.double().abs() @ wd.abs()).max()))
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m", [1, 17, 130])
+def test_engine_fp32_accumulation(engine_path, fmt, m):
+    """fp32 x under 'medium' runs the engine on bf16(x): against the float64 product of the same
+    rounded operands only fp32 accumulation error remains (≤ 1e-5 of max|ref| at K = 768)."""
+    n, k, block = 96 + 40, 768, 64
+    qt = quantized(n, k, fmt, block, True, seed=3)
+    g = torch.Generator().manual_seed(m)
+    x, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    wd = qt.dequantize(torch.bfloat16).double()
+    with lowbit.matmul_precision("medium"):
+        assert _C.gemm_route(0, m, False) == ROUTE[engine_path]
+        y, gx = lowbit.linear(x, qt), gemm_t(gy, qt)
+    assert y.dtype == torch.float32
+    assert_f32_out(y, bf16_ref(x) @ wd.T, 1e-5)
+    assert_f32_out(gx, bf16_ref(gy) @ wd, 1e-5)
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt,block,dq", [("nf4", 64, True), ("int4", 32, False), ("int2", 256, True)])
+@pytest.mark.parametrize("m,r", [(1, 1), (5, 16), (33, 40), (130, 96)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_engine_lowrank(engine_path, fmt, block, dq, m, r, dtype):
+    """lowrank forward: xa = x·Aᵀ on the engine (fp32 sums of bf16 products), the branch (s·xa rounded
+    to bf16)·Bᵀ accumulated with the base in fp32 — as PEFT on a bf16 model computes it, more
+    accurately (one rounding of s·xa where PEFT rounds xa, the product and the sum)."""
+    n, k = 3 * block + 8, 3 * block
+    qt = quantized(n, k, fmt, block, dq, seed=r)
+    g = torch.Generator().manual_seed(m + r)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    a = (torch.randn(r, k, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    s = 0.75
+    ctx = lowbit.matmul_precision("medium")
+    with ctx:
+        y, xa = lowrank_op(x, *lowbit.ops.weight_args(qt), a, b, s, bias, n, k, block, fmt)
+    wd = qt.dequantize(torch.bfloat16).double()
+    xr, ar, br = bf16_ref(x), bf16_ref(a), bf16_ref(b)
+    xa_ref = xr @ ar.T
+    ref = xr @ wd.T + s * (xa_ref @ br.T) + bias.double()
+    branch = float((s * (xa_ref.abs() @ br.abs().T)).max())
+    scale = float((xr.abs() @ wd.abs().T).max())
+    if dtype == torch.bfloat16:
+        assert_bf16_out(xa, xa_ref, float((xr.abs() @ ar.abs().T).max()))
+        err, tol = (y.double() - ref).abs(), 2.0 ** -8 * ref.abs() + 1e-5 * scale + 2.0 ** -8 * branch
+        assert bool((err <= tol).all()), f"worst err/tol {float((err / tol).max()):.3g}"
+    else:
+        assert_f32_out(xa, xa_ref, 1e-5)
+        err = float((y.double() - ref).abs().max())
+        assert err <= 1e-5 * scale + 2.0 ** -8 * branch
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_engine_nonfinite_row_stays(engine_path):
+    n, k = 100, 256
+    qt = quantized(n, k, "nf4", 64, True, seed=1)
+    x = torch.randn(40, k).to(torch.bfloat16)
+    x[3, 17], x[21, 200] = float("nan"), float("inf")
+    y = lowbit.linear(x, qt)
+    bad = ~torch.isfinite(y)
+    assert bool(bad[3].all()) and bool(bad[21].any())
+    assert not bool(bad[[i for i in range(40) if i not in (3, 21)]].any())
+    gy = torch.randn(40, n).to(torch.bfloat16)
+    gy[5, 9] = float("nan")
+    gx = gemm_t(gy, qt)
+    assert bool(torch.isnan(gx[5]).all()) and bool(torch.isfinite(gx[torch.arange(40) != 5]).all())
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_engine_thread_count_independent(engine_path):
+    """Each output element is computed by one thread in one order: the bits do not depend on threads."""
+    n, k = 300, 512
+    qt = quantized(n, k, "int4", 128, False, seed=2)
+    x, gy = torch.randn(70, k).to(torch.bfloat16), torch.randn(70, n).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append((lowbit.linear(x, qt), gemm_t(gy, qt)))
+    finally:
+        torch.set_num_threads(old)
+    for y, gx in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(gx, outs[0][1])
+
+
+@pytest.mark.skipif(not {"amx-emulated", "avx512bf16"} <= set(ENGINES), reason="needs two engines to compare")
+def test_engines_agree():
+    """Two engines, one contract: on the same operands their fp32 results differ only by the order of
+    fp32 accumulation."""
+    n, k = 160, 1024
+    qt = quantized(n, k, "fp4", 64, True, seed=4)
+    x = torch.randn(50, k)
+    ys = {}
+    for p in ("amx-emulated", "avx512bf16"):
+        _C.set_cpu_path(p)
+        try:
+            with lowbit.matmul_precision("medium"):
+                ys[p] = lowbit.linear(x, qt).double()
+        finally:
+            _C.set_cpu_path("auto")
+    ref = bf16_ref(x) @ qt.dequantize(torch.bfloat16).double().T
+    assert_f32_out(ys["amx-emulated"], ref, 1e-5)
+    assert_f32_out(ys["avx512bf16"], ref, 1e-5)
+
+
+# ---------------------------------------------------------------- the precision policy
+def test_policy_api():
+    assert lowbit.get_matmul_precision() == "high"
+    with lowbit.matmul_precision("medium"):
+        assert lowbit.get_matmul_precision() == "medium" and _C.matmul_precision() == 2
+        with pytest.raises(RuntimeError):
+            with lowbit.matmul_precision("highest"):
+                raise RuntimeError("restored on an exception too")
+        assert lowbit.get_matmul_precision() == "medium"
+    assert lowbit.get_matmul_precision() == "high" and _C.matmul_precision() == 1
+    for bad in ("low", "HIGH", None, 1):
+        with pytest.raises(ValueError, match="precision must be one of"):
+            lowbit.set_matmul_precision(bad)
+    assert lowbit.get_matmul_precision() == "high"
+
+
+POLICY_BOUND = {"highest": 1e-6, "high": 2e-4, "medium": 1e-2}
+
+
+def _paths_for_policy():
+    return [p for p in ("portable", "avx2", "avx512", "avx512bf16", "amx", "amx-emulated")
+            if p in _C.available_cpu_paths()] if _C else []
+
+
+@pytest.mark.parametrize("path", _paths_for_policy())
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+@pytest.mark.parametrize("m", [1, 40])
+def test_policy_error_bounds(path, precision, m):
+    """fp32 activations, K = 4096: each policy's documented bound on max|err|/max|ref| against the
+    float64 product on the exact dequantized weight, on every path (what each path runs: gemm_route)."""
+    n, k = 64, 4096
+    qt = quantized(n, k, "nf4", 64, True, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7))
+    ref = x.double() @ qt.dequantize().double().T
+    _C.set_cpu_path(path)
+    try:
+        with lowbit.matmul_precision(precision):
+            route = _C.gemm_route(0, m, False)
+            y = lowbit.linear(x, qt)
+    finally:
+        _C.set_cpu_path("auto")
+    rel = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert rel <= POLICY_BOUND[precision], f"{path} {precision} M={m} ({route}): {rel:.3g}"
+    if precision == "highest":
+        assert route in ("tile_f32", "portable")
+    if precision == "medium" and m > 24 and path in ROUTE:
+        assert route == ROUTE[path]
+
+
+def test_policy_fp16_never_bf16():
+    """fp16 activations keep fp16-level error: never the bf16 engine, whatever the policy."""
+    for precision in ("highest", "high", "medium"):
+        with lowbit.matmul_precision(precision):
+            for m in (1, 100):
+                assert _C.gemm_route(2, m, False) not in ("avx512bf16", "amx", "amx_emulated")
+                assert _C.gemm_route(2, m, True) not in ("avx512bf16", "amx", "amx_emulated")
+
+
+def test_bf16_without_engine_rounds_weight():
+    """On a path without a bf16 engine, bf16 x still computes on Ŵ = dequantize(bf16) (the fp32 tile
+    on the bf16-rounded weight): the result is torch's bf16 matmul up to accumulation order."""
+    paths = [p for p in ("avx2", "avx512") if p in _C.available_cpu_paths()]
+    if not paths:
+        pytest.skip("no AVX2 path")
+    qt = quantized(96, 512, "nf4", 64, True, seed=9)
+    x = torch.randn(50, 512).to(torch.bfloat16)
+    gy = torch.randn(50, 96).to(torch.bfloat16)
+    wd = qt.dequantize(torch.bfloat16).double()
+    for p in paths:
+        _C.set_cpu_path(p)
+        try:
+            assert _C.gemm_route(1, 50, False) == "tile_f32_bf16w"
+            y, gx = lowbit.linear(x, qt), gemm_t(gy, qt)
+        finally:
+            _C.set_cpu_path("auto")
+        assert_bf16_out(y, x.double() @ wd.T, float((x.double().abs() @ wd.abs().T).max()))
+        assert_bf16_out(gx, gy.double() @ wd, float((gy.double().abs() @ wd.abs()).max()))
+
+
+def test_info_reports_engines():
+    d = lowbit.info()
+    assert d["matmul_precision"] == "high"
+    assert d["cpu_path"] in d["cpu_paths"]
+    eng = d["engines"]
+    assert set(eng) == {"float32", "bfloat16", "float16"}
+    for dt, rows in eng.items():
+        assert rows["gemm"] and rows["gemm_t"]
+        for rng, route in rows["gemm"]:
+            assert route in ("gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx",
+                             "amx_emulated", "portable")
+    assert ("amx" in d["cpu_paths"]) == (d["amx_status"] == "")
+
+
+def test_amx_unavailable_is_explained():
+    if "amx" in _C.available_cpu_paths():
+        pytest.skip("AMX runs here")
+    with pytest.raises(ValueError, match="not available"):
+        _C.set_cpu_path("amx")
+    assert _C.amx_status()  # the reason, e.g. no AMX in CPUID
+
+
+def test_policy_is_process_wide_in_a_subprocess():
+    """A fresh process starts at 'high'; the setter reaches the kernels there too."""
+    code = ("import lowbit, torch\n"
+            "c = lowbit._native.module('cpu')\n"
+            "assert lowbit.get_matmul_precision() == 'high' and c.matmul_precision() == 1\n"
+            "lowbit.set_matmul_precision('highest')\n"
+            "assert c.gemm_route(0, 1, False) in ('tile_f32', 'portable')\n")
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
