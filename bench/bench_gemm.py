@@ -15,7 +15,8 @@ ratios. The machine is shared and noisy: compare ratios measured in the same run
     python -m lowbit bench gemm --quick
 
 --precision runs every lowbit row once per listed policy (lowbit.set_matmul_precision; rows named
-"lowbit nf4+dq medium"), so the int16 (`high`) and int8 (`medium`) GEMVs print next to each other.
+"lowbit nf4+dq medium"), so the int16 (`high`) and int8 (`medium`) GEMVs print next to each other
+(nf4 takes the int8 GEMV only with LOWBIT_GEMV_I8_NF4=1 in the environment; docs/kernels.md).
 --in-cache times one copy of each weight (it stays in the L3 when it fits: the compute-bound regime
 of big-L3 servers) instead of rotating copies through DRAM.
 """

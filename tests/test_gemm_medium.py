@@ -2,10 +2,11 @@
 against a dense fp64 product on the dequantized weight. Self-contained like test_gemm_cpu.py, whose
 weight builder and helpers it reuses.
 
-Under `medium`, fp32 x with M <= 24 on the 'avx512' path (AVX-512 VNNI) is quantized to int8 per group of
-32 (x̂ off by <= 0.5/127 of the group max per element), nf4 weights become round(T·112)/112 (off by
-<= 0.5/112 of the block absmax), int4/int2 weights stay exact; fp4 keeps the int16 GEMV (no int8 image
-of its table is both exact and faster). So, per output (docs/kernels.md):
+Under `medium`, fp32 x at the GEMV's M (route gemv_i16: M <= 24, or <= 8 on paths with a bf16 engine) on a
+VNNI path is quantized to int8 per group of 32 (x̂ off by <= 0.5/127 of the group max per element) for
+int4/int2 weights (exact), and for nf4 with LOWBIT_GEMV_I8_NF4=1 (opt-in; set here by the `medium`
+fixture), whose weights become round(T·112)/112 (off by <= 0.5/112 of the block absmax); fp4, and nf4
+by default, keep the int16 GEMV. So, per output (docs/kernels.md):
 
   |y - y_ref| <= 4 * (2^-24·sqrt(k)·||x∘w|| + EX8·||xg∘w|| + EW8·||x∘absmax||) + eps(dtype)·|y_ref|
 
@@ -32,11 +33,19 @@ VNNI = "avx512" in PATHS
 
 
 @pytest.fixture
-def medium():
+def medium(monkeypatch):
+    """The `medium` policy, with nf4 on the int8 GEMV too (LOWBIT_GEMV_I8_NF4=1, read per call)."""
+    monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
     old = _C.matmul_precision()
     _C.set_matmul_precision(MEDIUM)
     yield
     _C.set_matmul_precision(old)
+
+
+def int8_route(m):
+    """Whether fp32 x of M = m runs the GEMV under the current policy and path, and that GEMV is the int8
+    one (a VNNI path: 'avx512' and above)."""
+    return VNNI and _C.cpu_path() not in ("portable", "avx2") and _C.gemm_route(0, m, False) == "gemv_i16"
 
 
 def tol_medium(x, qw, k, dtype, r_term=None):
@@ -102,7 +111,7 @@ def test_medium_policy_bound(medium, fmt, m):
     ref = x.double() @ qw.w_hat.double().T
     rel = float((gemm(x, qw).double() - ref).abs().max() / ref.abs().max())
     assert rel <= 1e-2, rel
-    if VNNI and _C.cpu_path() not in ("portable", "avx2"):
+    if int8_route(m):
         y_med = gemm(x, qw)
         _C.set_matmul_precision(HIGH)
         y_high = gemm(x, qw)
@@ -252,3 +261,28 @@ def test_medium_lowrank_zero_scale_is_the_gemm(medium, m):
     """s = 0: the fused branch leaves the int8 GEMV's base product bit-for-bit unchanged."""
     qw, x, a, b, bias, y, _ = run_lowrank(m, 96, 256, 8, "int4", 64, False, s=0.0, seed=m)
     assert torch.equal(y, gemm(x, qw, bias))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_medium_nf4_fp4_default_is_int16(fmt, m, monkeypatch):
+    """Without LOWBIT_GEMV_I8_NF4, nf4 (and fp4 always) keep the int16 GEMV under `medium`: the same bits
+    as `high`; with it, nf4 runs the int8 GEMV (a different, larger error) on a VNNI path."""
+    monkeypatch.delenv("LOWBIT_GEMV_I8_NF4", raising=False)
+    qw = QW(96, 1024, fmt, 64, True, seed=m)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m + 1000))
+    old = _C.matmul_precision()
+    try:
+        _C.set_matmul_precision(HIGH)
+        y_high = gemm(x, qw)
+        _C.set_matmul_precision(MEDIUM)
+        assert torch.equal(gemm(x, qw), y_high)
+        monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
+        y_opt = gemm(x, qw)
+        if fmt == "fp4" or not int8_route(m):
+            assert torch.equal(y_opt, y_high)
+        else:
+            assert not torch.equal(y_opt, y_high)
+            check_medium(y_opt, x.double() @ qw.w_hat.double().T, x, qw)
+    finally:
+        _C.set_matmul_precision(old)

@@ -2,7 +2,8 @@
 // policy, gemv_i8 (with the lowrank family's branch fused in): int8 activations and `vpdpbusd`,
 // llama.cpp's way. Built only into gemm_gemv_i8_avx512.cpp (AVX-512 F/BW/VL/VNNI flags, 256-bit
 // vectors like the int16 VNNI GEMV), called by gemv_passes (gemm_avx2.cpp) when
-//   matmul_precision() == medium  &&  x is fp32  &&  use_avx512()  &&  W is not fp4 (gemv_i8_applies).
+//   matmul_precision() == medium  &&  x is fp32  &&  use_avx512()  &&  W is int4 / int2 (gemv_i8_applies;
+//   nf4 too with LOWBIT_GEMV_I8_NF4=1: see "nf4 is opt-in" below).
 // It reuses the int16 GEMV's machinery (cpu/gemm_gemv_i16.h, included first with LOWBIT_GEMV_VNNI):
 // the double-quant scale tables, the chunk-scale broadcasts, the low-rank down-projection, its
 // publication protocol and deferred epilogue. Everything here has internal linkage too.
@@ -18,8 +19,15 @@
 //    the policy's 1e-2). The exact alternative, the positive and negative parts of T·192 against x and
 //    −x (two vpshufb + two vpdpbusd per 32 weights), was built and measured as slow as the int16 GEMV
 //    (1 thread, 1024×2048 in L2, M = 1: 0.068 vs 0.070 ms; nf4 here 0.054): no gain, so fp4 stays there.
+//  * nf4 weights, unless LOWBIT_GEMV_I8_NF4=1: the kernel below handles them (table image round(T·112)
+//    + 128) and is tested, but its error, ≈ 0.6% rms per weight from the image on top of the int8
+//    activations' ≈ 0.5%, measures 0.5–1.0e-2 max |err| / max |ref| (1.0008e-2 on
+//    tests/test_gemm_engines.py's weight, M = 1, N = 64): at the policy's 1e-2 with no margin. Exact
+//    alternatives (the table's positive and negative parts, or |T|·253 with vpsignb on x) cost two more
+//    ops per 32 weights and run as slow as the int16 GEMV (fp4's measurement above), so nf4 keeps the
+//    int16 GEMV by default. Opt-in until the policy, or finer x groups (docs/kernels.md), settle it.
 //  * AVX2-only CPUs (no VNNI): they keep the int16 GEMV under `medium`. `vpmaddubsw` saturates its
-//    int16 pair sums: with the +128 offset table image below (bytes up to 255) times x up to 127 a pair
+//    int16 pair sums: with the +128 offset table image below (bytes up to 240) times x up to 127 a pair
 //    reaches 2·240·127 > 32767, so nf4 would need the `vpsignb` trick (two more ops per 32
 //    weights and row of x), plus a widening `vpmaddwd` per register on the same two FMA pipes; the
 //    measured int16 numbers on Zen 3 (docs/kernels.md) left too little to gain for the extra path.
