@@ -10,8 +10,15 @@ in-run streaming-read bandwidth (torch sum over 1 GiB) as the roofline, and the 
 ratios. The machine is shared and noisy: compare ratios measured in the same run.
 
     python bench/bench_gemm.py [--quick] [--threads 2] [--json out.json] [--plot out.png]
+    python bench/bench_gemm.py --precision high,medium --in-cache --shapes 4096x4096 --ms 1,8,24 --lowbit-only
     python bench/bench_gemm.py --bf16 [--quick]    # the matrix-engine table (issue 13): bf16 activations
     python -m lowbit bench gemm --quick
+
+--precision runs every lowbit row once per listed policy (lowbit.set_matmul_precision; rows named
+"lowbit nf4+dq medium"), so the int16 (`high`) and int8 (`medium`) GEMVs print next to each other
+(nf4 takes the int8 GEMV only with LOWBIT_GEMV_I8_NF4=1 in the environment; docs/kernels.md).
+--in-cache times one copy of each weight (it stays in the L3 when it fits: the compute-bound regime
+of big-L3 servers) instead of rotating copies through DRAM.
 """
 
 from __future__ import annotations
@@ -63,10 +70,13 @@ class Stream:
         return statistics.median(self.samples)
 
 
+IN_CACHE = [False]  # --in-cache: one copy, no rotation
+
+
 def rotating(make, nbytes: int):
     """Copies of a weight so that one pass over all of them exceeds 2x the L3; returns a callable
     giving the next copy (cold-cache timing of weights that would otherwise stay in L3)."""
-    n = max(1, math.ceil(2 * L3_BYTES / max(nbytes, 1)))
+    n = 1 if IN_CACHE[0] else max(1, math.ceil(2 * L3_BYTES / max(nbytes, 1)))
     copies = [make() for _ in range(n)]
     state = {"i": 0}
 
@@ -78,7 +88,7 @@ def rotating(make, nbytes: int):
 
 
 # ---------------------------------------------------------------------------- implementations
-def lowbit_impl(w, fmt, dq):
+def lowbit_impl(w, fmt, dq, precision="high"):
     qt = lowbit.quantize(w, fmt, BLOCK, dq)
     n, k = w.shape
     nbytes = sum(t.numel() * t.element_size() for t in (qt.codes, qt.scale, qt.zero, qt.scale_q, qt.scale_nested)
@@ -94,8 +104,11 @@ def lowbit_impl(w, fmt, dq):
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
+    pid = lowbit.ops.PRECISIONS.index(precision)
+
     def run(x, y, wt=None):
         codes, scale, zero, sq, sn = wt or nxt()
+        C.set_matmul_precision(pid)  # process-wide: set per call, the rows alternate
         C.gemm(x.data_ptr(), y.data_ptr(), 0, DTYPE_ID[x.dtype], x.shape[0], n, k, codes.data_ptr(), ptr(scale),
                ptr(zero), ptr(sq), ptr(sn), off, BLOCK, FMT_ID[fmt])
         return y
@@ -110,8 +123,10 @@ def lowbit_impl(w, fmt, dq):
         ref = x.double() @ w_hat.T
         return float((y - ref).abs().max() / ref.abs().max())
 
-    return {"name": f"lowbit {fmt}" + ("+dq" if dq else ""), "bytes": nbytes, "make_call": make_call,
-            "validate": validate, "dtype": torch.float32, "tol": 1e-3}
+    name = f"lowbit {fmt}" + ("+dq" if dq else "") + ("" if precision == "high" else f" {precision}")
+    # medium: int8 activations (docs/kernels.md: max |err| / max |ref| ≈ 5-9e-3, the policy allows 1e-2)
+    return {"name": name, "bytes": nbytes, "make_call": make_call, "validate": validate,
+            "dtype": torch.float32, "tol": 1e-2 if precision == "medium" else 1e-3}
 
 
 def torch_dense_impl(w, dtype):
@@ -254,8 +269,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of weight-GB/s vs M per shape (needs matplotlib)")
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--precision", default="high",
+                    help="comma list of lowbit.set_matmul_precision policies to time lowbit under, e.g. high,medium")
+    ap.add_argument("--in-cache", action="store_true", help="no rotated copies: weights stay in the L3 if they fit")
+    ap.add_argument("--shapes", default=None, help="comma list of NxK (default: the model shapes)")
+    ap.add_argument("--ms", default=None, help="comma list of M (default: 1,8,32,128,512)")
+    ap.add_argument("--lowbit-only", action="store_true", help="time lowbit's rows only (no torch / bnb peers)")
     ap.add_argument("--bf16", action="store_true", help="the bf16-activation / matrix-engine table instead")
     args = ap.parse_args(argv)
+    IN_CACHE[0] = args.in_cache
+    precisions = args.precision.split(",")
+    for p in precisions:
+        if p not in lowbit.ops.PRECISIONS:
+            raise SystemExit(f"--precision: {p!r} is not one of {lowbit.ops.PRECISIONS}")
     print(_timing.machine_line())
     torch.set_num_threads(args.threads)
     if args.bf16:
@@ -266,7 +292,11 @@ def main(argv=None) -> int:
         return 0
     budget = args.budget or (0.4 if args.quick else 1.0)
     plan = [((8192, 28672), [1]), ((4096, 4096), [1, 128, 512])] if args.quick else [(s, MS) for s in SHAPES]
-    print(f"lowbit {lowbit.__version__}, cpu path {lowbit._C.cpu_path()}, {args.threads} threads, torch {torch.__version__}")
+    if args.shapes or args.ms:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+        plan = [(s, [int(m) for m in args.ms.split(",")] if args.ms else MS) for s in shapes]
+    print(f"lowbit {lowbit.__version__}, cpu path {lowbit._C.cpu_path()}, {args.threads} threads, torch {torch.__version__}, "
+          f"precision {','.join(precisions)}, weights {'in cache (one copy)' if args.in_cache else 'rotated through DRAM'}")
     stream = Stream()
     print(f"streaming read bandwidth (start): {stream.sample(5):.1f} GB/s")
 
@@ -274,9 +304,11 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     for (n, k), ms in plan:
         w = torch.randn(n, k, generator=gen) * 0.02
-        impls = [lowbit_impl(w, "nf4", True), lowbit_impl(w, "int4", False), lowbit_impl(w, "int2", False),
-                 torch_dense_impl(w, torch.float32), torch_dense_impl(w, torch.bfloat16), torch_int4_impl(w)]
-        if not args.no_bnb:
+        impls = [lowbit_impl(w, f, dq, p) for f, dq in (("nf4", True), ("int4", False), ("int2", False))
+                 for p in precisions]
+        if not args.lowbit_only:
+            impls += [torch_dense_impl(w, torch.float32), torch_dense_impl(w, torch.bfloat16), torch_int4_impl(w)]
+        if not args.no_bnb and not args.lowbit_only:
             impls.append(bnb_impl(w))
         impls = [i for i in impls if i is not None]
         del w
@@ -292,7 +324,7 @@ def main(argv=None) -> int:
                 rows.append({"shape": [n, k], "m": m, "impl": im["name"], "validation_rel_err": err})
         print(f"\n== W {n}x{k} (N x K) validated (max |err| / max |ref| <= tol for every implementation); "
               f"stream {stream.sample():.1f} GB/s")
-        print(f"{'M':>4} {'impl':<14} {'ms':>9} {'GFLOP/s':>8} {'wGB/s':>7}")
+        print(f"{'M':>4} {'impl':<22} {'ms':>9} {'GFLOP/s':>8} {'wGB/s':>7}")
         for m in ms:
             for im in impls:
                 if m not in im.get("only_m", (m,)):
@@ -303,10 +335,11 @@ def main(argv=None) -> int:
                 r = {"shape": [n, k], "m": m, "impl": im["name"], "ms": t * 1e3, "gflops": 2 * m * n * k / t / 1e9,
                      "weight_gbs": im["bytes"] / t / 1e9, "weight_bytes": im["bytes"]}
                 rows.append(r)
-                print(f"{m:>4} {im['name']:<14} {t * 1e3:9.3f} {r['gflops']:8.1f} {r['weight_gbs']:7.1f}", flush=True)
+                print(f"{m:>4} {im['name']:<22} {t * 1e3:9.3f} {r['gflops']:8.1f} {r['weight_gbs']:7.1f}", flush=True)
             if m == 1:
                 print(f"     stream {stream.sample():.1f} GB/s")
         del impls
+    lowbit._C.set_matmul_precision(lowbit.ops.PRECISIONS.index(lowbit.get_matmul_precision()))
     bw = stream.median()
     print(f"\nin-run streaming read bandwidth: median {bw:.1f} GB/s over {len(stream.samples)} samples "
           f"(min {min(stream.samples):.1f}, max {max(stream.samples):.1f})")

@@ -73,10 +73,11 @@ def path(request):
 class QW:
     """A quantized (n, k) weight in the canonical layout, built with lowbit._C.quantize."""
 
-    def __init__(self, n, k, fmt, block, double_quant, seed=0):
+    def __init__(self, n, k, fmt, block, double_quant, seed=0, outliers=True):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(n, k, generator=g) * 0.05
-        w[:, :: max(1, k // 7)] *= 8.0  # a few outlier columns
+        if outliers:
+            w[:, :: max(1, k // 7)] *= 8.0  # a few outlier columns
         bits = 2 if fmt == "int2" else 4
         nb = n * k // block
         self.n, self.k, self.fmt, self.block = n, k, fmt, block

@@ -389,7 +389,8 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
       l.g = q;
       l.xa = static_cast<char*>(lr->xa) + size_t(m0 * lr->r) * es;
     }
-    if (use_avx512()) gemv_avx512(q, lr ? &l : nullptr);
+    if (gemv_i8_applies(q)) gemv_i8_avx512(q, lr ? &l : nullptr);  // `medium`: int8 x, vpdpbusd
+    else if (use_avx512()) gemv_avx512(q, lr ? &l : nullptr);
     else gemv_i16(q, lr ? &l : nullptr);
   }
 }

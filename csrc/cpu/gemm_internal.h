@@ -44,6 +44,10 @@ void gemm_t_bf16_amx_emu(const GemmParams& p);
 // gemm_avx512.cpp (use_avx512() only): the GEMV's VNNI build, and the int16 pieces of the tile
 // kernels (arguments and layouts at their definitions).
 void gemv_avx512(const GemmParams& p, const LowrankParams* lr);
+// gemm_gemv_i8_avx512.cpp: the int8-activation GEMV (vpdpbusd) of the `medium` policy, and when it
+// applies (use_avx512(), `medium`, fp32 x, not fp4).
+bool gemv_i8_applies(const GemmParams& p);
+void gemv_i8_avx512(const GemmParams& p, const LowrankParams* lr);
 void pack_x_i16(const float* v, int64_t K, float qx, int32_t* xq, float* dx, float* gsum);
 void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc, float qw,
                      int32_t* out, int64_t ld, float* sw, int64_t lds);
