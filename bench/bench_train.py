@@ -201,10 +201,12 @@ def train_step(model, opt, ids: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def timed_step(model, opt, ids: torch.Tensor) -> tuple[float, float]:
-    t0 = time.perf_counter()
+def timed_step(model, opt, ids: torch.Tensor) -> tuple[float, float, float]:
+    """(loss, wall seconds, process CPU seconds). On a loaded machine the wall time swings with the other jobs;
+    the CPU time (all threads) swings less but counts OpenMP spin-waiting: report both."""
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = train_step(model, opt, ids)
-    return loss, time.perf_counter() - t0
+    return loss, time.perf_counter() - t0, time.process_time() - c0
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -323,7 +325,7 @@ def run(dense: torch.nn.Module, model_dir: str, ids: torch.Tensor, args, log=pri
         f"bit in every layer -> {'ok' if aligned else 'FAIL (max rel diff %.2e)' % w2['dequant_max_rel_diff']}")
 
     # ---- 2. loss curves: references (one at a time, to keep memory down), then lowbit and the peer
-    curves, times = {}, {"lowbit": [], "peer": []}
+    curves, times, cpu = {}, {"lowbit": [], "peer": []}, {"lowbit": [], "peer": []}
     for key, compute in (("ref_hi", hi_dtype), ("ref_lo", dtype)):
         t1 = time.perf_counter()
         ref = ref_model(dense, lb, dtype, compute, args.r, args.alpha)
@@ -334,11 +336,14 @@ def run(dense: torch.nn.Module, model_dir: str, ids: torch.Tensor, args, log=pri
             f"{n_val} steps in {time.perf_counter() - t1:.1f} s")
     opt_lb, opt_pe = lowbit_opt(trainable(lb), args.lr), peer_opt(trainable(peer), args.lr)
     curves["lowbit"], curves["peer"] = [], []
-    for b in batches[:n_val]:
+    for t, b in enumerate(batches[:n_val]):
         for key, model, opt in (("lowbit", lb, opt_lb), ("peer", peer, opt_pe)):
-            loss, dt = timed_step(model, opt, b)
+            loss, dt, dc = timed_step(model, opt, b)
             curves[key].append(loss)
             times[key].append(dt)
+            cpu[key].append(dc)
+        log(f"  step {t}: lowbit {curves['lowbit'][-1]:.5f} ({times['lowbit'][-1]:.1f} s), peer {curves['peer'][-1]:.5f} "
+            f"({times['peer'][-1]:.1f} s)")
     tol = curve_tolerance(curves["ref_hi"], curves["ref_lo"], dtype)
     fails = check_curves(curves, tol)
     res.update(curves=curves, tolerance=tol, validation_step_s=times)
@@ -359,19 +364,23 @@ def run(dense: torch.nn.Module, model_dir: str, ids: torch.Tensor, args, log=pri
     # ---- 3. time: alternate lowbit and peer step by step; the validation steps were the warm-up
     for b in batches[n_val:]:
         for key, model, opt in (("lowbit", lb, opt_lb), ("peer", peer, opt_pe)):
-            loss, dt = timed_step(model, opt, b)
+            loss, dt, dc = timed_step(model, opt, b)
             times[key].append(dt)
+            cpu[key].append(dc)
             if not math.isfinite(loss):
                 log(f"FAIL: {key} loss {loss} during timing")
                 res["validated"] = False
                 return False, res
     timed = {k: v[n_val:] for k, v in times.items()}
-    res["step_s"] = timed
+    timed_cpu = {k: v[n_val:] for k, v in cpu.items()}
+    res.update(step_s=timed, cpu_step_s=timed_cpu, validation_cpu_s=cpu)
     if n_time:
         for k in ("lowbit", "peer"):
             res[f"{k}_step_s"] = statistics.median(timed[k])
+            res[f"{k}_cpu_step_s"] = statistics.median(timed_cpu[k])
             res[f"{k}_tokens_per_s"] = statistics.median(tokens / t for t in timed[k])
         res["speedup"] = statistics.median(p / a for a, p in zip(timed["lowbit"], timed["peer"]))
+        res["cpu_speedup"] = statistics.median(p / a for a, p in zip(timed_cpu["lowbit"], timed_cpu["peer"]))
     if args.profile:
         res["profile"] = {k: profile_step(model, opt, batches[0], log, k)
                           for k, model, opt in (("lowbit", lb, opt_lb), ("peer", peer, opt_pe))}
@@ -468,12 +477,12 @@ def main(argv=None) -> int:
         print(f"\nQLoRA training step, SmolLM2-135M, nf4 block 64 double quant, LoRA r={args.r} on the 7 projections, "
               f"{args.dtype}, {args.batch} x {args.seq} tokens, {args.threads} threads; medians of {args.steps} "
               f"alternated steps after {args.val_steps} validated ones")
-        print(f"  {'implementation':<44} {'s/step':>8} {'tokens/s':>9}")
-        print(f"  {'lowbit (quantize_model + add_lora + AdamW8bit)':<44} {res['lowbit_step_s']:8.2f} "
-              f"{res['lowbit_tokens_per_s']:9.1f}")
-        print(f"  {'PEFT + bitsandbytes 4-bit + bnb AdamW8bit':<44} {res['peer_step_s']:8.2f} "
-              f"{res['peer_tokens_per_s']:9.1f}")
-        print(f"  lowbit / peer tokens/s (median of per-pair ratios): {res['speedup']:.2f}x")
+        print(f"  {'implementation':<48} {'s/step':>8} {'tokens/s':>9} {'CPU s/step':>11}")
+        for k, label in (("lowbit", "lowbit (quantize_model + add_lora + AdamW8bit)"),
+                         ("peer", "PEFT + bitsandbytes 4-bit + bnb AdamW8bit")):
+            print(f"  {label:<48} {res[k + '_step_s']:8.2f} {res[k + '_tokens_per_s']:9.1f} {res[k + '_cpu_step_s']:11.2f}")
+        print(f"  lowbit / peer tokens/s (median of per-pair ratios): {res['speedup']:.2f}x wall, "
+              f"{res['cpu_speedup']:.2f}x CPU time")
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:
