@@ -62,3 +62,22 @@ def machine_line() -> str:
     except Exception as e:  # the bench still runs; the line says why the path is unknown
         path = f"unknown ({type(e).__name__})"
     return f"machine: {name} (family {family}, model {model}), {os.cpu_count()} CPUs, lowbit cpu path {path}"
+
+
+# SIMD / matrix-engine flags worth naming next to a CPU figure (/proc/cpuinfo spelling)
+_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> str:
+    """The SIMD and matrix-engine flags of this CPU that lowbit's paths care about, e.g.
+    ``"avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16"`` (``"?"`` where /proc/cpuinfo is unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    return " ".join(x for x in _FEATURES if x in flags) or "none of " + " ".join(_FEATURES)
+    except OSError:
+        pass
+    return "?"
