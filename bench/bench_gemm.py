@@ -214,9 +214,23 @@ def bf16_table(args) -> list[dict]:
           f"precision {d['matmul_precision']}")
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     ms = [8, 32, 128, 512] if args.quick else [1, 8, 32, 128, 512, 2048]
+    if args.ms_bf16:
+        ms = [int(v) for v in args.ms_bf16.split(",")]
     budget = args.budget or (0.5 if args.quick else 1.5)
     rows = []
     gen = torch.Generator().manual_seed(0)
+    if args.cpu_time:  # CPU seconds of this process: robust to other jobs on a shared machine (use --threads 1)
+        def timeit(fn, budget):
+            fn()
+            ts = []
+            for _ in range(max(3, min(15, int(budget / 0.05)))):
+                t0 = time.process_time()
+                fn()
+                ts.append(time.process_time() - t0)
+            return statistics.median(ts)
+        print(f"timing: median CPU time of this process ({args.threads} thread(s)), not wall time")
+    else:
+        timeit = globals()["timeit"]
     for n, k in shapes:
         w = torch.randn(n, k, generator=gen) * 0.02
         wb = w.to(torch.bfloat16)
@@ -276,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=None, help="comma list of M (default: 1,8,32,128,512)")
     ap.add_argument("--lowbit-only", action="store_true", help="time lowbit's rows only (no torch / bnb peers)")
     ap.add_argument("--bf16", action="store_true", help="the bf16-activation / matrix-engine table instead")
+    ap.add_argument("--cpu-time", action="store_true", help="--bf16: time by process CPU time (shared machines)")
+    ap.add_argument("--ms-bf16", default=None, help="--bf16: comma-separated M values")
     args = ap.parse_args(argv)
     IN_CACHE[0] = args.in_cache
     precisions = args.precision.split(",")
