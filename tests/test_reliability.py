@@ -307,3 +307,39 @@ def test_f1_qwha_inference_reads_csr_views_by_their_strides():
     with lowbit.use_backend("reference"):
         z = lowbit.hadamard(x.double(), 1.0 / k)
     torch.testing.assert_close(y.double(), 0.5 * z @ f.T, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ finding 9
+# int4/int2 blocks whose range exceeds fp32: s = (max - min) / qmax is inf, every value dequantized
+# NaN, and with double quant the backends disagreed (the reference's offset NaN, the kernels' 0).
+# The answer on every backend: ValueError naming the block and its range.
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_f9_int_block_range_beyond_fp32_is_refused(be, fmt, double_quant):
+    w = torch.randn(4, 64)
+    w[2, 40], w[2, 41] = 3e38, -3e38  # both finite, max - min = 6e38 > 3.4e38
+    with pytest.raises(ValueError, match=r"w: block 5 \(row 2, columns 32\.\.63\).*-3e\+38, 3e\+38"):
+        lowbit.quantize(w, fmt, 32, double_quant)
+
+
+def test_f9_double_quant_scale_mean_overflow_is_refused(be):
+    w = torch.zeros(2, 64)
+    w[0, 0], w[1, 0] = 3.4e38, -3.3e38  # nf4 absmaxes are finite; their fp32 mean overflows
+    with pytest.raises(ValueError, match="double_quant.*mean.*overflows"):
+        lowbit.quantize(w, "nf4", 64, True)
+    qt = lowbit.quantize(w, "nf4", 64, False)  # without double quant the weight is representable
+    assert torch.equal(qt.dequantize()[:, 0], torch.tensor([3.4e38, -3.3e38]))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_f9_large_finite_int_range_still_agrees_with_the_reference(be, fmt):
+    """Just inside the limit (max - min = 3e38) the weight quantizes, finitely, as the reference does."""
+    w = torch.randn(2, 64)
+    w[0, 3], w[0, 4] = 1.5e38, -1.5e38
+    qt = lowbit.quantize(w, fmt, 32)
+    with lowbit.use_backend("reference"):
+        want = lowbit.quantize(w, fmt, 32)
+    assert qt.equal(want)
+    d = qt.dequantize()
+    assert torch.isfinite(d).all()
+    assert (d[0, :32].double() - w[0, :32].double()).abs().max() <= qt.scale[0].double() * 0.51
