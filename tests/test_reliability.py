@@ -343,3 +343,156 @@ def test_f9_large_finite_int_range_still_agrees_with_the_reference(be, fmt):
     d = qt.dequantize()
     assert torch.isfinite(d).all()
     assert (d[0, :32].double() - w[0, :32].double()).abs().max() <= qt.scale[0].double() * 0.51
+
+
+# use_backend's schedule= / threads= were process-wide while the backend name was per thread: another
+# thread's launches ran with them, and `threads=1.5` / a seed past 2**64 gave 1 / IndexError. Now they
+# belong to the `with` block (this thread, this context) and nothing process-wide changes.
+def _racy(sim, n=128):
+    """The simulator's deliberate race (no second barrier): its output is a fingerprint of the schedule."""
+    import numpy as np
+    out = np.zeros(n, np.int32)
+    sim.simt_test("racy", [out.ctypes.data], [0, n])
+    return out
+
+
+def test_f9_use_backend_sim_settings_stay_in_their_thread():
+    import threading
+    require_backend("sim")
+    from lowbit import _sim
+    before = _sim.get_config()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        with lowbit.use_backend("sim", schedule="reverse", threads=3):
+            seen["worker"] = lowbit.quantize(torch.randn(8, 64), "nf4", 64)
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert inside.wait(60)
+        assert _sim.get_config() == before  # was ('reverse', 3) for the whole process
+        with lowbit.use_backend("sim"):
+            w = torch.randn(8, 64)
+            got = lowbit.quantize(w, "nf4", 64)
+        with lowbit.use_backend("reference"):
+            assert got.equal(lowbit.quantize(w, "nf4", 64))
+    finally:
+        release.set()
+        t.join()
+    assert _sim.get_config() == before
+
+
+def test_f9_configure_thread_schedule_holds_for_the_calling_thread_only():
+    import threading
+    import numpy as np
+    require_backend("sim")
+    from lowbit import _sim
+    before = _sim.get_config()
+    try:
+        prints = {}
+        for s in ("forward", "reverse"):
+            _sim.configure(s, 1)
+            prints[s] = _racy(_sim)
+        assert not np.array_equal(prints["forward"], prints["reverse"])  # the fingerprint tells them apart
+        _sim.configure("forward", 1)
+        _sim.configure_thread("reverse", -1)
+        try:
+            assert np.array_equal(_racy(_sim), prints["reverse"])
+            other = {}
+            t = threading.Thread(target=lambda: other.setdefault("out", _racy(_sim)))
+            t.start()
+            t.join()
+            assert np.array_equal(other["out"], prints["forward"])  # another thread: the process-wide one
+        finally:
+            _sim.configure_thread("", -1)
+        assert np.array_equal(_racy(_sim), prints["forward"])
+    finally:
+        _sim.configure(*before)
+
+
+def test_f9_use_backend_ends_with_the_block_however_it_is_left():
+    require_backend("sim")
+    from lowbit import _native, _sim
+    before = _sim.get_config()
+    with pytest.raises(KeyError):
+        with lowbit.use_backend("sim", schedule="random:3", threads=2):
+            raise KeyError("boom")
+
+    def gen():
+        with lowbit.use_backend("sim", threads=2):
+            yield _native._sim_config.get()
+
+    g = gen()
+    assert next(g) == ("", 2)
+    g.close()  # a generator abandoned inside the block
+    with lowbit.use_backend("sim", schedule="reverse"):
+        with lowbit.use_backend("sim", threads=4):  # inherits the schedule it does not set
+            assert _native._sim_config.get() == ("reverse", 4)
+        assert _native._sim_config.get() == ("reverse", -1)
+    assert _native._sim_config.get() is None and _native._backend.get() is None
+    assert _sim.get_config() == before
+
+
+def test_f9_use_backend_sim_threads_take_effect():
+    """The thread count reaches the launches (the pool grows to threads - 1 helpers) and ends with the block."""
+    require_backend("sim")
+    r = _isolated("""
+        import os, torch, lowbit
+        from lowbit import _sim
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        _sim.configure("forward", 1)
+        w = torch.randn(64, 256)
+        lowbit.quantize(w, "nf4", 64)
+        with lowbit.use_backend("sim"):
+            lowbit.quantize(w, "nf4", 64)
+        base = tasks()
+        with lowbit.use_backend("sim", threads=5):
+            lowbit.quantize(w, "nf4", 64)
+            grown = tasks()
+        with lowbit.use_backend("sim"):
+            lowbit.quantize(w, "nf4", 64)
+        print("counts", base, grown, tasks())
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, grown, after = map(int, r.stdout.split("counts")[1].split())
+    assert grown == base + 4 and after == base, r.stdout
+
+
+@pytest.mark.parametrize("kw, exc", [({"schedule": "random:99999999999999999999999"}, ValueError),
+                                     ({"schedule": "random:"}, ValueError), ({"schedule": 7}, TypeError),
+                                     ({"threads": 1.5}, TypeError), ({"threads": True}, TypeError),
+                                     ({"threads": "2"}, TypeError), ({"threads": -1}, ValueError),
+                                     ({"threads": 2 ** 40}, ValueError)])
+def test_f9_use_backend_bad_settings_name_the_argument(kw, exc):
+    require_backend("sim")
+    name = next(iter(kw))
+    with pytest.raises(exc, match=name):
+        with lowbit.use_backend("sim", **kw):
+            pass
+
+
+# pybind11's "incompatible function arguments" listed every argument's value: for the kernels, the
+# raw addresses of the tensors. The door (lowbit._native.call) names the arguments instead.
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+@pytest.mark.parametrize("bad, match", [(("scale_offset", 1j), "scale_offset is a complex, not a float"),
+                                        (("block", 2 ** 40), "out of the range of its C\\+\\+ integer type: block=1099511627776"),
+                                        (("m", "3"), "m is a str, not an int"),
+                                        (("x", 1.5), "x \\(an address\\) is a float, not an int"),
+                                        (("fmt", 2 ** 70), "fmt=1180591620717411303424 is out of the int64 range")])
+def test_f9_native_argument_errors_name_arguments_not_addresses(backend, bad, match):
+    from lowbit._native import call
+    require_backend(backend)
+    qt = _weight(16, 64)
+    x, y = torch.randn(3, 64), torch.empty(3, 16)
+    args = {"x": x.data_ptr(), "y": y.data_ptr(), "bias": 0, "dtype": 0, "m": 3, "n": 16, "k": 64,
+            "codes": qt.codes.data_ptr(), "scale": qt.scale.data_ptr(), "zero": 0, "scale_q": 0, "scale_nested": 0,
+            "scale_offset": 0.0, "block": 32, "fmt": 0}
+    args[bad[0]] = bad[1]
+    with pytest.raises(TypeError, match=match) as e:
+        call(backend, "gemm", *args.values())
+    for t in (x, y, qt.codes, qt.scale):
+        assert str(t.data_ptr()) not in str(e.value) and hex(t.data_ptr()) not in str(e.value)
+    assert "Invoked with" not in str(e.value)
