@@ -462,7 +462,8 @@ def test_f9_use_backend_sim_threads_take_effect():
 
 
 @pytest.mark.parametrize("kw, exc", [({"schedule": "random:99999999999999999999999"}, ValueError),
-                                     ({"schedule": "random:"}, ValueError), ({"schedule": 7}, TypeError),
+                                     ({"schedule": "random:"}, ValueError), ({"schedule": ""}, ValueError),
+                                     ({"schedule": 7}, TypeError),
                                      ({"threads": 1.5}, TypeError), ({"threads": True}, TypeError),
                                      ({"threads": "2"}, TypeError), ({"threads": -1}, ValueError),
                                      ({"threads": 2 ** 40}, ValueError)])
@@ -496,3 +497,130 @@ def test_f9_native_argument_errors_name_arguments_not_addresses(backend, bad, ma
     for t in (x, y, qt.codes, qt.scale):
         assert str(t.data_ptr()) not in str(e.value) and hex(t.data_ptr()) not in str(e.value)
     assert "Invoked with" not in str(e.value)
+
+
+# Scalars the kernels take as fp32: 10**400 was an OverflowError, a 2-element tensor a RuntimeError, and
+# lowrank took NaN / inf / 1e300 (inf in fp32) and returned NaN.
+@pytest.mark.parametrize("scale, exc", [(float("nan"), ValueError), (float("inf"), ValueError), (1e300, ValueError),
+                                        (10 ** 400, ValueError), (torch.tensor([1.0, 2.0]), TypeError),
+                                        (1j, TypeError), (True, TypeError), ("1", TypeError)],
+                         ids=["nan", "inf", "1e300", "1e400", "tensor2", "complex", "bool", "str"])
+def test_f9_scalar_arguments_are_finite_fp32_reals(be, scale, exc):
+    x = torch.randn(3, 64)
+    with pytest.raises(exc, match="scale"):
+        lowbit.hadamard(x, scale)
+    qt, a, b = _weight(16, 64), torch.randn(4, 64), torch.randn(16, 4)
+    with pytest.raises(exc, match="scale"):
+        lowbit.functional.lora_linear(x, qt, a, b, scale)
+
+
+def test_f9_scalar_arguments_as_one_element_tensors_still_work(be):
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(lowbit.hadamard(x, torch.tensor(0.125)), lowbit.hadamard(x, 0.125))
+    qt, a, b = _weight(16, 64), torch.randn(4, 64), torch.randn(16, 4)
+    torch.testing.assert_close(lowbit.functional.lora_linear(x, qt, a, b, torch.tensor(0.5)),
+                               lowbit.functional.lora_linear(x, qt, a, b, 0.5))
+
+
+# Optimizer state dicts: a missing 'param_groups' was a KeyError, betas=(1,) an IndexError at the next
+# step(), step=10**400 an OverflowError there, and state under an id of no parameter was kept aside
+# while the parameter it meant silently restarted from zero moments.
+def _optim_corruptions():
+    yield "not_a_dict", lambda sd: [sd], TypeError
+    yield "no_param_groups", lambda sd: {k: v for k, v in sd.items() if k != "param_groups"}, ValueError
+    yield "no_state", lambda sd: {k: v for k, v in sd.items() if k != "state"}, ValueError
+    yield "groups_not_list", lambda sd: {**sd, "param_groups": 5}, ValueError
+    yield "group_without_params", lambda sd: {**sd, "param_groups": [{"lr": 1e-3}]}, ValueError
+    yield "short_betas", lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "betas": (0.9,)}]}, ValueError
+    yield "nan_beta", lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "betas": (0.9, float("nan"))}]}, \
+        ValueError
+    yield "huge_step", lambda sd: {**sd, "state": {0: {**sd["state"][0], "step": 10 ** 400}}}, ValueError
+    yield "unknown_id", lambda sd: {**sd, "state": {7: sd["state"][0]}}, ValueError
+    yield "state_not_dict", lambda sd: {**sd, "state": [sd["state"][0]]}, TypeError
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", [n for n, _, _ in _optim_corruptions()])
+def test_f9_optimizer_load_state_dict_errors_are_value_or_type_errors(bits, name):
+    import copy
+    from lowbit.optim import AdamW
+    mutate, exc = {n: (m, e) for n, m, e in _optim_corruptions()}[name]
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW([p], optim_bits=bits)
+    p.grad = torch.randn(5000)
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+    with pytest.raises(exc):
+        opt.load_state_dict(mutate(copy.deepcopy(good)))
+    # refused whole: the optimizer still holds its state and steps on
+    assert all(torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v
+               for k, v in before.items())
+    opt.step()
+    assert opt.state[p]["step"] == 2 and torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------------------------------------ native guards
+# The second line: the 8-bit and optimizer entry points of _C and the CUDA launchers (_sim) check their
+# own arguments (include/lowbit/check.h) and raise ValueError naming them, whoever calls them. Called
+# directly here (the ops would refuse these first); in a subprocess, since before the checks some of
+# these calls crashed (dequantize8 with block=-10) or divided by zero (block=0).
+_NATIVE_GUARD_SCRIPT = r"""
+import sys
+import numpy as np
+import lowbit
+from lowbit import _native
+mod = _native.module(sys.argv[1])
+extra = () if sys.argv[1] == "cpu" else (0,)
+q, a, o = np.zeros(512, np.uint8), np.zeros(16, np.float32), np.zeros(512, np.float32)
+Q, A, O = q.ctypes.data, a.ctypes.data, o.ctypes.data
+cases = [
+    ("dequantize8", (Q, A, 300, -10, True, 0.0, O), "block=-10"),
+    ("dequantize8", (Q, A, 300, 0, True, 0.0, O), "block=0"),
+    ("dequantize8", (Q, A, -5, 64, True, 0.0, O), "numel=-5"),
+    ("dequantize8", (Q, 0, 300, 64, True, 0.0, O), "missing"),
+    ("quantize8", (O, 300, 0, True, 0.0, Q, A), "block=0"),
+    ("quantize8", (O, 300, -3, True, 0.0, Q, A), "block=-3"),
+    ("quantize8", (O, -1, 64, True, 0.0, Q, A), "numel=-1"),
+    ("quantize8", (O, 300, 64, True, 0.0, 0, A), "missing"),
+    ("quantize", (O, 0, 512, 64, 7, Q, A, 0), "fmt=7"),
+    ("quantize", (O, 9, 512, 64, 0, Q, A, 0), "dtype=9"),
+    ("quantize", (O, 0, 512, 48, 0, Q, A, 0), "block=48"),
+    ("quantize", (O, 0, 500, 64, 0, Q, A, 0), "numel=500"),
+    ("quantize", (O, 0, 512, 64, 2, Q, A, 0), "zero"),
+    ("dequantize", (Q, A, 0, 0, 0, 0.0, O, 0, 512, 64, -1), "fmt=-1"),
+    ("dequantize", (Q, A, 0, 0, 0, 0.0, O, 3, 512, 64, 0), "dtype=3"),
+    ("dequantize", (Q, A, 0, 0, 0, 0.0, O, 0, 512, -64, 0), "block=-64"),
+    ("dequantize", (Q, 0, 0, 0, 0, 0.0, O, 0, 512, 64, 0), "scale"),
+    ("adamw32", (O, 0, O, 0, O, 0, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1.), "missing"),
+    ("adamw32", (O, 5, O, 5, O, O, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1.), "dtype=5"),
+    ("adamw32", (O, 0, O, 0, O, O, -2, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1.), "numel=-2"),
+    ("adamw8", (O, 0, O, 0, Q, A, Q, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 9), "rounding=9"),
+    ("adamw8", (O, 0, O, 0, Q, A, 0, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 0), "missing"),
+    ("adamw8", (O, 0, O, 7, Q, A, Q, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 0), "g_dtype=7"),
+]
+bad = []
+for fn, args, name in cases:
+    try:
+        getattr(mod, fn)(*args, *extra)
+    except ValueError as e:
+        if name not in str(e):
+            bad.append(f"{fn}{args}: ValueError without {name!r}: {e}")
+    except BaseException as e:
+        bad.append(f"{fn}{args}: {type(e).__name__}: {e}")
+    else:
+        bad.append(f"{fn}{args}: accepted")
+print("\n".join(bad) if bad else "guards ok", len(cases))
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+def test_native_entry_points_check_their_own_arguments(backend, tmp_path):
+    require_backend(backend)
+    script = tmp_path / "guards.py"
+    script.write_text(_NATIVE_GUARD_SCRIPT)
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, str(script), backend], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "guards ok 23" in r.stdout, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])

@@ -81,6 +81,8 @@ def use_backend(name: str, schedule: Optional[str] = None, threads: Optional[int
         outer = _sim_config.get() or ("", -1)
         if schedule is not None and not isinstance(schedule, str):
             raise TypeError(f"schedule={schedule!r} must be a str ('forward', 'reverse' or 'random:<seed>')")
+        if schedule == "":  # configure_thread's "keep the process-wide one", not a schedule
+            raise ValueError("schedule='' is not 'forward', 'reverse' or 'random:<seed>'")
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int):
                 raise TypeError(f"threads={threads!r} must be an int")
