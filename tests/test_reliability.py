@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import ops
+from lowbit import _native, ops
 from lowbit.formats import QuantizedTensor
 
 from conftest import assert_close, int16_path_bound, require_backend
@@ -415,7 +415,7 @@ def test_f9_configure_thread_schedule_holds_for_the_calling_thread_only():
 
 def test_f9_use_backend_ends_with_the_block_however_it_is_left():
     require_backend("sim")
-    from lowbit import _native, _sim
+    from lowbit import _sim
     before = _sim.get_config()
     with pytest.raises(KeyError):
         with lowbit.use_backend("sim", schedule="random:3", threads=2):
@@ -479,7 +479,8 @@ def test_f9_use_backend_bad_settings_name_the_argument(kw, exc):
 # raw addresses of the tensors. The door (lowbit._native.call) names the arguments instead.
 @pytest.mark.parametrize("backend", ["cpu", "sim"])
 @pytest.mark.parametrize("bad, match", [(("scale_offset", 1j), "scale_offset is a complex, not a float"),
-                                        (("block", 2 ** 40), "out of the range of its C\\+\\+ integer type: block=1099511627776"),
+                                        (("block", 2 ** 40),
+                                         "out of the range of its C\\+\\+ integer type: block=1099511627776"),
                                         (("m", "3"), "m is a str, not an int"),
                                         (("x", 1.5), "x \\(an address\\) is a float, not an int"),
                                         (("fmt", 2 ** 70), "fmt=1180591620717411303424 is out of the int64 range")])
@@ -624,3 +625,18 @@ def test_native_entry_points_check_their_own_arguments(backend, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, str(script), backend], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "guards ok 23" in r.stdout, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
+
+
+@pytest.mark.skipif(not (_native.has("cpu") and getattr(_native.module("cpu"), "sanitized", False)),
+                    reason="needs the sanitizer build of _C (LOWBIT_SANITIZE=ON: .ci/run's sanitizer stage)")
+def test_asan_reports_an_out_of_bounds_write_in_a_cpu_kernel():
+    """The sanitizer stage instruments the CPU kernels: a write past a buffer (numel larger than the
+    output, which only a direct call of the entry point can do) is reported with the kernel's name."""
+    r = _isolated("""
+        import numpy as np
+        from lowbit import _C
+        q, absmax, out = np.zeros(4096, np.uint8), np.ones(16, np.float32), np.zeros(100, np.float32)
+        _C.dequantize8(q.ctypes.data, absmax.ctypes.data, 4096, 256, True, 0.0, out.ctypes.data)
+    """)
+    assert r.returncode != 0
+    assert "heap-buffer-overflow" in r.stderr and "dequantize8" in r.stderr, r.stderr[-3000:]

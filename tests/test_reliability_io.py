@@ -283,8 +283,8 @@ def test_f9_quantized_tensor_shape_is_checked_by_name(shape, exc):
 
 def _adapter_dir(tmp_path, config):
     from safetensors.torch import save_file as st_save
-    st_save({"base_model.model.0.lora_A.weight": torch.zeros(2, 64), "base_model.model.0.lora_B.weight": torch.zeros(8, 2)},
-            str(tmp_path / "adapter_model.safetensors"))
+    st_save({"base_model.model.0.lora_A.weight": torch.zeros(2, 64),
+             "base_model.model.0.lora_B.weight": torch.zeros(8, 2)}, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     return tmp_path
 
@@ -292,7 +292,8 @@ def _adapter_dir(tmp_path, config):
 @pytest.mark.parametrize("config", [_DEEP, [1, 2], {}, {"lora_alpha": 10 ** 400}, {"lora_alpha": "16"},
                                     {"lora_alpha": 16, "lora_dropout": float("nan")},
                                     {"lora_alpha": 16, "use_rslora": "false"}, "\xff\xfe"],
-                         ids=["deep", "list", "empty", "alpha_1e400", "alpha_str", "dropout_nan", "rslora_str", "not_utf8"])
+                         ids=["deep", "list", "empty", "alpha_1e400", "alpha_str", "dropout_nan", "rslora_str",
+                              "not_utf8"])
 def test_f9_peft_adapter_config_errors_are_value_errors(tmp_path, config):
     model = torch.nn.Sequential(torch.nn.Linear(64, 8))
     with pytest.raises(ValueError, match="adapter_config.json"):

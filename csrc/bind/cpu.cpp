@@ -73,6 +73,11 @@ PYBIND11_MODULE(_C, m) {
         "returns the path in use");
   m.def("num_threads", &cpu::num_threads);
   m.def("tables", &tables, "the code tables and block-size lists of include/lowbit/formats.h");
+#if defined(LOWBIT_SANITIZED) && LOWBIT_SANITIZED
+  m.attr("sanitized") = true;  // built with LOWBIT_SANITIZE=ON (-fsanitize=address,undefined)
+#else
+  m.attr("sanitized") = false;
+#endif
 
   bind::def_shared<CpuBinder>(m);
 

@@ -96,7 +96,8 @@ class QuantLinear(nn.Module):
         """Validate the saved format description against this layer; return the weight's dtype."""
         if isinstance(state, torch.Tensor):
             if state.dtype != torch.uint8 or state.device.type == "meta":
-                raise TypeError(f"QuantLinear extra state must be uint8 bytes of JSON, got {state.dtype} on {state.device}")
+                raise TypeError(f"QuantLinear extra state must be uint8 bytes of JSON, got {state.dtype} on "
+                                f"{state.device}")
             meta = json_loads("QuantLinear extra state", bytes(state.reshape(-1).tolist()))
         else:
             try:
