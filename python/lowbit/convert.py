@@ -88,7 +88,7 @@ def load_tensors(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
     described = {}
     if _META_KEY in meta:
-        info = json_loads(f"{path!r}: the lowbit metadata", meta[_META_KEY])
+        info = json_loads(f"{path!r} has corrupt lowbit metadata", meta[_META_KEY])
         if not isinstance(info, dict) or not isinstance(info.get("quantized"), dict):
             raise ValueError(f"{path!r} has corrupt lowbit metadata: expected an object with a 'quantized' object, "
                              f"got {meta[_META_KEY][:200]!r}")
@@ -158,7 +158,7 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
         if not os.path.isfile(p):
             raise ValueError(f"{p!r} is missing: not a PEFT adapter directory")
     with open(cfg_path, "rb") as f:
-        config = json_loads(repr(cfg_path), f.read())
+        config = json_loads(f"{cfg_path!r} is not a PEFT adapter config", f.read())
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path!r} holds a JSON {type(config).__name__}, expected an object")
     if "lora_alpha" not in config:

@@ -379,16 +379,16 @@ def finite_float(v) -> Optional[float]:
 
 
 def json_loads(where: str, text):
-    """JSON from a checkpoint: any way it fails is a ValueError naming ``where`` (json raises
+    """JSON from a checkpoint: any way it fails is ``ValueError(f"{where}: ...")`` (json raises
     RecursionError for deep nesting, UnicodeDecodeError for bytes that are not UTF-8)."""
     try:
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8")
         return json.loads(text)
     except RecursionError:
-        raise ValueError(f"{where} is not valid JSON: nested too deeply") from None
+        raise ValueError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{where} is not valid JSON: {e}") from None
+        raise ValueError(f"{where}: invalid JSON: {e}") from None
 
 
 def _json_int(where: str, field: str, v, lo: int = 0) -> int:
@@ -464,7 +464,7 @@ def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
         raise TypeError(f"{where}.dtype={raw.dtype}: a bitsandbytes quant state is uint8 bytes of JSON")
     if raw.device.type == "meta":
         raise ValueError(f"{where} is on the meta device: it holds no bytes to read")
-    state = json_loads(f"{where} (a bitsandbytes quant state)", bytes(raw.reshape(-1).tolist()))
+    state = json_loads(f"{where} is not a valid bitsandbytes quant state", bytes(raw.reshape(-1).tolist()))
     if not isinstance(state, dict):
         raise ValueError(f"{where} is not a valid bitsandbytes quant state: a JSON {type(state).__name__}, not an object")
     missing = [k for k in ("quant_type", "blocksize", "shape", "dtype") if k not in state]

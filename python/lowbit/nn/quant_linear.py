@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
             if state.dtype != torch.uint8 or state.device.type == "meta":
                 raise TypeError(f"QuantLinear extra state must be uint8 bytes of JSON, got {state.dtype} on "
                                 f"{state.device}")
-            meta = json_loads("QuantLinear extra state", bytes(state.reshape(-1).tolist()))
+            meta = json_loads("QuantLinear extra state is corrupt", bytes(state.reshape(-1).tolist()))
         else:
             try:
                 meta = dict(state)
