@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import ops
+from lowbit import _native, ops
 from lowbit.formats import QuantizedTensor
 
 from conftest import assert_close, cpu_route_bound, require_backend
@@ -307,3 +307,336 @@ def test_f1_qwha_inference_reads_csr_views_by_their_strides():
     with lowbit.use_backend("reference"):
         z = lowbit.hadamard(x.double(), 1.0 / k)
     torch.testing.assert_close(y.double(), 0.5 * z @ f.T, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ finding 9
+# int4/int2 blocks whose range exceeds fp32: s = (max - min) / qmax is inf, every value dequantized
+# NaN, and with double quant the backends disagreed (the reference's offset NaN, the kernels' 0).
+# The answer on every backend: ValueError naming the block and its range.
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_f9_int_block_range_beyond_fp32_is_refused(be, fmt, double_quant):
+    w = torch.randn(4, 64)
+    w[2, 40], w[2, 41] = 3e38, -3e38  # both finite, max - min = 6e38 > 3.4e38
+    with pytest.raises(ValueError, match=r"w: block 5 \(row 2, columns 32\.\.63\).*-3e\+38, 3e\+38"):
+        lowbit.quantize(w, fmt, 32, double_quant)
+
+
+def test_f9_double_quant_scale_mean_overflow_is_refused(be):
+    w = torch.zeros(2, 64)
+    w[0, 0], w[1, 0] = 3.4e38, -3.3e38  # nf4 absmaxes are finite; their fp32 mean overflows
+    with pytest.raises(ValueError, match="double_quant.*mean.*overflows"):
+        lowbit.quantize(w, "nf4", 64, True)
+    qt = lowbit.quantize(w, "nf4", 64, False)  # without double quant the weight is representable
+    assert torch.equal(qt.dequantize()[:, 0], torch.tensor([3.4e38, -3.3e38]))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_f9_large_finite_int_range_still_agrees_with_the_reference(be, fmt):
+    """Just inside the limit (max - min = 3e38) the weight quantizes, finitely, as the reference does."""
+    w = torch.randn(2, 64)
+    w[0, 3], w[0, 4] = 1.5e38, -1.5e38
+    qt = lowbit.quantize(w, fmt, 32)
+    with lowbit.use_backend("reference"):
+        want = lowbit.quantize(w, fmt, 32)
+    assert qt.equal(want)
+    d = qt.dequantize()
+    assert torch.isfinite(d).all()
+    assert (d[0, :32].double() - w[0, :32].double()).abs().max() <= qt.scale[0].double() * 0.51
+
+
+# use_backend's schedule= / threads= were process-wide while the backend name was per thread: another
+# thread's launches ran with them, and `threads=1.5` / a seed past 2**64 gave 1 / IndexError. Now they
+# belong to the `with` block (this thread, this context) and nothing process-wide changes.
+def _racy(sim, n=128):
+    """The simulator's deliberate race (no second barrier): its output is a fingerprint of the schedule."""
+    import numpy as np
+    out = np.zeros(n, np.int32)
+    sim.simt_test("racy", [out.ctypes.data], [0, n])
+    return out
+
+
+def test_f9_use_backend_sim_settings_stay_in_their_thread():
+    import threading
+    require_backend("sim")
+    from lowbit import _sim
+    before = _sim.get_config()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        with lowbit.use_backend("sim", schedule="reverse", threads=3):
+            seen["worker"] = lowbit.quantize(torch.randn(8, 64), "nf4", 64)
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert inside.wait(60)
+        assert _sim.get_config() == before  # was ('reverse', 3) for the whole process
+        with lowbit.use_backend("sim"):
+            w = torch.randn(8, 64)
+            got = lowbit.quantize(w, "nf4", 64)
+        with lowbit.use_backend("reference"):
+            assert got.equal(lowbit.quantize(w, "nf4", 64))
+    finally:
+        release.set()
+        t.join()
+    assert _sim.get_config() == before
+
+
+def test_f9_configure_thread_schedule_holds_for_the_calling_thread_only():
+    import threading
+    import numpy as np
+    require_backend("sim")
+    from lowbit import _sim
+    before = _sim.get_config()
+    try:
+        prints = {}
+        for s in ("forward", "reverse"):
+            _sim.configure(s, 1)
+            prints[s] = _racy(_sim)
+        assert not np.array_equal(prints["forward"], prints["reverse"])  # the fingerprint tells them apart
+        _sim.configure("forward", 1)
+        _sim.configure_thread("reverse", -1)
+        try:
+            assert np.array_equal(_racy(_sim), prints["reverse"])
+            other = {}
+            t = threading.Thread(target=lambda: other.setdefault("out", _racy(_sim)))
+            t.start()
+            t.join()
+            assert np.array_equal(other["out"], prints["forward"])  # another thread: the process-wide one
+        finally:
+            _sim.configure_thread("", -1)
+        assert np.array_equal(_racy(_sim), prints["forward"])
+    finally:
+        _sim.configure(*before)
+
+
+def test_f9_use_backend_ends_with_the_block_however_it_is_left():
+    require_backend("sim")
+    from lowbit import _sim
+    before = _sim.get_config()
+    with pytest.raises(KeyError):
+        with lowbit.use_backend("sim", schedule="random:3", threads=2):
+            raise KeyError("boom")
+
+    def gen():
+        with lowbit.use_backend("sim", threads=2):
+            yield _native._sim_config.get()
+
+    g = gen()
+    assert next(g) == ("", 2)
+    g.close()  # a generator abandoned inside the block
+    with lowbit.use_backend("sim", schedule="reverse"):
+        with lowbit.use_backend("sim", threads=4):  # inherits the schedule it does not set
+            assert _native._sim_config.get() == ("reverse", 4)
+        assert _native._sim_config.get() == ("reverse", -1)
+    assert _native._sim_config.get() is None and _native._backend.get() is None
+    assert _sim.get_config() == before
+
+
+def test_f9_use_backend_sim_threads_take_effect():
+    """The thread count reaches the launches (the pool grows to threads - 1 helpers) and ends with the block."""
+    require_backend("sim")
+    r = _isolated("""
+        import os, torch, lowbit
+        from lowbit import _sim
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        _sim.configure("forward", 1)
+        w = torch.randn(64, 256)
+        lowbit.quantize(w, "nf4", 64)
+        with lowbit.use_backend("sim"):
+            lowbit.quantize(w, "nf4", 64)
+        base = tasks()
+        with lowbit.use_backend("sim", threads=5):
+            lowbit.quantize(w, "nf4", 64)
+            grown = tasks()
+        with lowbit.use_backend("sim"):
+            lowbit.quantize(w, "nf4", 64)
+        print("counts", base, grown, tasks())
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, grown, after = map(int, r.stdout.split("counts")[1].split())
+    assert grown == base + 4 and after == base, r.stdout
+
+
+@pytest.mark.parametrize("kw, exc", [({"schedule": "random:99999999999999999999999"}, ValueError),
+                                     ({"schedule": "random:"}, ValueError), ({"schedule": ""}, ValueError),
+                                     ({"schedule": 7}, TypeError),
+                                     ({"threads": 1.5}, TypeError), ({"threads": True}, TypeError),
+                                     ({"threads": "2"}, TypeError), ({"threads": -1}, ValueError),
+                                     ({"threads": 2 ** 40}, ValueError)])
+def test_f9_use_backend_bad_settings_name_the_argument(kw, exc):
+    require_backend("sim")
+    name = next(iter(kw))
+    with pytest.raises(exc, match=name):
+        with lowbit.use_backend("sim", **kw):
+            pass
+
+
+# pybind11's "incompatible function arguments" listed every argument's value: for the kernels, the
+# raw addresses of the tensors. The door (lowbit._native.call) names the arguments instead.
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+@pytest.mark.parametrize("bad, match", [(("scale_offset", 1j), "scale_offset is a complex, not a float"),
+                                        (("block", 2 ** 40),
+                                         "out of the range of its C\\+\\+ integer type: block=1099511627776"),
+                                        (("m", "3"), "m is a str, not an int"),
+                                        (("x", 1.5), "x \\(an address\\) is a float, not an int"),
+                                        (("fmt", 2 ** 70), "fmt=1180591620717411303424 is out of the int64 range")])
+def test_f9_native_argument_errors_name_arguments_not_addresses(backend, bad, match):
+    from lowbit._native import call
+    require_backend(backend)
+    qt = _weight(16, 64)
+    x, y = torch.randn(3, 64), torch.empty(3, 16)
+    args = {"x": x.data_ptr(), "y": y.data_ptr(), "bias": 0, "dtype": 0, "m": 3, "n": 16, "k": 64,
+            "codes": qt.codes.data_ptr(), "scale": qt.scale.data_ptr(), "zero": 0, "scale_q": 0, "scale_nested": 0,
+            "scale_offset": 0.0, "block": 32, "fmt": 0}
+    args[bad[0]] = bad[1]
+    with pytest.raises(TypeError, match=match) as e:
+        call(backend, "gemm", *args.values())
+    for t in (x, y, qt.codes, qt.scale):
+        assert str(t.data_ptr()) not in str(e.value) and hex(t.data_ptr()) not in str(e.value)
+    assert "Invoked with" not in str(e.value)
+
+
+# Scalars the kernels take as fp32: 10**400 was an OverflowError, a 2-element tensor a RuntimeError, and
+# lowrank took NaN / inf / 1e300 (inf in fp32) and returned NaN.
+@pytest.mark.parametrize("scale, exc", [(float("nan"), ValueError), (float("inf"), ValueError), (1e300, ValueError),
+                                        (10 ** 400, ValueError), (torch.tensor([1.0, 2.0]), TypeError),
+                                        (1j, TypeError), (True, TypeError), ("1", TypeError)],
+                         ids=["nan", "inf", "1e300", "1e400", "tensor2", "complex", "bool", "str"])
+def test_f9_scalar_arguments_are_finite_fp32_reals(be, scale, exc):
+    x = torch.randn(3, 64)
+    with pytest.raises(exc, match="scale"):
+        lowbit.hadamard(x, scale)
+    qt, a, b = _weight(16, 64), torch.randn(4, 64), torch.randn(16, 4)
+    with pytest.raises(exc, match="scale"):
+        lowbit.functional.lora_linear(x, qt, a, b, scale)
+
+
+def test_f9_scalar_arguments_as_one_element_tensors_still_work(be):
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(lowbit.hadamard(x, torch.tensor(0.125)), lowbit.hadamard(x, 0.125))
+    qt, a, b = _weight(16, 64), torch.randn(4, 64), torch.randn(16, 4)
+    torch.testing.assert_close(lowbit.functional.lora_linear(x, qt, a, b, torch.tensor(0.5)),
+                               lowbit.functional.lora_linear(x, qt, a, b, 0.5))
+
+
+# Optimizer state dicts: a missing 'param_groups' was a KeyError, betas=(1,) an IndexError at the next
+# step(), step=10**400 an OverflowError there, and state under an id of no parameter was kept aside
+# while the parameter it meant silently restarted from zero moments.
+def _optim_corruptions():
+    yield "not_a_dict", lambda sd: [sd], TypeError
+    yield "no_param_groups", lambda sd: {k: v for k, v in sd.items() if k != "param_groups"}, ValueError
+    yield "no_state", lambda sd: {k: v for k, v in sd.items() if k != "state"}, ValueError
+    yield "groups_not_list", lambda sd: {**sd, "param_groups": 5}, ValueError
+    yield "group_without_params", lambda sd: {**sd, "param_groups": [{"lr": 1e-3}]}, ValueError
+    yield "short_betas", lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "betas": (0.9,)}]}, ValueError
+    yield "nan_beta", lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "betas": (0.9, float("nan"))}]}, \
+        ValueError
+    yield "huge_step", lambda sd: {**sd, "state": {0: {**sd["state"][0], "step": 10 ** 400}}}, ValueError
+    yield "unknown_id", lambda sd: {**sd, "state": {7: sd["state"][0]}}, ValueError
+    yield "state_not_dict", lambda sd: {**sd, "state": [sd["state"][0]]}, TypeError
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("name", [n for n, _, _ in _optim_corruptions()])
+def test_f9_optimizer_load_state_dict_errors_are_value_or_type_errors(bits, name):
+    import copy
+    from lowbit.optim import AdamW
+    mutate, exc = {n: (m, e) for n, m, e in _optim_corruptions()}[name]
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW([p], optim_bits=bits)
+    p.grad = torch.randn(5000)
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+    with pytest.raises(exc):
+        opt.load_state_dict(mutate(copy.deepcopy(good)))
+    # refused whole: the optimizer still holds its state and steps on
+    assert all(torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v
+               for k, v in before.items())
+    opt.step()
+    assert opt.state[p]["step"] == 2 and torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------------------------------------ native guards
+# The second line: the 8-bit and optimizer entry points of _C and the CUDA launchers (_sim) check their
+# own arguments (include/lowbit/check.h) and raise ValueError naming them, whoever calls them. Called
+# directly here (the ops would refuse these first); in a subprocess, since before the checks some of
+# these calls crashed (dequantize8 with block=-10) or divided by zero (block=0).
+_NATIVE_GUARD_SCRIPT = r"""
+import sys
+import numpy as np
+import lowbit
+from lowbit import _native
+mod = _native.module(sys.argv[1])
+extra = () if sys.argv[1] == "cpu" else (0,)
+q, a, o = np.zeros(512, np.uint8), np.zeros(16, np.float32), np.zeros(512, np.float32)
+Q, A, O = q.ctypes.data, a.ctypes.data, o.ctypes.data
+cases = [
+    ("dequantize8", (Q, A, 300, -10, True, 0.0, O), "block=-10"),
+    ("dequantize8", (Q, A, 300, 0, True, 0.0, O), "block=0"),
+    ("dequantize8", (Q, A, -5, 64, True, 0.0, O), "numel=-5"),
+    ("dequantize8", (Q, 0, 300, 64, True, 0.0, O), "missing"),
+    ("quantize8", (O, 300, 0, True, 0.0, Q, A), "block=0"),
+    ("quantize8", (O, 300, -3, True, 0.0, Q, A), "block=-3"),
+    ("quantize8", (O, -1, 64, True, 0.0, Q, A), "numel=-1"),
+    ("quantize8", (O, 300, 64, True, 0.0, 0, A), "missing"),
+    ("quantize", (O, 0, 512, 64, 7, Q, A, 0), "fmt=7"),
+    ("quantize", (O, 9, 512, 64, 0, Q, A, 0), "dtype=9"),
+    ("quantize", (O, 0, 512, 48, 0, Q, A, 0), "block=48"),
+    ("quantize", (O, 0, 500, 64, 0, Q, A, 0), "numel=500"),
+    ("quantize", (O, 0, 512, 64, 2, Q, A, 0), "zero"),
+    ("dequantize", (Q, A, 0, 0, 0, 0.0, O, 0, 512, 64, -1), "fmt=-1"),
+    ("dequantize", (Q, A, 0, 0, 0, 0.0, O, 3, 512, 64, 0), "dtype=3"),
+    ("dequantize", (Q, A, 0, 0, 0, 0.0, O, 0, 512, -64, 0), "block=-64"),
+    ("dequantize", (Q, 0, 0, 0, 0, 0.0, O, 0, 512, 64, 0), "scale"),
+    ("adamw32", (O, 0, O, 0, O, 0, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1.), "missing"),
+    ("adamw32", (O, 5, O, 5, O, O, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1.), "dtype=5"),
+    ("adamw32", (O, 0, O, 0, O, O, -2, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1.), "numel=-2"),
+    ("adamw8", (O, 0, O, 0, Q, A, Q, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 9), "rounding=9"),
+    ("adamw8", (O, 0, O, 0, Q, A, 0, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 0), "missing"),
+    ("adamw8", (O, 0, O, 7, Q, A, Q, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 0), "g_dtype=7"),
+]
+bad = []
+for fn, args, name in cases:
+    try:
+        getattr(mod, fn)(*args, *extra)
+    except ValueError as e:
+        if name not in str(e):
+            bad.append(f"{fn}{args}: ValueError without {name!r}: {e}")
+    except BaseException as e:
+        bad.append(f"{fn}{args}: {type(e).__name__}: {e}")
+    else:
+        bad.append(f"{fn}{args}: accepted")
+print("\n".join(bad) if bad else "guards ok", len(cases))
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+def test_native_entry_points_check_their_own_arguments(backend, tmp_path):
+    require_backend(backend)
+    script = tmp_path / "guards.py"
+    script.write_text(_NATIVE_GUARD_SCRIPT)
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, str(script), backend], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "guards ok 23" in r.stdout, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
+
+
+@pytest.mark.skipif(not (_native.has("cpu") and getattr(_native.module("cpu"), "sanitized", False)),
+                    reason="needs the sanitizer build of _C (LOWBIT_SANITIZE=ON: .ci/run's sanitizer stage)")
+def test_asan_reports_an_out_of_bounds_write_in_a_cpu_kernel():
+    """The sanitizer stage instruments the CPU kernels: a write past a buffer (numel larger than the
+    output, which only a direct call of the entry point can do) is reported with the kernel's name."""
+    r = _isolated("""
+        import numpy as np
+        from lowbit import _C
+        q, absmax, out = np.zeros(4096, np.uint8), np.ones(16, np.float32), np.zeros(100, np.float32)
+        _C.dequantize8(q.ctypes.data, absmax.ctypes.data, 4096, 256, True, 0.0, out.ctypes.data)
+    """)
+    assert r.returncode != 0
+    assert "heap-buffer-overflow" in r.stderr and "dequantize8" in r.stderr, r.stderr[-3000:]

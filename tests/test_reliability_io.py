@@ -218,3 +218,88 @@ def test_f8_quant_linear_load_is_all_or_nothing_and_still_loads(tmp_path):
     d = _layer(seed=0)
     d.load_state_dict(sd)
     assert d.codes.shape == (32, 64) and d.weight.equal(src.weight)
+
+
+# ------------------------------------------------------------------------- finding 9: exception types
+# Hostile checkpoints raised RecursionError (deeply nested JSON), OverflowError (an int past a double),
+# RuntimeError / AttributeError / KeyError / IndexError: now ValueError / TypeError naming the entry.
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_f9_deeply_nested_json_in_a_bnb_quant_state_is_a_value_error():
+    sd = _bnb_sd()
+    key = next(k for k in sd if ".quant_state." in k)
+    sd[key] = torch.tensor(list(_DEEP.encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="quant_state.*nested too deeply"):
+        lowbit.from_bnb(sd, "m.")
+
+
+def test_f9_deeply_nested_json_in_lowbit_metadata_is_a_value_error(tmp_path):
+    from safetensors.torch import save_file as st_save
+    path = tmp_path / "x.safetensors"
+    st_save({"w.codes": torch.zeros(8, 32, dtype=torch.uint8)}, str(path), metadata={"lowbit": _DEEP})
+    with pytest.raises(ValueError, match="lowbit metadata.*nested too deeply"):
+        lowbit.load_tensors(path)
+
+
+def test_f9_deeply_nested_json_in_quant_linear_extra_state_is_a_value_error():
+    layer = _layer()
+    sd = layer.state_dict()
+    sd["_extra_state"] = torch.tensor(list(_DEEP.encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="extra state.*nested too deeply"):
+        layer.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("offset", [10 ** 400, -(10 ** 400)], ids=["1e400", "-1e400"])
+def test_f9_nested_offset_beyond_a_double_is_a_value_error(offset):
+    with pytest.raises(ValueError, match="nested_offset"):
+        lowbit.from_bnb(_with_state(_bnb_sd(), nested_offset=offset), "m.")
+
+
+def test_f9_bnb_state_dict_with_non_str_keys_still_loads():
+    sd = _bnb_sd()
+    want = lowbit.from_bnb(sd, "m.")
+    got = lowbit.from_bnb({**sd, 5: torch.zeros(1), ("a",): 1}, "m.")
+    assert got.equal(want)
+    with pytest.raises(TypeError, match="prefix"):
+        lowbit.from_bnb(sd, prefix=5)
+
+
+def test_f9_bnb_components_on_the_meta_device_are_refused():
+    sd = _bnb_sd()
+    for key in [k for k in sd if k in ("m.weight", "m.weight.absmax") or ".quant_state." in k]:
+        with pytest.raises((ValueError, TypeError), match="meta|weight"):
+            lowbit.from_bnb({**sd, key: sd[key].to("meta")}, "m.")
+
+
+@pytest.mark.parametrize("shape, exc", [((-8, -64), ValueError), ((8.0, 64), TypeError), ((True, 64), TypeError),
+                                        ("ab", ValueError), (None, ValueError), ((8, 64, 1), ValueError)])
+def test_f9_quantized_tensor_shape_is_checked_by_name(shape, exc):
+    from lowbit.formats import QuantizedTensor, QuantSpec
+    qt = lowbit.quantize(weight(8, 64), "nf4", 64)
+    with pytest.raises(exc, match="shape"):
+        QuantizedTensor(QuantSpec("nf4", 64), shape, torch.float32, qt.codes, scale=qt.scale)
+
+
+def _adapter_dir(tmp_path, config):
+    from safetensors.torch import save_file as st_save
+    st_save({"base_model.model.0.lora_A.weight": torch.zeros(2, 64),
+             "base_model.model.0.lora_B.weight": torch.zeros(8, 2)}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize("config", [_DEEP, [1, 2], {}, {"lora_alpha": 10 ** 400}, {"lora_alpha": "16"},
+                                    {"lora_alpha": 16, "lora_dropout": float("nan")},
+                                    {"lora_alpha": 16, "use_rslora": "false"}, "\xff\xfe"],
+                         ids=["deep", "list", "empty", "alpha_1e400", "alpha_str", "dropout_nan", "rslora_str",
+                              "not_utf8"])
+def test_f9_peft_adapter_config_errors_are_value_errors(tmp_path, config):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        lowbit.load_adapter(model, _adapter_dir(tmp_path, config))
+
+
+def test_f9_peft_adapter_still_loads(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    assert lowbit.load_adapter(model, _adapter_dir(tmp_path, {"lora_alpha": 16, "r": 2})) == ["0"]

@@ -17,6 +17,7 @@
 
 namespace py = pybind11;
 using namespace lowbit;
+using bind::Address;
 using bind::ptr;
 using py::arg;
 
@@ -81,18 +82,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_matmul_precision", [](int p) { cpu::set_matmul_precision(Precision(p)); }, arg("precision"));
   m.def("num_threads", &cpu::num_threads);
   m.def("tables", &tables, "the code tables and block-size lists of include/lowbit/formats.h");
+#if defined(LOWBIT_SANITIZED) && LOWBIT_SANITIZED
+  m.attr("sanitized") = true;  // built with LOWBIT_SANITIZE=ON (-fsanitize=address,undefined)
+#else
+  m.attr("sanitized") = false;
+#endif
 
   bind::def_shared<CpuBinder>(m);
 
   // ---- QWHA's sparse products (include/lowbit/qwha.h); CPU only
-  m.def("qwha_spmm", [](intptr_t z, intptr_t values, intptr_t crow, intptr_t cols, int64_t m_, int k, int n_out,
-                        float scale, intptr_t y, bool accumulate) {
+  m.def("qwha_spmm", [](Address z, Address values, Address crow, Address cols, int64_t m_, int k, int n_out,
+                        float scale, Address y, bool accumulate) {
     cpu::qwha_spmm({ptr<const float>(z), ptr<const float>(values), ptr<const int32_t>(crow), ptr<const int32_t>(cols),
                     m_, k, n_out, scale, ptr<float>(y), accumulate});
   }, nogil, arg("z"), arg("values"), arg("crow"), arg("cols"), arg("m"), arg("k"), arg("n_out"), arg("scale"),
      arg("y"), arg("accumulate") = false);
-  m.def("qwha_sddmm", [](intptr_t gy, intptr_t z, intptr_t crow, intptr_t cols, int64_t m_, int k, int n_out,
-                         intptr_t gvals) {
+  m.def("qwha_sddmm", [](Address gy, Address z, Address crow, Address cols, int64_t m_, int k, int n_out,
+                         Address gvals) {
     cpu::qwha_sddmm({ptr<const float>(gy), ptr<const float>(z), ptr<const int32_t>(crow), ptr<const int32_t>(cols),
                      m_, k, n_out, ptr<float>(gvals)});
   }, nogil, arg("gy"), arg("z"), arg("crow"), arg("cols"), arg("m"), arg("k"), arg("n_out"), arg("gvals"));

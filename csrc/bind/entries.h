@@ -27,11 +27,37 @@
 
 namespace lowbit::bind {
 
+// A tensor's address (tensor.data_ptr()) as an entry point takes it: an int in Python, shown as
+// `Address` in the signatures, so lowbit._native.call can tell addresses from sizes when it explains
+// a conversion error without printing the values (pybind11's own message lists every argument's
+// value: raw addresses; issue 14, finding 9).
+struct Address {
+  intptr_t v = 0;
+};
+
+}  // namespace lowbit::bind
+
+namespace pybind11::detail {
+template <>
+struct type_caster<lowbit::bind::Address> {
+  PYBIND11_TYPE_CASTER(lowbit::bind::Address, const_name("Address"));
+  bool load(handle src, bool convert) {
+    type_caster<intptr_t> as_int;
+    if (!as_int.load(src, convert)) return false;
+    value.v = static_cast<intptr_t>(as_int);
+    return true;
+  }
+  static handle cast(const lowbit::bind::Address& a, return_value_policy, handle) { return PyLong_FromSsize_t(a.v); }
+};
+}  // namespace pybind11::detail
+
+namespace lowbit::bind {
+
 namespace py = pybind11;
 using py::arg;
 
 template <class T>
-T* ptr(intptr_t p) { return reinterpret_cast<T*>(p); }
+T* ptr(Address p) { return reinterpret_cast<T*>(p.v); }
 
 // The argument types of a Make lambda: the binder declares its Python function with them.
 template <class... A>
@@ -57,7 +83,7 @@ void def_entry(py::module_& m, const char* name, Run run, Make make, Extra... py
   }
 
 // The packed weight of gemm, gemm_t and lowrank: the same ten arguments in each.
-inline GemmWeight weight(intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested,
+inline GemmWeight weight(Address codes, Address scale, Address zero, Address scale_q, Address scale_nested,
                          float scale_offset, int64_t n, int64_t k, int block, int fmt) {
   return {ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero), ptr<const uint8_t>(scale_q),
           ptr<const float>(scale_nested), scale_offset, n, k, block, Fmt(fmt)};
@@ -73,14 +99,14 @@ template <class Binder>
 void def_shared(py::module_& m) {
   // ---- quant (include/lowbit/quant.h)
   def_entry<Binder>(m, LOWBIT_ENTRY(quantize),
-      [](intptr_t w, int w_dtype, int64_t numel, int block, int fmt, intptr_t codes, intptr_t scale, intptr_t zero) {
+      [](Address w, int w_dtype, int64_t numel, int block, int fmt, Address codes, Address scale, Address zero) {
         return QuantizeParams{ptr<const void>(w), DType(w_dtype), numel, block, Fmt(fmt), ptr<uint8_t>(codes),
                               ptr<float>(scale), ptr<float>(zero)};
       },
       arg("w"), arg("w_dtype"), arg("numel"), arg("block"), arg("fmt"), arg("codes"), arg("scale"), arg("zero"));
   def_entry<Binder>(m, LOWBIT_ENTRY(dequantize),
-      [](intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset,
-         intptr_t out, int out_dtype, int64_t numel, int block, int fmt) {
+      [](Address codes, Address scale, Address zero, Address scale_q, Address scale_nested, float scale_offset,
+         Address out, int out_dtype, int64_t numel, int block, int fmt) {
         return DequantizeParams{ptr<const uint8_t>(codes), ptr<const float>(scale), ptr<const float>(zero),
                                 ptr<const uint8_t>(scale_q), ptr<const float>(scale_nested), scale_offset,
                                 ptr<void>(out), DType(out_dtype), numel, block, Fmt(fmt)};
@@ -88,12 +114,12 @@ void def_shared(py::module_& m) {
       arg("codes"), arg("scale"), arg("zero"), arg("scale_q"), arg("scale_nested"), arg("scale_offset"), arg("out"),
       arg("out_dtype"), arg("numel"), arg("block"), arg("fmt"));
   def_entry<Binder>(m, LOWBIT_ENTRY(quantize8),
-      [](intptr_t x, int64_t numel, int block, bool is_signed, float offset, intptr_t q, intptr_t absmax) {
+      [](Address x, int64_t numel, int block, bool is_signed, float offset, Address q, Address absmax) {
         return Quantize8Params{ptr<const float>(x), numel, block, is_signed, offset, ptr<uint8_t>(q), ptr<float>(absmax)};
       },
       arg("x"), arg("numel"), arg("block"), arg("is_signed"), arg("offset"), arg("q"), arg("absmax"));
   def_entry<Binder>(m, LOWBIT_ENTRY(dequantize8),
-      [](intptr_t q, intptr_t absmax, int64_t numel, int block, bool is_signed, float offset, intptr_t out) {
+      [](Address q, Address absmax, int64_t numel, int block, bool is_signed, float offset, Address out) {
         return Dequantize8Params{ptr<const uint8_t>(q), ptr<const float>(absmax), numel, block, is_signed, offset,
                                  ptr<float>(out)};
       },
@@ -101,15 +127,15 @@ void def_shared(py::module_& m) {
 
   // ---- gemm (include/lowbit/gemm.h); gemm_t has no bias: gx = gy · dequant(W)
   def_entry<Binder>(m, LOWBIT_ENTRY(gemm),
-      [](intptr_t x, intptr_t y, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes,
-         intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) {
+      [](Address x, Address y, Address bias, int dtype, int64_t m_, int64_t n, int64_t k, Address codes,
+         Address scale, Address zero, Address scale_q, Address scale_nested, float scale_offset, int block, int fmt) {
         return GemmParams{weight(codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt),
                           ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_};
       },
       arg("x"), arg("y"), arg("bias"), arg("dtype"), arg("m"), arg("n"), arg("k"), LOWBIT_WEIGHT_ARGS);
   def_entry<Binder>(m, LOWBIT_ENTRY(gemm_t),
-      [](intptr_t gy, intptr_t gx, int dtype, int64_t m_, int64_t n, int64_t k, intptr_t codes, intptr_t scale,
-         intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset, int block, int fmt) {
+      [](Address gy, Address gx, int dtype, int64_t m_, int64_t n, int64_t k, Address codes, Address scale,
+         Address zero, Address scale_q, Address scale_nested, float scale_offset, int block, int fmt) {
         return GemmParams{weight(codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt),
                           ptr<const void>(gy), ptr<void>(gx), nullptr, DType(dtype), m_};
       },
@@ -117,9 +143,9 @@ void def_shared(py::module_& m) {
 
   // ---- lowrank (include/lowbit/lowrank.h): the gemm arguments, xa after y, then A, B, r, s
   def_entry<Binder>(m, LOWBIT_ENTRY(lowrank),
-      [](intptr_t x, intptr_t y, intptr_t xa, intptr_t bias, int dtype, int64_t m_, int64_t n, int64_t k,
-         intptr_t codes, intptr_t scale, intptr_t zero, intptr_t scale_q, intptr_t scale_nested, float scale_offset,
-         int block, int fmt, intptr_t a, intptr_t b, int r, float s) {
+      [](Address x, Address y, Address xa, Address bias, int dtype, int64_t m_, int64_t n, int64_t k,
+         Address codes, Address scale, Address zero, Address scale_q, Address scale_nested, float scale_offset,
+         int block, int fmt, Address a, Address b, int r, float s) {
         const GemmParams g{weight(codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt),
                            ptr<const void>(x), ptr<void>(y), ptr<const void>(bias), DType(dtype), m_};
         return LowrankParams{g, ptr<void>(xa), ptr<const void>(a), ptr<const void>(b), r, s};
@@ -129,21 +155,21 @@ void def_shared(py::module_& m) {
 
   // ---- hadamard (include/lowbit/hadamard.h)
   def_entry<Binder>(m, LOWBIT_ENTRY(hadamard),
-      [](intptr_t x, intptr_t out, int dtype, int64_t rows, int n, float scale, bool transpose) {
+      [](Address x, Address out, int dtype, int64_t rows, int n, float scale, bool transpose) {
         return HadamardParams{ptr<const void>(x), ptr<void>(out), DType(dtype), rows, n, scale, transpose};
       },
       arg("x"), arg("out"), arg("dtype"), arg("rows"), arg("n"), arg("scale"), arg("transpose"));
 
   // ---- optim (include/lowbit/optim.h): the AdamWScalars in their struct order
   def_entry<Binder>(m, LOWBIT_ENTRY(adamw32),
-      [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t m_, intptr_t v, int64_t numel, float beta1,
+      [](Address p, int p_dtype, Address g, int g_dtype, Address m_, Address v, int64_t numel, float beta1,
          float omb1, float beta2, float omb2, float eps, float decay, float nstep, float ibc2s) {
         return AdamW32Params{ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<float>(m_),
                              ptr<float>(v), numel, {beta1, omb1, beta2, omb2, eps, decay, nstep, ibc2s}};
       },
       arg("p"), arg("p_dtype"), arg("g"), arg("g_dtype"), arg("m"), arg("v"), LOWBIT_ADAMW_ARGS);
   def_entry<Binder>(m, LOWBIT_ENTRY(adamw8),
-      [](intptr_t p, int p_dtype, intptr_t g, int g_dtype, intptr_t qm, intptr_t am, intptr_t qv, intptr_t av,
+      [](Address p, int p_dtype, Address g, int g_dtype, Address qm, Address am, Address qv, Address av,
          int64_t numel, float beta1, float omb1, float beta2, float omb2, float eps, float decay, float nstep,
          float ibc2s, int rounding) {
         return AdamW8Params{ptr<void>(p), DType(p_dtype), ptr<const void>(g), DType(g_dtype), ptr<uint8_t>(qm),

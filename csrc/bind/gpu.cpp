@@ -68,6 +68,10 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
         py::arg("schedule") = "forward", py::arg("threads") = 0,
         "schedule: 'forward', 'reverse' or 'random:<seed>' (fiber start and barrier release order); "
         "threads: OS threads running blocks (0 = SIMT_THREADS or the core count)");
+  m.def("configure_thread", [](const std::string& schedule, int threads) { simt::configure_thread(schedule, threads); },
+        py::arg("schedule") = "", py::arg("threads") = -1,
+        "the calling thread's launches only, over configure's: schedule '' and threads -1 keep the process-wide "
+        "value (lowbit.use_backend sets it around each call)");
   m.def("get_config", [] { return std::make_pair(simt::schedule(), simt::configured_threads()); },
         "(schedule, threads) as last given to configure: configure(*get_config()) restores it");
   m.def("set_stack_kb", [](int kb) { simt::set_stack_kb(kb); }, py::arg("stack_kb"),

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/check.h"  // LOWBIT_CHECK: a failed argument check raises (ValueError), never aborts
 #include "lowbit/formats.h"
 #include "lowbit/gemm.h"
 
@@ -89,12 +90,5 @@ inline void store_from_float(void* p, DType t, int64_t i, float v) {
 // ~20 ms for 64 MB here, 5x the dequantize kernel itself. Ask for transparent huge pages on the
 // 2 MiB-aligned interior (THP is in 'madvise' mode on common distributions); harmless otherwise.
 void hint_huge_pages(void* p, size_t bytes);
-
-// A kernel's argument check failed: raise, never abort. std::invalid_argument, which pybind11 turns
-// into ValueError (tests/test_qwha.py expects it for a bad CSR column).
-#define LOWBIT_CHECK(cond, msg)                                                        \
-  do {                                                                                 \
-    if (!(cond)) throw std::invalid_argument(std::string("lowbit internal check: ") + msg); \
-  } while (0)
 
 }  // namespace lowbit::cpu

@@ -159,8 +159,17 @@ static void parallel_chunks(int64_t n_units, int64_t units_per_chunk, F&& f) {
   for (int64_t c = 0; c < chunks; ++c) f(c * units_per_chunk, std::min(n_units, (c + 1) * units_per_chunk));
 }
 
+static void check_adamw(const char* who, DType p_dtype, DType g_dtype, int64_t numel, bool buffers) {
+  const std::string w(who);
+  LOWBIT_CHECK(dtype_valid(p_dtype) && dtype_valid(g_dtype),
+               w + ": " + show("p_dtype", int32_t(p_dtype)) + ", " + show("g_dtype", int32_t(g_dtype)) +
+                   " are not both dtype ids (0..2)");
+  LOWBIT_CHECK(numel >= 0, w + ": " + show("numel", numel) + " must be >= 0");
+  LOWBIT_CHECK(numel == 0 || buffers, w + ": a buffer is missing (null)");
+}
+
 void adamw32(const AdamW32Params& p) {
-  LOWBIT_CHECK(p.numel >= 0 && (p.numel == 0 || (p.p && p.g && p.m && p.v)), "adamw32: missing buffers");
+  check_adamw("adamw32", p.p_dtype, p.g_dtype, p.numel, p.p && p.g && p.m && p.v);
   const bool avx2 = use_avx2();
   parallel_chunks(p.numel, 65536, [&](int64_t i0, int64_t i1) {
 #if LOWBIT_HAVE_AVX2_TU
@@ -172,9 +181,9 @@ void adamw32(const AdamW32Params& p) {
 }
 
 void adamw8(const AdamW8Params& p) {
-  LOWBIT_CHECK(p.numel >= 0 && (p.numel == 0 || (p.p && p.g && p.qm && p.qv && p.absmax_m && p.absmax_v)),
-               "adamw8: missing buffers");
-  LOWBIT_CHECK(p.rounding == kOptimRoundBitsandbytes || p.rounding == kOptimRoundNearest, "adamw8: unknown rounding");
+  check_adamw("adamw8", p.p_dtype, p.g_dtype, p.numel, p.p && p.g && p.qm && p.qv && p.absmax_m && p.absmax_v);
+  LOWBIT_CHECK(p.rounding == kOptimRoundBitsandbytes || p.rounding == kOptimRoundNearest,
+               "adamw8: " + show("rounding", p.rounding) + " is not a rounding id");
   code8_search(true, p.rounding), code8_search(false, p.rounding);  // build the tables outside the parallel region
   if (p.rounding == kOptimRoundBitsandbytes) code8_grid(true);
   const int64_t n_blocks = (p.numel + kOptimBlock - 1) / kOptimBlock;

@@ -89,9 +89,21 @@ static void parallel_blocks(int64_t n_blocks, int block, F&& f) {
   }
 }
 
+// The entry points' own checks (include/lowbit/check.h): what the kernels below index by.
+static void check_weight_args(const char* who, Fmt fmt, DType dtype, int block, int64_t numel) {
+  const std::string w(who);
+  LOWBIT_CHECK(fmt_valid(fmt), w + ": " + show("fmt", int32_t(fmt)) + " is not a format id (0..3)");
+  LOWBIT_CHECK(dtype_valid(dtype), w + ": " + show("dtype", int32_t(dtype)) + " is not a dtype id (0..2)");
+  LOWBIT_CHECK(quant_block_ok(fmt, block), w + ": " + show("block", block) + " is not a block size of this format");
+  LOWBIT_CHECK(numel >= 0 && numel % block == 0,
+               w + ": " + show("numel", numel) + " is not a whole number of blocks of " + show("block", block));
+}
+
 void quantize(const QuantizeParams& p) {
-  LOWBIT_CHECK(quant_block_ok(p.fmt, p.block) && p.numel % p.block == 0,
-               "quantize: block=" + std::to_string(p.block) + ", numel=" + std::to_string(p.numel));
+  check_weight_args("quantize", p.fmt, p.w_dtype, p.block, p.numel);
+  if (p.numel == 0) return;
+  LOWBIT_CHECK(p.w && p.codes && p.scale && (fmt_is_table(p.fmt) || p.zero),
+               "quantize: w, codes, scale (and zero for int formats) are required");
   const int64_t n_blocks = p.numel / p.block;
   hint_huge_pages(p.codes, size_t(p.numel) * fmt_bits(p.fmt) / 8);
   const bool avx2 = use_avx2();
@@ -105,8 +117,10 @@ void quantize(const QuantizeParams& p) {
 }
 
 void dequantize(const DequantizeParams& p) {
-  LOWBIT_CHECK(quant_block_ok(p.fmt, p.block) && p.numel % p.block == 0,
-               "dequantize: block=" + std::to_string(p.block) + ", numel=" + std::to_string(p.numel));
+  check_weight_args("dequantize", p.fmt, p.out_dtype, p.block, p.numel);
+  if (p.numel == 0) return;
+  LOWBIT_CHECK(p.codes && p.out && (p.scale || (p.scale_q && p.scale_nested)) && (fmt_is_table(p.fmt) || p.zero),
+               "dequantize: codes, out, scale (or scale_q and scale_nested) and zero for int formats are required");
   const int64_t n_blocks = p.numel / p.block;
   hint_huge_pages(p.out, size_t(p.numel) * (p.out_dtype == DType::f32 ? 4 : 2));
   const bool avx2 = use_avx2();
@@ -121,7 +135,17 @@ void dequantize(const DequantizeParams& p) {
 
 // ---------------------------------------------------------------- 8-bit dynamic (scalar: the
 // inputs are small — one value per weight block for double quant)
+// block > 0: block=-10 made negative block indices (a segfault), block=0 divided by zero (issue 14,
+// finding 6); the Python layer refuses both first.
+static void check8(const char* who, int block, int64_t numel, bool buffers) {
+  const std::string w(who);
+  LOWBIT_CHECK(block > 0, w + ": " + show("block", block) + " must be > 0");
+  LOWBIT_CHECK(numel >= 0, w + ": " + show("numel", numel) + " must be >= 0");
+  LOWBIT_CHECK(numel == 0 || buffers, w + ": a buffer is missing (null)");
+}
+
 void quantize8(const Quantize8Params& p) {
+  check8("quantize8", p.block, p.numel, p.x && p.q && p.absmax);
   const int64_t n_blocks = (p.numel + p.block - 1) / p.block;
   const float* mid = p.is_signed ? midpoints().dyn_signed : midpoints().dyn_unsigned;
   const float(&mid_arr)[255] = *reinterpret_cast<const float(*)[255]>(mid);
@@ -141,6 +165,7 @@ void quantize8(const Quantize8Params& p) {
 }
 
 void dequantize8(const Dequantize8Params& p) {
+  check8("dequantize8", p.block, p.numel, p.q && p.absmax && p.out);
   const float* map = p.is_signed ? kDynamicSigned : kDynamicUnsigned;
 #pragma omp parallel for schedule(static) if (p.numel > 65536)
   for (int64_t i = 0; i < p.numel; ++i) {

@@ -6,6 +6,7 @@
 // (signed/unsigned map chosen at run time: it is a pointer, not a code path).
 #pragma once
 #include "kernels/quant.cuh"
+#include "lowbit/check.h"
 
 namespace lowbit::kernels {
 
@@ -36,9 +37,28 @@ int dequantize_as(const DequantizeParams& p, unsigned grid, int vec, intptr_t st
 // is a multiple of kChunk, so a chunk never straddles two blocks and codes of two blocks never
 // share a byte.
 static_assert(kMinBlock % kChunk == 0, "the smallest block is whole chunks");
+// The launchers' own argument checks (include/lowbit/check.h, ValueError): the same rules as the CPU
+// entry points, so a call the ops would never make raises instead of launching out of bounds.
+static void check_weight_args(const char* who, Fmt fmt, DType dtype, int block, int64_t numel) {
+  const std::string w(who);
+  LOWBIT_CHECK(fmt_valid(fmt), w + ": " + show("fmt", int32_t(fmt)) + " is not a format id (0..3)");
+  LOWBIT_CHECK(dtype_valid(dtype), w + ": " + show("dtype", int32_t(dtype)) + " is not a dtype id (0..2)");
+  LOWBIT_CHECK(quant_block_ok(fmt, block), w + ": " + show("block", block) + " is not a block size of this format");
+  LOWBIT_CHECK(numel >= 0 && numel % block == 0,
+               w + ": " + show("numel", numel) + " is not a whole number of blocks of " + show("block", block));
+}
+static void check8(const char* who, int block, int64_t numel, bool buffers) {
+  const std::string w(who);
+  LOWBIT_CHECK(block > 0, w + ": " + show("block", block) + " must be > 0");
+  LOWBIT_CHECK(numel >= 0, w + ": " + show("numel", numel) + " must be >= 0");
+  LOWBIT_CHECK(numel == 0 || buffers, w + ": a buffer is missing (null)");
+}
+
 int quantize(const QuantizeParams& p, intptr_t stream) {
-  if (!quant_block_ok(p.fmt, p.block) || p.numel < 0 || p.numel % p.block) return kErrInvalidValue;
+  check_weight_args("quantize", p.fmt, p.w_dtype, p.block, p.numel);
   if (p.numel == 0) return 0;
+  LOWBIT_CHECK(p.w && p.codes && p.scale && (fmt_is_table(p.fmt) || p.zero),
+               "quantize: w, codes, scale (and zero for int formats) are required");
   int group = 1;  // lanes per quant block: largest power of two <= min(32, chunks)
   while (group * 2 <= 32 && group * 2 <= p.block / kChunk) group *= 2;
   const unsigned grid = grid_stride_ctas(p.numel / p.block, kQuantThreads / group);
@@ -52,8 +72,10 @@ int quantize(const QuantizeParams& p, intptr_t stream) {
 }
 
 int dequantize(const DequantizeParams& p, intptr_t stream) {
-  if (!quant_block_ok(p.fmt, p.block) || p.numel < 0 || p.numel % p.block) return kErrInvalidValue;
+  check_weight_args("dequantize", p.fmt, p.out_dtype, p.block, p.numel);
   if (p.numel == 0) return 0;
+  LOWBIT_CHECK(p.codes && p.out && (p.scale || (p.scale_q && p.scale_nested)) && (fmt_is_table(p.fmt) || p.zero),
+               "dequantize: codes, out, scale (or scale_q and scale_nested) and zero for int formats are required");
   const unsigned grid = grid_stride_ctas(p.numel / kChunk, kQuantThreads);
   const bool vec = aligned(p.out, 16) && aligned(p.codes, fmt_bits(p.fmt) == 4 ? 4 : 2);
   switch (p.out_dtype) {
@@ -65,14 +87,14 @@ int dequantize(const DequantizeParams& p, intptr_t stream) {
 }
 
 int quantize8(const Quantize8Params& p, intptr_t stream) {
-  if (p.block <= 0 || p.numel < 0) return kErrInvalidValue;
+  check8("quantize8", p.block, p.numel, p.x && p.q && p.absmax);
   if (p.numel == 0) return 0;
   const unsigned grid = grid_stride_ctas((p.numel + p.block - 1) / p.block, 1);
   return simt::launch(quantize8_kernel, dim3(grid), dim3(kQuantThreads), 0, stream, p);
 }
 
 int dequantize8(const Dequantize8Params& p, intptr_t stream) {
-  if (p.block <= 0 || p.numel < 0) return kErrInvalidValue;
+  check8("dequantize8", p.block, p.numel, p.q && p.absmax && p.out);
   if (p.numel == 0) return 0;
   return simt::launch(dequantize8_kernel, dim3(grid_stride_ctas(p.numel, kQuantThreads)), dim3(kQuantThreads), 0, stream, p);
 }

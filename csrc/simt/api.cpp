@@ -28,6 +28,12 @@ size_t smem_optin_max() {
 std::mutex g_attr_mutex;
 std::map<const void*, int> g_max_dyn_smem;
 thread_local std::string t_last_launch_error;
+struct ThreadOverride {
+  bool has_schedule = false;
+  Config config;     // sched, seed, text when has_schedule
+  int threads = -1;  // -1: the process-wide count
+};
+thread_local ThreadOverride t_override;  // simt::configure_thread
 
 // fork(): only the forking thread exists in the child, so a mutex another thread held at the fork
 // would stay locked there forever, and the pool's threads are gone. The handlers hold every
@@ -98,6 +104,19 @@ int launch(const LaunchSpec& spec) {
                           : " (48 KiB minus the static part; opt in with simt::set_max_dynamic_smem)"));
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   install_segv_handler();
+  // The launching thread's override (configure_thread) holds for this grid only: the scheduler's
+  // threads read g_config, which nothing else writes while the launch mutex is held.
+  const Config process_wide = g_config;
+  if (t_override.has_schedule) {
+    g_config.sched = t_override.config.sched;
+    g_config.seed = t_override.config.seed;
+    g_config.text = t_override.config.text;
+  }
+  if (t_override.threads >= 0) g_config.threads = t_override.threads;
+  struct Restore {
+    const Config& c;
+    ~Restore() { g_config = c; }
+  } restore{process_wide};
   const auto t0 = std::chrono::steady_clock::now();
   const std::string error = run_grid(spec, g_config.threads > 0 ? g_config.threads : default_threads());
   g_stats.launches.fetch_add(1, std::memory_order_relaxed);
@@ -138,25 +157,57 @@ void set_stack_kb(int kb) {
 }
 int stack_kb() { return int(detail::fiber_stack_bytes() / 1024); }
 
-void configure(const std::string& sched, int threads) {
+namespace {
+detail::Config parse_schedule(const std::string& sched) {
   using namespace detail;
   Config c;
   c.text = sched;
+  const auto bad = [&] {
+    return std::invalid_argument("simt schedule must be 'forward', 'reverse' or 'random:<seed>' with a seed in "
+                                 "[0, 2^64), got '" + sched.substr(0, 100) + "'");
+  };
   if (sched == "forward") {
     c.sched = Sched::forward;
   } else if (sched == "reverse") {
     c.sched = Sched::reverse;
-  } else if (sched.rfind("random:", 0) == 0 && sched.size() > 7 &&
+  } else if (sched.rfind("random:", 0) == 0 && sched.size() > 7 && sched.size() <= 27 &&
              sched.find_first_not_of("0123456789", 7) == std::string::npos) {
     c.sched = Sched::random;
-    c.seed = std::stoull(sched.substr(7));
+    try {
+      c.seed = std::stoull(sched.substr(7));  // out_of_range past 2^64 - 1: it surfaced as IndexError
+    } catch (const std::out_of_range&) {
+      throw bad();
+    }
   } else {
-    throw std::invalid_argument("simt schedule must be 'forward', 'reverse' or 'random:<seed>', got '" + sched + "'");
+    throw bad();
   }
-  if (threads < 0 || threads > 256) throw std::invalid_argument("simt threads must be in [0, 256], got " + std::to_string(threads));
+  return c;
+}
+void check_threads(int threads, int lo) {
+  if (threads < lo || threads > 256)
+    throw std::invalid_argument("simt threads must be in [" + std::to_string(lo) + ", 256], got " + std::to_string(threads));
+}
+}  // namespace
+
+void configure(const std::string& sched, int threads) {
+  using namespace detail;
+  Config c = parse_schedule(sched);
+  check_threads(threads, 0);
   c.threads = threads;
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_config = c;
+}
+
+void configure_thread(const std::string& sched, int threads) {
+  using namespace detail;
+  check_threads(threads, -1);
+  ThreadOverride o;
+  if (!sched.empty()) {
+    o.has_schedule = true;
+    o.config = parse_schedule(sched);
+  }
+  o.threads = threads;
+  t_override = o;  // this thread's own: no lock
 }
 std::string schedule() { return detail::g_config.text; }
 int threads() { return detail::g_config.threads > 0 ? detail::g_config.threads : detail::default_threads(); }

@@ -16,7 +16,7 @@ from typing import Union
 import torch
 
 from . import _deprecated
-from .formats import QuantizedTensor, from_bnb, to_bnb
+from .formats import QuantizedTensor, finite_float, from_bnb, json_loads, to_bnb
 from .model import replace_modules
 from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear, lora_layers
 
@@ -90,10 +90,7 @@ def load_tensors(path: Union[str, os.PathLike], device: str = "cpu") -> dict:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
     described = {}
     if _META_KEY in meta:
-        try:
-            info = json.loads(meta[_META_KEY])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} has corrupt lowbit metadata: {e}") from None
+        info = json_loads(f"{path!r} has corrupt lowbit metadata", meta[_META_KEY])
         if not isinstance(info, dict) or not isinstance(info.get("quantized"), dict):
             raise ValueError(f"{path!r} has corrupt lowbit metadata: expected an object with a 'quantized' object, "
                              f"got {meta[_META_KEY][:200]!r}")
@@ -353,8 +350,18 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise ValueError(f"{p!r} is missing: not a PEFT adapter directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    with open(cfg_path, "rb") as f:
+        config = json_loads(f"{cfg_path!r} is not a PEFT adapter config", f.read())
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path!r} holds a JSON {type(config).__name__}, expected an object")
+    if "lora_alpha" not in config:
+        raise ValueError(f"{cfg_path!r} lacks lora_alpha")
+    for field, default in (("lora_alpha", None), ("lora_dropout", 0.0)):
+        v = config.get(field, default)
+        if finite_float(v) is None:
+            raise ValueError(f"{cfg_path!r}: {field}={v!r} must be a finite number")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{cfg_path!r}: use_rslora={config['use_rslora']!r} must be true or false")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"peft_type={config.get('peft_type')!r}: only LORA adapters are supported")
     # PEFT options lowbit's LoRALinear cannot reproduce: refused, never ignored (the outputs would differ)
@@ -366,7 +373,7 @@ def load_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
         tensors = st_load(w_path)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         raise ValueError(f"{w_path!r} is not a readable safetensors file: {e}") from None
-    alpha, use_rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    alpha, use_rslora = float(config["lora_alpha"]), config.get("use_rslora", False)
     dropout = float(config.get("lora_dropout", 0.0))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Optional
 
 import torch
@@ -145,6 +146,18 @@ def check_storage(name: str, t: torch.Tensor) -> None:
                          f"(shape {tuple(t.shape)}, strides {t.stride()}, offset {t.storage_offset()})")
 
 
+def _check_shape(shape) -> torch.Size:
+    """(N, K) as two ints >= 0 (torch.Size would raise RuntimeError for -8, and take 8.0 or True)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+        raise ValueError(f"shape={shape!r} must be (N, K)")
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"shape={tuple(shape)!r} must hold ints, got {type(d).__name__}")
+        if d < 0:
+            raise ValueError(f"shape={tuple(shape)} has a negative dimension")
+    return torch.Size(int(d) for d in shape)
+
+
 class QuantizedTensor:
     """A weight of shape ``(N, K)`` in a low-bit format (see the module docstring for the layout).
 
@@ -166,7 +179,7 @@ class QuantizedTensor:
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
         init(self, "spec", spec)
-        init(self, "shape", torch.Size(shape))
+        init(self, "shape", _check_shape(shape))
         init(self, "dtype", dtype)
         for name, t in zip(_COMPONENTS, (codes, scale, zero, scale_q, scale_nested, scale_offset)):
             init(self, name, t)
@@ -354,6 +367,30 @@ def to_bnb(qt: QuantizedTensor, prefix: str = "") -> dict[str, torch.Tensor]:
     return sd
 
 
+def finite_float(v) -> Optional[float]:
+    """``float(v)`` for a real number (int or float, not bool) that is finite as a double, else None
+    (float() of an int past 1.8e308 raises OverflowError instead)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, int) and abs(v) > 1.7976931348623157e308:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def json_loads(where: str, text):
+    """JSON from a checkpoint: any way it fails is ``ValueError(f"{where}: ...")`` (json raises
+    RecursionError for deep nesting, UnicodeDecodeError for bytes that are not UTF-8)."""
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8")
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{where}: invalid JSON: {e}") from None
+
+
 def _json_int(where: str, field: str, v, lo: int = 0) -> int:
     """A JSON integer (not a bool, float or string: ``blocksize`` 64.9 or "64" is refused, not rounded)."""
     if isinstance(v, bool) or not isinstance(v, int):
@@ -414,19 +451,20 @@ def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
     p = prefix + "weight"
     packed = _need(state_dict, p)
-    qs_keys = [k for k in state_dict if k.startswith(f"{p}.quant_state.bitsandbytes__")]
+    qs_keys = [k for k in state_dict if isinstance(k, str) and k.startswith(f"{p}.quant_state.bitsandbytes__")]
     if len(qs_keys) != 1:
         raise ValueError(f"expected exactly one '{p}.quant_state.bitsandbytes__nf4|fp4' entry, found {qs_keys}")
     where = qs_keys[0]
     raw = _need(state_dict, where)
     if raw.dtype != torch.uint8:  # bytes of JSON; a cast would turn 123.7 into 123
         raise TypeError(f"{where}.dtype={raw.dtype}: a bitsandbytes quant state is uint8 bytes of JSON")
-    try:
-        state = json.loads(bytes(raw.reshape(-1).tolist()).decode("utf-8"))
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where} is not a valid bitsandbytes quant state: {e}") from None
+    if raw.device.type == "meta":
+        raise ValueError(f"{where} is on the meta device: it holds no bytes to read")
+    state = json_loads(f"{where} is not a valid bitsandbytes quant state", bytes(raw.reshape(-1).tolist()))
     if not isinstance(state, dict):
         raise ValueError(f"{where} is not a valid bitsandbytes quant state: a JSON {type(state).__name__}, not an object")
     missing = [k for k in ("quant_type", "blocksize", "shape", "dtype") if k not in state]
@@ -480,9 +518,14 @@ def from_bnb(state_dict: dict, prefix: str = "") -> QuantizedTensor:
     off = state["nested_offset"]
     if isinstance(off, bool) or not isinstance(off, (int, float)):
         raise TypeError(f"{where}: nested_offset={off!r} must be a number, got {type(off).__name__}")
-    # fp32 like bitsandbytes' QuantState.from_dict; a finite double beyond fp32's range becomes inf
-    offset = torch.tensor(float(off), dtype=torch.float32, device=codes.device)
+    # fp32 like bitsandbytes' QuantState.from_dict; a finite double beyond fp32's range becomes inf,
+    # an int beyond a double's raises OverflowError. Checked on the CPU (codes may be on meta).
+    try:
+        offset = torch.tensor(float(off), dtype=torch.float32)
+    except OverflowError:
+        offset = torch.tensor(math.inf)
     if not torch.isfinite(offset):
         raise ValueError(f"{where}: nested_offset={off!r} is not a finite float32")
+    offset = offset.to(codes.device)
     return QuantizedTensor(QuantSpec(fmt, block, True), shape, dtype, codes,
                            scale_q=absmax.reshape(-1), scale_nested=nested.reshape(-1), scale_offset=offset)

@@ -159,6 +159,12 @@ int stack_kb();
 // Runtime configuration (also from Python: _sim.configure). schedule: "forward", "reverse" or
 // "random:<seed>"; threads: OS threads for blocks (0 = SIMT_THREADS or the core count).
 void configure(const std::string& schedule, int threads);
+// The calling OS thread's own configuration, over the process-wide one for the launches this
+// thread makes: schedule "" and threads -1 take the process-wide value (both: no override).
+// lowbit.use_backend("sim", schedule=, threads=) sets it around each call, so its settings belong
+// to the `with` block (per thread and per context) and nothing process-wide changes.
+// std::invalid_argument for a bad schedule or thread count, like configure.
+void configure_thread(const std::string& schedule, int threads);
 std::string schedule();
 int threads();             // OS threads a launch uses now
 int configured_threads();  // as given to configure (0 = default)

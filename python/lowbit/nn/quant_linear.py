@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec, parse_metadata
+from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec, json_loads, parse_metadata
 from ..functional import linear
 from ..ops import quantize
 
@@ -94,10 +94,16 @@ class QuantLinear(nn.Module):
 
     def _read_extra_state(self, state) -> torch.dtype:
         """Validate the saved format description against this layer; return the weight's dtype."""
-        try:
-            meta = json.loads(bytes(state.tolist()).decode()) if isinstance(state, torch.Tensor) else dict(state)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"QuantLinear extra state is corrupt: {e}") from None
+        if isinstance(state, torch.Tensor):
+            if state.dtype != torch.uint8 or state.device.type == "meta":
+                raise TypeError(f"QuantLinear extra state must be uint8 bytes of JSON, got {state.dtype} on "
+                                f"{state.device}")
+            meta = json_loads("QuantLinear extra state is corrupt", bytes(state.reshape(-1).tolist()))
+        else:
+            try:
+                meta = dict(state)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"QuantLinear extra state is corrupt: {e}") from None
         spec, shape, dtype = parse_metadata(meta, "QuantLinear extra state")
         if spec != self.spec or shape != [self.out_features, self.in_features]:
             raise ValueError(f"state dict holds a {shape} {spec} weight; this layer is "

@@ -16,7 +16,7 @@ from ..formats import DTYPE_ID, NESTED_BLOCK, QuantizedTensor, QuantSpec, check_
 
 FLOAT_DTYPES = tuple(DTYPE_ID)
 
-__all__ = ["FLOAT_DTYPES", "backend_for", "call", "has_kernel", "ptr", "check_tensor", "check_finite",
+__all__ = ["FLOAT_DTYPES", "backend_for", "call", "has_kernel", "ptr", "check_tensor", "check_finite", "check_scalar",
            "weight_args", "qt_from_args", "tracing", "dense", "dense_out", "dense_weight"]
 
 
@@ -119,7 +119,28 @@ def check_tensor(name: str, t, *, dtypes=None, ndim=None) -> torch.Tensor:
         raise TypeError(f"{name}.dtype={t.dtype} is not supported; expected one of {list(dtypes)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    # on every backend, the reference too: torch itself reads a view of a shrunk storage past its end
+    check_storage(name, t)
     return t
+
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def check_scalar(name: str, v) -> float:
+    """A real scalar argument the kernels take as an fp32 (``scale``...): an int or float, or a
+    one-element real tensor, finite in fp32 (NaN, inf, 1e300 and 10**400 are refused, not turned into
+    NaN/inf outputs). TypeError / ValueError naming ``name`` and the value."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype.is_complex or v.dtype == torch.bool or v.device.type == "meta":
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
+                            f"{tuple(v.shape)} {v.dtype} on {v.device}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}={v!r} must be a real number, got {type(v).__name__}")
+    if not -FP32_MAX <= v <= FP32_MAX:  # also NaN; an int of any size compares exactly
+        raise ValueError(f"{name}={v!r} must be finite in float32")
+    return float(v)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID
-from ._common import FLOAT_DTYPES, backend_for, call, check_tensor, dense, dense_out, tracing
+from ._common import FLOAT_DTYPES, backend_for, call, check_scalar, check_tensor, dense, dense_out, tracing
 
 __all__ = ["hadamard", "hadamard_op", "hadamard_native"]
 
@@ -66,11 +66,7 @@ def hadamard(x: torch.Tensor, scale: float = 1.0, out: Optional[torch.Tensor] = 
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the transform runs along the last one)")
     ref.hadamard_split(x.shape[-1])  # ValueError naming n for unsupported sizes
-    if isinstance(scale, torch.Tensor):
-        scale = scale.item()
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not torch.isfinite(torch.tensor(float(scale))):
-        raise ValueError(f"scale={scale!r} must be a finite real number")
-    scale = float(scale)
+    scale = check_scalar("scale", scale)
     if out is None and not inplace:
         return hadamard_op(x.contiguous(), scale, bool(transpose), be)
     if out is not None and inplace:

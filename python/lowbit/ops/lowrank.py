@@ -13,8 +13,8 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
-from ._common import (FLOAT_DTYPES, backend_for, call, check_tensor, dense, dense_out, dense_weight, has_kernel, ptr,
-                      qt_from_args, weight_args)
+from ._common import (FLOAT_DTYPES, backend_for, call, check_scalar, check_tensor, dense, dense_out, dense_weight,
+                      has_kernel, ptr, qt_from_args, weight_args)
 from .gemm import check_gemm_operands, gemm_t_op, native_gemm, resolve_backend
 
 __all__ = ["lowrank", "lowrank_op", "lowrank_inference", "MAX_RANK"]
@@ -127,8 +127,7 @@ def lowrank(x: torch.Tensor, qt: QuantizedTensor, a: torch.Tensor, b: torch.Tens
                          f"expected A (r, {k}) and B ({n}, r)")
     if not 1 <= r <= MAX_RANK:
         raise ValueError(f"rank r={r} must be in [1, {MAX_RANK}]")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale={scale!r} must be a float")
+    scale = check_scalar("scale", scale)  # NaN / inf / beyond fp32 would turn y into NaN silently
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=1)
         if bias.shape[0] != n:

@@ -21,7 +21,12 @@ __all__ = ["quantize", "dequantize", "quantize8", "dequantize8"]
 
 
 def quantize(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False) -> QuantizedTensor:
-    """Quantize a weight ``w`` (N, K) (fp32 / bf16 / fp16) blockwise along K. See :mod:`lowbit.formats`."""
+    """Quantize a weight ``w`` (N, K) (fp32 / bf16 / fp16) blockwise along K. See :mod:`lowbit.formats`.
+
+    ValueError for NaN/Inf in ``w``, and for finite weights whose statistics overflow fp32, on every
+    backend alike (docs/formats.md, "Non-finite input"): an int4/int2 block whose range
+    ``max - min`` exceeds fp32's largest value (its step would be inf and every value NaN), and with
+    ``double_quant`` block scales whose fp32 mean overflows."""
     spec = fmt if isinstance(fmt, QuantSpec) else QuantSpec(fmt, block_size, double_quant)
     check_tensor("w", w, dtypes=FLOAT_DTYPES, ndim=2)
     n, k = w.shape
@@ -42,13 +47,34 @@ def quantize(w: torch.Tensor, fmt: str = "nf4", block_size: int = 64, double_qua
         w = dense("w", w)  # the kernel door (outputs above are fresh dense buffers)
         call(be, "quantize", w.data_ptr(), DTYPE_ID[w.dtype], w.numel(), spec.block_size, FMT_ID[spec.fmt],
              codes.data_ptr(), scale.data_ptr(), ptr(zero))
+    _check_scales(w, spec, scale)
     if not spec.double_quant:
         return QuantizedTensor(spec, w.shape, w.dtype, codes, scale=scale, zero=zero)
     # the rule is the reference's; the 8-bit quantizer is this backend's kernel (bit-exact with it)
+    offset = scale.mean()
+    if not torch.isfinite(offset):
+        raise ValueError(f"w: double_quant needs the fp32 mean of the block scales, which overflows "
+                         f"(largest scale {scale.max().item():.6g}); quantize this weight without double_quant")
     scale_q, scale_nested, offset = ref.double_quant_ref(
         scale, lambda x, block, signed, off: _quantize8(be, x, block, signed, off))
     return QuantizedTensor(spec, w.shape, w.dtype, codes, zero=zero, scale_q=scale_q,
                            scale_nested=scale_nested, scale_offset=offset)
+
+
+def _check_scales(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> None:
+    """Finite weights, non-finite step (issue 14, finding 9): an int block with max - min > 3.4e38 has
+    s = inf, inv = 0, so its codes are 0 and it dequantizes to (0 - 0) * inf = NaN. The backends
+    agree on that, but a weight that loads as NaN is a silent wrong answer: refuse it by name (one
+    pass over the per-block scales, not over w). nf4/fp4 scales are absmaxes: finite for finite w."""
+    if torch.isfinite(scale).all():
+        return
+    b = int((~torch.isfinite(scale)).nonzero()[0])
+    k = w.shape[1]
+    block = w.reshape(-1, spec.block_size)[b].float()
+    row, col = divmod(b * spec.block_size, k)
+    raise ValueError(f"w: block {b} (row {row}, columns {col}..{col + spec.block_size - 1}) spans "
+                     f"[{block.min().item():.6g}, {block.max().item():.6g}]; its range exceeds float32, so "
+                     f"fmt={spec.fmt!r} cannot represent it (the step (max - min) / qmax would be inf)")
 
 
 def dequantize(qt: QuantizedTensor, dtype: Optional[torch.dtype] = None,

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..formats import check_storage
 from . import functional as F
 from .pages import PAGE_BYTES, PagePool
 
@@ -21,6 +22,22 @@ def _check_scalar(name: str, x) -> None:
         raise TypeError(f"{name}={x!r} must be a float, not {type(x).__name__}")
     if not math.isfinite(x) or x < 0:
         raise ValueError(f"{name}={x!r} must be a finite float >= 0")
+
+
+def _check_betas(name: str, betas) -> None:
+    """Two real numbers in [0, 1) (NaN fails the comparison, so it is refused too)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+            not isinstance(b, bool) and isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name}={betas!r} must be two floats in [0, 1)")
+
+
+def _hashable(k):
+    try:
+        hash(k)
+    except TypeError:
+        raise TypeError(f"state_dict['param_groups'] holds a parameter id {k!r} of unhashable type "
+                        f"{type(k).__name__}") from None
+    return k
 
 
 class AdamW(torch.optim.Optimizer):
@@ -44,8 +61,7 @@ class AdamW(torch.optim.Optimizer):
                  offload_dir: Optional[str] = None, page_bytes: int = PAGE_BYTES, rounding: str = "bitsandbytes"):
         for name, x in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             _check_scalar(name, x)
-        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):  # also refuses NaN
-            raise ValueError(f"betas={betas!r} must be two floats in [0, 1)")
+        _check_betas("betas", betas)
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits={optim_bits!r} must be 8 or 32")
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
@@ -150,13 +166,23 @@ class AdamW(torch.optim.Optimizer):
         """Load a :meth:`state_dict`. Unlike ``torch.optim.Optimizer``, state tensors keep their
         dtype (fp32 / uint8 whatever the parameter dtype: the bits are the state) and are copied,
         into the pool for paged optimizers, so the optimizer never aliases the dict it loaded."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict lacks {key!r} (keys: {sorted(map(str, state_dict))[:8]})")
         saved = state_dict["state"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"state_dict['state'] is a {type(saved).__name__}, expected a dict")
         rounding = state_dict.get("rounding", self.rounding)
         if rounding != self.rounding:
             raise ValueError(f"state_dict was saved with rounding={rounding!r} but this optimizer uses "
                              f"rounding={self.rounding!r}: construct it with the same rule to resume the same trajectory")
         state_dict = {k: v for k, v in state_dict.items() if k != "rounding"}
         groups = state_dict["param_groups"]
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+            raise ValueError("state_dict['param_groups'] must be a list of dicts, each with a 'params' list")
         if len(groups) != len(self.param_groups) or any(
                 len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):
             raise ValueError("loaded state dict's param_groups do not match this optimizer's (number of "
@@ -165,9 +191,17 @@ class AdamW(torch.optim.Optimizer):
             for name in ("lr", "eps", "weight_decay"):
                 if name in g:
                     _check_scalar(f"param_groups[{i}][{name!r}]", g[name])
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in groups)
+            if "betas" in g:  # step() reads betas[0], betas[1]: a short tuple was an IndexError there
+                _check_betas(f"param_groups[{i}]['betas']", g["betas"])
+        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in groups))
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        if len(set(map(_hashable, saved_ids))) != len(saved_ids):
+            raise ValueError(f"state_dict['param_groups'] lists a parameter id twice: {saved_ids[:16]}")
         id_map = dict(zip(saved_ids, params))
+        unknown = [k for k in saved if k not in id_map]
+        if unknown:  # torch keeps such state under the raw key: the parameter it meant would restart silently
+            raise ValueError(f"state_dict['state'] has entries {unknown[:8]!r} for no parameter of "
+                             f"state_dict['param_groups'] (ids {saved_ids[:16]})")
         # Validate every entry before changing anything (a refused load leaves the optimizer as it
         # was), and here rather than at the next step(): shapes, dtypes and the 8-bit sizes vs the
         # parameter are what the kernels will trust.
@@ -205,8 +239,9 @@ def _checked_state(key, st, p: torch.Tensor) -> dict:
         step = step.item()
     if isinstance(step, float) and step.is_integer():
         step = int(step)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{where}['step']={step!r} must be an int >= 0")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2 ** 63:
+        # int64 like torch's step tensors (beyond 1.8e308 the bias correction's float() overflowed)
+        raise ValueError(f"{where}['step']={step!r} must be an int in [0, 2**63)")
     out["step"] = step
     for name, (shape, dtype, _) in F.state_shapes(p, bits).items():
         t = st[name]
@@ -216,6 +251,7 @@ def _checked_state(key, st, p: torch.Tensor) -> dict:
             raise ValueError(f"{where}[{name!r}] has dtype {t.dtype} and shape {tuple(t.shape)}; expected "
                              f"{dtype} and {tuple(shape)} for a parameter of shape {tuple(p.shape)} "
                              f"({bits}-bit state)")
+        check_storage(f"{where}[{name!r}]", t)  # a view of a shrunk storage: copy_ would read past its end
         out[name] = t
     return out
 
