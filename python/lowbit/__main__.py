@@ -9,9 +9,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The bench scripts ship inside the wheel (pyproject.toml maps bench/ to lowbit/_bench); a checkout
+# The bench scripts ship inside the wheel (pyproject.toml maps bench/ to lowbit/bench); a checkout
 # has them in bench/. The GPU check kit builds the extension, so it needs a checkout.
-BENCH_DIRS = (os.path.join(HERE, "_bench"), os.path.join(HERE, "..", "..", "bench"), os.path.join(os.getcwd(), "bench"))
+BENCH_DIRS = (os.path.join(HERE, "bench"), os.path.join(HERE, "..", "..", "bench"), os.path.join(os.getcwd(), "bench"))
 
 
 def _version() -> str:
