@@ -11,7 +11,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The bench scripts ship inside the wheel (pyproject.toml maps bench/ to lowbit/bench); a checkout
 # has them in bench/. The GPU check kit builds the extension, so it needs a checkout.
-BENCH_DIRS = (os.path.join(HERE, "bench"), os.path.join(HERE, "..", "..", "bench"), os.path.join(os.getcwd(), "bench"))
+
+
+def bench_dirs() -> tuple[str, ...]:
+    """Where bench scripts are looked for: the package, the tree lowbit was imported from, the current directory."""
+    return os.path.join(HERE, "bench"), os.path.join(HERE, "..", "..", "bench"), os.path.join(os.getcwd(), "bench")
 
 
 def _version() -> str:
@@ -55,7 +59,7 @@ def _info(args) -> int:
 
 
 def _find_script(name: str) -> str | None:
-    for d in BENCH_DIRS:
+    for d in bench_dirs():
         path = os.path.join(d, f"{name}.py")
         if os.path.exists(path):
             return os.path.normpath(path)
@@ -76,7 +80,7 @@ def _run_script(path: str, argv: list[str], prog: str) -> int:
 
 
 def bench_families() -> list[str]:
-    for d in BENCH_DIRS:
+    for d in bench_dirs():
         found = sorted(os.path.basename(p)[len("bench_"):-3] for p in glob.glob(os.path.join(d, "bench_*.py")))
         if found:
             return found
