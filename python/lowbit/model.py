@@ -17,6 +17,7 @@ before issue 12 used (equal, dotted suffix, any component) is a case of it.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable, Optional
 
@@ -28,6 +29,8 @@ from .formats import QuantSpec
 from .init import INITS, calibration_covariances, qwha_init
 from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear
 from .ops.qwha import adapter_hadamard_factors
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TARGETS", "matches", "select_modules", "replace_modules", "quantize_model", "add_lora", "add_qwha",
            "add_adapters", "apply_init"]
@@ -85,14 +88,13 @@ def replace_modules(model: nn.Module, names: list[str], build: Callable[[str, nn
                     label: Optional[str] = None) -> None:
     """The one replacement loop: module ``name`` becomes ``build(name, module)``; a progress bar on
     stderr when ``label`` is given."""
-    for i, name in enumerate(names):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm draws only when stderr is a terminal (nothing in logs, pipes or CI)
+    for name in tqdm(names, desc=label, unit="layer", file=sys.stderr, disable=None if label else True):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, build(name, getattr(owner, child)))
-        if label:
-            done = (i + 1) * 30 // len(names)
-            print(f"\r{label}: [{'#' * done}{'.' * (30 - done)}] {i + 1}/{len(names)}",
-                  end="" if i + 1 < len(names) else "\n", file=sys.stderr, flush=True)
 
 
 def _module_bytes(model: nn.Module) -> int:
@@ -124,6 +126,8 @@ def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, dou
     Returns a report: ``{"replaced", "skipped", "incompatible", "bytes_before", "bytes_after"}``.
     ``lora_init=`` (deprecated: use ``add_lora(model, r, alpha, target_modules=None, init=..., fmt=...)``)
     also attaches initialised LoRA adapters and adds ``"init_error"`` to the report.
+    ``progress``: a tqdm bar on stderr, drawn only when stderr is a terminal. The summary (layers,
+    memory before and after) goes to the ``lowbit.model`` logger at INFO level.
     """
     spec = QuantSpec(fmt, block_size, double_quant)  # validate once, before touching the model
     linears = select_modules(model, nn.Linear, None, (), into_adapters=True)
@@ -142,12 +146,10 @@ def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, dou
     report["bytes_after"] = _module_bytes(model)
     if todo:
         _after_quantize(model)
-    if progress:
-        print(f"quantize_model: {len(todo)} Linear -> QuantLinear({fmt}, block {block_size}"
-              f"{', double quant' if double_quant else ''}); memory {report['bytes_before'] / 2**20:.1f} MiB -> "
-              f"{report['bytes_after'] / 2**20:.1f} MiB; skipped {report['skipped']}"
-              + (f"; left dense (K % block != 0): {report['incompatible']}" if report["incompatible"] else ""),
-              file=sys.stderr)
+    logger.info("quantize_model: %d Linear -> QuantLinear(%s, block %d%s); memory %.1f MiB -> %.1f MiB; skipped %s%s",
+                len(todo), fmt, block_size, ", double quant" if double_quant else "", report["bytes_before"] / 2**20,
+                report["bytes_after"] / 2**20, report["skipped"],
+                f"; left dense (K % block != 0): {report['incompatible']}" if report["incompatible"] else "")
     return report
 
 
