@@ -23,7 +23,7 @@ import lowbit
 from lowbit import _native
 from lowbit.formats import QuantizedTensor
 
-from conftest import assert_close, int16_path_bound
+from conftest import assert_close, cpu_route_bound
 
 REFUSED = (ValueError, TypeError)
 
@@ -111,7 +111,7 @@ def check_product(y, x, qt, expected, what):
     x2 = x.reshape(-1, x.shape[-1]).float()
     scale = x2.double().abs() @ w.double().abs().T
     exp = expected.reshape(-1, expected.shape[-1])
-    extra = int16_path_bound(x2, w)
+    extra = cpu_route_bound(x2, w)
     if x.dtype != torch.float32:
         extra = extra + scale * 2.0 ** -7  # the activation rounded to bf16/fp16 on the kernel's way in
     assert_close(y.reshape(exp.shape).float(), exp, dtype=x.dtype, k=x.shape[-1], scale=scale, extra=extra, name=what)
