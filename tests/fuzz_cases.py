@@ -197,15 +197,30 @@ def case_lowrank(backend: str, seed: int, fmt: str, block: int, n: int, kb: int,
         call = dict(args, **{target: tm})
         def run():
             return lowbit.functional.lora_linear(call["x"], qt, call["lora_A"], call["lora_B"], scale, call["bias"])
-        if not ok and not (kind == "float64" and target != "x"):
+        if kind == "float64" and (target != "x" or backend == "reference"):
+            ok, tv = True, tm  # float64 A / B / bias are cast to x's dtype; a float64 x runs on the reference only
+        if kind == "add_dim" and target == "x":
+            ok, tv = True, tm  # a leading (batch) dimension is a valid x (..., K)
+        if not ok:
             return expect_refused(run, f"lowrank {target} {kind}")
         if not good_scale:
             return expect_refused(run, f"lowrank scale={scale}")
         y = run()
-        vals = dict(args, **{target: tv.float() if ok else args[target]})
+        vals = dict(args, **{target: tv if tv.dtype == torch.float64 and target == "x" else tv.float()})
         xa = vals["x"].double() @ vals["lora_A"].double().T
         exp = dense_ref(vals["x"], qt, vals["bias"]) + scale * xa @ vals["lora_B"].double().T
         check_product(y, vals["x"], qt, exp, f"lowrank {target} {kind}")
+
+
+def _hadamard_size(x: torch.Tensor) -> bool:
+    from lowbit.reference import hadamard_split
+    if x.dim() == 0:
+        return False
+    try:
+        hadamard_split(x.shape[-1])
+    except ValueError:
+        return False
+    return True
 
 
 def case_hadamard(backend: str, seed: int, rows: int, n: int, target: str, kind: str, scale: float) -> None:
@@ -218,8 +233,8 @@ def case_hadamard(backend: str, seed: int, rows: int, n: int, target: str, kind:
         if target == "x":
             xm, xv, ok = mutate(x, kind)
             run = lambda: lowbit.hadamard(xm, scale)  # noqa: E731
-            if kind == "add_dim" and good_scale:  # any leading shape is a valid x
-                xm, xv, ok = xm, xm.contiguous(), True
+            if kind in ("add_dim", "extend", "truncate", "empty") and good_scale and _hadamard_size(xm):
+                xv, ok = xm.contiguous(), True  # another leading shape or a supported length: a valid x
             if not ok and kind != "float64":
                 return expect_refused(run, f"hadamard x {kind}")
             if not ok or not good_scale:  # float64 runs on the reference backend only
@@ -238,10 +253,10 @@ def case_hadamard(backend: str, seed: int, rows: int, n: int, target: str, kind:
             y = run()
             assert y.data_ptr() == om.data_ptr()
             xv = x
-        h = hadamard_matrix(n).double()
+        h = hadamard_matrix(xv.shape[-1]).double()
         exp = xv.double() @ h * scale
         bound = xv.double().abs().sum(-1, keepdim=True) * abs(scale)
-        assert_close(y.double(), exp, dtype=torch.float32, k=n, scale=bound, name=f"hadamard {target} {kind}")
+        assert_close(y.double(), exp, dtype=torch.float32, k=xv.shape[-1], scale=bound, name=f"hadamard {target} {kind}")
 
 
 # -------------------------------------------------------------------------------- checkpoints
@@ -408,22 +423,33 @@ def case_optim_load(bits: int, paged: bool, seed: int, entry: str, kind: str, sc
     if loaded and value_kept:
         twin.load_state_dict(twin_sd)
     elif loaded:  # a changed hyperparameter / step was accepted: it must be a valid one
-        return _valid_after_load(opt, p, g)
+        return _valid_after_load(opt, p, g, bits, paged, seed, make)
     p.grad, twin_p.grad = g.clone(), g.clone()
     opt.step()
     twin.step()
     assert torch.equal(p, twin_p), f"optim {entry} {kind}: stepped differently from its twin"
 
 
-def _valid_after_load(opt, p, g):
+def _valid_after_load(opt, p, g, bits, paged, seed, make):
+    """Accepted hyperparameters are ones the constructor accepts too, and step as they would there."""
+    from lowbit.optim import AdamW
+
     grp = opt.param_groups[0]
     for name in ("lr", "eps", "weight_decay"):
         v = grp[name]
         assert isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, (name, v)
     assert len(grp["betas"]) == 2 and all(0 <= b < 1 for b in grp["betas"]), grp["betas"]
-    p.grad = g
+    twin_p, twin = make()
+    step = opt.state[p]["step"]
+    twin.param_groups[0].update({k: grp[k] for k in ("lr", "eps", "weight_decay", "betas")})
+    twin.state[twin_p]["step"] = step
+    AdamW([torch.nn.Parameter(torch.zeros(1))], lr=grp["lr"], betas=grp["betas"], eps=grp["eps"],
+          weight_decay=grp["weight_decay"])  # the constructor takes them as well
+    p.grad, twin_p.grad = g.clone(), g.clone()
     opt.step()
-    assert torch.isfinite(p).all(), "an accepted state dict stepped the parameter to NaN/inf"
+    twin.step()
+    assert torch.equal(p, twin_p) or (torch.isnan(p) == torch.isnan(twin_p)).all() and torch.equal(
+        p.nan_to_num(), twin_p.nan_to_num()), "accepted hyperparameters stepped differently from a twin given them"
 
 
 # -------------------------------------------------------------------------------- use_backend
