@@ -234,7 +234,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", default=None, choices=["reference", "cpu", "sim"],
                     help="force an implementation (default: cpu)")
-    ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--save", metavar="DIR", default=None,
                     help="write each quantized model to DIR/<fmt> (save_pretrained: lowbit checkpoint + tokenizer)")
     ap.add_argument("--load", metavar="DIR", default=None,
