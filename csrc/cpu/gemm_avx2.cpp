@@ -52,14 +52,7 @@ void decode_tile_f32(const GemmWeight& w, int64_t n0, int rows, int rows_pad, in
       const __m256 z = _mm256_set1_ps(is_table ? 0.0f : w.zero[b]);
       const uint8_t* src = w.codes + e0 / per_byte;
       for (int j = 0; j < 32; j += 8) {
-        const __m256i idx = unpack8(src + j / per_byte, bits);
-        __m256 v;
-        if (is_table) {
-          __m256 a = _mm256_permutevar8x32_ps(t_lo, idx), c = _mm256_permutevar8x32_ps(t_hi, idx);
-          v = _mm256_mul_ps(_mm256_blendv_ps(a, c, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))), s);
-        } else {
-          v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), s);
-        }
+        __m256 v = decode8_f32(unpack8(src + j / per_byte, bits), is_table, t_lo, t_hi, s, z);
         if (bf16w) v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(simd::to_bf16x8(v)), 16));
         _mm256_store_ps(o + i + j, v);
       }

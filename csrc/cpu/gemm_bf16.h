@@ -129,14 +129,7 @@ inline void src_row_bf16(const RowSrc& s, int64_t row, int64_t c0, int cn, uint1
       const __m256 z = _mm256_set1_ps(is_table ? 0.0f : w.zero[b]);
       const uint8_t* src = w.codes + e0 / per_byte;
       for (int j = 0; j < 32; j += 8) {
-        const __m256i idx = unpack8(src + j / per_byte, bits);
-        __m256 v;
-        if (is_table) {  // the fp32 operations of cpu::dequantize (no FMA), then RNE to bf16
-          const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx), hi = _mm256_permutevar8x32_ps(t_hi, idx);
-          v = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))), sc);
-        } else {
-          v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), sc);
-        }
+        const __m256 v = decode8_f32(unpack8(src + j / per_byte, bits), is_table, t_lo, t_hi, sc, z);  // then RNE
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + j), to_bf16x8(v));
       }
     }

@@ -104,6 +104,16 @@ inline TileQ tile_q(Fmt f) {
 }
 
 #if defined(__AVX2__)  // the ISA files only
+// Eight codes (int32 lanes, from unpack8) → their fp32 values with the fp32 operations of
+// cpu::dequantize (no FMA; bit-identical): table[q]·s (t_lo/t_hi: the 16-entry table) or (q − z)·s.
+inline __m256 decode8_f32(__m256i idx, bool is_table, __m256 t_lo, __m256 t_hi, __m256 s, __m256 z) {
+  if (is_table) {
+    const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx), hi = _mm256_permutevar8x32_ps(t_hi, idx);
+    return _mm256_mul_ps(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))), s);
+  }
+  return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), s);
+}
+
 // A micro-kernel's 6×16 fp32 result into c (row stride ldc): stored (first) or added.
 inline void store_tile(bool first, const __m256 (&acc)[kNR][2], float* c, int64_t ldc) {
   for (int i = 0; i < kNR; ++i) {
