@@ -24,6 +24,7 @@
 #include "lowbit/lowrank.h"
 #include "lowbit/optim.h"
 #include "lowbit/quant.h"
+#include "lowbit/svdquant.h"
 
 namespace lowbit::bind {
 
@@ -152,6 +153,25 @@ void def_shared(py::module_& m) {
       },
       arg("x"), arg("y"), arg("xa"), arg("bias"), arg("dtype"), arg("m"), arg("n"), arg("k"), LOWBIT_WEIGHT_ARGS,
       arg("a"), arg("b"), arg("r"), arg("s"));
+
+  // ---- svdquant (include/lowbit/svdquant.h): the activation pass, then the W4A4 GEMM
+  def_entry<Binder>(m, LOWBIT_ENTRY(svdquant_act),
+      [](Address x, int dtype, int64_t m_, int64_t k, Address inv_smooth, Address l2, int r, Address qx, Address sx,
+         Address down) {
+        return SvdquantActParams{ptr<const void>(x), ptr<const float>(inv_smooth), ptr<const void>(l2),
+                                 ptr<int8_t>(qx), ptr<float>(sx), ptr<float>(down), DType(dtype), m_, k, r};
+      },
+      arg("x"), arg("dtype"), arg("m"), arg("k"), arg("inv_smooth"), arg("l2"), arg("r"), arg("qx"), arg("sx"),
+      arg("down"));
+  def_entry<Binder>(m, LOWBIT_ENTRY(svdquant_gemm),
+      [](Address qx, Address sx, Address qw, Address sw, Address down, Address l1, Address bias, Address y, int dtype,
+         int64_t m_, int64_t n, int64_t k, int r) {
+        return SvdquantGemmParams{ptr<const int8_t>(qx), ptr<const float>(sx), ptr<const uint8_t>(qw),
+                                  ptr<const float>(sw), ptr<const float>(down), ptr<const void>(l1),
+                                  ptr<const void>(bias), ptr<void>(y), DType(dtype), m_, n, k, r};
+      },
+      arg("qx"), arg("sx"), arg("qw"), arg("sw"), arg("down"), arg("l1"), arg("bias"), arg("y"), arg("dtype"), arg("m"),
+      arg("n"), arg("k"), arg("r"));
 
   // ---- hadamard (include/lowbit/hadamard.h)
   def_entry<Binder>(m, LOWBIT_ENTRY(hadamard),

@@ -25,6 +25,12 @@ __all__ = [
     "block_scales_ref",
     "gemm_ref",
     "gemm_t_ref",
+    "svdquant_quantize_ref",
+    "svdquant_pack_ref",
+    "svdquant_unpack_ref",
+    "svdquant_act_ref",
+    "svdquant_gemm_ref",
+    "svdquant_linear_ref",
 ]
 
 ABSMAX_FLOOR = 1e-38  # bitsandbytes' clamp before the reciprocal (subnormal in fp32: no FTZ anywhere)
@@ -481,3 +487,68 @@ def lowrank_ref(x: torch.Tensor, qt, a: torch.Tensor, b: torch.Tensor, scale: fl
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+
+
+# ============================================================================ svdquant (W4A4 + low rank)
+SVDQ_GROUP = 64  # K per scale, include/lowbit/svdquant.h::kSvdqGroup
+
+
+def svdquant_quantize_ref(v: torch.Tensor):
+    """The 4-bit symmetric quantizer of svdquant.h, rows of fp32 ``v`` (R, K) in groups of 64 along K:
+    ``(q int8 (R, K) in [-7, 7], s fp32 (R, K/64))``. s = amax / 7 (IEEE division); q = clamp(rne(v / s),
+    -7, 7); a zero group gives s = 0, q = 0; a group holding a non-finite value gives s = NaN, q = 0."""
+    r, k = v.shape
+    g = v.to(torch.float32).reshape(r, k // SVDQ_GROUP, SVDQ_GROUP)
+    finite = torch.isfinite(g).all(-1)
+    amax = torch.where(finite, g.abs().amax(-1), torch.zeros((), dtype=torch.float32))
+    s = amax / 7.0
+    live = (finite & (s != 0))[..., None]
+    q = torch.where(live, torch.round(g / torch.where(live, s[..., None], torch.ones(()))), torch.zeros(()))
+    q = q.clamp(-7, 7).to(torch.int8).reshape(r, k)
+    return q, torch.where(finite, s, torch.full((), float("nan")))
+
+
+def svdquant_pack_ref(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K) in [-8, 7] -> (N, K/2) uint8, element 2i in the high nibble, two's complement."""
+    return pack((q.to(torch.int16) & 0xF).to(torch.uint8), 4)
+
+
+def svdquant_unpack_ref(packed: torch.Tensor) -> torch.Tensor:
+    u = unpack(packed, 4).to(torch.int16)
+    return torch.where(u >= 8, u - 16, u).to(torch.int8)
+
+
+def svdquant_act_ref(x: torch.Tensor, inv_smooth: Optional[torch.Tensor], l2: Optional[torch.Tensor]):
+    """The activation pass: ``(qx, sx, down)`` for x (M, K); down = xs · l2ᵀ in fp32 (None when l2 is)."""
+    xs = x.to(torch.float32)
+    if inv_smooth is not None:
+        xs = xs * inv_smooth.to(torch.float32)
+    qx, sx = svdquant_quantize_ref(xs)
+    down = None if l2 is None else xs @ l2.to(torch.float32).T
+    return qx, sx, down
+
+
+def svdquant_gemm_ref(qx: torch.Tensor, sx: torch.Tensor, qw_packed: torch.Tensor, sw: torch.Tensor,
+                      down: Optional[torch.Tensor] = None, l1: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """y = Σ_g sx·sw·(qx·qwᵀ over group g) + down · l1ᵀ + bias, fp32, returned in ``dtype``. The group sums
+    are exact integers (int64 here); the scaling and sums in fp32."""
+    m, k = qx.shape
+    groups = k // SVDQ_GROUP
+    qw = svdquant_unpack_ref(qw_packed)
+    acc = torch.einsum("mgc,ngc->mng", qx.to(torch.int64).reshape(m, groups, SVDQ_GROUP),
+                       qw.to(torch.int64).reshape(-1, groups, SVDQ_GROUP))
+    y = (sx.float()[:, None, :] * sw.float()[None, :, :] * acc.to(torch.float32)).sum(-1)
+    if down is not None and down.shape[1] > 0:
+        y = y + down.float() @ l1.to(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(dtype)
+
+
+def svdquant_linear_ref(x: torch.Tensor, inv_smooth: Optional[torch.Tensor], l2: Optional[torch.Tensor],
+                        l1: Optional[torch.Tensor], qw_packed: torch.Tensor, sw: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The SVDQuant forward of x (M, K): the activation pass, then the W4A4 GEMM with the branch."""
+    qx, sx, down = svdquant_act_ref(x, inv_smooth, l2)
+    return svdquant_gemm_ref(qx, sx, qw_packed, sw, down, l1, bias, x.dtype)

@@ -1,7 +1,8 @@
 """The ops layer: the only door to native code (``lowbit._C`` / ``_sim`` / ``_cuda``).
 
 One module per kernel family — :mod:`~lowbit.ops.quant`, :mod:`~lowbit.ops.gemm`, :mod:`~lowbit.ops.lowrank`,
-:mod:`~lowbit.ops.hadamard`, :mod:`~lowbit.ops.qwha`, :mod:`~lowbit.ops.optim` — each with the
+:mod:`~lowbit.ops.hadamard`, :mod:`~lowbit.ops.qwha`, :mod:`~lowbit.ops.svdquant`,
+:mod:`~lowbit.ops.optim` — each with the
 validation of its entry points (dtype, shape, contiguity, storage: native code never sees input it
 cannot handle), the backend resolved once per call, its torch.library custom ops with fake impls, and
 the inference entry points the modules' fast paths use. Everything above (functional, nn, optim,
@@ -21,11 +22,13 @@ from .hadamard import hadamard, hadamard_op
 from .precision import PRECISIONS, get_matmul_precision, matmul_precision, set_matmul_precision
 from .lowrank import lowrank, lowrank_inference, lowrank_op
 from .quant import dequantize, dequantize8, quantize, quantize8
+from .svdquant import svdquant_act, svdquant_gemm, svdquant_linear
 from .qwha import adapter_hadamard, adapter_hadamard_factors, qwha_inference, qwha_spmm, qwha_spmm_backward
 from . import optim  # noqa: E402  (lowbit.ops.optim: the AdamW kernels, managed memory)
 
 __all__ = ["quantize", "dequantize", "quantize8", "dequantize8", "gemm", "gemm_t", "gemm_op", "gemm_t_op", "GEMM_BLOCKS",
            "lowrank", "lowrank_op", "lowrank_inference", "hadamard", "hadamard_op", "adapter_hadamard",
            "adapter_hadamard_factors", "qwha_spmm", "qwha_spmm_backward", "qwha_inference", "optim",
+           "svdquant_act", "svdquant_gemm", "svdquant_linear",
            "set_matmul_precision", "get_matmul_precision", "matmul_precision", "PRECISIONS",
            "backend_for", "has_kernel", "check_tensor", "check_finite", "weight_args"]
