@@ -5,9 +5,16 @@
 // Micro-kernel: 8 rows of x × 48 columns (3 zmm of 16 fp32) per pass, two passes per 96-column panel.
 // Per k-pair: 3 panel loads (one tile row each), 8 broadcasts of an x pair (embedded {1to16}), 24
 // vdpbf16ps (32 bf16 multiply-adds each). 24 accumulators + 3 panel registers of the 32 zmm.
-// Roofline (Zen 4: a zmm vdpbf16ps issues once per cycle, 64 flop): ≈ 225 GFLOP/s per core at
-// 3.5 GHz, twice the fp32 FMA rate; the panel decode (≈ 2 instr/weight once per 1024 rows of x)
-// and the x/C traffic (L2) are a few % of that.
+// Roofline (Zen 4: a zmm vdpbf16ps issues once per cycle, 64 flop): measured 234 GFLOP/s per core
+// (3.66 GHz, a register-only loop), twice the fp32 FMA rate. This micro-kernel alone, operands in
+// L1/L2, runs at 97% of that (kKC = 128) to 98-99% (kKC = 512-1024).
+// Blocking (measured on that Zen 4, 1 thread, M = 512, 4096², torch dense bf16 = 1.00):
+//   kKC = 128, x rows found in L3 by the broadcasts                              0.90
+//   + the x row pointers hoisted (the 8 row offsets had spilled to the stack)    0.95
+//   + the next 8 rows' x lines prefetched into L1 one call ahead                 0.95
+//   + kKC = 512 (the 96 KiB panel streams from L2; 4× fewer C round trips)       0.97
+//   + bf16 x copied, not converted, when packed (gemm_bf16.h)                    see docs/benchmarks.md
+// kKC = 1024 measured no better than 512. The panel decode is ≈ 3.5% of the time at M = 512.
 // Arithmetic: each lane adds the odd product, then the even one, to its fp32 accumulator, each sum
 // rounded to nearest even, denormals flushed (Intel's VDPBF16PS pseudo-code); products of two bf16
 // are exact in fp32. Error vs the float64 product of the same bf16 operands: fp32 accumulation only.
@@ -17,7 +24,7 @@ namespace lowbit::cpu {
 namespace {
 
 struct Avx512Bf16 {
-  static constexpr int kMR = 8, kNC = 96, kKC = 128;  // the 96 × 128 panel (24 KiB) stays in L1
+  static constexpr int kMR = 8, kNC = 96, kKC = 512;  // the 96 × 512 panel (96 KiB) stays in L2
   static constexpr int64_t kMC = 1024;
   static void thread_init() {}
   static void thread_done() {}
@@ -36,6 +43,10 @@ struct Avx512Bf16 {
       for (int ks = 0; ks < kc / 32; ++ks) {
         const int32_t* tb = panel + (int64_t(ks) * (kNC / 16) + 3 * h) * 256;
         const int32_t* xs = x32 + ks * 16;
+        const int32_t* xr[kMR];  // hoisted: indexing xs[i * l + t] spilled the row offsets
+        for (int i = 0; i < kMR; ++i) xr[i] = xs + i * l;
+        if (h == 0)  // the next call's rows (x lives in L3; its lines are 8 KiB apart: no hardware stream)
+          for (int i = 0; i < kMR; ++i) _mm_prefetch(reinterpret_cast<const char*>(xr[i] + kMR * l), _MM_HINT_T0);
 #pragma GCC unroll 2
         for (int t = 0; t < 16; ++t) {
           const __m512bh b0 = (__m512bh)_mm512_load_si512(tb + t * 16);
@@ -43,7 +54,7 @@ struct Avx512Bf16 {
           const __m512bh b2 = (__m512bh)_mm512_load_si512(tb + 512 + t * 16);
 #pragma GCC unroll 8
           for (int i = 0; i < kMR; ++i) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(xs[i * l + t]);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(xr[i][t]);
             acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
             acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, b2);

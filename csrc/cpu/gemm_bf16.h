@@ -201,6 +201,11 @@ inline void panel_cols(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, 
 
 // Row m of a dtype matrix (cols valid, row stride ld) → bf16, zero-padded to kp.
 inline void pack_row_bf16(const void* x, DType dt, int64_t ld, int64_t m, int64_t cols, int64_t kp, uint16_t* out) {
+  if (dt == DType::bf16) {  // already the engine's operand: a copy (converting cost 2.7% at M = 512)
+    std::memcpy(out, static_cast<const uint16_t*>(x) + m * ld, sizeof(uint16_t) * size_t(cols));
+    std::memset(out + cols, 0, sizeof(uint16_t) * size_t(kp - cols));
+    return;
+  }
   int64_t i = 0;
   for (; i + 8 <= cols; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_bf16x8(load8(x, dt, m * ld + i)));
