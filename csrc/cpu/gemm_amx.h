@@ -23,9 +23,10 @@ struct Amx {
   static void thread_init() { tile::configure(); }
   static void thread_done() { tile::release(); }
 
-  static void micro(bool first, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c, int64_t ldc) {
+  static void micro(bool first, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c, int64_t ldc,
+                    int nv) {
     const int64_t sx = ldx * 2, sc = ldc * 4;
-    for (int cp = 0; cp < kNC / 32; ++cp) {
+    for (int cp = 0; cp < kNC / 32 && 32 * cp < nv; ++cp) {
       float* c0 = c + cp * 32;
       if (first) {
         tile::zero<0>(), tile::zero<1>(), tile::zero<2>(), tile::zero<3>();

@@ -29,43 +29,55 @@ struct Avx512Bf16 {
   static void thread_init() {}
   static void thread_done() {}
 
-  // c[0:8][0:96] (+)= x[0:8][0:kc] · panel (kc / 32 steps of 6 tiles).
-  static void micro(bool first, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c, int64_t ldc) {
+  // c[0:8][0:nv] (+)= x[0:8][0:kc] · panel (kc / 32 steps of 6 tiles): passes of 48 columns, the last
+  // one only as wide as the valid columns need (a partial column block, the lowrank xa of small r).
+  static void micro(bool first, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c, int64_t ldc,
+                    int nv) {
+    for (int h = 0; h < 2 && 48 * h < nv; ++h) {
+      switch (std::min(3, (nv - 48 * h + 15) / 16)) {
+        case 1: pass<1>(first, h, x, ldx, panel, kc, c, ldc); break;
+        case 2: pass<2>(first, h, x, ldx, panel, kc, c, ldc); break;
+        default: pass<3>(first, h, x, ldx, panel, kc, c, ldc); break;
+      }
+    }
+  }
+
+  // Columns [48h, 48h + 16·NJ) of the micro-kernel.
+  template <int NJ>
+  static void pass(bool first, int h, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c,
+                   int64_t ldc) {
     const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
     const int64_t l = ldx / 2;
-    for (int h = 0; h < 2; ++h) {
-      __m512 acc[kMR][3];
+    __m512 acc[kMR][NJ];
 #pragma GCC unroll 8
-      for (int i = 0; i < kMR; ++i)
+    for (int i = 0; i < kMR; ++i)
 #pragma GCC unroll 3
-        for (int j = 0; j < 3; ++j)
-          acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + 48 * h + 16 * j);
-      for (int ks = 0; ks < kc / 32; ++ks) {
-        const int32_t* tb = panel + (int64_t(ks) * (kNC / 16) + 3 * h) * 256;
-        const int32_t* xs = x32 + ks * 16;
-        const int32_t* xr[kMR];  // hoisted: indexing xs[i * l + t] spilled the row offsets
-        for (int i = 0; i < kMR; ++i) xr[i] = xs + i * l;
-        if (h == 0)  // the next call's rows (x lives in L3; its lines are 8 KiB apart: no hardware stream)
-          for (int i = 0; i < kMR; ++i) _mm_prefetch(reinterpret_cast<const char*>(xr[i] + kMR * l), _MM_HINT_T0);
+      for (int j = 0; j < NJ; ++j)
+        acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + 48 * h + 16 * j);
+    for (int ks = 0; ks < kc / 32; ++ks) {
+      const int32_t* tb = panel + (int64_t(ks) * (kNC / 16) + 3 * h) * 256;
+      const int32_t* xs = x32 + ks * 16;
+      const int32_t* xr[kMR];  // hoisted: indexing xs[i * l + t] spilled the row offsets
+      for (int i = 0; i < kMR; ++i) xr[i] = xs + i * l;
+      if (h == 0)  // the next call's rows (x lives in L3; its lines are 8 KiB apart: no hardware stream)
+        for (int i = 0; i < kMR; ++i) _mm_prefetch(reinterpret_cast<const char*>(xr[i] + kMR * l), _MM_HINT_T0);
 #pragma GCC unroll 2
-        for (int t = 0; t < 16; ++t) {
-          const __m512bh b0 = (__m512bh)_mm512_load_si512(tb + t * 16);
-          const __m512bh b1 = (__m512bh)_mm512_load_si512(tb + 256 + t * 16);
-          const __m512bh b2 = (__m512bh)_mm512_load_si512(tb + 512 + t * 16);
+      for (int t = 0; t < 16; ++t) {
+        __m512bh bv[NJ];
+#pragma GCC unroll 3
+        for (int j = 0; j < NJ; ++j) bv[j] = (__m512bh)_mm512_load_si512(tb + 256 * j + t * 16);
 #pragma GCC unroll 8
-          for (int i = 0; i < kMR; ++i) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(xr[i][t]);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, b2);
-          }
+        for (int i = 0; i < kMR; ++i) {
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(xr[i][t]);
+#pragma GCC unroll 3
+          for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, bv[j]);
         }
       }
-#pragma GCC unroll 8
-      for (int i = 0; i < kMR; ++i)
-#pragma GCC unroll 3
-        for (int j = 0; j < 3; ++j) _mm512_storeu_ps(c + i * ldc + 48 * h + 16 * j, acc[i][j]);
     }
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i)
+#pragma GCC unroll 3
+      for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(c + i * ldc + 48 * h + 16 * j, acc[i][j]);
   }
 };
 

@@ -228,9 +228,10 @@ struct Scratch {  // per thread
   AlignedBuf c_buf;
 };
 
-// One column block [j0, j0 + kNC) of C for rows [0, mp): the terms' k blocks in order.
+// One column block [j0, j0 + kNC) of C for rows [0, mp): the terms' k blocks in order. Only the
+// first nv columns are computed (the micro-kernels skip whole 16/32-column groups past them).
 template <class E>
-void column_block(const Term* terms, int nterms, int64_t mp, int64_t j0, Scratch<E>& sc, float* c) {
+void column_block(const Term* terms, int nterms, int64_t mp, int64_t j0, int nv, Scratch<E>& sc, float* c) {
   int32_t* panel = sc.panel_buf.get(size_t(E::kKC) * E::kNC / 2);
   uint16_t* tmp = sc.tmp_buf.get(size_t(16) * std::max(E::kKC, E::kNC));
   bool first = true;
@@ -240,7 +241,7 @@ void column_block(const Term* terms, int nterms, int64_t mp, int64_t j0, Scratch
       const int kc = int(std::min<int64_t>(E::kKC, T.kp - k0));
       if (T.cols) panel_cols(T.src, j0, E::kNC, k0, kc, tmp, panel);
       else panel_rows(T.src, j0, E::kNC, k0, kc, tmp, panel);
-      for (int64_t m0 = 0; m0 < mp; m0 += E::kMR) E::micro(first, T.x + m0 * T.ldx + k0, T.ldx, panel, kc, c + m0 * E::kNC, E::kNC);
+      for (int64_t m0 = 0; m0 < mp; m0 += E::kMR) E::micro(first, T.x + m0 * T.ldx + k0, T.ldx, panel, kc, c + m0 * E::kNC, E::kNC, nv);
       first = false;
     }
   }
@@ -305,8 +306,8 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
         const Term ta{xb, ldx, K, asrc, false};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t j0 = 0; j0 < r; j0 += E::kNC) {
-          column_block<E>(&ta, 1, mp, j0, sc, c);
           const int nv = int(std::min<int64_t>(E::kNC, r - j0));
+          column_block<E>(&ta, 1, mp, j0, nv, sc, c);
           for (int64_t m = 0; m < mv; ++m)
             for (int j = 0; j < nv; ++j) {
               const float v = c[m * E::kNC + j];
@@ -318,8 +319,9 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
       const Term terms[2] = {{xb, ldx, K, wsrc, false}, {xab, rp + kRowPad, rp, bsrc, false}};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t j0 = 0; j0 < N; j0 += E::kNC) {
-        column_block<E>(terms, lr ? 2 : 1, mp, j0, sc, c);
-        store_rows(c, E::kNC, mv, int(std::min<int64_t>(E::kNC, N - j0)), p.bias, p.dtype,
+        const int nv = int(std::min<int64_t>(E::kNC, N - j0));
+        column_block<E>(terms, lr ? 2 : 1, mp, j0, nv, sc, c);
+        store_rows(c, E::kNC, mv, nv, p.bias, p.dtype,
                    static_cast<char*>(p.y) + size_t(m0 * N) * dtype_size(p.dtype), N, j0);
       }
       E::thread_done();
@@ -354,8 +356,9 @@ void gemm_t_bf16(const GemmParams& p) {
       const Term t{xb, ldx, np, wsrc, true};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t j0 = 0; j0 < K; j0 += E::kNC) {
-        column_block<E>(&t, 1, mp, j0, sc, c);
-        store_rows(c, E::kNC, mv, int(std::min<int64_t>(E::kNC, K - j0)), nullptr, p.dtype,
+        const int nv = int(std::min<int64_t>(E::kNC, K - j0));
+        column_block<E>(&t, 1, mp, j0, nv, sc, c);
+        store_rows(c, E::kNC, mv, nv, nullptr, p.dtype,
                    static_cast<char*>(p.y) + size_t(m0 * K) * dtype_size(p.dtype), K, j0);
       }
       E::thread_done();
