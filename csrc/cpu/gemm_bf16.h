@@ -78,12 +78,13 @@ inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, u
   const __m512i sh_b = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
   __m512i lut = _mm512_setzero_si512();
   int64_t lut_block = -1;
-  // The panel decodes kKC columns of 16 rows at a time, so a row's codes arrive in short runs (128
+  // The panel decodes kKC columns of 16 rows at a time, so a row's codes arrive in short runs (256
   // bytes at 4 bits) far apart in time: fetch the row's next run now (measured: the code loads were
-  // 25% of the engine's time at M = 8 without it).
+  // 25% of the engine's time at M = 8 without it), into L2: at large M the next run is read after
+  // the whole panel's micro-kernels (~1 ms at M = 512), long after L1 has turned over.
   const int64_t next = row * w.k + c0 + cv;
   if (c0 + cv < w.k)
-    for (int o = 0; o < cv * bits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * bits / 8 + o), _MM_HINT_T0);
+    for (int o = 0; o < cv * bits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * bits / 8 + o), _MM_HINT_T1);
   for (int i = 0; i < cv; i += 32) {
     const int64_t e0 = row * w.k + c0 + i, b = e0 / w.block;
     if (b != lut_block) {  // the block's 16 possible values, exactly as dequantize(bf16) makes them
