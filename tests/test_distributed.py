@@ -44,7 +44,7 @@ def tiny_model(fmt: str = "nf4", double_quant: bool = True, r: int = 8, seed: in
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg)
-    lowbit.quantize_model(model, fmt, block_size=64, double_quant=double_quant)
+    lowbit.quantize_model(model, fmt, block_size=64, double_quant=double_quant, progress=False)
     torch.manual_seed(seed + 1)
     lowbit.add_lora(model, r=r, alpha=16)
     with torch.no_grad():  # B = 0 at init would make step 0's gradient of A vanish: start from a non-zero B
@@ -283,11 +283,11 @@ def test_fsdp2_matches_single_process_and_shards_quantized_bytes(reference):
         assert frac <= 0.55
 
 
-def test_fsdp2_bf16_mixed_precision_with_8bit_adamw(reference):
+def test_fsdp2_bf16_mixed_precision_with_paged_8bit_adamw(reference):
     """MixedPrecisionPolicy(param_dtype=bf16): the quantized bytes stay exact, the first loss (before any
     update) is the fp32 loss within bf16 rounding, training stays finite; 8-bit state <= 2.04 bytes/param."""
     ref_losses, _, _ = reference
-    res = ok(spawn(_fsdp_worker, "adamw8bit", True))
+    res = ok(spawn(_fsdp_worker, "paged8bit", True))
     assert res[0]["weights_intact"]
     # bf16 activations and adapters: relative error per product ~2^-8; through 2 layers and the head, 8 of them
     assert abs(res[0]["losses"][0] - ref_losses[0]) <= 8 * 2.0 ** -8 * abs(ref_losses[0])
@@ -299,3 +299,122 @@ def test_fsdp2_bf16_mixed_precision_with_8bit_adamw(reference):
         print(f"FSDP2 bf16 rank {r}: 8-bit state {s['state_bytes']} bytes for {s['params_with_state']} local "
               f"parameters = {s['state_bytes_per_param']:.4f} bytes/param")
         assert s["state_bytes_per_param"] <= 2.04
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _sharded(fmt: str = "nf4", r: int = 8):
+    model = tiny_model(fmt, r=r)
+    lowbit.distributed.fully_shard(model)
+    return model
+
+
+def _dcp_first(rank, world, path):
+    """Train 10 steps with AdamW8bit, saving a DCP checkpoint after step 5: the uninterrupted run."""
+    model = _sharded()
+    opt = make_opt("adamw8bit", model.parameters())
+    losses = _train(model, opt, rank, 5)
+    lowbit.distributed.save_checkpoint(path, model, opt, extra={"step": 5})
+    losses += _train(model, opt, rank, STEPS - 5, start=5)
+    full = lowbit.distributed.full_state_dict(model)
+    return {"losses": losses, "adapters": {k: v for k, v in full.items() if ".lora_" in k}}
+
+
+def _dcp_resume(rank, world, path, export_dir):
+    """New processes, a new model and optimizer: load the step-5 checkpoint, train to step 10, export."""
+    model = _sharded()
+    opt = make_opt("adamw8bit", model.parameters())
+    extra = lowbit.distributed.load_checkpoint(path, model, opt)
+    losses = _train(model, opt, rank, STEPS - extra["step"], start=extra["step"])
+    full = lowbit.distributed.full_state_dict(model)
+    lowbit.distributed.export(model, os.path.join(export_dir, "model"))
+    lowbit.distributed.export(model, os.path.join(export_dir, "adapter"), adapter="default")
+    return {"losses": losses, "adapters": {k: v for k, v in full.items() if ".lora_" in k}, "extra": extra,
+            "weights": {k: v for k, v in full.items() if ".lora_" not in k}}
+
+
+def test_dcp_round_trip_resumes_identically(tmp_path):
+    path, export_dir = str(tmp_path / "ckpt"), str(tmp_path / "export")
+    first = ok(spawn(_dcp_first, path))
+    second = ok(spawn(_dcp_resume, path, export_dir))
+    assert second[0]["extra"] == {"step": 5}
+    for r in range(WORLD):  # the same trajectory, bit for bit
+        d = max_diff(second[r]["losses"], first[r]["losses"][5:])
+        print(f"DCP round trip rank {r}: steps 6-10 losses max |diff| = {d:.3e}")
+        assert second[r]["losses"] == first[r]["losses"][5:]
+    a, b = first[0]["adapters"], second[0]["adapters"]
+    print(f"DCP round trip: adapters after step 10 max |diff| = {max_diff(flat(b), flat(a)):.3e}")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the consolidated single-process files hold the sharded run's tensors
+    skeleton = tiny_model()
+    single = lowbit.load_model(os.path.join(export_dir, "model"), transformers.LlamaForCausalLM(skeleton.config))
+    sd = single.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in b.items())
+    assert all(torch.equal(sd[k], v) for k, v in second[0]["weights"].items() if not k.endswith("_extra_state"))
+    from safetensors.torch import load_file
+
+    peft = load_file(os.path.join(export_dir, "adapter", "adapter_model.safetensors"))
+    assert len(peft) == len(b)
+    for k, v in b.items():  # model.layers.0...lora_A.default -> base_model.model.model.layers.0...lora_A.weight
+        assert torch.equal(peft["base_model.model." + k.replace(".default", ".weight")], v)
+
+
+def _bad_inputs(rank, world, path):
+    """Each bad input raises the same error on every rank, before any collective: no hang."""
+    errors = {}
+
+    def catch(name, fn):
+        try:
+            fn()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+
+    # rows that do not split into equal shards of whole blocks
+    odd = torch.nn.Sequential(torch.nn.Linear(64, 33), torch.nn.Linear(33, 64, bias=False))
+    lowbit.quantize_model(odd, "nf4", block_size=64, progress=False)  # the 33-input Linear stays dense
+    catch("world_size", lambda: lowbit.distributed.fully_shard(odd))
+    # a checkpoint of nf4 layers, loaded into an fp4 model / a model whose adapters have another rank
+    model = _sharded()
+    opt = make_opt("adamw8bit", model.parameters())
+    _train(model, opt, rank, 1)
+    lowbit.distributed.save_checkpoint(path, model, opt, extra={"step": 1})
+    catch("format", lambda: lowbit.distributed.load_checkpoint(path, _sharded("fp4")))
+    catch("adapters", lambda: lowbit.distributed.load_checkpoint(path, _sharded(r=4)))
+    catch("not_a_checkpoint", lambda: lowbit.distributed.load_checkpoint(os.path.dirname(path), model))
+    torch.distributed.barrier()  # every rank is still here: nothing hung
+    saved = {k: v for k, v in lowbit.distributed.full_state_dict(model).items() if ".lora_" in k}
+    return {"errors": errors, "saved": saved}
+
+
+def _other_world(rank, world, path):
+    """One process loads a checkpoint saved by two: the model reshards, the 8-bit optimizer state does not."""
+    model = _sharded()
+    opt = make_opt("adamw8bit", model.parameters())
+    errors = {}
+    try:
+        lowbit.distributed.load_checkpoint(path, model, opt)
+        errors["world_size"] = None
+    except ValueError as e:
+        errors["world_size"] = f"ValueError: {e}"
+    lowbit.distributed.load_checkpoint(path, model)
+    return {"errors": errors, "adapters": {k: v for k, v in lowbit.distributed.full_state_dict(model).items()
+                                           if ".lora_" in k}}
+
+
+def test_bad_inputs_raise_clear_errors_without_hanging(tmp_path):
+    path = str(tmp_path / "ckpt")
+    res2 = ok(spawn(_bad_inputs, path))
+    for r in range(WORLD):
+        e = res2[r]["errors"]
+        print(f"rank {r}:", *(f"\n  {k}: {v}" for k, v in e.items()))
+        assert e["world_size"].startswith("ValueError") and "world_size=2" in e["world_size"] \
+            and "out_features=33" in e["world_size"] and "'0'" in e["world_size"]
+        assert e["format"].startswith("ValueError") and "'fmt': 'nf4'" in e["format"] and "'fmt': 'fp4'" in e["format"]
+        assert e["adapters"].startswith("ValueError") and "{'default': 8}" in e["adapters"] \
+            and "{'default': 4}" in e["adapters"]
+        assert e["not_a_checkpoint"].startswith("ValueError") and "lowbit_distributed.json" in e["not_a_checkpoint"]
+    res = ok(spawn(_other_world, path, world=1))[0]
+    print("1 rank:", res["errors"]["world_size"])
+    assert "world_size=2" in res["errors"]["world_size"] and "world_size=1" in res["errors"]["world_size"]
+    saved = res2[0]["saved"]  # the model alone loads on 1 rank (DCP reshards it): the adapters saved by 2
+    assert saved.keys() == res["adapters"].keys() and all(torch.equal(saved[k], res["adapters"][k]) for k in saved)
