@@ -242,6 +242,31 @@ def _fsdp_worker(rank, world, opt_kind, mp_bf16):
 
 
 # ----------------------------------------------------------------------------- tests
+def test_prepare_model_keeps_outputs_and_checkpoint_format(tmp_path):
+    """prepare_model (one process): components become frozen parameters under the same keys; outputs,
+    state dict and lowbit.save_model files are those of the unprepared model."""
+    plain, prepared = tiny_model(), lowbit.distributed.prepare_model(tiny_model())
+    q = prepared.model.layers[0].self_attn.q_proj.base
+    assert isinstance(q.codes, torch.nn.Parameter) and not q.codes.requires_grad and "codes" not in q._buffers
+    assert isinstance(q.scale_offset, torch.Tensor) and "scale_offset" in q._buffers  # 0-d: stays a buffer
+    sd1, sd2 = plain.state_dict(), prepared.state_dict()
+    assert list(sd1) == list(sd2) and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    b = batches(1)[0]
+    assert torch.equal(loss_of(plain, b), loss_of(prepared, b))
+    lowbit.save_model(plain, tmp_path / "plain")
+    lowbit.save_model(prepared, tmp_path / "prepared")
+    skel = transformers.LlamaForCausalLM(plain.config)
+    r1 = lowbit.load_model(tmp_path / "plain", skel).state_dict()
+    r2 = lowbit.load_model(tmp_path / "prepared", transformers.LlamaForCausalLM(plain.config)).state_dict()
+    assert list(r1) == list(r2) and all(torch.equal(r1[k], r2[k]) for k in r1)
+    assert [n for n, p in prepared.named_parameters() if p.requires_grad] == \
+        [n for n, p in plain.named_parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"world_size=3 does not divide .*q_proj.base.*out_features=64"):
+        lowbit.distributed.check_shardable(prepared, 3)
+    with pytest.raises(ValueError, match=r"world_size=0"):
+        lowbit.distributed.check_shardable(prepared, 0)
+
+
 @pytest.fixture(scope="module")
 def reference():
     """(losses, adapters) of the whole-batch run, and the spread to the row-accumulated run."""

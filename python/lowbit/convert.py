@@ -185,8 +185,8 @@ def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike], *, st
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MODEL_FILE)
     # (a quantized weight's components are frozen parameters after lowbit.distributed.prepare_model: not listed)
-    frozen = [n for n, p in model.named_parameters()
-              if not p.requires_grad and n.rpartition(".")[0] not in quantized]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad
+              and not (n.rpartition(".")[0] in quantized and n.rpartition(".")[2] in _COMPONENT_NAMES)]
     save_tensors(tensors, path, metadata={_MODEL_META: json.dumps({"version": _FORMAT_VERSION, "modules": modules,
                                                                     "aliases": aliases, "frozen": frozen})})
     return path
