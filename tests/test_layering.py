@@ -25,7 +25,7 @@ LAYERS = {
     "functional": 2, "optim": 2,                                                 # autograd, optimizers
     "nn": 3,                                                                     # modules
     "init": 4,                                                                   # initialisations (math)
-    "model": 5, "convert": 5, "hf": 5,                                           # model surgery, I/O
+    "model": 5, "convert": 5, "hf": 5, "distributed": 6,                                          # model surgery, I/O
     "qlora": 6, "demo": 6, "__init__": 6, "__main__": 6,                         # top
 }
 NATIVE = {"lowbit._native", "lowbit._C", "lowbit._sim", "lowbit._cuda"}

@@ -67,8 +67,8 @@ model.AFTER_QUANTIZE.append(_attach_hf)
 
 def __getattr__(name):
     # lowbit.hf imports transformers (seconds): loaded on first use, `lowbit.hf.LowbitConfig` works after `import lowbit`
-    if name == "hf":
-        return importlib.import_module(".hf", __name__)
+    if name in ("hf", "distributed"):  # distributed: DDP / FSDP2 / DCP helpers (imports torch.distributed's parts)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

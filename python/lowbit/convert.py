@@ -140,19 +140,25 @@ def _model_manifest(model: torch.nn.Module) -> dict:
     return modules
 
 
-def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike]) -> str:
+def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike], *, state_dict: dict | None = None) -> str:
     """Write a model with lowbit layers (QuantLinear, LoRALinear, HadamardAdapterLinear) to
     ``directory/model.safetensors``: its state dict with each QuantLinear's weight as a QuantizedTensor
     (:func:`save_tensors`: exact bytes + format), plus a description of the lowbit modules in the file's
     metadata. :func:`load_model` rebuilds the model on a skeleton of the original architecture. Works for
     any ``nn.Module`` (no transformers needed). Tensors shared between entries (tied weights) are stored once
-    and tied again on load. Returns the file's path."""
+    and tied again on load. Returns the file's path.
+
+    ``state_dict``: the tensors to write instead of the model's own (the full state dict that
+    :func:`lowbit.distributed.full_state_dict` gathers from a sharded model, whose modules then only
+    describe the structure)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if state_dict is not None and not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     modules = _model_manifest(model)
     quantized = {n for n, info in modules.items() if info["type"] == "QuantLinear"}
     tensors, aliases, seen = {}, {}, {}
-    for key, v in model.state_dict(keep_vars=True).items():
+    for key, v in (model.state_dict(keep_vars=True) if state_dict is None else state_dict).items():
         owner, _, leaf = key.rpartition(".")
         if owner in quantized and leaf != "bias":
             continue  # the weight's components and format: written once below as a QuantizedTensor
@@ -167,10 +173,20 @@ def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike]) -> st
             seen[ident] = key
         tensors[key] = v.detach()
     for name in quantized:
-        tensors[f"{name}.weight"] = model.get_submodule(name).weight
+        m = model.get_submodule(name)
+        if state_dict is None:
+            tensors[f"{name}.weight"] = m.weight
+            continue
+        comps = {c: state_dict[f"{name}.{c}"] for c in _COMPONENT_NAMES if f"{name}.{c}" in state_dict}
+        try:
+            tensors[f"{name}.weight"] = QuantizedTensor(m.spec, (m.out_features, m.in_features), m.weight_dtype, **comps)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state_dict does not hold the quantized weight of {name!r}: {e}") from None
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MODEL_FILE)
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    # (a quantized weight's components are frozen parameters after lowbit.distributed.prepare_model: not listed)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad
+              and not (n.rpartition(".")[0] in quantized and n.rpartition(".")[2] in _COMPONENT_NAMES)]
     save_tensors(tensors, path, metadata={_MODEL_META: json.dumps({"version": _FORMAT_VERSION, "modules": modules,
                                                                     "aliases": aliases, "frozen": frozen})})
     return path
@@ -300,7 +316,7 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def save_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], adapter_name: str = "default",
-                 base_model_name_or_path: str | None = None) -> None:
+                 base_model_name_or_path: str | None = None, *, state_dict: dict | None = None) -> None:
     """Write one adapter of a model in PEFT's LoRA format: ``adapter_model.safetensors`` (keys
     ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``) and ``adapter_config.json``.
 
@@ -320,6 +336,8 @@ def save_adapter(model: torch.nn.Module, directory: Union[str, os.PathLike], ada
     tensors, ranks, alphas = {}, set(), set()
     for name, m in layers.items():
         a, b = m.lora_A[adapter_name], m.lora_B[adapter_name]
+        if state_dict is not None:
+            a, b = (state_dict[f"{name}.lora_{x}.{adapter_name}"] for x in "AB")
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous()
         ranks.add(a.shape[0])

@@ -177,7 +177,7 @@ class LoRALinear(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)
                                         or any(p.requires_grad for p in params)):
             return None
-        bufs = base._buffers
+        bufs = base._components()
         w = (bufs["codes"], bufs.get("scale"), bufs.get("zero"), bufs.get("scale_q"), bufs.get("scale_nested"),
              bufs.get("scale_offset"))
         return ops.lowrank_inference(x, w, self.out_features, self.in_features, base.spec.block_size, base.spec.fmt,

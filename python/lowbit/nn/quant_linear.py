@@ -22,6 +22,9 @@ class QuantLinear(nn.Module):
     ``scale_offset``, ``zero``): they move with ``.to(device)``, are saved by ``state_dict()`` with
     the format description as extra state, and are never cast by ``.to(dtype)`` / ``.half()``
     (the bias is; the layer computes in its input's dtype). ``weight`` returns the QuantizedTensor.
+    :func:`lowbit.distributed.prepare_model` turns the components into frozen parameters
+    (``requires_grad=False``, same names, same state-dict keys) so that DDP broadcasts them once and
+    FSDP2 shards them; every method here reads a component from whichever of the two it is.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "nf4",
@@ -72,13 +75,50 @@ class QuantLinear(nn.Module):
         comps = qt.components()
         for name in _COMPONENTS:
             if name in comps:
-                self._buffers[name] = comps[name]
+                self._set_component(name, comps[name])
         self.weight_dtype = qt.dtype
+
+    def _components(self) -> dict[str, torch.Tensor]:
+        """The weight's tensors by name: buffers, or frozen parameters after lowbit.distributed.prepare_model."""
+        out = {}
+        for n in _COMPONENTS:
+            t = self._parameters.get(n) if n in self._parameters else self._buffers.get(n)
+            if t is not None:
+                out[n] = t
+        return out
+
+    def _set_component(self, name: str, t: torch.Tensor) -> None:
+        if name in self._parameters:  # frozen parameter (distributed): stays one, never trains
+            self._parameters[name] = nn.Parameter(t, requires_grad=False)
+        else:
+            self._buffers[name] = t
+
+    def _pop_components(self) -> dict[str, tuple[bool, torch.Tensor]]:
+        """Remove the components from both dicts: name -> (was a parameter, tensor)."""
+        out = {}
+        for n in _COMPONENTS:
+            if n in self._parameters:
+                out[n] = (True, self._parameters.pop(n))
+            elif n in self._buffers:
+                out[n] = (False, self._buffers.pop(n))
+        return out
+
+    def _restore_components(self, saved: dict[str, tuple[bool, torch.Tensor]]) -> None:
+        for n, (is_param, t) in saved.items():
+            if is_param:
+                self._parameters[n] = t if t is None or isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+            else:
+                self._buffers[n] = t
 
     @property
     def weight(self) -> QuantizedTensor:
-        return QuantizedTensor(self.spec, (self.out_features, self.in_features), self.weight_dtype,
-                               **{n: self._buffers[n] for n in _COMPONENTS if self._buffers.get(n) is not None})
+        comps = self._components()
+        sharded = [n for n, t in comps.items() if _is_dtensor(t)]
+        if sharded:  # FSDP2 holds 1/world of each component between forwards
+            raise RuntimeError(f"this QuantLinear's weight is sharded by FSDP2 (components {sharded} are DTensors): "
+                               f"it exists whole only inside forward/backward; gather it with "
+                               f"lowbit.distributed.full_state_dict(model)")
+        return QuantizedTensor(self.spec, (self.out_features, self.in_features), self.weight_dtype, **comps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -117,7 +157,8 @@ class QuantLinear(nn.Module):
         # default copies buffer by buffer and fails half way (new codes beside old scales).
         extra_key = prefix + "_extra_state"
         dtype = self._read_extra_state(state_dict[extra_key]) if extra_key in state_dict else self.weight_dtype
-        names = [n for n in _COMPONENTS if self._buffers.get(n) is not None]
+        own_comps = self._components()
+        names = list(own_comps)
         keys = {n: prefix + n for n in names}
         present = [n for n in names if keys[n] in state_dict]
         if present and len(present) != len(names):
@@ -139,13 +180,13 @@ class QuantLinear(nn.Module):
         if strict:  # nn.Module.load_state_dict always passes True here and filters missing keys itself
             missing_keys.extend(k for k in [*keys.values(), extra_key] if k not in state_dict)
         # the bias (and unexpected-key bookkeeping) by nn.Module, with the weight's buffers hidden from it
-        saved = {n: self._buffers.pop(n) for n in _COMPONENTS if n in self._buffers}
+        saved = self._pop_components()
         n_errors, n_missing = len(error_msgs), len(missing_keys)
         try:
             super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in own}, prefix,
                                           local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         finally:
-            self._buffers.update(saved)
+            self._restore_components(saved)
         missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k not in own]  # hidden above, not missing
         if new is None or len(error_msgs) != n_errors:
             return
@@ -153,27 +194,35 @@ class QuantLinear(nn.Module):
         assign = local_metadata.get("assign_to_params_buffers", False)
         with torch.no_grad():
             for n in names:
-                t = comps[n].reshape(self._buffers[n].shape)
+                t = comps[n].reshape(own_comps[n].shape)
                 if assign:
-                    self._buffers[n] = t.contiguous()
+                    self._set_component(n, t.contiguous())
                 else:
-                    self._buffers[n].copy_(t)
+                    own_comps[n].copy_(t)
         self.weight_dtype = dtype
 
     def _apply(self, fn, recurse=True):
         # Quantized components only change device, never dtype (model.half() must not cast scales).
-        saved = {n: self._buffers.pop(n) for n in _COMPONENTS if n in self._buffers}
-        out = super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, device=saved["codes"].device))
-        for n, t in saved.items():
-            self._buffers[n] = None if t is None else t.to(probe.device)
+        saved = self._pop_components()
+        try:
+            out = super()._apply(fn, recurse)
+            probe = fn(torch.empty(0, device=saved["codes"][1].device))
+            saved = {n: (p, None if t is None else t.to(probe.device)) for n, (p, t) in saved.items()}
+        finally:
+            self._restore_components(saved)
         return out
 
     def extra_repr(self) -> str:
-        bits = 8 * self.weight.nbytes / (self.in_features * self.out_features)
+        # from the components' global sizes (a sharded weight has no QuantizedTensor between forwards)
+        nbytes = sum(t.numel() * t.element_size() for t in self._components().values())
+        bits = 8 * nbytes / (self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"fmt={self.spec.fmt!r}, block_size={self.spec.block_size}, double_quant={self.spec.double_quant}, "
                 f"bits_per_weight={bits:.3f}")
+
+
+def _is_dtensor(t) -> bool:
+    return torch.distributed.is_available() and isinstance(t, torch.distributed.tensor.DTensor)
 
 
 def _quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:

@@ -31,6 +31,27 @@ def _check_betas(name: str, betas) -> None:
         raise ValueError(f"{name}={betas!r} must be two floats in [0, 1)")
 
 
+def _is_dtensor(t) -> bool:
+    return torch.distributed.is_available() and isinstance(t, torch.distributed.tensor.DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient as the kernels see it: a DTensor's local shard (FSDP2), else itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _check_sharding(p) -> None:
+    """A DTensor parameter (FSDP2) must be evenly sharded along dim 0 on a 1-D mesh: its state is kept per
+    local shard and saved as equal shards of one global tensor (state_dict)."""
+    from torch.distributed.tensor import Shard
+
+    w = p.device_mesh.size()
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.dim() == 0 or p.shape[0] % w:
+        raise ValueError(f"a sharded parameter of shape {tuple(p.shape)} with placements {tuple(p.placements)} on "
+                         f"world_size={w}: lowbit's optimizers step DTensors sharded evenly along dim 0 on one "
+                         f"mesh dimension (FSDP2's fully_shard with shape[0] % world_size == 0)")
+
+
 def _hashable(k):
     try:
         hash(k)
@@ -81,6 +102,8 @@ class AdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
+        if _is_dtensor(p):
+            _check_sharding(p)
         if p.is_complex():
             raise TypeError(f"complex parameters are not supported (dtype={p.dtype}, shape={tuple(p.shape)}); "
                             f"view them as real with torch.view_as_real")
@@ -113,7 +136,7 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 st = self.state.get(p, {})
                 nbytes += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
-                nparams += p.numel() if st else 0
+                nparams += _local(p).numel() if st else 0  # a shard's state is for its local elements
         d = {"state_bytes": nbytes, "params_with_state": nparams,
              "state_bytes_per_param": nbytes / nparams if nparams else 0.0}
         if self.paged:
@@ -138,9 +161,12 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("lowbit AdamW does not support sparse gradients; use torch.optim.SparseAdam")
                 self._check_param(p)
+                # FSDP2: the kernels step this rank's shard; 8-bit blocks of OPTIM_BLOCK elements are cut from
+                # the local shard (the global numel decides 8- or 32-bit state, alike on every rank)
+                lp, lg = _local(p), _local(p.grad)
                 state = self.state[p]
                 if not state:
-                    state.update(F.init_state(p, self._bits_for(p), self._alloc(p)))
+                    state.update(F.init_state(lp, self._bits_for(p), self._alloc(lp)))
                     state["step"] = 0
                 pool = self._pools.get(str(p.device))
                 if pool is not None and pool.kind == "managed":
@@ -148,7 +174,7 @@ class AdamW(torch.optim.Optimizer):
                                   stream=torch.cuda.current_stream().cuda_stream)
                 # The counter advances only once the step was taken: a step that raises (bad state,
                 # bad gradient) leaves it as it was, so retrying does not skew the bias correction.
-                F.adamw_step(p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                F.adamw_step(lp, lg, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                              weight_decay=group["weight_decay"], step=state["step"] + 1, rounding=self.rounding)
                 state["step"] += 1
         return loss
@@ -160,6 +186,14 @@ class AdamW(torch.optim.Optimizer):
             sd["state"] = {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in st.items()}
                            for k, st in sd["state"].items()}
         sd["rounding"] = self.rounding  # the 8-bit rule is part of the trajectory
+        params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
+        for k, st in sd["state"].items():
+            p = params[k]
+            if _is_dtensor(p):  # equal local shards along dim 0 of one global tensor: DCP saves every rank's
+                from torch.distributed.tensor import DTensor, Shard
+
+                sd["state"][k] = {n: DTensor.from_local(t, p.device_mesh, [Shard(0)], run_check=False)
+                                  if isinstance(t, torch.Tensor) and t.dim() > 0 else t for n, t in st.items()}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -179,6 +213,8 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"state_dict was saved with rounding={rounding!r} but this optimizer uses "
                              f"rounding={self.rounding!r}: construct it with the same rule to resume the same trajectory")
         state_dict = {k: v for k, v in state_dict.items() if k != "rounding"}
+        saved = state_dict["state"] = {k: {n: (_local(t) if isinstance(t, torch.Tensor) else t) for n, t in st.items()}
+                                       if isinstance(st, dict) else st for k, st in saved.items()}
         groups = state_dict["param_groups"]
         if not isinstance(groups, (list, tuple)) or not all(
                 isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
@@ -205,15 +241,15 @@ class AdamW(torch.optim.Optimizer):
         # Validate every entry before changing anything (a refused load leaves the optimizer as it
         # was), and here rather than at the next step(): shapes, dtypes and the 8-bit sizes vs the
         # parameter are what the kernels will trust.
-        checked = {id_map[k]: _checked_state(k, st, id_map[k]) for k, st in saved.items() if k in id_map}
+        checked = {id_map[k]: _checked_state(k, st, _local(id_map[k])) for k, st in saved.items() if k in id_map}
         super().load_state_dict(state_dict)
         for p, st in checked.items():
-            alloc = self._alloc(p)
+            alloc = self._alloc(_local(p))
             new = {}
             for name, t in st.items():
                 if isinstance(t, torch.Tensor):
                     dst = alloc(t.shape, t.dtype) if alloc is not None else torch.empty(t.shape, dtype=t.dtype,
-                                                                                        device=p.device)
+                                                                                        device=_local(p).device)
                     new[name] = dst.copy_(t)
                 else:
                     new[name] = t
