@@ -331,6 +331,13 @@ def test_quantize_model_w4a4_on_a_tiny_llama():
     assert errors["svdquant r=32"] < 0.6 * errors["rtn"], errors
 
 
+def test_save_pretrained_refuses_w4a4_layers_instead_of_writing_a_broken_checkpoint(tmp_path):
+    model = _tiny_llama()
+    lowbit.quantize_model(model, "w4a4", method="rtn", progress=False)
+    with pytest.raises(ValueError, match="save_model"):
+        model.save_pretrained(tmp_path / "hf")
+
+
 def test_quantize_model_w4a4_refuses_bad_combinations():
     model = nn.Sequential(nn.Linear(64, 64))
     for kw, match in [(dict(method="gptq"), "method='gptq'"), (dict(method="rtn", r=4), "r=4"),
