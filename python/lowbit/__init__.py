@@ -25,6 +25,7 @@ from .convert import (load_adapter, load_file, load_model, load_tensors, save_ad
 from .formats import FORMATS, QuantizedTensor, QuantSpec, from_bnb, to_bnb
 from .functional import hadamard, linear, lora_linear
 from .model import add_adapters, add_lora, add_qwha, quantize_model
+from .nn import SVDQuantLinear
 from .ops import dequantize, get_matmul_precision, matmul_precision, quantize, set_matmul_precision
 
 __version__ = "0.1.0"
@@ -39,7 +40,7 @@ __all__ = [
     # functional
     "linear", "lora_linear", "hadamard",
     # models
-    "quantize_model", "add_lora", "add_qwha",
+    "quantize_model", "add_lora", "add_qwha", "SVDQuantLinear",
     # subpackages and modules
     "nn", "optim", "init", "ops", "functional", "formats", "reference", "model", "convert",
     # deprecated spellings (they warn), kept for star-imports

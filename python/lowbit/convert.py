@@ -18,7 +18,7 @@ import torch
 from . import _deprecated
 from .formats import QuantizedTensor, finite_float, from_bnb, json_loads, to_bnb
 from .model import replace_modules
-from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear, lora_layers
+from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear, SVDQuantLinear, lora_layers
 
 __all__ = ["to_bnb", "from_bnb", "save_tensors", "load_tensors", "save_model", "load_model", "save_adapter",
            "load_adapter", "save_file", "load_file"]
@@ -124,6 +124,8 @@ def _model_manifest(model: torch.nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             modules[name] = {"type": "QuantLinear"}
+        elif isinstance(m, SVDQuantLinear):  # its buffers are plain tensors of the state dict; the rank sizes them
+            modules[name] = {"type": "SVDQuantLinear", "rank": m.rank, "dtype": str(m.l1.dtype).split(".")[-1]}
         elif isinstance(m, LoRALinear):
             if m.merged is not None:
                 raise ValueError(f"{name}: adapters are merged; unmerge() before saving (a merged quantized base "
@@ -141,10 +143,10 @@ def _model_manifest(model: torch.nn.Module) -> dict:
 
 
 def save_model(model: torch.nn.Module, directory: Union[str, os.PathLike], *, state_dict: dict | None = None) -> str:
-    """Write a model with lowbit layers (QuantLinear, LoRALinear, HadamardAdapterLinear) to
+    """Write a model with lowbit layers (QuantLinear, SVDQuantLinear, LoRALinear, HadamardAdapterLinear) to
     ``directory/model.safetensors``: its state dict with each QuantLinear's weight as a QuantizedTensor
-    (:func:`save_tensors`: exact bytes + format), plus a description of the lowbit modules in the file's
-    metadata. :func:`load_model` rebuilds the model on a skeleton of the original architecture. Works for
+    (:func:`save_tensors`: exact bytes + format; an SVDQuantLinear's buffers are plain tensors), plus a
+    description of the lowbit modules in the file's metadata. :func:`load_model` rebuilds the model on a skeleton of the original architecture. Works for
     any ``nn.Module`` (no transformers needed). Tensors shared between entries (tied weights) are stored once
     and tied again on load. Returns the file's path.
 
@@ -240,17 +242,28 @@ def load_model(directory: Union[str, os.PathLike], model_skeleton: torch.nn.Modu
         q.set_weight(qt)
         return q
 
+    def svdquant_linear(name, lin):
+        info = modules[name]
+        rank, dtype = info.get("rank"), _SVDQ_DTYPES.get(info.get("dtype"))
+        if isinstance(rank, bool) or not isinstance(rank, int) or dtype is None:
+            raise ValueError(f"{path!r}: SVDQuantLinear {name!r} has a corrupt description {info!r}")
+        try:  # buffers on "meta": load_state_dict(assign=True) below puts the file's tensors in their place
+            return SVDQuantLinear(lin.in_features, lin.out_features, lin.bias is not None, rank, dtype, device="meta")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path!r}: SVDQuantLinear {name!r} does not fit the skeleton's Linear: {e}") from None
+
+    builders = {"QuantLinear": quant_linear, "SVDQuantLinear": svdquant_linear}
     adapters = {n: i for n, i in modules.items() if i.get("type") in ("LoRALinear", "HadamardAdapterLinear")}
     for name, i in modules.items():
         t = i.get("type")
-        if t not in ("QuantLinear", "LoRALinear", "HadamardAdapterLinear"):
+        if t not in ("QuantLinear", "SVDQuantLinear", "LoRALinear", "HadamardAdapterLinear"):
             raise ValueError(f"{path!r}: module {name!r} has unknown type {t!r}")
-        if t == "QuantLinear" and _module_of_base(name) not in adapters:
-            replace_modules(model, [name], lambda n, m: quant_linear(n, linear_at(n)))
+        if t in builders and _module_of_base(name) not in adapters:
+            replace_modules(model, [name], lambda n, m, t=t: builders[t](n, linear_at(n)))
     for name, i in adapters.items():
         lin = linear_at(name)
-        base = quant_linear(f"{name}.base", lin) if modules.get(f"{name}.base", {}).get("type") == "QuantLinear" \
-            else lin
+        base_type = modules.get(f"{name}.base", {}).get("type")
+        base = builders[base_type](f"{name}.base", lin) if base_type in builders else lin
         if i["type"] == "HadamardAdapterLinear":
             support, values = tensors.get(f"{name}.support"), tensors.get(f"{name}.values")
             if support is None or values is None:
@@ -303,6 +316,9 @@ def load_model(directory: Union[str, os.PathLike], model_skeleton: torch.nn.Modu
     for n, p in model.named_parameters():  # which parameters train (add_lora froze the rest)
         p.requires_grad_(n not in frozen)
     return model
+
+
+_SVDQ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _module_of_base(name: str) -> str:

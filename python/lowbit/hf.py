@@ -40,7 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import ops
 from .formats import DTYPE_NAME, QuantizedTensor, QuantSpec, from_bnb, parse_metadata
 from .model import replace_modules, select_modules
-from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear
+from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear, SVDQuantLinear
 
 __all__ = ["LowbitConfig", "LowbitHfQuantizer", "from_pretrained", "attach", "register_peft", "LowbitLoraLinear",
            "PRECISIONS", "CHECKPOINT_FORMATS"]
@@ -345,6 +345,10 @@ class LowbitHfQuantizer(HfQuantizer):
             raise ValueError(f"save_pretrained writes the quantized base model; {adapters[:4]} carry lowbit adapters. "
                              f"Save them with lowbit.save_adapter(model, dir) (or save everything with "
                              f"lowbit.save_model) instead")
+        w4a4 = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)]
+        if w4a4:
+            raise ValueError(f"save_pretrained has no checkpoint layout for SVDQuant (w4a4) layers ({w4a4[:4]}); "
+                             f"save the model with lowbit.save_model(model, dir) and load it with lowbit.load_model")
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         sd = {}
         for key, v in model.state_dict().items():

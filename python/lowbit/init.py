@@ -14,6 +14,10 @@ with a DeprecationWarning.
   with ``R = E[xᵀx]`` and ``S = R^{1/2}``, ``BA = SVD_r((W − deq(Q)) S) S⁻¹`` (closed form).
 * ``lq_lora`` (Guo et al. 2023, LQ-LoRA): LoftQ's alternation with the data-aware weighting of the
   paper (rank-1 row/column approximation of a Fisher matrix, when given) and early stopping.
+
+:func:`svdquant` (Li et al. 2024, SVDQuant) is the other way round: the low-rank branch is taken *before*
+quantization (the SVD of the smoothed weight) and only the residual is quantized, for W4A4 layers
+(:class:`lowbit.nn.SVDQuantLinear`); it returns an :class:`~lowbit.nn.svdquant.SVDQuantWeight`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from . import ops
 from . import reference as ref
 from .formats import QuantizedTensor, QuantSpec
+from .nn.svdquant import SVDQuantWeight, svdquant_decompose
 from .ops.qwha import adapter_hadamard, adapter_hadamard_factors
 
 __all__ = ["svd_init", "loftq", "qera", "lq_lora", "output_error", "calibration_covariances", "INITS"]
@@ -199,6 +204,25 @@ def calibration_covariances(model: torch.nn.Module, inputs, module_names) -> dic
 
 
 INITS = {"svd": svd_init, "loftq": loftq, "qera": qera, "lq_lora": lq_lora}  # lowbit.add_lora(init=...)
+
+
+# ================================================================================== SVDQuant
+__all__ += ["svdquant"]
+
+
+def svdquant(w: torch.Tensor, r: int = 32, *, calib_x: Optional[torch.Tensor] = None,
+             act_amax: Optional[torch.Tensor] = None, alpha: float = 0.5,
+             dtype: torch.dtype = torch.float32) -> SVDQuantWeight:
+    """SVDQuant's decomposition of a dense ``w`` (N, K) for a W4A4 layer: smoothing λ from calibration
+    activations ``calib_x`` (tokens, K) (or their per-channel maxima ``act_amax`` (K,); neither: λ = 1),
+    ``λ_k = max|X_k|^alpha / max|W_k|^(1 − alpha)``; the rank-``r`` SVD ``L1 · L2`` of ``W · diag(λ)`` (float64);
+    the residual ``R = W · diag(λ) − L1 · L2`` in symmetric int4, groups of 64 along K, packed.
+
+    Returns :class:`~lowbit.nn.svdquant.SVDQuantWeight` (``smooth``, ``inv_smooth``, ``l1`` (N, r), ``l2``
+    (r, K), ``qw`` (N, K/2) uint8, ``sw`` (N, K/64) fp32), with ``W ≈ (l1 · l2 + dequant(R)) · diag(1/λ)``.
+    ValueError for non-finite ``w``, K not a multiple of 64, ``r`` outside [0, min(N, K, 256)], ``calib_x`` of
+    another width than K, ``alpha`` outside [0, 1]. Details: :func:`lowbit.nn.svdquant.svdquant_decompose`."""
+    return svdquant_decompose(w, r, calib_x=calib_x, act_amax=act_amax, alpha=alpha, dtype=dtype)
 
 
 # ================================================================================== QWHA

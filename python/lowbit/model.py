@@ -1,6 +1,7 @@
 """Model surgery: quantize a model's Linears and attach adapters, with one loop and one matcher.
 
-* :func:`quantize_model` — every ``nn.Linear`` → :class:`lowbit.nn.QuantLinear` (in place).
+* :func:`quantize_model` — every ``nn.Linear`` → :class:`lowbit.nn.QuantLinear` (in place), or with
+  ``fmt="w4a4"`` → :class:`lowbit.nn.SVDQuantLinear` (SVDQuant: 4-bit weights and activations + a low-rank branch).
 * :func:`add_lora` — LoRA adapters (:class:`lowbit.nn.LoRALinear`); with ``init=`` ("svd", "loftq",
   "qera", "lq_lora") each dense target is quantized and its adapter initialised from the quantization
   error in the same pass: these inits need the dense weight W, which only exists before quantization.
@@ -27,13 +28,13 @@ from torch import nn
 from . import _deprecated
 from .formats import QuantSpec
 from .init import INITS, calibration_covariances, qwha_init
-from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear
+from .nn import HadamardAdapterLinear, LoRALinear, QuantLinear, SVDQuantLinear
 from .ops.qwha import adapter_hadamard_factors
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TARGETS", "matches", "select_modules", "replace_modules", "quantize_model", "add_lora", "add_qwha",
-           "add_adapters", "apply_init"]
+           "add_adapters", "apply_init", "calibration_amax", "W4A4_METHODS"]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a decoder's Linears
 _ADAPTERS = (LoRALinear, HadamardAdapterLinear)
@@ -117,9 +118,24 @@ def _check_blocks(model: nn.Module, names: list[str], block_size: int) -> None:
 
 # ----------------------------------------------------------------------------- quantize_model
 def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False,
-                   skip=("lm_head",), progress: bool = True, lora_init: Optional[str] = None, r: int = 16,
-                   alpha: float = 32, calib=None, iters: int = 5) -> dict:
+                   skip=("lm_head",), progress: bool = True, lora_init: Optional[str] = None, r: Optional[int] = None,
+                   alpha: float = 32, calib=None, iters: int = 5, *, method: Optional[str] = None,
+                   smooth_alpha: float = 0.5) -> dict:
     """Replace every ``nn.Linear`` of ``model`` in place by a :class:`lowbit.nn.QuantLinear`.
+
+    ``fmt="w4a4"``: 4-bit weights *and activations* — every Linear becomes a :class:`lowbit.nn.SVDQuantLinear`
+    (:func:`lowbit.init.svdquant`), ``method`` one of
+
+    * ``"svdquant"`` (default): rank-``r`` branch (default 32) from the SVD of the smoothed weight; smoothing
+      from ``calib`` when given (token ids (B, T) / (T,), a dict of model kwargs, or a list of either), with
+      strength ``smooth_alpha``; without ``calib`` no smoothing;
+    * ``"smoothquant"``: smoothing only (r = 0, ``calib`` required);
+    * ``"rtn"``: plain W4A4 round-to-nearest (r = 0, no smoothing, no ``calib``).
+
+    Smoothing needs only max |x_k| per input channel of each Linear: one forward pass of ``calib`` through the
+    unquantized model collects them for every layer (forward pre-hooks; (K,) floats per layer), then the
+    layers are replaced one by one (progress bar). ``block_size`` must be 64 and ``double_quant`` False (the
+    format's groups). The report adds ``"method"`` and ``"r"``.
 
     ``skip``: module names or runs of name components to leave dense (:func:`matches`). Linears whose
     ``in_features`` is not a multiple of ``block_size`` are left dense and listed.
@@ -129,6 +145,10 @@ def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, dou
     ``progress``: a tqdm bar on stderr, drawn only when stderr is a terminal. The summary (layers,
     memory before and after) goes to the ``lowbit.model`` logger at INFO level.
     """
+    if fmt == "w4a4" or method is not None:
+        return _quantize_w4a4(model, fmt, block_size, double_quant, skip, progress, lora_init, r, calib, method,
+                              smooth_alpha)
+    r = 16 if r is None else r
     spec = QuantSpec(fmt, block_size, double_quant)  # validate once, before touching the model
     linears = select_modules(model, nn.Linear, None, (), into_adapters=True)
     todo = [n for n in linears if matches(n, None, skip) and model.get_submodule(n).in_features % block_size == 0]
@@ -153,12 +173,108 @@ def quantize_model(model: nn.Module, fmt: str = "nf4", block_size: int = 64, dou
     return report
 
 
+W4A4_METHODS = ("svdquant", "smoothquant", "rtn")
+
+
+def _calib_batches(calib) -> list:
+    if isinstance(calib, (list, tuple)):
+        return list(calib)
+    return [calib]
+
+
+@torch.no_grad()
+def calibration_amax(model: nn.Module, calib, module_names) -> dict[str, torch.Tensor]:
+    """max |x_k| per input channel (K,) fp32 of the inputs of the named modules over forward passes of
+    ``calib`` (token ids (B, T) or (T,), a dict of model kwargs, or a list of these) through ``model``."""
+    amax, hooks = {}, []
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach()
+            a = x.reshape(-1, x.shape[-1]).abs().amax(0).float() if x.numel() else None
+            if a is not None:
+                amax[name] = a if name not in amax else torch.maximum(amax[name], a)
+        return fn
+
+    for name in module_names:
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        for batch in _calib_batches(calib):
+            if isinstance(batch, dict):
+                model(**batch)
+            else:
+                if not isinstance(batch, torch.Tensor):
+                    raise TypeError(f"calib must be token ids (a tensor), a dict of model kwargs or a list of "
+                                    f"these, got {type(batch).__name__}")
+                model(batch[None] if batch.dim() == 1 else batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in module_names if n not in amax]
+    if missing:
+        raise ValueError(f"the calibration pass never reached {missing[:4]} (or gave them no tokens)")
+    return amax
+
+
+def _quantize_w4a4(model, fmt, block_size, double_quant, skip, progress, lora_init, r, calib, method,
+                   smooth_alpha) -> dict:
+    """quantize_model(fmt="w4a4"): every target Linear -> SVDQuantLinear (see quantize_model)."""
+    method = "svdquant" if method is None else method
+    if fmt != "w4a4":
+        raise ValueError(f"method={method!r} quantizes weights and activations: use fmt='w4a4' (got fmt={fmt!r})")
+    if method not in W4A4_METHODS:
+        raise ValueError(f"method={method!r} must be one of {W4A4_METHODS}")
+    if lora_init is not None:
+        raise ValueError("lora_init= does not apply to fmt='w4a4' (add adapters with lowbit.add_lora afterwards)")
+    if block_size != 64 or double_quant:
+        raise ValueError(f"fmt='w4a4' has groups of 64 and fp32 scales: block_size={block_size}, "
+                         f"double_quant={double_quant} are not available")
+    if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) or not 0 <= smooth_alpha <= 1:
+        raise ValueError(f"smooth_alpha={smooth_alpha!r} must be a number in [0, 1]")
+    if method == "svdquant":
+        r = 32 if r is None else r
+    elif r not in (None, 0):
+        raise ValueError(f"method={method!r} has no low-rank branch; r={r!r} (use method='svdquant')")
+    else:
+        r = 0
+    if method == "smoothquant" and calib is None:
+        raise ValueError("method='smoothquant' needs calib= (token ids) for the activation maxima")
+    if method == "rtn" and calib is not None:
+        raise ValueError("method='rtn' uses no calibration data; calib= must be None")
+    linears = select_modules(model, nn.Linear, None, (), into_adapters=True)
+    todo = [n for n in linears if matches(n, None, skip) and model.get_submodule(n).in_features % 64 == 0]
+    for n in todo:
+        m = model.get_submodule(n)
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= min(m.in_features, m.out_features, 256):
+            raise ValueError(f"r={r!r} must be an int in [0, min(N, K, 256)]; {n} is ({m.out_features}, "
+                             f"{m.in_features})")
+        bad = int((~torch.isfinite(m.weight.detach())).sum())
+        if bad:
+            raise ValueError(f"{n}: weight holds {bad} non-finite values")
+    report = {"replaced": todo, "skipped": [n for n in linears if not matches(n, None, skip)],
+              "incompatible": [n for n in linears if matches(n, None, skip) and n not in todo],
+              "bytes_before": _module_bytes(model), "method": method, "r": r}
+    amax = calibration_amax(model, calib, todo) if (calib is not None and todo) else {}
+    replace_modules(model, todo,
+                    lambda n, m: SVDQuantLinear.from_linear(m, r, act_amax=amax.pop(n, None), alpha=smooth_alpha),
+                    f"quantize_model w4a4 {method} r={r}" if progress and todo else None)
+    report["bytes_after"] = _module_bytes(model)
+    if todo:
+        _after_quantize(model)
+    logger.info("quantize_model: %d Linear -> SVDQuantLinear(w4a4, %s, r=%d%s); memory %.1f MiB -> %.1f MiB; "
+                "skipped %s%s", len(todo), method, r, ", smoothed" if calib is not None else "",
+                report["bytes_before"] / 2**20, report["bytes_after"] / 2**20, report["skipped"],
+                f"; left dense (K % 64 != 0): {report['incompatible']}" if report["incompatible"] else "")
+    return report
+
+
 # ----------------------------------------------------------------------------------- LoRA
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0, target_modules=TARGETS,
              adapter_name: str = "default", *, init: Optional[str] = None, fmt: Optional[str] = None,
              block_size: int = 64, double_quant: bool = False, calib=None, iters: int = 5, skip=(),
              progress: bool = False) -> list[str]:
-    """Wrap the target ``QuantLinear`` / ``nn.Linear`` modules of ``model`` in :class:`lowbit.nn.LoRALinear`
+    """Wrap the target ``QuantLinear`` / ``SVDQuantLinear`` / ``nn.Linear`` modules of ``model`` in
+    :class:`lowbit.nn.LoRALinear`
     (an existing LoRALinear target gets one more adapter, ``adapter_name``) and freeze every other
     parameter. Returns the wrapped module names.
 
@@ -171,10 +287,11 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     this call, not before it). ``"qera"`` needs ``calib`` (token ids or a dict of model kwargs: one
     forward pass gives E[xᵀx] per layer); ``iters`` is LoftQ's / LQ-LoRA's number of alternations.
     """
-    types = (LoRALinear, QuantLinear, nn.Linear)
+    types = (LoRALinear, QuantLinear, SVDQuantLinear, nn.Linear)
     names = select_modules(model, types, target_modules, skip, into_adapters=False)
     if not names:
-        raise ValueError(f"no Linear/QuantLinear module of the model matches target_modules={_names(target_modules)}")
+        raise ValueError(f"no Linear/QuantLinear/SVDQuantLinear module of the model matches "
+                         f"target_modules={_names(target_modules)}")
     if init is not None:
         if fmt is None:
             raise ValueError(f"init={init!r} quantizes each target: give fmt= (e.g. 'nf4')")

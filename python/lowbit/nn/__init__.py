@@ -1,4 +1,5 @@
-"""Drop-in modules: QuantLinear (frozen low-bit weight) and the adapters built on it.
+"""Drop-in modules: QuantLinear (frozen low-bit weight), SVDQuantLinear (W4A4 + low-rank branch) and the
+adapters built on them.
 
 Adding adapters to a model is model surgery: :func:`lowbit.add_lora`, :func:`lowbit.add_qwha`
 (:mod:`lowbit.model`)."""
@@ -6,5 +7,7 @@ Adding adapters to a model is model surgery: :func:`lowbit.add_lora`, :func:`low
 from .lora import LoRALinear, lora_layers
 from .quant_linear import QuantLinear
 from .qwha import HadamardAdapterLinear, qwha_layers
+from .svdquant import SVDQuantLinear, svdquant_layers
 
-__all__ = ["QuantLinear", "LoRALinear", "lora_layers", "HadamardAdapterLinear", "qwha_layers"]
+__all__ = ["QuantLinear", "LoRALinear", "lora_layers", "HadamardAdapterLinear", "qwha_layers", "SVDQuantLinear",
+           "svdquant_layers"]

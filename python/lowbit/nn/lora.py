@@ -5,7 +5,9 @@ PEFT (Kaiming-uniform, a = √5) and ``B (N, r)`` zero, so a fresh adapter leave
 On a QuantLinear base with dropout inactive the whole product is one fused op (``lowbit::lowrank``);
 when no autograd graph is recorded (decoding) and x is fp32 on the "cpu" backend, the module calls
 that op's CPU kernel directly (:func:`lowbit.ops.lowrank_inference`) with a cached stacked (A, s·B)
-pair (:meth:`LoRALinear.forward`). Adapters are added to a model by :func:`lowbit.add_lora`.
+pair (:meth:`LoRALinear.forward`). On an SVDQuantLinear base the adapters run beside it (autograd to A, B and
+x through both) and :meth:`LoRALinear.merge` concatenates them into its low-rank branch (Nunchaku's trick).
+Adapters are added to a model by :func:`lowbit.add_lora`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from torch import nn
 from .. import ops
 from ..ops.lowrank import MAX_RANK
 from .quant_linear import QuantLinear
+from ..ops.svdquant import SVDQ_MAX_RANK
+from .svdquant import SVDQuantLinear
 
 
 class LoRALinear(nn.Module):
-    """A ``QuantLinear`` or ``nn.Linear`` base plus named low-rank adapters.
+    """A ``QuantLinear``, ``SVDQuantLinear`` or ``nn.Linear`` base plus named low-rank adapters.
 
     Parameters ``lora_A[name]`` (r, in_features) and ``lora_B[name]`` (out_features, r); scaling
     ``alpha / r`` per adapter. ``set_adapter(name or [names])`` chooses the active adapters (several
@@ -31,11 +35,12 @@ class LoRALinear(nn.Module):
 
     _lowrank_cache = None  # class default: modules pickled before the fast path existed load without it
 
-    def __init__(self, base: Union[QuantLinear, nn.Linear], r: int = 16, alpha: float = 32, dropout: float = 0.0,
-                 adapter_name: str = "default"):
+    def __init__(self, base: Union[QuantLinear, SVDQuantLinear, nn.Linear], r: int = 16, alpha: float = 32,
+                 dropout: float = 0.0, adapter_name: str = "default"):
         super().__init__()
-        if not isinstance(base, (QuantLinear, nn.Linear)):
-            raise TypeError(f"base must be a lowbit.nn.QuantLinear or nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, (QuantLinear, SVDQuantLinear, nn.Linear)):
+            raise TypeError(f"base must be a lowbit.nn.QuantLinear, lowbit.nn.SVDQuantLinear or nn.Linear, got "
+                            f"{type(base).__name__}")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.ParameterDict()
@@ -60,7 +65,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r={r!r} must be an int in [1, min({MAX_RANK}, in_features, out_features)]")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
-        dev = self.base.weight.device
+        dev = self.base.device if isinstance(self.base, SVDQuantLinear) else self.base.weight.device
         a = torch.empty(r, self.in_features, device=dev)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default for lora_A
         self.lora_A[name] = nn.Parameter(a)
@@ -196,6 +201,8 @@ class LoRALinear(nn.Module):
         if self.merged is not None:
             raise RuntimeError("adapters are already merged; call unmerge() first")
         self._lowrank_cache = None
+        if isinstance(self.base, SVDQuantLinear):
+            return self._merge_svdquant()
         if isinstance(self.base, nn.Linear):
             self.merged = [list(self.active), None]
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
@@ -215,13 +222,34 @@ class LoRALinear(nn.Module):
             raise RuntimeError("adapters are not merged")
         self._lowrank_cache = None
         names, old = self.merged
-        if old is None:
+        if isinstance(self.base, SVDQuantLinear):
+            self.base._buffers["l1"], self.base._buffers["l2"] = old
+        elif old is None:
             active, self.active = self.active, names
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.active = active
         else:
             self.base.set_weight(old)
         self.merged = None
+
+    def _merge_svdquant(self) -> float:
+        """Nunchaku's merge: the adapters join the SVDQuant branch, exactly, with no re-quantization. The branch
+        reads x / λ, so ``s · B · A · x = s · B · (A · diag(λ)) · (x / λ)``: ``l2' = [L2; A · diag(λ)]``,
+        ``l1' = [L1, s · B]`` and the layer is one ``svdquant_linear`` call again. Returns the relative
+        difference between the merged layer's effective weight and (base + adapters) in float64 (fp32 / the
+        branch dtype's rounding of the new rows only)."""
+        base = self.base
+        a, b = self._stacked(torch.float32)
+        if base.rank + a.shape[0] > SVDQ_MAX_RANK:
+            raise ValueError(f"merging r={a.shape[0]} adapter rows into the SVDQuant branch of rank {base.rank} "
+                             f"exceeds the kernel's rank limit {SVDQ_MAX_RANK}")
+        old = (base.l1, base.l2)
+        target = base.dequantize() + (b.double() @ a.double())
+        l2 = torch.cat([base.l2, (a.detach() * base.smooth).to(base.l2.dtype)], 0)
+        l1 = torch.cat([base.l1, b.detach().to(base.l1.dtype)], 1)
+        base._buffers["l1"], base._buffers["l2"] = l1.contiguous(), l2.contiguous()
+        self.merged = [list(self.active), old]
+        return float((base.dequantize() - target).norm() / target.norm().clamp_min(1e-30))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.lora_A[n].shape[0]}, scale={self.scaling[n]:g}" for n in self.lora_A) + \
