@@ -28,9 +28,12 @@
 //    (K·NR bytes: 128 KiB at K = 4096, NR = 32), with sw, l1 (fp32) and the bias beside it; every
 //    MR-row strip of x then runs the micro-kernel over the whole K: MR × 2 int32 accumulators for the
 //    current group and MR × 2 fp32 accumulators for y stay in registers (AVX-512: MR = 6, 24 + 2 + 3 of 32
-//    zmm), per k-quad 2 panel loads + MR broadcasts of 4 x bytes feed 2·MR vpdpbusd. The decode is a
-//    vpgatherdd of 4 packed bytes from each of the NR rows (two k-quads), one xor and 2 × (vpshufb, shift,
-//    and/or) per 2 × 64 output bytes: ≈ 0.1 instr/weight, paid once per panel for all M rows.
+//    zmm), per k-quad 2 panel loads + MR broadcasts of 4 x bytes feed 2·MR vpdpbusd. The decode (once per
+//    panel for all M rows): AVX-512 widens each column's group (vpmovzxbw, shift/and/or) and transposes
+//    16 × 16 dwords (64 shuffles), ≈ 0.15 instr/weight; AVX2 gathers 4 packed bytes per column
+//    (vpgatherdd) from a copy of the panel's rows with a one-line skew, then vpshufb / shift / and / or.
+//    Measured (1 thread, Zen 4, 4096², wall): decode ≈ 1 ms with gathers on AVX-512 too, hence the
+//    transpose there; M = 8 costs ≈ 2 ms on the panel path vs ≈ 4-5 ms as two GEMV passes.
 //    The up-projection down·l1ᵀ and the bias are the epilogue of the same tile (l1 is in the panel as
 //    fp32 [r][NR]): r·MR·2 FMAs per tile against K/4·MR·2 vpdpbusd — at r = 32, K = 4096, 3%.
 //  * GEMV path (M ≤ kGemvRows): no panel; the packed row itself is the operand. A vector of 4·lanes
@@ -79,6 +82,11 @@ struct V {
   // the packed weight bytes of one step (4·L bytes); `half`: only the first 2·L are valid (odd group count)
   static I load_step(const uint8_t* p, bool half) {
     return half ? _mm512_maskz_loadu_epi8(0xffffffffull, p) : _mm512_loadu_si512(p);
+  }
+  // lanes 0-7 = p[0], lanes 8-15 = p[1] (p[1] not read, and 0, when `half`)
+  static F expand_groups(const float* p, bool half) {
+    const __m128 t = half ? _mm_load_ss(p) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_castps128_ps512(t));
   }
   static I dpbusd(I acc, I u, I s) {
 #if defined(__AVX512VNNI__)
@@ -145,6 +153,7 @@ struct V {
   static void store_f(float* p, F v) { _mm256_storeu_ps(p, v); }
   static I bcast4(const void* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
   static I load_step(const uint8_t* p, bool) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F expand_groups(const float* p, bool) { return _mm256_broadcast_ss(p); }
   // vpdpbusd's arithmetic: exact here (|u·s + u·s| ≤ 2·15·7, far from vpmaddubsw's int16 saturation)
   static I dpbusd(I acc, I u, I s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
@@ -208,7 +217,7 @@ struct V {
 constexpr int kNR = 2 * V::L;                 // columns per panel (two vectors)
 constexpr int kQuads = kSvdqGroup / 4;        // k-quads per group: one vpdpbusd step each
 constexpr int kActRows = V::L == 16 ? 8 : 4;  // rows per block of the activation pass
-constexpr int kGemvRows = 4;                  // M up to this runs the GEMV path
+constexpr int kGemvRows = 4;                  // rows per GEMV pass, and the largest M sent to it
 static_assert(kSvdqGroup == 64, "one group = 16 k-quads = one AMX k64 step");
 
 // ============================================================================ activation pass
@@ -289,7 +298,7 @@ void x_corrections(const int8_t* qx, int64_t m, int64_t k, int32_t* corr) {
 // stored): u8 q + 8 in [group][k-quad][NR][4] order, sw as [group][NR], l1 as fp32 [r][NR], the bias [NR].
 template <int NR>
 struct Panel {
-  std::vector<uint8_t> w;
+  std::vector<uint8_t> w, raw;  // raw: the packed rows, copied 64 bytes apart
   std::vector<float> sw, l1, bias;
 };
 
@@ -311,18 +320,55 @@ void decode_panel(const SvdquantGemmParams& p, int64_t n0, int cols, Panel<NR>& 
   }
   const typename V::I ctl0 = V::load_i(c0), ctl1 = V::load_i(c1), x88 = V::set1_b(char(0x88)),
                       lo4 = V::set1_i(0x000f000f), hi4 = V::set1_i(0x0f000f00);
-  for (int v = 0; v < NR / V::L; ++v) {
-    alignas(64) int32_t off[V::L];
-    for (int c = 0; c < V::L; ++c) {
-      const int col = v * V::L + c;
-      off[c] = int32_t((col < cols ? col : 0) * kb);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // Per group and 16 columns: each column's 32 packed bytes widen to its 64 codes in element order
+  // (vpmovzxbw, then word → bytes (b >> 4, b & 15)), one zmm = its 16 k-quads; a 16 × 16 dword transpose
+  // (64 shuffles) turns them into 16 panel rows of 16 columns. ≈ 0.15 instr/weight. (Zen 4's vpgatherdd,
+  // the first version of this decode, took 1.4 ms of a 4096² M = 1 call; this, ≈ 0.3.)
+  (void)ctl0, (void)ctl1, (void)x88;
+  for (int v = 0; v < NR / V::L; ++v)
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i r[16], t[16];
+      for (int c = 0; c < 16; ++c) {
+        const int col = v * 16 + c < cols ? v * 16 + c : 0;
+        const __m256i b = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.qw + (n0 + col) * kb + g * 32)), _mm256_set1_epi8(char(0x88)));
+        const __m512i w = _mm512_cvtepu8_epi16(b);
+        r[c] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(w, 4), lo4), _mm512_and_si512(_mm512_slli_epi16(w, 8), hi4));
+      }
+      for (int i = 0; i < 16; i += 2)
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+      for (int i = 0; i < 16; i += 4) {  // r[i + j], 128-bit lane l: k-quad 4l + j of columns i..i+3
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+      uint8_t* out = pn.w.data() + (g * kQuads * NR + v * 16) * 4;
+      for (int j = 0; j < 4; ++j) {
+        const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), b = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+        const __m512i a2 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE), b2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+        _mm512_storeu_si512(out + (0 + j) * NR * 4, _mm512_shuffle_i32x4(a, b, 0x88));
+        _mm512_storeu_si512(out + (4 + j) * NR * 4, _mm512_shuffle_i32x4(a, b, 0xDD));
+        _mm512_storeu_si512(out + (8 + j) * NR * 4, _mm512_shuffle_i32x4(a2, b2, 0x88));
+        _mm512_storeu_si512(out + (12 + j) * NR * 4, _mm512_shuffle_i32x4(a2, b2, 0xDD));
+      }
     }
-    const typename V::I idx = V::load_i(off);
-    const uint8_t* base = p.qw + n0 * kb;
+#else
+  // The panel's packed rows are one contiguous block (cols · kb bytes): it is first copied in order (the
+  // hardware prefetcher streams it) to rows kb + 64 bytes apart — gathering across rows kb apart
+  // (2 KiB for K = 4096) straight from qw put all NR lines in one or two L1 sets and left the prefetcher
+  // NR streams: measured 2 ms of a 4096² M = 1 call, vs ≈ 0.5 ms this way — then gathered from there (L2).
+  const int64_t row_b = kb + 64;
+  pn.raw.resize(size_t(NR * row_b));
+  uint8_t* buf = pn.raw.data();
+  for (int c = 0; c < cols; ++c) std::memcpy(buf + c * row_b, p.qw + (n0 + c) * kb, size_t(kb));
+  alignas(64) int32_t off[NR];
+  for (int c = 0; c < NR; ++c) off[c] = int32_t((c < cols ? c : 0) * row_b);
+  for (int v = 0; v < NR / V::L; ++v) {
+    const typename V::I idx = V::load_i(off + v * V::L);
     for (int64_t g = 0; g < groups; ++g)
       for (int t = 0; t < kQuads / 2; ++t) {
         // lane c: packed bytes 4t..4t+3 of group g of column c = elements 8t..8t+7, nibbles XOR 8
-        const typename V::I raw = V::xor_(V::gather4(base + g * 32 + 4 * t, idx), x88);
+        const typename V::I raw = V::xor_(V::gather4(buf + g * 32 + 4 * t, idx), x88);
         for (int h = 0; h < 2; ++h) {
           const typename V::I w = V::shuffle_b(raw, h ? ctl1 : ctl0);  // words: byte b, zero-extended
           // word → bytes (b >> 4, b & 15): element 2i (high nibble) first
@@ -331,6 +377,7 @@ void decode_panel(const SvdquantGemmParams& p, int64_t n0, int cols, Panel<NR>& 
         }
       }
   }
+#endif
   for (int c = 0; c < cols; ++c) {
     const int64_t n = n0 + c;
     for (int64_t g = 0; g < groups; ++g) pn.sw[g * NR + c] = p.sw[n * groups + g];
@@ -459,61 +506,64 @@ void gemv_prepare(const SvdquantGemmParams& p, const int32_t* corr, GemvX& gx) {
   }
 }
 
-// rows [i0, i0 + MG) × columns [n0, n1)
+// rows [i0, i0 + MG) × columns [n0, n1), two columns at a time (two independent accumulation chains)
 template <int MG>
 void gemv_rows(const SvdquantGemmParams& p, const GemvX& gx, int64_t i0, int64_t n0, int64_t n1) {
   const int64_t k = p.k, groups = k / kSvdqGroup, s = gx.steps, kb = k / 2;
   const typename V::I m4 = V::set1_b(0x0f), x88 = V::set1_b(char(0x88));
   constexpr int kGroupsPerStep = V::L / 8;
   const bool odd_tail = groups % kGroupsPerStep != 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = p.qw + n * kb;
-    const float* swr = p.sw + n * groups;
-    typename V::F y[MG];
-    for (int i = 0; i < MG; ++i) y[i] = V::zero_f();
+  for (int64_t n = n0; n < n1; n += 2) {
+    const int nc = n + 1 < n1 ? 2 : 1;
+    typename V::F y[MG][2];
+    for (int i = 0; i < MG; ++i) y[i][0] = y[i][1] = V::zero_f();
     for (int64_t st = 0; st < s; ++st) {
       const bool half = odd_tail && st == s - 1;
-      const typename V::I b = V::xor_(V::load_step(wr + st * 4 * V::L, half), x88);
-      const typename V::I hi = V::and_(V::srl16(b, 4), m4), lo = V::and_(b, m4);
-      alignas(64) float swl[V::L];
-      for (int t = 0; t < kGroupsPerStep; ++t) {
-        const float w = (half && t > 0) ? 0.0f : swr[st * kGroupsPerStep + t];
-        for (int l = 0; l < 8; ++l) swl[8 * t + l] = w;
+      typename V::I hi[2], lo[2];
+      typename V::F swv[2];
+      for (int c = 0; c < 2; ++c) {
+        const int64_t col = c < nc ? n + c : n;  // a lone last column computes twice, stores once
+        const typename V::I b = V::xor_(V::load_step(p.qw + col * kb + st * 4 * V::L, half), x88);
+        hi[c] = V::and_(V::srl16(b, 4), m4), lo[c] = V::and_(b, m4);
+        swv[c] = V::expand_groups(p.sw + col * groups + st * kGroupsPerStep, half);
       }
-      const typename V::F swv = V::load_f(swl);
       for (int i = 0; i < MG; ++i) {
         const int64_t o = (i0 + i) * s + st;
-        typename V::I acc = V::load_i(gx.cv.data() + o * V::L);
-        acc = V::dpbusd(acc, hi, V::load_i(gx.xe.data() + o * 4 * V::L));
-        acc = V::dpbusd(acc, lo, V::load_i(gx.xo.data() + o * 4 * V::L));
-        y[i] = V::fma(V::mul(V::cvt(acc), swv), V::load_f(gx.sxv.data() + o * V::L), y[i]);
-      }
-    }
-    // the branch: lanes along r, folded into the same horizontal sum
-    for (int j = 0; j < p.r; j += V::L) {
-      alignas(64) float l1v[V::L];
-      const int jn = std::min(V::L, p.r - j);
-      typename V::F lv;
-      if (jn == V::L) {
-        lv = V::load_as(p.l1, p.dtype, n * p.r + j);
-      } else {
-        for (int t = 0; t < V::L; ++t) l1v[t] = t < jn ? load_as_float(p.l1, p.dtype, n * p.r + j + t) : 0.0f;
-        lv = V::load_f(l1v);
-      }
-      for (int i = 0; i < MG; ++i) {
-        alignas(64) float dv[V::L];
-        typename V::F d;
-        if (jn == V::L) {
-          d = V::load_f(p.down + (i0 + i) * p.r + j);
-        } else {
-          for (int t = 0; t < V::L; ++t) dv[t] = t < jn ? p.down[(i0 + i) * p.r + j + t] : 0.0f;
-          d = V::load_f(dv);
+        const typename V::I cv = V::load_i(gx.cv.data() + o * V::L), xe = V::load_i(gx.xe.data() + o * 4 * V::L),
+                            xo = V::load_i(gx.xo.data() + o * 4 * V::L);
+        const typename V::F sxv = V::load_f(gx.sxv.data() + o * V::L);
+        for (int c = 0; c < 2; ++c) {
+          const typename V::I acc = V::dpbusd(V::dpbusd(cv, hi[c], xe), lo[c], xo);
+          y[i][c] = V::fma(V::mul(V::cvt(acc), swv[c]), sxv, y[i][c]);
         }
-        y[i] = V::fma(d, lv, y[i]);
       }
     }
-    const float bias = p.bias ? load_as_float(p.bias, p.dtype, n) : 0.0f;
-    for (int i = 0; i < MG; ++i) store_from_float(p.y, p.dtype, (i0 + i) * p.n + n, V::hsum(y[i]) + bias);
+    for (int c = 0; c < nc; ++c) {
+      // the branch: lanes along r, folded into the same horizontal sum
+      for (int j = 0; j < p.r; j += V::L) {
+        const int jn = std::min(V::L, p.r - j);
+        alignas(64) float tmp[V::L];
+        typename V::F lv;
+        if (jn == V::L) {
+          lv = V::load_as(p.l1, p.dtype, (n + c) * p.r + j);
+        } else {
+          for (int t = 0; t < V::L; ++t) tmp[t] = t < jn ? load_as_float(p.l1, p.dtype, (n + c) * p.r + j + t) : 0.0f;
+          lv = V::load_f(tmp);
+        }
+        for (int i = 0; i < MG; ++i) {
+          typename V::F d;
+          if (jn == V::L) {
+            d = V::load_f(p.down + (i0 + i) * p.r + j);
+          } else {
+            for (int t = 0; t < V::L; ++t) tmp[t] = t < jn ? p.down[(i0 + i) * p.r + j + t] : 0.0f;
+            d = V::load_f(tmp);
+          }
+          y[i][c] = V::fma(d, lv, y[i][c]);
+        }
+      }
+      const float bias = p.bias ? load_as_float(p.bias, p.dtype, n + c) : 0.0f;
+      for (int i = 0; i < MG; ++i) store_from_float(p.y, p.dtype, (i0 + i) * p.n + n + c, V::hsum(y[i][c]) + bias);
+    }
   }
 }
 
