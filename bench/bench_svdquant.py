@@ -111,7 +111,7 @@ def validate(layer: Layer, qts: dict, m: int = 3) -> None:
         rel = float((yq - yd).abs().max() / yd.abs().max())
         if rel > 2e-2:
             raise SystemExit(f"W4A16 {name} {n}x{k}: rel err {rel:.3g}")
-    print(f"validated {n}x{k}: svdquant r={RANK} max|err| {float(err.max()):.3g} (bound {float(tol.min()):.3g}..), "
+    print(f"validated {n}x{k}: svdquant r={RANK} max |err| / bound {float((err / tol).max()):.3g} (<= 1), "
           f"W4A16 {', '.join(qts)} ok")
 
 

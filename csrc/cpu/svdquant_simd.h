@@ -388,15 +388,17 @@ void decode_panel(const SvdquantGemmParams& p, int64_t n0, int cols, Panel<NR>& 
 
 // y rows [i0, i0 + rows) × panel columns [n0, n0 + cols): ybuf (rows × NR, the scaled group sums) plus
 // the branch and the bias, stored in the output dtype.
+// `with_branch`: false when the micro-kernel already added down · l1ᵀ in registers (the VNNI path).
 template <int NR>
 void panel_epilogue(const SvdquantGemmParams& p, const Panel<NR>& pn, int64_t i0, int rows, int64_t n0, int cols,
-                    float* ybuf) {
+                    float* ybuf, bool with_branch = true) {
+  const int r = with_branch ? p.r : 0;
   for (int i = 0; i < rows; ++i) {
     float* yr = ybuf + i * NR;
-    const float* dn = p.r ? p.down + (i0 + i) * p.r : nullptr;
+    const float* dn = r ? p.down + (i0 + i) * p.r : nullptr;
     for (int v = 0; v < NR / V::L; ++v) {
       typename V::F y = V::add(V::load_f(yr + v * V::L), V::load_f(pn.bias.data() + v * V::L));
-      for (int j = 0; j < p.r; ++j) y = V::fma(V::set1_f(dn[j]), V::load_f(pn.l1.data() + j * NR + v * V::L), y);
+      for (int j = 0; j < r; ++j) y = V::fma(V::set1_f(dn[j]), V::load_f(pn.l1.data() + j * NR + v * V::L), y);
       V::store_f(yr + v * V::L, y);
     }
     if (p.dtype == DType::f32) {
@@ -408,9 +410,11 @@ void panel_epilogue(const SvdquantGemmParams& p, const Panel<NR>& pn, int64_t i0
 }
 
 // ============================================================================ GEMM: panel path
-// MR rows × kNR columns over the whole K; ybuf gets the scaled group sums (MR × kNR).
+// MR rows × kNR columns over the whole K, then the up-projection down · l1ᵀ on the registers (each l1
+// vector feeds MR rows); ybuf gets the MR × kNR result.
 template <int MR>
-void micro(const int8_t* x, int64_t k, const int32_t* corr, const float* sx, const Panel<kNR>& pn, float* ybuf) {
+void micro(const int8_t* x, int64_t k, const int32_t* corr, const float* sx, const float* down, int r,
+           const Panel<kNR>& pn, float* ybuf) {
   const int64_t groups = k / kSvdqGroup;
   typename V::F y[MR][2];
   for (int i = 0; i < MR; ++i) y[i][0] = y[i][1] = V::zero_f();
@@ -434,21 +438,29 @@ void micro(const int8_t* x, int64_t k, const int32_t* corr, const float* sx, con
       y[i][1] = V::fma(V::mul(V::cvt(acc[i][1]), s1), sxi, y[i][1]);
     }
   }
+  for (int j = 0; j < r; ++j) {
+    const typename V::F a0 = V::load_f(pn.l1.data() + j * kNR), a1 = V::load_f(pn.l1.data() + j * kNR + V::L);
+    for (int i = 0; i < MR; ++i) {
+      const typename V::F d = V::set1_f(down[i * r + j]);
+      y[i][0] = V::fma(d, a0, y[i][0]);
+      y[i][1] = V::fma(d, a1, y[i][1]);
+    }
+  }
   for (int i = 0; i < MR; ++i) V::store_f(ybuf + i * kNR, y[i][0]), V::store_f(ybuf + i * kNR + V::L, y[i][1]);
 }
 
 constexpr int kMR = V::L == 16 ? 6 : 2;  // AVX-512: 24 accumulators + 2 panel + 1-2 broadcast of 32 zmm
 
-void micro_rows(int rows, const int8_t* x, int64_t k, const int32_t* corr, const float* sx, const Panel<kNR>& pn,
-                float* ybuf) {
+void micro_rows(int rows, const int8_t* x, int64_t k, const int32_t* corr, const float* sx, const float* down, int r,
+                const Panel<kNR>& pn, float* ybuf) {
   switch (rows) {
-    case 1: return micro<1>(x, k, corr, sx, pn, ybuf);
-    case 2: return micro<2>(x, k, corr, sx, pn, ybuf);
+    case 1: return micro<1>(x, k, corr, sx, down, r, pn, ybuf);
+    case 2: return micro<2>(x, k, corr, sx, down, r, pn, ybuf);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    case 3: return micro<3>(x, k, corr, sx, pn, ybuf);
-    case 4: return micro<4>(x, k, corr, sx, pn, ybuf);
-    case 5: return micro<5>(x, k, corr, sx, pn, ybuf);
-    case 6: return micro<6>(x, k, corr, sx, pn, ybuf);
+    case 3: return micro<3>(x, k, corr, sx, down, r, pn, ybuf);
+    case 4: return micro<4>(x, k, corr, sx, down, r, pn, ybuf);
+    case 5: return micro<5>(x, k, corr, sx, down, r, pn, ybuf);
+    case 6: return micro<6>(x, k, corr, sx, down, r, pn, ybuf);
 #endif
     default: break;
   }
@@ -468,8 +480,9 @@ void gemm_panels(const SvdquantGemmParams& p, const int32_t* corr) {
       decode_panel<kNR>(p, n0, cols, pn);
       for (int64_t i0 = 0; i0 < p.m; i0 += kMR) {
         const int rows = int(std::min<int64_t>(kMR, p.m - i0));
-        micro_rows(rows, p.qx + i0 * k, k, corr + i0 * groups, p.sx + i0 * groups, pn, ybuf);
-        panel_epilogue<kNR>(p, pn, i0, rows, n0, cols, ybuf);
+        micro_rows(rows, p.qx + i0 * k, k, corr + i0 * groups, p.sx + i0 * groups, p.r ? p.down + i0 * p.r : nullptr,
+                   p.r, pn, ybuf);
+        panel_epilogue<kNR>(p, pn, i0, rows, n0, cols, ybuf, false);
       }
     }
   }
