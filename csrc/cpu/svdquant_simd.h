@@ -42,7 +42,8 @@
 //    order (xe[s][j] = qx[8·lanes·s + 2j]) and two vpdpbusd cover the step; int32 lanes 8t..8t+7 hold
 //    group t of the step, scaled by a per-lane vector (sx·sw of its group) into fp32 lanes; one
 //    horizontal sum per (row, column) at the end, where the branch (down · l1 row, lanes along r) and the
-//    bias join it. Per 128 weights (AVX-512): 1 load, 3 decode, then per row 2 vpdpbusd + cvt + mul + fma.
+//    bias join it. Per 128 weights (AVX-512): 1 load, 3 decode (shift, 2 vpternlogd), 2 for sw, then per
+//    row 2 vpdpbusd + cvt + mul + fma; 4 columns per pass share the x loads.
 //
 // Roofline, AMD Zen 4 (the project machine): vpdpbusd zmm 1/cycle/core (two 256-bit halves; ymm 2/cycle)
 // = 64 int8 MACs/cycle, twice vdpbf16ps (32) and 4× fp32 FMA (16): at ~3.5 GHz ≈ 450 GOP/s per core for the
@@ -96,6 +97,7 @@ struct V {
 #endif
   }
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I and_xor(I a, I m, I x) { return _mm512_ternarylogic_epi32(a, m, x, 0x6A); }  // (a & m) ^ x
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
@@ -159,6 +161,7 @@ struct V {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }
   static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I and_xor(I a, I m, I x) { return _mm256_xor_si256(_mm256_and_si256(a, m), x); }
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static I or_(I a, I b) { return _mm256_or_si256(a, b); }
   static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
@@ -519,63 +522,74 @@ void gemv_prepare(const SvdquantGemmParams& p, const int32_t* corr, GemvX& gx) {
   }
 }
 
-// rows [i0, i0 + MG) × columns [n0, n1), two columns at a time (two independent accumulation chains)
+// rows [i0, i0 + MG) × columns [n0, n1), kGemvCols columns per pass (independent accumulation chains;
+// the x operands of a step are loaded once for all of them)
+constexpr int kGemvCols = 4;
+
 template <int MG>
 void gemv_rows(const SvdquantGemmParams& p, const GemvX& gx, int64_t i0, int64_t n0, int64_t n1) {
   const int64_t k = p.k, groups = k / kSvdqGroup, s = gx.steps, kb = k / 2;
-  const typename V::I m4 = V::set1_b(0x0f), x88 = V::set1_b(char(0x88));
+  const typename V::I m4 = V::set1_b(0x0f), x8 = V::set1_b(0x08);
   constexpr int kGroupsPerStep = V::L / 8;
   const bool odd_tail = groups % kGroupsPerStep != 0;
-  for (int64_t n = n0; n < n1; n += 2) {
-    const int nc = n + 1 < n1 ? 2 : 1;
-    typename V::F y[MG][2];
-    for (int i = 0; i < MG; ++i) y[i][0] = y[i][1] = V::zero_f();
+  for (int64_t n = n0; n < n1; n += kGemvCols) {
+    const int nc = int(std::min<int64_t>(kGemvCols, n1 - n));
+    const uint8_t* wr[kGemvCols];
+    const float* swr[kGemvCols];
+    for (int c = 0; c < kGemvCols; ++c) {
+      const int64_t col = c < nc ? n + c : n;  // missing columns recompute column n, stored once
+      wr[c] = p.qw + col * kb, swr[c] = p.sw + col * groups;
+    }
+    typename V::F y[MG][kGemvCols];
+    for (int i = 0; i < MG; ++i)
+      for (int c = 0; c < kGemvCols; ++c) y[i][c] = V::zero_f();
     for (int64_t st = 0; st < s; ++st) {
       const bool half = odd_tail && st == s - 1;
-      typename V::I hi[2], lo[2];
-      typename V::F swv[2];
-      for (int c = 0; c < 2; ++c) {
-        const int64_t col = c < nc ? n + c : n;  // a lone last column computes twice, stores once
-        const typename V::I b = V::xor_(V::load_step(p.qw + col * kb + st * 4 * V::L, half), x88);
-        hi[c] = V::and_(V::srl16(b, 4), m4), lo[c] = V::and_(b, m4);
-        swv[c] = V::expand_groups(p.sw + col * groups + st * kGroupsPerStep, half);
+      typename V::I hi[kGemvCols], lo[kGemvCols];
+      typename V::F swv[kGemvCols];
+      for (int c = 0; c < kGemvCols; ++c) {
+        // nibble XOR 8 = q + 8 (u8), high nibbles = even elements, low = odd
+        const typename V::I b = V::load_step(wr[c] + st * 4 * V::L, half);
+        hi[c] = V::and_xor(V::srl16(b, 4), m4, x8), lo[c] = V::and_xor(b, m4, x8);
+        swv[c] = V::expand_groups(swr[c] + st * kGroupsPerStep, half);
       }
       for (int i = 0; i < MG; ++i) {
         const int64_t o = (i0 + i) * s + st;
         const typename V::I cv = V::load_i(gx.cv.data() + o * V::L), xe = V::load_i(gx.xe.data() + o * 4 * V::L),
                             xo = V::load_i(gx.xo.data() + o * 4 * V::L);
         const typename V::F sxv = V::load_f(gx.sxv.data() + o * V::L);
-        for (int c = 0; c < 2; ++c) {
+        for (int c = 0; c < kGemvCols; ++c) {
           const typename V::I acc = V::dpbusd(V::dpbusd(cv, hi[c], xe), lo[c], xo);
           y[i][c] = V::fma(V::mul(V::cvt(acc), swv[c]), sxv, y[i][c]);
         }
       }
     }
+    alignas(64) float ys[MG][kGemvCols][V::L];
+    for (int i = 0; i < MG; ++i)
+      for (int c = 0; c < kGemvCols; ++c) V::store_f(ys[i][c], y[i][c]);
     for (int c = 0; c < nc; ++c) {
       // the branch: lanes along r, folded into the same horizontal sum
-      for (int j = 0; j < p.r; j += V::L) {
-        const int jn = std::min(V::L, p.r - j);
-        alignas(64) float tmp[V::L];
-        typename V::F lv;
-        if (jn == V::L) {
-          lv = V::load_as(p.l1, p.dtype, (n + c) * p.r + j);
-        } else {
-          for (int t = 0; t < V::L; ++t) tmp[t] = t < jn ? load_as_float(p.l1, p.dtype, (n + c) * p.r + j + t) : 0.0f;
-          lv = V::load_f(tmp);
-        }
-        for (int i = 0; i < MG; ++i) {
-          typename V::F d;
+      for (int i = 0; i < MG; ++i) {
+        typename V::F yc = V::load_f(ys[i][c]);
+        for (int j = 0; j < p.r; j += V::L) {
+          const int jn = std::min(V::L, p.r - j);
+          alignas(64) float tl[V::L], td[V::L];
+          typename V::F lv, d;
           if (jn == V::L) {
+            lv = V::load_as(p.l1, p.dtype, (n + c) * p.r + j);
             d = V::load_f(p.down + (i0 + i) * p.r + j);
           } else {
-            for (int t = 0; t < V::L; ++t) tmp[t] = t < jn ? p.down[(i0 + i) * p.r + j + t] : 0.0f;
-            d = V::load_f(tmp);
+            for (int t = 0; t < V::L; ++t) {
+              tl[t] = t < jn ? load_as_float(p.l1, p.dtype, (n + c) * p.r + j + t) : 0.0f;
+              td[t] = t < jn ? p.down[(i0 + i) * p.r + j + t] : 0.0f;
+            }
+            lv = V::load_f(tl), d = V::load_f(td);
           }
-          y[i][c] = V::fma(d, lv, y[i][c]);
+          yc = V::fma(d, lv, yc);
         }
+        const float bias = p.bias ? load_as_float(p.bias, p.dtype, n + c) : 0.0f;
+        store_from_float(p.y, p.dtype, (i0 + i) * p.n + n + c, V::hsum(yc) + bias);
       }
-      const float bias = p.bias ? load_as_float(p.bias, p.dtype, n + c) : 0.0f;
-      for (int i = 0; i < MG; ++i) store_from_float(p.y, p.dtype, (i0 + i) * p.n + n + c, V::hsum(y[i][c]) + bias);
     }
   }
 }
