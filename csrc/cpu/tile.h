@@ -12,12 +12,17 @@
 //   load<T>(p, stride)     tileloadd  T.row[r] = the 64 bytes at p + r·stride (bytes)
 //   store<T>(p, stride)    tilestored
 //   dpbf16ps<C, A, B>()    tdpbf16ps  C (16 × 16 fp32) += A (16 rows × 32 bf16) · B (16 rows × 16 bf16 pairs)
+//   dpbssd<C, A, B>()      tdpbssd    C (16 × 16 int32) += A (16 rows × 64 s8) · B (16 rows × 16 s8 quads)
+//   dpbsud<C, A, B>()      tdpbsud    the same with B's bytes unsigned (AMX-INT8; needs -mamx-int8)
 //   release()              tilerelease
 //
 // What the emulation models of tdpbf16ps (Intel SDM pseudo-code for TDPBF16PS): for each row m of C
 // and each k-pair of A in order, each column n: c += a[2k]·b[k][2n], then c += a[2k+1]·b[k][2n+1],
 // every product exact in fp32 (8-bit significands), every sum rounded to nearest even; bf16 input
 // denormals read as zero (DAZ) and denormal results flushed to zero (FTZ); MXCSR is not consulted.
+// Of tdpbssd / tdpbsud (the SDM's DPBD): for each row m, each dword k of A's row and each column n,
+// c.dword[n] += a[m][4k+i]·b[k][4n+i] for i = 0..3, A's bytes sign-extended, B's sign- (ssd) or zero-
+// (sud) extended to 32 bits, the sum wrapping modulo 2^32 (no saturation) — exact integer arithmetic.
 // Not modelled: faults, the tile-state permission and context switching (the emulated tiles are
 // thread_local memory), configurations other than 16 × 64.
 #pragma once
@@ -52,6 +57,8 @@ template <int T> void zero();
 template <int T> void load(const void* p, int64_t stride);
 template <int T> void store(void* p, int64_t stride);
 template <int C, int A, int B> void dpbf16ps();
+template <int C, int A, int B> void dpbssd();
+template <int C, int A, int B> void dpbsud();
 #define LOWBIT_TILE_REG(T)                                                                   \
   template <> inline void zero<T>() { _tile_zero(T); }                                      \
   template <> inline void load<T>(const void* p, int64_t stride) { _tile_loadd(T, p, stride); } \
@@ -73,6 +80,17 @@ LOWBIT_TILE_DP(1, 4, 7)
 LOWBIT_TILE_DP(2, 5, 6)
 LOWBIT_TILE_DP(3, 5, 7)
 #undef LOWBIT_TILE_DP
+#if defined(__AMX_INT8__)
+// The int8 products of the svdquant micro-kernel (cpu/svdquant_amx.h): the same 2 × 2 block.
+#define LOWBIT_TILE_DPI(C, A, B)                                            \
+  template <> inline void dpbssd<C, A, B>() { _tile_dpbssd(C, A, B); } \
+  template <> inline void dpbsud<C, A, B>() { _tile_dpbsud(C, A, B); }
+LOWBIT_TILE_DPI(0, 4, 6)
+LOWBIT_TILE_DPI(1, 4, 7)
+LOWBIT_TILE_DPI(2, 5, 6)
+LOWBIT_TILE_DPI(3, 5, 7)
+#undef LOWBIT_TILE_DPI
+#endif
 inline void release() { _tile_release(); }
 
 #else
@@ -141,6 +159,26 @@ template <int C, int A, int B> inline void dpbf16ps() {
     std::memcpy(R.t[C][m], c, 64);
   }
 }
+template <int C, int A, int B, bool BSigned> inline void dpbd() {
+  static_assert(C != A && C != B && A != B, "tdpb*d needs three different tiles");
+  need_config();
+  Regs& R = regs();
+  for (int m = 0; m < kRows; ++m) {
+    uint32_t c[16];  // unsigned: the SDM's dword sum wraps modulo 2^32
+    std::memcpy(c, R.t[C][m], 64);
+    for (int k = 0; k < kColsB / 4; ++k)
+      for (int n = 0; n < 16; ++n)
+        for (int i = 0; i < 4; ++i) {
+          const int32_t a = int8_t(R.t[A][m][4 * k + i]);
+          const uint8_t bu = R.t[B][k][4 * n + i];
+          const int32_t b = BSigned ? int32_t(int8_t(bu)) : int32_t(bu);
+          c[n] += uint32_t(a * b);
+        }
+    std::memcpy(R.t[C][m], c, 64);
+  }
+}
+template <int C, int A, int B> inline void dpbssd() { dpbd<C, A, B, true>(); }
+template <int C, int A, int B> inline void dpbsud() { dpbd<C, A, B, false>(); }
 inline void release() { regs().configured = false; }
 
 #endif
