@@ -22,7 +22,7 @@
 // repeat the work in each of the 2 warps that share a column block and need 16-bit loads at 4t
 // offsets that ldmatrix cannot give.
 //
-// Numerics: the int32 group sums are exact (|Σ| ≤ 64 · 128 · 8 < 2^24, so float(acc) is exact too);
+// Numerics: the int32 group sums are exact (|Σ| ≤ 64 · 128 · 8 = 2^16, so their fp32 value is exact too);
 // the fp32 part is y += (sx · sw) · acc per group (rounded products and sums in any order: the
 // contract's "order free"), then Σ_j down·l1 and the bias in fp32, one rounding to the dtype.
 #pragma once
@@ -154,8 +154,9 @@ __global__ void __launch_bounds__(kActThreads) svdq_act_fused_kernel(SvdquantAct
 // qw are streamed) holding per stage the qx tile (64 rows × 64 B, 16-byte chunks XOR-swizzled so that
 // ldmatrix reads 8 rows of the 64-byte-stride tile without bank conflicts), the packed qw tile (128 rows
 // × 32 B) and the group's 64 sx and 128 sw. Per group: the qw tile is unpacked to s8 (swizzled like
-// qx) by the whole CTA, each warp runs 2 × 8 mma into int32 accumulators that start at zero, then
-// folds them into fp32: acc += (sx[m] · sw[n]) · float(int_acc).
+// qx) by the whole CTA, each warp runs 2 × 8 mma into int32 accumulators that start at the bits of
+// 1.5 · 2^23 (so they read as the fp32 1.5 · 2^23 + Σ: no I2F), then folds them into fp32:
+// acc += (sx[m] · sw[n]) · (that − 1.5 · 2^23).
 // Epilogue: down (64 × 32 fp32) and l1 (128 × 32 → fp32) chunks through shared memory (the freed
 // pipeline), 32 FMAs per 12 vector loads per lane per 4 j; then the bias, one rounding, the store.
 // Roofline and expected speed: docs/kernels.md, "CUDA svdquant".
@@ -173,6 +174,9 @@ constexpr int kEpiBytes = (kBM + kBN) * kLd * 4;
 constexpr int kSmem = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;  // 35072: no opt-in needed
 static_assert(kStageBytes % 16 == 0 && kSmem <= 48 * 1024, "stage alignment; under the default 48 KiB");
 static_assert(kBM * 4 == kThreads && kBN * 2 == kThreads, "one 16-byte qx chunk and one qw chunk per thread per stage");
+
+constexpr int32_t kMagicBits = 0x4B400000;  // the bits of 1.5 · 2^23 (exact int → fp32 below 2^22)
+constexpr float kMagic = 12582912.0f;        // 1.5 · 2^23
 
 // Byte offset of 16-byte chunk `ch` (0..3) of row `r` in a tile of 64-byte rows: the XOR spreads the 8
 // rows an ldmatrix reads over 8 distinct 16-byte bank groups.
@@ -281,16 +285,20 @@ __global__ void __launch_bounds__(kThreads, 2) svdq_gemm_mma_kernel(SvdquantGemm
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
-          if (ks == 0) {
-            const int32_t zero[4] = {0, 0, 0, 0};
-            simt::mma_m16n8k32_s8(ic[mi][ni], a[mi], b[ni], zero);
+          if (ks == 0) {  // the group's accumulators start at the bits of 1.5 · 2^23 (see below)
+            const int32_t bias[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
+            simt::mma_m16n8k32_s8(ic[mi][ni], a[mi], b[ni], bias);
           } else {
             simt::mma_m16n8k32_s8(ic[mi][ni], a[mi], b[ni], ic[mi][ni]);
           }
         }
     }
 
-    // the group is complete: acc += (sx · sw) · Σ (exact: |Σ| < 2^24)
+    // the group is complete: acc += (sx · sw) · Σ. int → fp32 without I2F (a conversion runs at 16 per
+    // clock per SM on sm_80-90, an eighth of the FP32 rate: 1024 per warp and group would cost 4× the
+    // group's tensor time): the mma accumulated Σ onto the bits of 1.5 · 2^23 (no int32 overflow:
+    // 0x4B400000 + 2^16 < 2^31), which read as fp32 are 1.5 · 2^23 + Σ exactly (|Σ| ≤ 2^16 < 2^22 keeps
+    // it in [2^23, 2^24), where the ulp is 1); one exact FADD leaves Σ.
     const float* sxs = reinterpret_cast<const float*>(s + kSxOff);
     const float* sws = reinterpret_cast<const float*>(s + kSwOff);
     float sxv[2][2], swv[4][2];
@@ -307,8 +315,10 @@ __global__ void __launch_bounds__(kThreads, 2) svdq_gemm_mma_kernel(SvdquantGemm
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          acc[mi][ni][e] = __fmaf_rn(__fmul_rn(sxv[mi][e >> 1], swv[ni][e & 1]), float(ic[mi][ni][e]), acc[mi][ni][e]);
+        for (int e = 0; e < 4; ++e) {
+          const float v = __fsub_rn(__int_as_float(ic[mi][ni][e]), kMagic);  // == Σ, exact
+          acc[mi][ni][e] = __fmaf_rn(__fmul_rn(sxv[mi][e >> 1], swv[ni][e & 1]), v, acc[mi][ni][e]);
+        }
   }
   simt::cp_async_wait_all();
 
