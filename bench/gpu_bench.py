@@ -6,7 +6,9 @@ each validated against the reference before it is timed:
   gemm nf4 / int4 / int2 x bf16 / fp16: GEMV (M = 1, 16) as % of the copy rate (weight bytes as
   stored / time) and GEMM (M = 512) as % of the bf16 matmul rate, next to torch dense F.linear
   (cuBLAS) in the same dtype; fused lowrank vs the unfused composition; hadamard vs a copy of the
-  same tensor; AdamW / AdamW8bit steps vs torch.optim.AdamW(fused=True); quantize / dequantize GB/s.
+  same tensor; AdamW / AdamW8bit steps vs torch.optim.AdamW(fused=True); quantize / dequantize GB/s;
+  svdquant W4A4 (fused act pass + int8 tensor-core GEMM, r = 32) vs lowbit's W4A16 int4 GEMM and dense
+  bf16 F.linear, its int8 TOP/s, and the fused branch's overhead over the plain W4A4 GEMM (r = 0).
 Timing: CUDA events, warm-up, medians; weights and activations rotate over copies that together
 exceed 2x the L2 (50 MB on an H100), so every call reads HBM.
 
@@ -197,6 +199,63 @@ def bench_quant(t: Timer, device: str) -> list[dict]:
     return rows
 
 
+def bench_svdquant(t: Timer, device: str, quick: bool) -> list[dict]:
+    """W4A4 + low-rank branch (bf16 x, r = 32): validated against float64 of the same quantized operands,
+    then timed whole (act + gemm), per kernel, without the branch (r = 0), against lowbit's W4A16 int4
+    GEMM (group 64) and dense bf16 F.linear on the same (N, K)."""
+    from lowbit import reference as ref
+
+    shapes = ([(4096, 4096)] if quick else [(4096, 4096), (11008, 4096)]) if device == "cuda" else [(192, 256)]
+    ms = (1, 16, 512, 2048) if device == "cuda" else (1, 33)
+    dtype, r = torch.bfloat16, 32
+    rows = []
+    for n, k in shapes:
+        g = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=g) * 0.05
+        q, sw = ref.svdquant_quantize_ref(w)
+        qw = ref.svdquant_pack_ref(q).to(device)
+        sw = sw.to(device)
+        l1 = (torch.randn(n, r, generator=g) * 0.05).to(device, dtype)
+        l2 = (torch.randn(r, k, generator=g) / k ** 0.5).to(device, dtype)
+        inv = (torch.rand(k, generator=g) + 0.5).to(device)
+        w_bytes = qw.numel() + sw.numel() * 4
+        next_w = rotating(lambda: (qw.clone(), sw.clone()), w_bytes, device)
+        qt = lowbit.quantize(w.to(device), "int4", 64, False)
+        next_qt = rotating(lambda: qt.clone(), qt.nbytes, device)
+        wd = w.to(device, dtype)
+        next_wd = rotating(lambda: wd.clone(), wd.numel() * 2, device)
+        wq = (ref.svdquant_unpack_ref(qw).double().reshape(n, k // 64, 64) * sw.double()[..., None]).reshape(n, k)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            qx, sx, down = lowbit.ops.svdquant_act(x, inv, l2)
+            y = lowbit.ops.svdquant_gemm(qx, sx, qw, sw, down, l1, None, dtype)
+            xq = (qx.double().reshape(m, k // 64, 64) * sx.double()[..., None]).reshape(m, k)
+            err = rel_err(y, xq @ wq.T + down.double() @ l1.double().T)
+            if err > 2e-2:
+                raise AssertionError(f"svdquant M={m} {n}x{k}: error {err:.2e} before timing")
+
+            def whole():
+                a, b = next_w()
+                q_, s_, d_ = lowbit.ops.svdquant_act(x, inv, l2)
+                return lowbit.ops.svdquant_gemm(q_, s_, a, b, d_, l1, None, dtype)
+
+            def gemm(branch):
+                a, b = next_w()
+                return lowbit.ops.svdquant_gemm(qx, sx, a, b, down if branch else None, l1 if branch else None,
+                                                None, dtype)
+            t_all, t_g32, t_g0 = t(whole), t(lambda: gemm(True)), t(lambda: gemm(False))
+            t_act = t(lambda: lowbit.ops.svdquant_act(x, inv, l2))
+            t_w4a16 = t(lambda: lowbit.linear(x, next_qt()))
+            t_dense = t(lambda: F.linear(x, next_wd()))
+            rows.append({"kernel": "svdquant", "M": m, "N": n, "K": k, "r": r, "dtype": "bfloat16",
+                         "svdquant_ms": t_all * 1e3, "act_ms": t_act * 1e3, "gemm_r32_ms": t_g32 * 1e3,
+                         "gemm_r0_ms": t_g0 * 1e3, "w4a16_ms": t_w4a16 * 1e3, "dense_ms": t_dense * 1e3,
+                         "speedup_vs_w4a16": t_w4a16 / t_all, "speedup_vs_dense": t_dense / t_all,
+                         "branch_overhead": t_g32 / t_g0 - 1.0, "gemm_int8_TOPs": 2 * m * n * k / t_g0 / 1e12,
+                         "weight_GBps": w_bytes / t_g0 / 1e9, "max_rel_err": err})
+    return rows
+
+
 def table(res: dict) -> str:
     """The short table printed last: one line per kernel, lowbit and its peer in ms, their ratio."""
     c = res["ceilings"]
@@ -217,6 +276,11 @@ def table(res: dict) -> str:
         line(f"hadamard n={r['n']} {r['dtype']}", r["hadamard_ms"], r["copy_ms"], r["ratio_vs_copy"], "x the copy's time")
     for r in res["optim"]:
         line(r["kernel"], r["lowbit_ms"], r["torch_fused_ms"], r["ratio_vs_torch_fused"], "x torch fused AdamW's time")
+    for r in res.get("svdquant", []):
+        if r["N"] == res["svdquant"][0]["N"]:
+            line(f"svdquant r=32 M={r['M']}", r["svdquant_ms"], r["w4a16_ms"], r["speedup_vs_w4a16"],
+                 f"x faster than W4A16 int4; {r['speedup_vs_dense']:.2f}x dense; {r['gemm_int8_TOPs']:.0f} int8 "
+                 f"TOP/s; branch +{100 * r['branch_overhead']:.0f}%")
     for r in res["quant"]:
         lines.append(f"{'quant ' + r['fmt']:<28}{r['quantize_GBps']:>9.0f} GB/s quantize, {r['dequantize_GBps']:.0f} GB/s dequantize")
     return "\n".join(lines)
@@ -247,7 +311,8 @@ def main(argv=None) -> int:
                          ("lowrank", lambda: bench_lowrank(t, device)),
                          ("hadamard", lambda: bench_hadamard(t, device)),
                          ("optim", lambda: bench_optim(t, device)),
-                         ("quant", lambda: bench_quant(t, device))):
+                         ("quant", lambda: bench_quant(t, device)),
+                         ("svdquant", lambda: bench_svdquant(t, device, args.quick))):
             t0 = time.perf_counter()
             res[name] = fn()
             print(f"gpu_bench: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)

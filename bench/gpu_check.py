@@ -36,8 +36,8 @@ BUDGET = {"env": 20, "build": 150, "test": 120, "sanitize": 90, "bench": 120}
 REQUIRED_PKGS = ("torch", "numpy", "pybind11", "pytest")
 OPTIONAL_PKGS = ("safetensors", "scipy", "hypothesis")
 SANITIZE = [  # (tool, pytest -k expression): small cases only, the sanitizers slow kernels 10-100x
-    ("memcheck", "small and (quant or gemm or adamw)"),
-    ("racecheck", "small and (gemm or lowrank or hadamard)"),
+    ("memcheck", "small and (quant or gemm or adamw)"),        # "quant" also selects test_svdquant_linear
+    ("racecheck", "small and (gemm or lowrank or hadamard or svdquant)"),
 ]
 
 

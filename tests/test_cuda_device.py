@@ -153,6 +153,62 @@ def test_hadamard(n, dtype):
                  name=f"hadamard n={n} {dtype}")
 
 
+# --------------------------------------------------------------------------------- svdquant
+# (m, n, k, r): the simulator's kinds of shape (tests/test_svdquant_cuda.py: partial 64 x 128 tiles, N and
+# K odd multiples of 64, every rank class of the act kernel) and real ones (4096 x 4096, 11008 x 4096).
+SVDQ_SMALL = [(1, 192, 320, 16), (9, 64, 64, 0), (33, 320, 192, 40), (70, 192, 128, 1)]
+SVDQ_REAL = [(1, 4096, 4096, 32), (16, 11008, 4096, 32), (512, 4096, 4096, 32), (512, 11008, 4096, 128)]
+_svdq_weights = {}
+
+
+def svdq_weight(n, k):
+    """The packed residual (N, K/2) and its scales, quantized once per shape by the reference (on the CPU)."""
+    if (n, k) not in _svdq_weights:
+        g = torch.Generator().manual_seed(n + k)
+        q, s = lowbit.reference.svdquant_quantize_ref(torch.randn(n, k, generator=g))
+        _svdq_weights[(n, k)] = (lowbit.reference.svdquant_pack_ref(q), s)
+    return _svdq_weights[(n, k)]
+
+
+@pytest.mark.parametrize("case", cases(SVDQ_SMALL, SVDQ_REAL))
+@pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=str)
+def test_svdquant_linear(case, dtype):
+    # The fast kernels (fused act pass, int8 tensor-core GEMM): codes and scales bit-exact with the
+    # reference (run on the CPU), down and y within the fp32 bound of float64 (computed on the device).
+    from lowbit import reference as ref
+    m, n, k, r = case
+    g = torch.Generator().manual_seed(m + n + r)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5::37] *= 8.0
+    x = x.to(dtype)
+    inv = torch.rand(k, generator=g) + 0.5
+    l1 = (torch.randn(n, r, generator=g) * 0.1).to(dtype) if r else None
+    l2 = (torch.randn(r, k, generator=g) * 0.1).to(dtype) if r else None
+    bias = torch.randn(n, generator=g).to(dtype)
+    qw, sw = svdq_weight(n, k)
+    dev = [t.to(DEVICE) if t is not None else None for t in (x, inv, l1, l2, bias, qw, sw)]
+    xd, invd, l1d, l2d, biasd, qwd, swd = dev
+    with on_device():
+        qx, sx, down = lowbit.ops.svdquant_act(xd, invd, l2d)
+        y = lowbit.ops.svdquant_gemm(qx, sx, qwd, swd, down if r else None, l1d, biasd, dtype)
+    rq, rs, _ = ref.svdquant_act_ref(x, inv, l2)
+    name = f"svdquant {dtype} m={m} n={n} k={k} r={r}"
+    assert torch.equal(qx.cpu(), rq) and torch.equal(sx.cpu(), rs), f"{name}: codes / scales differ from the reference"
+    x64 = (xd.double() * invd.double()).float().double()
+    if r:
+        exp_d = x64 @ l2d.double().T
+        bound_d = x64.abs() @ l2d.double().abs().T * k * 2.0 ** -23 + 1e-30
+        assert ((down.double() - exp_d).abs() <= bound_d).all(), f"{name}: down out of the fp32 bound"
+    w = (lowbit.reference.svdquant_unpack_ref(qwd).double().reshape(n, k // 64, 64) * swd.double()[..., None]).reshape(n, k)
+    xq = (qx.double().reshape(m, k // 64, 64) * sx.double()[..., None]).reshape(m, k)
+    exp, bound = xq @ w.T + biasd.double(), xq.abs() @ w.abs().T + biasd.double().abs()
+    if r:
+        exp, bound = exp + down.double() @ l1d.double().T, bound + down.double().abs() @ l1d.double().abs().T
+    tol = bound * (k // 64 + r + 4) * 2.0 ** -23 + exp.abs() * (0.0 if dtype == torch.float32 else 2.0 ** -8)
+    err = (y.double() - exp).abs()
+    assert (err <= tol + 1e-30).all(), f"{name}: max error {float(err.max()):.3g} out of the fp32 bound"
+
+
 # ------------------------------------------------------------------------------------ optim
 @pytest.mark.parametrize("size", cases([257, 4133], [50_000_000]))
 @pytest.mark.parametrize("bits", [32, 8])

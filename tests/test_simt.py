@@ -152,6 +152,37 @@ def test_mma_fed_by_ldmatrix(dtype):
     _mma_check(d, a, b, torch.zeros(16, 8))
 
 
+def _mma_s8_inputs(seed, extreme=False):
+    g = np.random.default_rng(seed)
+    a = g.integers(-128, 128, (16, 32), dtype=np.int64).astype(np.int8)
+    b = g.integers(-128, 128, (32, 8), dtype=np.int64).astype(np.int8)
+    c = g.integers(-2**20, 2**20, (16, 8), dtype=np.int64).astype(np.int32)
+    if extreme:  # the largest products: every sum is ±32·2^14 = 2^19 plus c, still exact in int32
+        a[:] = -128
+        b[:, ::2] = -128
+        b[:, 1::2] = 127
+    return a, b, c
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme"])
+def test_mma_m16n8k32_s8_fragments(extreme):
+    # PTX ISA "Matrix Fragments for mma.m16n8k32" (.s8): the kernel gathers fragments from row-major
+    # A (16x32), B (32x8) and C with that layout; the answer is an exact int64 numpy product.
+    a, b, c = _mma_s8_inputs(21, extreme)
+    d = np.zeros((16, 8), np.int32)
+    run("mma_s8", [a, b, c, d])
+    assert np.array_equal(d.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64) + c)
+
+
+def test_mma_s8_fed_by_ldmatrix():
+    # A row-major and B K-major (N x K) bytes in shared memory, ldmatrix.x4 / .x2 (b16, not
+    # transposed) straight into the s8 fragments: the svdquant GEMM's loads.
+    a, b, _ = _mma_s8_inputs(22)
+    d = np.zeros((16, 8), np.int32)
+    run("mma_s8_ldmatrix", [a, np.ascontiguousarray(b.T), d])
+    assert np.array_equal(d.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64))
+
+
 @pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
 @pytest.mark.parametrize("num", [1, 2, 4])
 def test_ldmatrix_layout(num, trans):

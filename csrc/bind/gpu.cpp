@@ -30,6 +30,9 @@
 namespace lowbit::simt_tests {  // csrc/launch/simt.inl
 int run(const std::string& name, const std::vector<intptr_t>& p, const std::vector<int64_t>& i, intptr_t stream);
 }
+namespace lowbit::kernels {  // csrc/launch/svdquant.inl
+int svdquant_use_reference(int on);
+}
 
 namespace py = pybind11;
 using namespace lowbit;
@@ -131,6 +134,16 @@ PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
     check(kernels::managed_prefetch(ptr, bytes, device, stream), "managed_prefetch");
   }, py::arg("ptr"), py::arg("bytes"), py::arg("device"), py::arg("stream") = 0, nogil,
      "cudaMemPrefetchAsync to `device` (-1: host); a no-op under _sim");
+
+  // ---- svdquant's kernel choice (csrc/launch/svdquant.inl): the tests run the fast kernels and the
+  // simplest correct ones on the same inputs
+  m.def("svdquant_kernels", [](const std::string& which) {
+    if (which != "reference" && which != "fast")
+      throw py::value_error("svdquant_kernels: which='" + which + "' is not 'reference' or 'fast'");
+    return kernels::svdquant_use_reference(which == "reference") ? std::string("reference") : std::string("fast");
+  }, py::arg("which"),
+     "'reference': every svdquant launch runs the simplest correct kernels; 'fast': the usual path choice. "
+     "Process-wide; returns the previous setting");
 
   // ---- the simulator's known-answer kernels (tests/test_simt.py); in _cuda they run on a real device
   m.def("simt_test", [](const std::string& name, const std::vector<intptr_t>& ptrs, const std::vector<int64_t>& ints,

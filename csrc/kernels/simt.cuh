@@ -118,6 +118,43 @@ __global__ void mma_ldmatrix_kernel(const T* A, const T* B, float* D) {
   for (int i = 0; i < 4; ++i) D[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = d[i];
 }
 
+// One warp, integer tensor core: fragments gathered from row-major A (16x32 s8), B (32x8 s8, K x N),
+// C (16x8 s32) with the PTX ISA layout (see simt::mma_m16n8k32_s8), D scattered back the same way.
+__global__ void mma_s8_kernel(const int8_t* A, const int8_t* B, const int32_t* C, int32_t* D) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  uint32_t a[4], b[2];
+  int32_t c[4], d[4];
+  auto pack = [](const int8_t* p, int stride) {
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) r |= uint32_t(uint8_t(p[i * stride])) << (8 * i);
+    return r;
+  };
+  for (int r = 0; r < 4; ++r) a[r] = pack(&A[(g + 8 * (r & 1)) * 32 + 4 * t + 16 * (r >> 1)], 1);
+  for (int r = 0; r < 2; ++r) b[r] = pack(&B[(4 * t + 16 * r) * 8 + g], 8);
+  for (int i = 0; i < 4; ++i) c[i] = C[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+  simt::mma_m16n8k32_s8(d, a, b, c);
+  for (int i = 0; i < 4; ++i) D[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+}
+
+// The pairing the svdquant kernel uses: A (16x32 bytes, row-major) through ldmatrix.x4 and B given
+// K-major (8 rows of n, 32 bytes of k each) through ldmatrix.x2, both in shared memory; D = A Bᵀ + 0.
+__global__ void mma_s8_ldmatrix_kernel(const int8_t* A, const int8_t* Bt, int32_t* D) {
+  __shared__ __align__(16) int8_t sa[16 * 32];
+  __shared__ __align__(16) int8_t sb[8 * 32];
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  for (int i = lane; i < 512; i += 32) sa[i] = A[i];
+  for (int i = lane; i < 256; i += 32) sb[i] = Bt[i];
+  __syncwarp();
+  uint32_t a[4], b[2];
+  // x4: matrices (rows 0-7 | 8-15) x (k 0-15 | 16-31); x2: (k 0-15 | 16-31) of rows n 0-7
+  simt::ldmatrix<4>(a, &sa[((lane & 7) + 8 * ((lane >> 3) & 1)) * 32 + 16 * (lane >> 4)]);
+  simt::ldmatrix<2>(b, &sb[(lane & 7) * 32 + 16 * ((lane >> 3) & 1)]);
+  const int32_t c[4] = {0, 0, 0, 0};
+  int32_t d[4];
+  simt::mma_m16n8k32_s8(d, a, b, c);
+  for (int i = 0; i < 4; ++i) D[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+}
+
 // ldmatrix.xN(.trans) of N row-major 8x8 b16 matrices; out[lane * N + i] = register i of lane.
 template <int N, bool Trans>
 __global__ void ldmatrix_kernel(const uint16_t* src, uint32_t* out) {

@@ -39,6 +39,13 @@ int run(const std::string& name, const std::vector<intptr_t>& p, const std::vect
     return simt::launch(mma_ldmatrix_kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, stream,
                         static_cast<const __nv_bfloat16*>(ptr(0)), static_cast<const __nv_bfloat16*>(ptr(1)),
                         static_cast<float*>(ptr(2)));
+  if (name == "mma_s8")
+    return simt::launch(mma_s8_kernel, dim3(1), dim3(32), 0, stream, static_cast<const int8_t*>(ptr(0)),
+                        static_cast<const int8_t*>(ptr(1)), static_cast<const int32_t*>(ptr(2)),
+                        static_cast<int32_t*>(ptr(3)));
+  if (name == "mma_s8_ldmatrix")
+    return simt::launch(mma_s8_ldmatrix_kernel, dim3(1), dim3(32), 0, stream, static_cast<const int8_t*>(ptr(0)),
+                        static_cast<const int8_t*>(ptr(1)), static_cast<int32_t*>(ptr(2)));
   if (name == "ldmatrix") {  // ints: N, trans
     const auto* s = static_cast<const uint16_t*>(ptr(0));
     auto* o = static_cast<uint32_t*>(ptr(1));

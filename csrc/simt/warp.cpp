@@ -1,5 +1,5 @@
 // csrc/simt/warp.cpp — warp collectives of the simt simulator: shfl / vote / reduce / syncwarp,
-// mma.sync m16n8k16 and ldmatrix, with their PTX ISA semantics, and the deadlock report.
+// mma.sync m16n8k16 (f16 / bf16), m16n8k32 (s8) and ldmatrix, with their PTX ISA semantics, and the deadlock report.
 //
 // Every lane of a collective publishes a Collective record (on its own fiber stack) and parks;
 // the lane that completes the group (all lanes of `mask` that exist in the block are parked with
@@ -25,6 +25,7 @@ std::string op_name(Op op) {
     case Op::syncwarp: return "__syncwarp";
     case Op::mma_f16: return "mma_m16n8k16<f16>";
     case Op::mma_bf16: return "mma_m16n8k16<bf16>";
+    case Op::mma_s8: return "mma_m16n8k32<s8>";
     case Op::ldmatrix: return "ldmatrix";
     case Op::ldmatrix_trans: return "ldmatrix.trans";
   }
@@ -32,7 +33,7 @@ std::string op_name(Op op) {
 }
 
 static bool is_aligned_op(Op op) {
-  return op == Op::mma_f16 || op == Op::mma_bf16 || op == Op::ldmatrix || op == Op::ldmatrix_trans;
+  return op == Op::mma_f16 || op == Op::mma_bf16 || op == Op::mma_s8 || op == Op::ldmatrix || op == Op::ldmatrix_trans;
 }
 static bool is_shfl(Op op) {
   return op == Op::shfl_idx || op == Op::shfl_up || op == Op::shfl_down || op == Op::shfl_bfly;
@@ -146,6 +147,33 @@ void compute_collective(Worker& w, unsigned warp, unsigned group) {
           for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
           const float f = float(acc);
           std::memcpy(&c[l]->out[i], &f, 4);
+        }
+      }
+      break;
+    }
+    case Op::mma_s8: {
+      // PTX ISA, "Matrix Fragments for mma.m16n8k32" (figures mma-16832-A-i8, mma-16832-B-i8,
+      // mma-16832-C): a[r] holds A[g + 8 (r & 1)][4t + 16 (r >> 1) + i], b[r] B[4t + 16 r + i][g],
+      // i = 0..3 from the low byte up; c[i] C[g + 8 (i >> 1)][2t + (i & 1)]. Exact integer sums; on
+      // int32 overflow the uint32 arithmetic wraps (kernels must stay far from it).
+      int32_t A[16][32], B[32][8];
+      uint32_t C[16][8];
+      for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        const uint32_t* in = c[l]->in;
+        for (int r = 0; r < 4; ++r)
+          for (int i = 0; i < 4; ++i) A[g + 8 * (r & 1)][4 * t + 16 * (r >> 1) + i] = int8_t(in[r] >> (8 * i));
+        for (int r = 0; r < 2; ++r)
+          for (int i = 0; i < 4; ++i) B[4 * t + 16 * r + i][g] = int8_t(in[4 + r] >> (8 * i));
+        for (int i = 0; i < 4; ++i) C[g + 8 * (i >> 1)][2 * t + (i & 1)] = in[6 + i];
+      }
+      for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+          const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+          uint32_t acc = C[row][col];
+          for (int k = 0; k < 32; ++k) acc += uint32_t(A[row][k] * B[k][col]);
+          c[l]->out[i] = acc;
         }
       }
       break;

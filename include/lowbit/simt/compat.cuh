@@ -196,4 +196,40 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 }
 #endif
 
+// ---------------------------------------------------------------------------- mma.sync m16n8k32 s8
+// D (16x8 s32) = A (16x32 s8) * B (32x8 s8) + C (16x8 s32), one warp, exact integer arithmetic
+// (mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32, without .satfinite; on int32 overflow the
+// simulator wraps (two's complement) — callers keep their sums far below 2^31, as svdquant does).
+// Fragment layout: PTX ISA, "Matrix Fragments for mma.m16n8k32" (figures mma-16832-A-i8,
+// mma-16832-B-i8, mma-16832-C), with g = lane >> 2, t = lane % 4, four s8 per register, the lowest
+// k in the low byte:
+//   a[0] = A[g][4t..4t+3]   a[1] = A[g+8][4t..4t+3]   a[2] = A[g][4t+16..]   a[3] = A[g+8][4t+16..]
+//   b[0] = B[4t..4t+3][g]   b[1] = B[4t+16..4t+19][g]
+//   c[0..1] = C[g][2t..2t+1]                          c[2..3] = C[g+8][2t..2t+1]
+// i.e. what ldmatrix (b16, non-transposed) gives from row-major A (M x K) and K-major B (N x K)
+// tiles of bytes: lane L gets bytes 4(L%4)..+3 of row L/4 of each 8 x 16-byte matrix.
+#if defined(__CUDACC__)
+SIMT_DEVICE void mma_m16n8k32_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int32_t (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                 "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+#else
+  __trap();  // mma.m16n8k32 with s8 operands needs sm_80
+#endif
+}
+#else
+inline void mma_m16n8k32_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int32_t (&c)[4],
+                            const char* f = __builtin_FILE(), int l = __builtin_LINE()) {
+  detail::Collective x{detail::Op::mma_s8, 0xffffffffu, 10, {}, nullptr, {}};
+  for (int i = 0; i < 4; ++i) x.in[i] = a[i];
+  x.in[4] = b[0];
+  x.in[5] = b[1];
+  for (int i = 0; i < 4; ++i) x.in[6 + i] = uint32_t(c[i]);
+  detail::warp_collective(x, f, l);
+  for (int i = 0; i < 4; ++i) d[i] = int32_t(x.out[i]);
+}
+#endif
+
 }  // namespace simt

@@ -101,7 +101,7 @@ void nanosleep_yield();
 // all results (csrc/simt/warp.cpp) and releases the others.
 enum class Op : int {
   shfl_idx, shfl_up, shfl_down, shfl_bfly, ballot, any, all, reduce_add, syncwarp,
-  mma_f16, mma_bf16, ldmatrix, ldmatrix_trans,
+  mma_f16, mma_bf16, mma_s8, ldmatrix, ldmatrix_trans,
 };
 struct Collective {
   Op op;
