@@ -89,6 +89,12 @@ inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, u
     const int64_t next = (row + kPrefetchRows) * w.k + c0;
     for (int o = 0; o < cv * bits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * bits / 8 + o), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w.codes + (next + cv) * bits / 8 - 1), _MM_HINT_T0);  // a run may straddle a line
+    // and the run's block statistics (int4/int2: an fp32 scale and zero per block, 25% of the code
+    // bytes at block 64, had missed as the codes did; double quant: one byte per block)
+    const int64_t nb = next / w.block;
+    if (w.scale_q) _mm_prefetch(reinterpret_cast<const char*>(w.scale_q + nb), _MM_HINT_T0);
+    else _mm_prefetch(reinterpret_cast<const char*>(w.scale + nb), _MM_HINT_T0);
+    if (!is_table) _mm_prefetch(reinterpret_cast<const char*>(w.zero + nb), _MM_HINT_T0);
   }
   // Runs of 32 never straddle a block (block % 32 == 0, c0 % 32 == 0): one division per call, then
   // the block index advances by counting (a 64-bit idiv per run had cost ~15% of the decode).
