@@ -23,7 +23,7 @@
 // vdpbf16ps reads the same tile rows as 16 fp32 lanes × a pair. C: row-major fp32 [rows][kNC].
 //
 // Loops: per block of kMC rows of x: pack X (threads share it); threads take column blocks of kNC
-// dynamically (shared cores); per column block, per k block of kKC: decode the panel (L1/L2),
+// dynamically (shared cores), the last ones cut into row slices (Tasks); per column block, per k block of kKC: decode the panel (L1/L2),
 // then the engine's micro-kernel over all rows of the block. The panel is decoded once per kMC rows
 // of x: ≈ 2 vector instructions per weight against 2·kMC flops per weight.
 // Each output element is computed by one thread in a fixed order: results do not depend on the
@@ -286,6 +286,35 @@ constexpr int64_t kRowPad = 32;
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 inline size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
+// The threads' tasks over a product's column blocks: one task per block of kNC columns × all mp rows,
+// except the last `nth` blocks, each cut into nth row slices (multiples of kMR) so the threads finish
+// together. Measured (2 threads, N = 4096 = 42⅔ blocks of 96): whole blocks only left one thread up
+// to ⅔ of a block (1.5%) longer than the other. A split block's panels are decoded once per slice.
+template <class E>
+struct Tasks {
+  struct Task {
+    int64_t j0;
+    int nv;
+    int64_t ma, mb;  // rows [ma, mb) of the packed x (mb - ma a multiple of kMR; empty when ma == mb)
+  };
+  int64_t cols, mp, nb, whole, parts;
+  Tasks(int64_t cols_, int64_t mp_, int nth) : cols(cols_), mp(mp_), nb((cols_ + E::kNC - 1) / E::kNC) {
+    parts = (nth > 1 && mp >= int64_t(2) * nth * E::kMR) ? nth : 1;
+    whole = parts > 1 ? std::max<int64_t>(0, nb - nth) : nb;
+  }
+  int64_t count() const { return whole + (nb - whole) * parts; }
+  Task at(int64_t t) const {
+    int64_t b = t, ma = 0, mb = mp;
+    if (t >= whole) {
+      const int64_t u = t - whole, rows = round_up((mp + parts - 1) / parts, E::kMR);
+      b = whole + u / parts;
+      ma = std::min(mp, (u % parts) * rows);
+      mb = std::min(mp, ma + rows);
+    }
+    return {b * E::kNC, int(std::min<int64_t>(E::kNC, cols - b * E::kNC)), ma, mb};
+  }
+};
+
 // gemm / lowrank forward on engine E (lr: the branch, see the top of this file).
 template <class E>
 void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
@@ -333,13 +362,16 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
             }
         }
       }
-      const Term terms[2] = {{xb, ldx, K, wsrc, false}, {xab, rp + kRowPad, rp, bsrc, false}};
+      const Tasks<E> tasks(N, mp, omp_get_num_threads());
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t j0 = 0; j0 < N; j0 += E::kNC) {
-        const int nv = int(std::min<int64_t>(E::kNC, N - j0));
-        column_block<E>(terms, lr ? 2 : 1, mp, j0, nv, sc, c);
-        store_rows(c, E::kNC, mv, nv, p.bias, p.dtype,
-                   static_cast<char*>(p.y) + size_t(m0 * N) * dtype_size(p.dtype), N, j0);
+      for (int64_t t = 0; t < tasks.count(); ++t) {
+        const auto tk = tasks.at(t);
+        if (tk.ma == tk.mb) continue;
+        const Term terms[2] = {{xb + tk.ma * ldx, ldx, K, wsrc, false},
+                               {lr ? xab + tk.ma * (rp + kRowPad) : nullptr, rp + kRowPad, rp, bsrc, false}};
+        column_block<E>(terms, lr ? 2 : 1, tk.mb - tk.ma, tk.j0, tk.nv, sc, c);
+        store_rows(c, E::kNC, std::max<int64_t>(0, std::min(tk.mb, mv) - tk.ma), tk.nv, p.bias, p.dtype,
+                   static_cast<char*>(p.y) + size_t((m0 + tk.ma) * N) * dtype_size(p.dtype), N, tk.j0);
       }
       E::thread_done();
     }
@@ -370,13 +402,15 @@ void gemm_t_bf16(const GemmParams& p) {
         if (m < mv) pack_row_bf16(p.x, p.dtype, N, m0 + m, N, np, xb + m * ldx);
         else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(np));
       }
-      const Term t{xb, ldx, np, wsrc, true};
+      const Tasks<E> tasks(K, mp, omp_get_num_threads());
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t j0 = 0; j0 < K; j0 += E::kNC) {
-        const int nv = int(std::min<int64_t>(E::kNC, K - j0));
-        column_block<E>(&t, 1, mp, j0, nv, sc, c);
-        store_rows(c, E::kNC, mv, nv, nullptr, p.dtype,
-                   static_cast<char*>(p.y) + size_t(m0 * K) * dtype_size(p.dtype), K, j0);
+      for (int64_t i = 0; i < tasks.count(); ++i) {
+        const auto tk = tasks.at(i);
+        if (tk.ma == tk.mb) continue;
+        const Term t{xb + tk.ma * ldx, ldx, np, wsrc, true};
+        column_block<E>(&t, 1, tk.mb - tk.ma, tk.j0, tk.nv, sc, c);
+        store_rows(c, E::kNC, std::max<int64_t>(0, std::min(tk.mb, mv) - tk.ma), tk.nv, nullptr, p.dtype,
+                   static_cast<char*>(p.y) + size_t((m0 + tk.ma) * K) * dtype_size(p.dtype), K, tk.j0);
       }
       E::thread_done();
     }
