@@ -398,15 +398,18 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 //   fp16 x: as fp32 under high (fp16-level error needs no more), the fp32 tile under highest.
 // Test hook (tests/test_gemm_engines.py): LOWBIT_GEMV_MAX_M=0 in the environment sends every M to the
 // tile kernels and engines, so they are tested at M = 1, 2, 3... too. Read per call (≈ 0.1 µs).
-// With a bf16 engine the GEMV keeps M ≤ kGemvEngineMaxM only: the engine's cost at small M is its panel
-// decode (≈ 1 cycle per weight once per call), the GEMV's grows with M (a pass per 8 rows). Zen 4,
-// 1 thread, 4096² nf4 + dq in L3, bf16 x, CPU-ms GEMV / engine: M = 4 2.5 / 4.8, M = 8 4.2 / 4.9,
-// M = 12 8.1 / 6.9, M = 16 8.5 / 7.2, M = 24 11.4 / ~9, M = 32 20.3 / 16.5.
-constexpr int64_t kGemvEngineMaxM = 8;
-inline int64_t gemv_max_m(bool engine) {
+// With a bf16 engine the GEMV keeps small M only: the engine's cost at small M is its panel decode
+// (≈ 0.8 cycle per weight once per call), the GEMV's grows with M (a pass per 4-8 rows). Zen 4,
+// 4096² nf4 + dq in L3, bf16 x, CPU-ms GEMV / engine, 1 thread (since the decode's prefetch 16 rows
+// ahead): M = 4 2.1 / 3.6, M = 5 4.0 / 3.6, M = 6 4.1 / 3.5, M = 8 3.8 / 3.5; 2 threads, 11008 × 4096:
+// M = 4 2.8 / 5.3, M = 8 5.2 / 5.1. Hence bf16 x: the GEMV up to M = 4. fp32 x under `medium` keeps
+// the GEMV to M = 8: there it is the int8 GEMV (int4/int2), faster than the engine (M = 8, 2 threads:
+// 1.26 against ≈ 2.0 ms).
+constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMF32 = 8;
+inline int64_t gemv_max_m(bool engine, DType dt) {
   const char* e = std::getenv("LOWBIT_GEMV_MAX_M");
   if (e && *e) return std::strtoll(e, nullptr, 10);
-  return engine ? kGemvEngineMaxM : kGemvPassMaxM;
+  return engine ? (dt == DType::bf16 ? kGemvEngineMaxM : kGemvEngineMaxMF32) : kGemvPassMaxM;
 }
 
 Route gemm_route(DType dt, int64_t m, bool transposed) {
@@ -414,7 +417,7 @@ Route gemm_route(DType dt, int64_t m, bool transposed) {
   const Precision pr = matmul_precision();
   const bool engine = e != Engine::none && (dt == DType::bf16 || (dt == DType::f32 && pr == Precision::medium));
   const bool exact = dt != DType::bf16 && pr == Precision::highest;
-  if (!transposed && !exact && m <= gemv_max_m(engine)) return Route::gemv_i16;
+  if (!transposed && !exact && m <= gemv_max_m(engine, dt)) return Route::gemv_i16;
   if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
   if (dt == DType::bf16) return Route::tile_f32_bf16w;
   if (exact) return Route::tile_f32;
