@@ -13,8 +13,10 @@
 //   + the x row pointers hoisted (the 8 row offsets had spilled to the stack)    0.95
 //   + the next 8 rows' x lines prefetched into L1 one call ahead                 0.95
 //   + kKC = 512 (the 96 KiB panel streams from L2; 4× fewer C round trips)       0.97
-//   + bf16 x copied, not converted, when packed (gemm_bf16.h)                    see docs/benchmarks.md
-// kKC = 1024 measured no better than 512. The panel decode is ≈ 3.5% of the time at M = 512.
+//   + bf16 x copied, not converted, when packed (gemm_bf16.h)                    0.97-0.99
+//   + codes and block statistics fetched 16 rows ahead of the decode             0.99-1.00
+// kKC = 1024 measured no better than 512. The panel decode is ≈ 2% of the time at M = 512
+// (docs/kernels.md, "Where the avx512bf16 engine's time goes").
 // Arithmetic: each lane adds the odd product, then the even one, to its fp32 accumulator, each sum
 // rounded to nearest even, denormals flushed (Intel's VDPBF16PS pseudo-code); products of two bf16
 // are exact in fp32. Error vs the float64 product of the same bf16 operands: fp32 accumulation only.
