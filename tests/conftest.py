@@ -164,3 +164,44 @@ def smollm2():
     tok, model = load_smollm2()
     ids = tok(open(TEXT, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
     return tok, model, ids
+
+
+# ------------------------------------------------- svdquant: operands and the float64 expectation (tests/test_svdquant*.py)
+def svdq_rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def svdq_operands(m, n, k, r, dtype, seed=0, outliers=False):
+    """(x, inv_smooth, packed qw, sw, l1, l2, bias) of an svdquant_linear call; the weight quantized by
+    the reference. outliers: a few 8× columns per row, so a row's groups get different scales."""
+    from lowbit import reference as ref
+    x = svdq_rand(m, k, seed=seed, dtype=dtype)
+    if outliers:
+        x[:, 5::37] *= 8.0
+    inv = (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).float()
+    qw, sw = ref.svdquant_quantize_ref(svdq_rand(n, k, seed=seed + 2))
+    l1 = svdq_rand(n, r, seed=seed + 3, dtype=dtype, scale=0.1) if r else None
+    l2 = svdq_rand(r, k, seed=seed + 4, dtype=dtype, scale=0.1) if r else None
+    bias = svdq_rand(n, seed=seed + 5, dtype=dtype)
+    return x, inv, ref.svdquant_pack_ref(qw), sw, l1, l2, bias
+
+
+def svdq_expected_y(qx, sx, qw, sw, down, l1, bias, k):
+    """The float64 y of the same quantized operands (codes × scales, the branch, the bias) and Σ|terms|."""
+    from lowbit import reference as ref
+    m, n = qx.shape[0], qw.shape[0]
+    w = (ref.svdquant_unpack_ref(qw).double().reshape(n, k // 64, 64) * sw.double()[..., None]).reshape(n, k)
+    xq = (qx.double().reshape(m, k // 64, 64) * sx.double()[..., None]).reshape(m, k)
+    exp, bound = xq @ w.T, xq.abs() @ w.abs().T
+    if bias is not None:
+        exp, bound = exp + bias.double(), bound + bias.double().abs()
+    if l1 is not None:
+        exp, bound = exp + down.double() @ l1.double().T, bound + down.double().abs() @ l1.double().abs().T
+    return exp, bound
+
+
+def svdq_y_tol(exp, bound, k, r, dtype):
+    """The kernels' error contract (include/lowbit/svdquant.h): fp32, one rounding per group term, per
+    branch term, the bias and the final sum, then the output dtype's rounding."""
+    return bound * (k // 64 + r + 4) * 2.0 ** -23 + exp.abs() * (0.0 if dtype == torch.float32 else 2.0 ** -8) + 1e-30

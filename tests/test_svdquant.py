@@ -14,14 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import svdq_expected_y, svdq_operands, svdq_rand, svdq_y_tol
 from lowbit import ops, reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
 def _quantize_np(v: np.ndarray):
@@ -39,20 +35,9 @@ def _quantize_np(v: np.ndarray):
     return q.reshape(r, k), np.where(finite, s, np.float32(np.nan))
 
 
-def _operands(m, n, k, r, dtype, seed=0):
-    x = _rand(m, k, seed=seed, dtype=dtype)
-    inv = (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).float()
-    w = _rand(n, k, seed=seed + 2)
-    qw, sw = ref.svdquant_quantize_ref(w)
-    l1 = _rand(n, r, seed=seed + 3, dtype=dtype, scale=0.1) if r else None
-    l2 = _rand(r, k, seed=seed + 4, dtype=dtype, scale=0.1) if r else None
-    bias = _rand(n, seed=seed + 5, dtype=dtype)
-    return x, inv, ref.svdquant_pack_ref(qw), sw, l1, l2, bias
-
-
 # ---------------------------------------------------------------------------- the quantizer
 def test_reference_quantizer_matches_the_rule():
-    v = _rand(9, 256, seed=3)
+    v = svdq_rand(9, 256, seed=3)
     v[1, :64] = 0.0                       # a zero group
     v[2, 5] = float("inf")                # a non-finite group
     v[3, 70] = float("nan")
@@ -80,7 +65,7 @@ def test_pack_round_trip():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,r", [(1, 64, 0), (3, 192, 1), (17, 320, 16), (5, 64, 128)])
 def test_act_bit_exact(kernel_backend, dtype, m, k, r):
-    x, inv, _, _, _, l2, _ = _operands(m, 64, k, r, dtype, seed=m + k)
+    x, inv, _, _, _, l2, _ = svdq_operands(m, 64, k, r, dtype, seed=m + k)
     qx, sx, down = ops.svdquant_act(x, inv, l2)
     rq, rs, rdown = ref.svdquant_act_ref(x, inv, l2)
     assert torch.equal(qx, rq) and torch.equal(sx, rs)
@@ -92,7 +77,7 @@ def test_act_bit_exact(kernel_backend, dtype, m, k, r):
 
 
 def test_act_without_smoothing_and_nonfinite_rows(kernel_backend):
-    x = _rand(4, 128, seed=1)
+    x = svdq_rand(4, 128, seed=1)
     x[1, 3] = float("nan")
     x[2, 100] = float("-inf")
     qx, sx, _ = ops.svdquant_act(x)
@@ -117,23 +102,16 @@ def test_gemm_integer_sums_exact(kernel_backend, m, n, k):
 @pytest.mark.parametrize("m,n,k,r", [(0, 64, 64, 4), (1, 64, 128, 0), (2, 192, 320, 1), (17, 130, 192, 16),
                                      (33, 64, 64, 128)])
 def test_linear_against_float64(kernel_backend, dtype, m, n, k, r):
-    x, inv, qw, sw, l1, l2, bias = _operands(m, n, k, r, dtype, seed=n + r)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, n, k, r, dtype, seed=n + r)
     y = ops.svdquant_linear(x, qw, sw, inv, l1, l2, bias)
     assert y.shape == (m, n) and y.dtype == dtype
     qx, sx, down = ref.svdquant_act_ref(x, inv, l2)
-    w = (ref.svdquant_unpack_ref(qw).double().reshape(n, k // 64, 64) * sw.double()[..., None]).reshape(n, k)
-    xq = (qx.double().reshape(m, k // 64, 64) * sx.double()[..., None]).reshape(m, k)
-    exp = xq @ w.T + bias.double()
-    bound = xq.abs() @ w.abs().T + bias.double().abs()
-    if r:
-        exp = exp + down.double() @ l1.double().T
-        bound = bound + down.double().abs() @ l1.double().abs().T
-    tol = bound * (k // 64 + r + 4) * 2 ** -23 + exp.abs() * (0 if dtype == torch.float32 else 2.0 ** -8)
-    assert ((y.double() - exp).abs() <= tol + 1e-30).all()
+    exp, bound = svdq_expected_y(qx, sx, qw, sw, down, l1, bias, k)
+    assert ((y.double() - exp).abs() <= svdq_y_tol(exp, bound, k, r, dtype)).all()
 
 
 def test_nonfinite_activation_stays_in_its_row(kernel_backend):
-    x, inv, qw, sw, l1, l2, bias = _operands(5, 64, 128, 4, torch.float32)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(5, 64, 128, 4, torch.float32)
     x[2, 7] = float("nan")
     x[4, 70] = float("inf")
     y = ops.svdquant_linear(x, qw, sw, inv, l1, l2, bias)
@@ -142,7 +120,7 @@ def test_nonfinite_activation_stays_in_its_row(kernel_backend):
 
 # ---------------------------------------------------------------------------- bad input
 def test_bad_input_raises_clear_errors():
-    x, inv, qw, sw, l1, l2, bias = _operands(3, 64, 128, 4, torch.float32)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(3, 64, 128, 4, torch.float32)
     with pytest.raises(ValueError, match="K=96"):
         ops.svdquant_act(torch.zeros(2, 96))
     with pytest.raises(ValueError, match="rank r=257"):

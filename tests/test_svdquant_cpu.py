@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import svdq_expected_y, svdq_operands, svdq_rand, svdq_y_tol
 from lowbit import _native, ops, reference as ref
 
 pytestmark = pytest.mark.skipif("cpu" not in _native._modules, reason="lowbit._C not built")
@@ -37,45 +38,18 @@ def cpu_path(request):
         _C.set_cpu_path(old)
 
 
-def _rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _operands(m, n, k, r, dtype, seed=0):
-    x = _rand(m, k, seed=seed, dtype=dtype)
-    inv = (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).float()
-    qw, sw = ref.svdquant_quantize_ref(_rand(n, k, seed=seed + 2))
-    l1 = _rand(n, r, seed=seed + 3, dtype=dtype, scale=0.1) if r else None
-    l2 = _rand(r, k, seed=seed + 4, dtype=dtype, scale=0.1) if r else None
-    bias = _rand(n, seed=seed + 5, dtype=dtype)
-    return x, inv, ref.svdquant_pack_ref(qw), sw, l1, l2, bias
-
-
 def _expected(x, inv, qw, sw, l1, l2, bias, dtype):
-    """float64 product of the reference's quantized operands, and the fp32 error bound of the kernels:
-    |y - exp| <= Σ|terms| · (groups + r + 4) · 2^-23, plus the output dtype's rounding."""
-    m, k = x.shape
-    n = qw.shape[0]
+    """float64 product of the reference's quantized operands, and the fp32 error bound of the kernels."""
     qx, sx, down = ref.svdquant_act_ref(x, inv, l2)
-    w = (ref.svdquant_unpack_ref(qw).double().reshape(n, k // 64, 64) * sw.double()[..., None]).reshape(n, k)
-    xq = (qx.double().reshape(m, k // 64, 64) * sx.double()[..., None]).reshape(m, k)
-    exp = xq @ w.T + bias.double()
-    bound = xq.abs() @ w.abs().T + bias.double().abs()
-    r = 0 if l1 is None else l1.shape[1]
-    if r:
-        exp = exp + down.double() @ l1.double().T
-        bound = bound + down.double().abs() @ l1.double().abs().T
-    tol = bound * (k // 64 + r + 4) * 2 ** -23 + exp.abs() * (0 if dtype == torch.float32 else 2.0 ** -8)
-    return exp, tol + 1e-30
-
+    exp, bound = svdq_expected_y(qx, sx, qw, sw, down, l1, bias, x.shape[1])
+    return exp, svdq_y_tol(exp, bound, x.shape[1], 0 if l1 is None else l1.shape[1], dtype)
 
 # ---------------------------------------------------------------------------- the activation pass
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,r", [(1, 64, 0), (2, 128, 1), (5, 192, 16), (8, 320, 32), (9, 64, 128), (33, 192, 2),
                                    (300, 128, 3)])
 def test_act_bit_exact(cpu_path, dtype, m, k, r):
-    x, inv, _, _, _, l2, _ = _operands(m, 64, k, r, dtype, seed=m + k + r)
+    x, inv, _, _, _, l2, _ = svdq_operands(m, 64, k, r, dtype, seed=m + k + r)
     x[0, :64] = (torch.arange(64) - 31.5).to(dtype)  # amax 31.5 → s = 4.5: v/s hits exact .5 ties (half to even)
     qx, sx, down = ops.svdquant_act(x, None if m == 9 else inv, l2)
     rq, rs, rdown = ref.svdquant_act_ref(x, None if m == 9 else inv, l2)
@@ -100,12 +74,12 @@ def test_act_ties_round_half_even(cpu_path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_act_nonfinite_groups(cpu_path, dtype):
-    x = _rand(10, 192, seed=4, dtype=dtype)
+    x = svdq_rand(10, 192, seed=4, dtype=dtype)
     x[1, 3] = float("nan")
     x[2, 100] = float("-inf")
     x[9, 191] = float("inf")
     x[5, 64:128] = 0.0
-    l2 = _rand(4, 192, seed=5, dtype=dtype, scale=0.1)
+    l2 = svdq_rand(4, 192, seed=5, dtype=dtype, scale=0.1)
     qx, sx, down = ops.svdquant_act(x, None, l2)
     rq, rs, _ = ref.svdquant_act_ref(x, None, l2)
     assert torch.equal(qx, rq) and torch.equal(sx.isnan(), rs.isnan()) and torch.equal(sx.nan_to_num(), rs.nan_to_num())
@@ -150,7 +124,7 @@ def test_gemm_group_sums_exact_with_power_of_two_scales(cpu_path, m):
 @pytest.mark.parametrize("m", [0, 1, 2, 7, 8, 17, 33, 128])
 @pytest.mark.parametrize("n,k,r", [(64, 64, 0), (65, 192, 1), (33, 320, 16), (96, 128, 32), (40, 64, 128)])
 def test_linear_against_float64(cpu_path, dtype, m, n, k, r):
-    x, inv, qw, sw, l1, l2, bias = _operands(m, n, k, r, dtype, seed=m + n + r)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, n, k, r, dtype, seed=m + n + r)
     y = ops.svdquant_linear(x, qw, sw, inv, l1, l2, bias)
     assert y.shape == (m, n) and y.dtype == dtype
     exp, tol = _expected(x, inv, qw, sw, l1, l2, bias, dtype)
@@ -161,7 +135,7 @@ def test_linear_against_float64(cpu_path, dtype, m, n, k, r):
 def test_linear_many_rows(cpu_path, m):
     if cpu_path == "amx-emulated":
         pytest.skip("the tile emulator is scalar: covered by the smaller shapes")
-    x, inv, qw, sw, l1, l2, bias = _operands(m, 100, 448, 32, torch.bfloat16, seed=11)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, 100, 448, 32, torch.bfloat16, seed=11)
     y = ops.svdquant_linear(x, qw, sw, inv, l1, l2, bias)
     exp, tol = _expected(x, inv, qw, sw, l1, l2, bias, torch.bfloat16)
     assert ((y.double() - exp).abs() <= tol).all()
@@ -169,7 +143,7 @@ def test_linear_many_rows(cpu_path, m):
 
 @pytest.mark.parametrize("m", [1, 3, 9, 40])
 def test_nonfinite_activation_stays_in_its_row(cpu_path, m):
-    x, inv, qw, sw, l1, l2, bias = _operands(m, 70, 192, 4, torch.float32, seed=m)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, 70, 192, 4, torch.float32, seed=m)
     bad = [0, m - 1] if m > 1 else [0]
     x[bad[0], 7] = float("nan")
     x[bad[-1], 130] = float("inf")
@@ -185,7 +159,7 @@ def test_bits_independent_of_thread_count(cpu_path):
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             for m in (1, 3, 37):
-                x, inv, qw, sw, l1, l2, bias = _operands(m, 200, 320, 16, torch.float32, seed=m)
+                x, inv, qw, sw, l1, l2, bias = svdq_operands(m, 200, 320, 16, torch.float32, seed=m)
                 qx, sx, down = ops.svdquant_act(x, inv, l2)
                 outs.append((threads, m, qx, sx, down, ops.svdquant_gemm(qx, sx, qw, sw, down, l1, bias)))
     finally:
@@ -198,7 +172,7 @@ def test_bits_independent_of_thread_count(cpu_path):
 
 def test_paths_agree_with_portable_within_bound():
     """The fast paths and the simplest correct kernel compute one formula: same codes, y within the bound."""
-    x, inv, qw, sw, l1, l2, bias = _operands(19, 130, 384, 8, torch.float32, seed=3)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(19, 130, 384, 8, torch.float32, seed=3)
     exp, tol = _expected(x, inv, qw, sw, l1, l2, bias, torch.float32)
     old = _C.cpu_path()
     try:

@@ -24,7 +24,7 @@ import torch
 import lowbit
 from lowbit import ops, reference as ref
 
-from conftest import require_backend
+from conftest import require_backend, svdq_expected_y, svdq_operands, svdq_rand, svdq_y_tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SCHEDULES = ["forward", "reverse", "random:3"]
@@ -56,47 +56,16 @@ def kernels(which: str, schedule: str = "forward"):
         mod.svdquant_kernels(prev)
 
 
-def _rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _operands(m, n, k, r, dtype, seed=0):
-    x = _rand(m, k, seed=seed, dtype=dtype)
-    x[:, 5::37] *= 8.0  # a few outliers per row: groups with different scales
-    inv = (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).float()
-    qw, sw = ref.svdquant_quantize_ref(_rand(n, k, seed=seed + 2))
-    l1 = _rand(n, r, seed=seed + 3, dtype=dtype, scale=0.1) if r else None
-    l2 = _rand(r, k, seed=seed + 4, dtype=dtype, scale=0.1) if r else None
-    bias = _rand(n, seed=seed + 5, dtype=dtype)
-    return x, inv, ref.svdquant_pack_ref(qw), sw, l1, l2, bias
-
-
 def _down_bound_ok(down, x, inv, l2):
     exp = (x.double() * inv.double()).float().double() @ l2.double().T
     bound = (x.double().abs() * inv.double()) @ l2.double().abs().T * x.shape[1] * 2.0 ** -23 + 1e-30
     return bool(((down.double() - exp).abs() <= bound).all())
 
 
-def _expected_y(qx, sx, qw, sw, down, l1, bias, k):
-    """float64 y of the same quantized operands, and the bound Σ|terms| its fp32 evaluation is held to."""
-    m, n = qx.shape[0], qw.shape[0]
-    w = (ref.svdquant_unpack_ref(qw).double().reshape(n, k // 64, 64) * sw.double()[..., None]).reshape(n, k)
-    xq = (qx.double().reshape(m, k // 64, 64) * sx.double()[..., None]).reshape(m, k)
-    exp, bound = xq @ w.T, xq.abs() @ w.abs().T
-    if bias is not None:
-        exp, bound = exp + bias.double(), bound + bias.double().abs()
-    if l1 is not None:
-        exp, bound = exp + down.double() @ l1.double().T, bound + down.double().abs() @ l1.double().abs().T
-    return exp, bound
-
-
 def _assert_y(y, exp, bound, k, r, dtype):
-    # fp32: one rounding per group term, per branch term, the bias and the final sum; then the dtype's rounding
-    tol = bound * (k // 64 + r + 4) * 2.0 ** -23 + exp.abs() * (0.0 if dtype == torch.float32 else 2.0 ** -8)
+    tol = svdq_y_tol(exp, bound, k, r, dtype)
     err = (y.double() - exp).abs()
-    assert (err <= tol + 1e-30).all(), f"max err {float(err.max()):.3g}, worst ratio {float((err / (tol + 1e-30)).max()):.3g}"
-
+    assert (err <= tol).all(), f"max err {float(err.max()):.3g}, worst ratio {float((err / tol).max()):.3g}"
 
 # ---------------------------------------------------------------------------- switch
 def test_kernel_switch(_sim_module):
@@ -111,7 +80,7 @@ def test_kernel_switch(_sim_module):
 @pytest.mark.parametrize("m,k,r", [(1, 64, 0), (2, 192, 1), (7, 320, 16), (17, 64, 32), (33, 192, 33),
                                    (16, 128, 128), (9, 64, 200), (300, 64, 0)])
 def test_act_fused_bit_exact_codes(dtype, m, k, r):
-    x, inv, _, _, _, l2, _ = _operands(m, 64, k, r, dtype, seed=m + r)
+    x, inv, _, _, _, l2, _ = svdq_operands(m, 64, k, r, dtype, seed=m + r, outliers=True)
     with kernels("fast", SCHEDULES[(m + r) % 3]):
         qx, sx, down = ops.svdquant_act(x, inv, l2)
     rq, rs, _ = ref.svdquant_act_ref(x, inv, l2)
@@ -122,11 +91,11 @@ def test_act_fused_bit_exact_codes(dtype, m, k, r):
 
 
 def test_act_fused_without_smoothing_and_nonfinite_groups():
-    x = _rand(19, 192, seed=4)
+    x = svdq_rand(19, 192, seed=4)
     x[3, 7] = float("nan")       # group 0 of row 3
     x[11, 130] = float("-inf")   # group 2 of row 11 (second 8-row block)
     x[18, 64:128] = 0.0          # a zero group: s = 0, q = 0
-    l2 = _rand(40, 192, seed=5, scale=0.1)
+    l2 = svdq_rand(40, 192, seed=5, scale=0.1)
     with kernels("fast", "random:9"):
         qx, sx, down = ops.svdquant_act(x, None, l2)
     rq, rs = ref.svdquant_quantize_ref(x)
@@ -159,12 +128,12 @@ CASES = [(0, 64, 64, 4), (1, 64, 128, 0), (2, 192, 320, 1), (7, 64, 192, 16), (1
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("m,n,k,r", CASES)
 def test_linear_against_float64(dtype, m, n, k, r):
-    x, inv, qw, sw, l1, l2, bias = _operands(m, n, k, r, dtype, seed=n + r + m)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, n, k, r, dtype, seed=n + r + m, outliers=True)
     with kernels("fast", SCHEDULES[(m + n) % 3]):
         y = ops.svdquant_linear(x, qw, sw, inv, l1, l2, bias)
     assert y.shape == (m, n) and y.dtype == dtype
     qx, sx, down = ref.svdquant_act_ref(x, inv, l2)
-    exp, bound = _expected_y(qx, sx, qw, sw, down, l1, bias, k)
+    exp, bound = svdq_expected_y(qx, sx, qw, sw, down, l1, bias, k)
     _assert_y(y, exp, bound, k, r, dtype)
 
 
@@ -173,20 +142,20 @@ def test_fast_and_reference_kernels_agree(dtype):
     # The same quantized operands through both CUDA GEMMs: each within the fp32 bound of float64, so
     # within twice it of each other; no bias, so the up-projection is tested alone with the groups.
     m, n, k, r = 40, 192, 192, 32
-    x, inv, qw, sw, l1, l2, _ = _operands(m, n, k, r, dtype, seed=8)
+    x, inv, qw, sw, l1, l2, _ = svdq_operands(m, n, k, r, dtype, seed=8, outliers=True)
     qx, sx, down = ref.svdquant_act_ref(x, inv, l2)
     with kernels("fast", "reverse"):
         y_fast = ops.svdquant_gemm(qx, sx, qw, sw, down, l1, None, dtype)
     with kernels("reference"):
         y_ref = ops.svdquant_gemm(qx, sx, qw, sw, down, l1, None, dtype)
-    exp, bound = _expected_y(qx, sx, qw, sw, down, l1, None, k)
+    exp, bound = svdq_expected_y(qx, sx, qw, sw, down, l1, None, k)
     _assert_y(y_fast, exp, bound, k, r, dtype)
     _assert_y(y_ref, exp, bound, k, r, dtype)
 
 
 def test_nonfinite_activations_stay_in_their_rows():
     m, n, k, r = 70, 192, 128, 16  # rows in both 64-row tiles and several 8-row act blocks
-    x, inv, qw, sw, l1, l2, bias = _operands(m, n, k, r, torch.bfloat16, seed=2)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, n, k, r, torch.bfloat16, seed=2, outliers=True)
     bad = [0, 9, 63, 64, 69]
     x[0, 3] = float("nan")
     x[9, 100] = float("inf")
@@ -198,12 +167,12 @@ def test_nonfinite_activations_stay_in_their_rows():
     good = [i for i in range(m) if i not in bad]
     assert y[bad].isnan().all() and torch.isfinite(y[good]).all()
     qx, sx, down = ref.svdquant_act_ref(x[good], inv, l2)
-    exp, bound = _expected_y(qx, sx, qw, sw, down, l1, bias, k)
+    exp, bound = svdq_expected_y(qx, sx, qw, sw, down, l1, bias, k)
     _assert_y(y[good], exp, bound, k, r, torch.bfloat16)
 
 
 def test_same_bits_under_every_schedule():
-    x, inv, qw, sw, l1, l2, bias = _operands(33, 192, 192, 40, torch.float16, seed=6)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(33, 192, 192, 40, torch.float16, seed=6, outliers=True)
     outs = []
     for schedule in ["forward", "reverse", "random:1", "random:2"]:
         with kernels("fast", schedule):
@@ -217,7 +186,7 @@ def test_unaligned_operands_fall_back_to_the_reference_kernel():
     # qx one byte off a 16-byte boundary (contiguous, so ops.py hands it over as it is): cp.async cannot
     # stream it, the launcher runs svdq_gemm_kernel — the same bits as forcing the reference kernels.
     m, n, k, r = 9, 64, 128, 8
-    x, inv, qw, sw, l1, l2, bias = _operands(m, n, k, r, torch.float32, seed=3)
+    x, inv, qw, sw, l1, l2, bias = svdq_operands(m, n, k, r, torch.float32, seed=3, outliers=True)
     qx, sx, down = ref.svdquant_act_ref(x, inv, l2)
     buf = torch.empty(m * k + 1, dtype=torch.int8)
     qx_off = buf[1:].view(m, k)

@@ -15,6 +15,26 @@ namespace lowbit::kernels {
 
 constexpr int kSvdqThreads = 256;
 
+// The header's group rule (svdq_quantize_group) for one group of 64 held by a warp, two elements per
+// lane (v0, v1 = elements 2·lane, 2·lane + 1): amax and finiteness by warp reductions (max is exact;
+// the division is IEEE, __fdiv_rn), the lane's two codes to q[0..1]; returns the group's scale (NaN
+// for a non-finite group). Every svdquant activation kernel quantizes through this one function.
+__device__ __forceinline__ float svdq_quantize_warp(float v0, float v1, int8_t* q) {
+  const float a0 = fabsf(v0), a1 = fabsf(v1);
+  int finite = a0 <= 3.4028234663852886e38f && a1 <= 3.4028234663852886e38f;
+  float amax = fmaxf(a0, a1);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    finite &= __shfl_xor_sync(0xffffffffu, finite, o);
+  }
+  const float s = finite ? __fdiv_rn(amax, 7.0f) : NAN;
+  const bool live = finite && s != 0.0f;
+  q[0] = int8_t(live ? fminf(fmaxf(rintf(__fdiv_rn(v0, s)), -7.0f), 7.0f) : 0.0f);
+  q[1] = int8_t(live ? fminf(fmaxf(rintf(__fdiv_rn(v1, s)), -7.0f), 7.0f) : 0.0f);
+  return s;
+}
+
 template <class T>
 __global__ void __launch_bounds__(kSvdqThreads) svdq_act_kernel(SvdquantActParams p) {
   const T* X = static_cast<const T*>(p.x);
@@ -29,19 +49,7 @@ __global__ void __launch_bounds__(kSvdqThreads) svdq_act_kernel(SvdquantActParam
       v0 = __fmul_rn(v0, p.inv_smooth[c]);
       v1 = __fmul_rn(v1, p.inv_smooth[c + 1]);
     }
-    const float a0 = fabsf(v0), a1 = fabsf(v1);
-    int finite = a0 <= 3.4028234663852886e38f && a1 <= 3.4028234663852886e38f;
-    float amax = fmaxf(a0, a1);
-    for (int o = 16; o > 0; o /= 2) {
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      finite &= __shfl_xor_sync(0xffffffffu, finite, o);
-    }
-    const float s = finite ? __fdiv_rn(amax, 7.0f) : NAN;
-    const bool live = finite && s != 0.0f;
-    const float t0 = live ? fminf(fmaxf(rintf(__fdiv_rn(v0, s)), -7.0f), 7.0f) : 0.0f;
-    const float t1 = live ? fminf(fmaxf(rintf(__fdiv_rn(v1, s)), -7.0f), 7.0f) : 0.0f;
-    p.qx[row * p.k + c] = int8_t(t0);
-    p.qx[row * p.k + c + 1] = int8_t(t1);
+    const float s = svdq_quantize_warp(v0, v1, p.qx + row * p.k + c);
     if (lane == 0) p.sx[row * groups + g] = s;
   }
 }

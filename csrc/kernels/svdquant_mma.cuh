@@ -80,21 +80,7 @@ __global__ void __launch_bounds__(kActThreads) svdq_act_fused_kernel(SvdquantAct
           v0 = __fmul_rn(v0, is0);
           v1 = __fmul_rn(v1, is1);
         }
-        // the rule of svdq_act_kernel (include/lowbit/svdquant.h), line for line
-        const float a0 = fabsf(v0), a1 = fabsf(v1);
-        int finite = a0 <= 3.4028234663852886e38f && a1 <= 3.4028234663852886e38f;
-        float amax = fmaxf(a0, a1);
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) {
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-          finite &= __shfl_xor_sync(0xffffffffu, finite, o);
-        }
-        const float s = finite ? __fdiv_rn(amax, 7.0f) : NAN;
-        const bool live = finite && s != 0.0f;
-        const float t0 = live ? fminf(fmaxf(rintf(__fdiv_rn(v0, s)), -7.0f), 7.0f) : 0.0f;
-        const float t1 = live ? fminf(fmaxf(rintf(__fdiv_rn(v1, s)), -7.0f), 7.0f) : 0.0f;
-        p.qx[row * p.k + c] = int8_t(t0);
-        p.qx[row * p.k + c + 1] = int8_t(t1);
+        const float s = svdq_quantize_warp(v0, v1, p.qx + row * p.k + c);  // the header's rule
         if (lane == 0) p.sx[row * groups + g] = s;
         if constexpr (JI > 0) {
           s_xs[warp][i][2 * lane] = v0;
