@@ -154,7 +154,7 @@ def test_hadamard(n, dtype):
 
 
 # --------------------------------------------------------------------------------- svdquant
-# (m, n, k, r): the simulator's kinds of shape (tests/test_svdquant_cuda.py: partial 64 x 128 tiles, N and
+# (m, n, k, r): the simulator's kinds of shape (tests/test_svdquant_mma.py: partial 64 x 128 tiles, N and
 # K odd multiples of 64, every rank class of the act kernel) and real ones (4096 x 4096, 11008 x 4096).
 SVDQ_SMALL = [(1, 192, 320, 16), (9, 64, 64, 0), (33, 320, 192, 40), (70, 192, 128, 1)]
 SVDQ_REAL = [(1, 4096, 4096, 32), (16, 11008, 4096, 32), (512, 4096, 4096, 32), (512, 11008, 4096, 128)]

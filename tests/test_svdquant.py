@@ -1,4 +1,8 @@
 """svdquant family (W4A4 + low-rank branch): the kernels on every backend against independent references.
+`kernel_backend` runs each kernel test on the CPU kernels (the machine's path and `portable`) and on the
+CUDA kernels on the simt simulator under four schedules (`sim-forward`, `sim-reverse`, `sim-random7`,
+`sim-random123`: the fast kernels of csrc/kernels/svdquant_mma.cuh; tests/test_svdquant_mma.py also forces
+the simplest ones of svdquant.cuh).
 
 - the 4-bit quantizer: the reference against a float64 re-derivation of the rule (numpy rounding), and
   every kernel bit-exact against the reference (codes and scales);
