@@ -65,62 +65,154 @@ inline __m256i to_bf16x16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-constexpr int64_t kPrefetchRows = 16;  // rows of codes fetched ahead of their decode (row_bf16_lut)
+constexpr int64_t kPrefetchRows = 16;  // rows of codes fetched ahead of their decode
 
-// The AVX-512 decode of a quantized row: per block, the 16 (int2: 4) values a code can take are
+// The AVX-512 decode of quantized rows: per block, the 16 (int2: 4) values a code can take are
 // computed once with the fp32 operations of cpu::dequantize and rounded to bf16 — a table of 16 bf16 —
-// then vpermw maps 32 codes to their bf16 values at once (≈ 7 instructions per 32 weights).
-inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, uint16_t* out) {
-  const int bits = fmt_bits(w.fmt);
-  const bool is_table = fmt_is_table(w.fmt);
-  const __m512 tab = _mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4);
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i m4 = _mm512_set1_epi32(0xf), m2 = _mm512_set1_epi32(0x3);
-  const __m512i sh_a = _mm512_setr_epi32(6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2);
-  const __m512i sh_b = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-  __m512i lut = _mm512_setzero_si512();
-  int64_t lut_block = -1;
+// then vpermw maps 32 codes to their bf16 values at once. Templated on the format's shape so the loops
+// carry no per-run branches.
+template <int kBits, bool kTable>
+struct LutDecode {
+  // Block b's table (bf16, the low 16 words), exactly as dequantize(bf16) makes the values.
+  static __m512i table(const GemmWeight& w, int64_t b) {
+    const __m512 sc = _mm512_set1_ps(weight_scale(w, b));
+    __m512 v;
+    if constexpr (kTable) {
+      v = _mm512_mul_ps(_mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4), sc);
+    } else {
+      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      v = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(w.zero[b])), sc);
+    }
+#if defined(__AVX512BF16__)
+    // vcvtneps2bf16 rounds as to_bf16x16 does (NaN quieted the same way) except that it reads a
+    // denormal input as zero: used when no value is denormal (checked; 5 instructions fewer per table)
+    const __m512i u = _mm512_castps_si512(v);
+    if (!_mm512_kandn(_mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7f800000)), _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7fffffff))))
+      return _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#endif
+    return _mm512_castsi256_si512(to_bf16x16(v));
+  }
+  // The 32 codes at src → 16 dwords of int16 table indices in element order (2p low, 2p + 1 high).
+  static __m512i index(const uint8_t* src) {
+    if constexpr (kBits == 4) {  // byte j: element 2j in the high nibble
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      return _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf)), 16));
+    } else {  // byte j: elements 4j..4j+3 in bits 7-6, 5-4, 3-2, 1-0; pair p from byte p / 2
+      const __m512i sh_a = _mm512_setr_epi32(6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2, 6, 2);
+      const __m512i sh_b = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+      const __m512i m2 = _mm512_set1_epi32(0x3);
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(q, q));
+      return _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(d, sh_a), m2),
+                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(d, sh_b), m2), 16));
+    }
+  }
   // Codes are read in short runs far apart in memory (a row's kKC columns in panel_rows, 96 columns
   // of consecutive rows in panel_cols), which the hardware prefetchers do not follow: fetch the run
   // kPrefetchRows rows down, decoded a few hundred cycles later (measured, 1 thread, M = 32 / 128 / 512,
   // forward: 0.88 / 0.93 / 0.99 → 0.95 / 0.96 / 1.00 of torch dense bf16; gemm_t M = 512: 0.93 → 1.03;
   // fetching the row's next k run into L2 instead had left every row's first run to a demand miss).
-  if (row + kPrefetchRows < w.n) {
+  // Always inlined: as a function of its own GCC found it free of side effects (prefetches are not
+  // side effects to it) and deleted every call.
+  [[gnu::always_inline]] static void prefetch(const GemmWeight& w, int64_t row, int64_t c0, int cv) {
+    if (row + kPrefetchRows >= w.n) return;
     const int64_t next = (row + kPrefetchRows) * w.k + c0;
-    for (int o = 0; o < cv * bits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * bits / 8 + o), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.codes + (next + cv) * bits / 8 - 1), _MM_HINT_T0);  // a run may straddle a line
+    for (int o = 0; o < cv * kBits / 8; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w.codes + next * kBits / 8 + o), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.codes + (next + cv) * kBits / 8 - 1), _MM_HINT_T0);  // a run may straddle a line
     // and the run's block statistics (int4/int2: an fp32 scale and zero per block, 25% of the code
     // bytes at block 64, had missed as the codes did; double quant: one byte per block)
     const int64_t nb = next / w.block;
     if (w.scale_q) _mm_prefetch(reinterpret_cast<const char*>(w.scale_q + nb), _MM_HINT_T0);
     else _mm_prefetch(reinterpret_cast<const char*>(w.scale + nb), _MM_HINT_T0);
-    if (!is_table) _mm_prefetch(reinterpret_cast<const char*>(w.zero + nb), _MM_HINT_T0);
+    if (!kTable) _mm_prefetch(reinterpret_cast<const char*>(w.zero + nb), _MM_HINT_T0);
   }
-  // Runs of 32 never straddle a block (block % 32 == 0, c0 % 32 == 0): one division per call, then
-  // the block index advances by counting (a 64-bit idiv per run had cost ~15% of the decode).
-  int64_t b = (row * w.k + c0) / w.block;
-  int in_block = int((row * w.k + c0) - b * w.block);
-  for (int i = 0; i < cv; i += 32, in_block += 32) {
-    const int64_t e0 = row * w.k + c0 + i;
-    if (in_block == w.block) in_block = 0, ++b;
-    if (b != lut_block) {  // the block's 16 possible values, exactly as dequantize(bf16) makes them
-      const __m512 sc = _mm512_set1_ps(weight_scale(w, b));
-      const __m512 v = is_table ? _mm512_mul_ps(tab, sc) : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(w.zero[b])), sc);
-      lut = _mm512_castsi256_si512(to_bf16x16(v));
-      lut_block = b;
+
+  // Row `row`, columns [c0, c0 + cv) → out (bf16). Runs of 32 never straddle a block (block % 32 == 0,
+  // c0 % 32 == 0): one division per call, then the block advances by counting.
+  static void row(const GemmWeight& wr, int64_t row, int64_t c0, int cv, uint16_t* out) {
+    const GemmWeight w = wr;  // the stores below may alias anything: through wr each field was reloaded per run
+    prefetch(w, row, c0, cv);
+    const int64_t e = row * w.k + c0;
+    int64_t b = e / w.block;
+    int left = int((b + 1) * w.block - e);  // elements of block b from e on
+    __m512i lut = table(w, b);
+    const uint8_t* src = w.codes + e * kBits / 8;
+    for (int i = 0; i < cv; i += 32, src += 4 * kBits, left -= 32) {
+      if (left == 0) lut = table(w, ++b), left = w.block;
+      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(index(src), lut));
     }
-    __m512i idx;  // 16 dwords = 32 int16 code indices in element order (element 2p low, 2p + 1 high)
-    if (bits == 4) {  // byte j: element 2j in the high nibble
-      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + e0 / 2)));
-      idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, m4), 16));
-    } else {  // byte j: elements 4j..4j+3 in bits 7-6, 5-4, 3-2, 1-0; pair p from byte p / 2
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + e0 / 4));
-      const __m512i d = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(q, q));
-      idx = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(d, sh_a), m2),
-                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(d, sh_b), m2), 16));
-    }
-    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, lut));
   }
+
+  // The 16 tiles' worth of panel_rows for rows [n0, n0 + 16) (all < w.n), columns [k0, k0 + kc) (all
+  // < w.k): per 32 columns, each row's 16 k-pairs decoded into a register, the 16 registers transposed
+  // into the tile's 16 rows of pairs and stored — no round trip through a row buffer (which, with the
+  // per-run branches, had been half of the decode's time; see docs/kernels.md).
+  static void tile_rows(const GemmWeight& wr, int64_t n0, int64_t k0, int kc, int32_t* tiles, int64_t tile_stride) {
+    const GemmWeight w = wr;
+    for (int r = 0; r < 16; ++r) prefetch(w, n0 + r, k0, kc);
+    const int64_t e = n0 * w.k + k0, bpr = w.k / w.block;  // blocks per row (k % block == 0)
+    int64_t b = e / w.block;
+    int left = int((b + 1) * w.block - e);
+    __m512i lut[16];
+    for (int r = 0; r < 16; ++r) lut[r] = table(w, b + r * bpr);
+    const uint8_t* src = w.codes + e * kBits / 8;
+    const int64_t row_bytes = w.k * kBits / 8;
+    for (int ks = 0; ks < kc / 32; ++ks, src += 4 * kBits, left -= 32, tiles += tile_stride) {
+      if (left == 0) {
+        ++b, left = w.block;
+        for (int r = 0; r < 16; ++r) lut[r] = table(w, b + r * bpr);
+      }
+      __m512i d[16];
+      for (int r = 0; r < 16; ++r) d[r] = _mm512_permutexvar_epi16(index(src + r * row_bytes), lut[r]);
+      transpose16x16(d);
+      for (int t = 0; t < 16; ++t) _mm512_store_si512(tiles + 16 * t, d[t]);
+    }
+  }
+
+  // d[r][c] (dwords) → d[c][r].
+  static void transpose16x16(__m512i* d) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {  // within each 128-bit lane: rows interleaved by dword
+      t[i] = _mm512_unpacklo_epi32(d[i], d[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(d[i], d[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // d[i + j], lane L: rows i..i+3 at column 4L + j
+      d[i + 0] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+      d[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+      d[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+      d[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {  // lanes gathered: column 4L + j from groups 0, 4, 8, 12
+      const __m512i s0 = _mm512_shuffle_i32x4(d[j], d[4 + j], 0x88), s1 = _mm512_shuffle_i32x4(d[j], d[4 + j], 0xdd);
+      const __m512i s2 = _mm512_shuffle_i32x4(d[8 + j], d[12 + j], 0x88), s3 = _mm512_shuffle_i32x4(d[8 + j], d[12 + j], 0xdd);
+      t[0 + j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+      t[8 + j] = _mm512_shuffle_i32x4(s0, s2, 0xdd);
+      t[4 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+      t[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) d[i] = t[i];
+  }
+};
+
+inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, uint16_t* out) {
+  switch (w.fmt) {
+    case Fmt::nf4:
+    case Fmt::fp4: LutDecode<4, true>::row(w, row, c0, cv, out); break;
+    case Fmt::int4: LutDecode<4, false>::row(w, row, c0, cv, out); break;
+    case Fmt::int2: LutDecode<2, false>::row(w, row, c0, cv, out); break;
+  }
+}
+
+// panel_rows' 16 rows [n0, n0 + 16) of a quantized weight when all lie inside it; false otherwise.
+inline bool tile_rows_lut(const RowSrc& s, int64_t n0, int64_t k0, int kc, int32_t* tiles, int64_t tile_stride) {
+  if (!s.w || n0 + 16 > s.rows || k0 + kc > s.cols) return false;
+  switch (s.w->fmt) {
+    case Fmt::nf4:
+    case Fmt::fp4: LutDecode<4, true>::tile_rows(*s.w, n0, k0, kc, tiles, tile_stride); break;
+    case Fmt::int4: LutDecode<4, false>::tile_rows(*s.w, n0, k0, kc, tiles, tile_stride); break;
+    case Fmt::int2: LutDecode<2, false>::tile_rows(*s.w, n0, k0, kc, tiles, tile_stride); break;
+  }
+  return true;
 }
 #endif
 
@@ -187,6 +279,9 @@ inline void transpose8x8(const int32_t* src, int64_t lds, int32_t* dst, int64_t 
 inline void panel_rows(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, uint16_t* tmp, int32_t* panel) {
   const int ncg = nc / 16;
   for (int cg = 0; cg < ncg; ++cg) {
+#if defined(__AVX512BW__)
+    if (tile_rows_lut(s, j0 + cg * 16, k0, kc, panel + int64_t(cg) * 256, int64_t(ncg) * 256)) continue;
+#endif
     for (int r = 0; r < 16; ++r) src_row_bf16(s, j0 + cg * 16 + r, k0, kc, tmp + r * kc);
     const int32_t* t32 = reinterpret_cast<const int32_t*>(tmp);  // [16 columns][kc / 2 pairs]
     for (int ks = 0; ks < kc / 32; ++ks) {
