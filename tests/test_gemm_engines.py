@@ -96,6 +96,24 @@ def test_engine_gemm_bf16(engine_path, fmt, block, dq, m):
 
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("fp4", False), ("int4", False), ("int2", True)])
+@pytest.mark.parametrize("n,k", [(201, 160), (17, 224), (97, 96)])
+@pytest.mark.parametrize("m", [3, 40])
+def test_engine_ragged_edges(engine_path, fmt, dq, n, k, m):
+    """The decodes' edges: an odd N (gemm_t's last pair of W rows has one row, forward's last 16 rows
+    are partial) and K not a multiple of the engines' column blocks (gemm_t's last block is partial)."""
+    qt = quantized(n, k, fmt, 32, dq, seed=n + k + m)
+    g = torch.Generator().manual_seed(n * k + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    gy = torch.randn(m, n, generator=g).to(torch.bfloat16)
+    wd = qt.dequantize(torch.bfloat16).double()
+    ref = x.double() @ wd.T
+    assert_bf16_out(lowbit.linear(x, qt), ref, float((x.double().abs() @ wd.abs().T).max()))
+    rt = gy.double() @ wd
+    assert_bf16_out(gemm_t(gy, qt), rt, float((gy.double().abs() @ wd.abs()).max()))
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m", [1, 17, 130])
 def test_engine_fp32_accumulation(engine_path, fmt, m):

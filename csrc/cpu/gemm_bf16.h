@@ -133,8 +133,8 @@ struct LutDecode {
     const GemmWeight w = wr;  // the stores below may alias anything: through wr each field was reloaded per run
     prefetch(w, row, c0, cv);
     const int64_t e = row * w.k + c0;
-    int64_t b = e / w.block;
-    int left = int((b + 1) * w.block - e);  // elements of block b from e on
+    int64_t b = e >> __builtin_ctz(w.block);  // blocks are powers of two (gemm_block_ok)
+    int left = int((b + 1) * w.block - e);    // elements of block b from e on
     __m512i lut = table(w, b);
     const uint8_t* src = w.codes + e * kBits / 8;
     for (int i = 0; i < cv; i += 32, src += 4 * kBits, left -= 32) {
@@ -150,8 +150,8 @@ struct LutDecode {
   static void tile_rows(const GemmWeight& wr, int64_t n0, int64_t k0, int kc, int32_t* tiles, int64_t tile_stride) {
     const GemmWeight w = wr;
     for (int r = 0; r < 16; ++r) prefetch(w, n0 + r, k0, kc);
-    const int64_t e = n0 * w.k + k0, bpr = w.k / w.block;  // blocks per row (k % block == 0)
-    int64_t b = e / w.block;
+    const int64_t e = n0 * w.k + k0, bpr = w.k >> __builtin_ctz(w.block);  // blocks per row (k % block == 0)
+    int64_t b = e >> __builtin_ctz(w.block);
     int left = int((b + 1) * w.block - e);
     __m512i lut[16];
     for (int r = 0; r < 16; ++r) lut[r] = table(w, b + r * bpr);
@@ -166,6 +166,33 @@ struct LutDecode {
       for (int r = 0; r < 16; ++r) d[r] = _mm512_permutexvar_epi16(index(src + r * row_bytes), lut[r]);
       transpose16x16(d);
       for (int t = 0; t < 16; ++t) _mm512_store_si512(tiles + 16 * t, d[t]);
+    }
+  }
+
+  // panel_cols' rows of k-pairs for the np source-row pairs from r0 (all < w.n), columns [j0, j0 + nc)
+  // (all < w.k, nc % 32 == 0): both rows of a pair decoded into registers and interleaved there.
+  static void pair_rows(const GemmWeight& w, int64_t r0, int np, int64_t j0, int nc, int32_t* panel, int ncg) {
+    const int sh = __builtin_ctz(w.block);
+    const __m512i q0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), q1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const int64_t row_bytes = w.k * kBits / 8;
+    for (int pr = 0; pr < np; ++pr) {
+      const int64_t ra = r0 + 2 * pr, ea = ra * w.k + j0, eb = ea + w.k;
+      prefetch(w, ra, j0, nc);
+      prefetch(w, ra + 1, j0, nc);
+      const uint8_t* sa = w.codes + ea * kBits / 8;
+      int32_t* row = panel + int64_t(pr / 16) * ncg * 256 + (pr % 16) * 16;
+      int64_t ba = -1, bb = -1;
+      __m512i la = _mm512_setzero_si512(), lb = la;
+      for (int c = 0; c < nc; c += 32) {  // a run of 32 lies in one block (block % 32 == 0, j0 % 32 == 0)
+        if (((ea + c) >> sh) != ba) ba = (ea + c) >> sh, la = table(w, ba);
+        if (((eb + c) >> sh) != bb) bb = (eb + c) >> sh, lb = table(w, bb);
+        const __m512i za = _mm512_permutexvar_epi16(index(sa + c * kBits / 8), la);
+        const __m512i zb = _mm512_permutexvar_epi16(index(sa + row_bytes + c * kBits / 8), lb);
+        // per 128-bit lane L: lo = pairs of columns 8L..8L+3, hi = 8L+4..8L+7; q0 / q1 put them in order
+        const __m512i lo = _mm512_unpacklo_epi16(za, zb), hi = _mm512_unpackhi_epi16(za, zb);
+        _mm512_store_si512(row + (c / 16) * 256, _mm512_permutex2var_epi64(lo, q0, hi));
+        _mm512_store_si512(row + (c / 16 + 1) * 256, _mm512_permutex2var_epi64(lo, q1, hi));
+      }
     }
   }
 
@@ -201,6 +228,20 @@ inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, u
     case Fmt::int4: LutDecode<4, false>::row(w, row, c0, cv, out); break;
     case Fmt::int2: LutDecode<2, false>::row(w, row, c0, cv, out); break;
   }
+}
+
+// panel_cols' leading pairs of source rows that lie inside a quantized weight, with all nc columns
+// inside it: the number of pairs written (0 for a dense source or a partial column block).
+inline int pair_rows_lut(const RowSrc& s, int64_t r0, int np, int64_t j0, int nc, int32_t* panel, int ncg) {
+  if (!s.w || j0 + nc > s.cols) return 0;
+  np = int(std::clamp<int64_t>((s.rows - r0) / 2, 0, np));
+  switch (s.w->fmt) {
+    case Fmt::nf4:
+    case Fmt::fp4: LutDecode<4, true>::pair_rows(*s.w, r0, np, j0, nc, panel, ncg); break;
+    case Fmt::int4: LutDecode<4, false>::pair_rows(*s.w, r0, np, j0, nc, panel, ncg); break;
+    case Fmt::int2: LutDecode<2, false>::pair_rows(*s.w, r0, np, j0, nc, panel, ncg); break;
+  }
+  return np;
 }
 
 // panel_rows' 16 rows [n0, n0 + 16) of a quantized weight when all lie inside it; false otherwise.
@@ -297,7 +338,11 @@ inline void panel_rows(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, 
 // and k0 + 2p + 1 interleaved into row p % 16 of the tiles of step p / 16.
 inline void panel_cols(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, uint16_t* tmp, int32_t* panel) {
   const int ncg = nc / 16;
-  for (int pr = 0; pr < kc / 2; ++pr) {
+  int pr = 0;
+#if defined(__AVX512BW__)
+  pr = pair_rows_lut(s, k0, kc / 2, j0, nc, panel, ncg);
+#endif
+  for (; pr < kc / 2; ++pr) {
     src_row_bf16(s, k0 + 2 * pr, j0, nc, tmp);
     src_row_bf16(s, k0 + 2 * pr + 1, j0, nc, tmp + nc);
     int32_t* row = panel + int64_t(pr / 16) * ncg * 256 + (pr % 16) * 16;
