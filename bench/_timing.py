@@ -36,6 +36,28 @@ def timeit_pair(fa, fb, reps: int, warmup: int = 5):
     return statistics.median(ta), statistics.median(tb), statistics.median([b / a for a, b in zip(ta, tb)])
 
 
+def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewarm: bool = False):
+    """``timeit_pair`` for several functions: each round times every fn once, in order, so load from
+    other processes hits all alike. ``rewarm``: an untimed call right before each timed one, so a fn
+    whose data fit in the caches finds them there and not evicted by the fn before it. Returns the
+    median seconds of each fn and, per fn, the median of the per-round ratio ``t(fns[0]) / t(fn)``
+    (the speed against the first)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            if rewarm:
+                fn()
+            t0 = clock()
+            fn()
+            ts[i].append(clock() - t0)
+    meds = [statistics.median(t) for t in ts]
+    speed = [statistics.median([a / b for a, b in zip(ts[0], t)]) for t in ts]
+    return meds, speed
+
+
 def machine_line() -> str:
     """One line naming the machine a run was taken on (the project's VMs are not all the same CPU):
     the CPU's model name, family / model numbers, core count and lowbit's CPU path."""

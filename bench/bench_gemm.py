@@ -12,6 +12,7 @@ ratios. The machine is shared and noisy: compare ratios measured in the same run
     python bench/bench_gemm.py [--quick] [--threads 2] [--json out.json] [--plot out.png]
     python bench/bench_gemm.py --precision high,medium --in-cache --shapes 4096x4096 --ms 1,8,24 --lowbit-only
     python bench/bench_gemm.py --bf16 [--quick]    # the matrix-engine table (issue 13): bf16 activations
+    python bench/bench_gemm.py --against-build /tmp/before.so --ms 8,32,128,512   # one kernel change, A/B
     python -m lowbit bench gemm --quick
 
 --precision runs every lowbit row once per listed policy (lowbit.set_matmul_precision; rows named
@@ -19,6 +20,11 @@ ratios. The machine is shared and noisy: compare ratios measured in the same run
 (nf4 takes the int8 GEMV only with LOWBIT_GEMV_I8_NF4=1 in the environment; docs/kernels.md).
 --in-cache times one copy of each weight (it stays in the L3 when it fits: the compute-bound regime
 of big-L3 servers) instead of rotating copies through DRAM.
+--against-build OTHER_SO measures one kernel change: a kernel optimisation moves a figure by a few
+percent, two runs on a shared machine differ by more. This checkout's ``_C`` and another build of it
+(a saved copy of python/lowbit/_C*.so from before the change) are loaded side by side, their bf16
+gemm / gemm_t outputs compared bit for bit (a change that alters results is no speed-up) and against
+float64, then called alternately with torch's dense bf16 product: medians and per-round speed-ups.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import importlib.util
+
 import _timing  # bench/_timing.py: medians after warm-up
 import lowbit
+from lowbit import _native
 from lowbit.formats import DTYPE_ID, FMT_ID
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672)]  # (N, K) = (out, in)
@@ -219,18 +228,12 @@ def bf16_table(args) -> list[dict]:
     budget = args.budget or (0.5 if args.quick else 1.5)
     rows = []
     gen = torch.Generator().manual_seed(0)
+    clock = time.perf_counter
     if args.cpu_time:  # CPU seconds of this process: robust to other jobs on a shared machine (use --threads 1)
-        def timeit(fn, budget):
-            fn()
-            ts = []
-            for _ in range(max(3, min(15, int(budget / 0.05)))):
-                t0 = time.process_time()
-                fn()
-                ts.append(time.process_time() - t0)
-            return statistics.median(ts)
+        clock = time.process_time
         print(f"timing: median CPU time of this process ({args.threads} thread(s)), not wall time")
-    else:
-        timeit = globals()["timeit"]
+    print("timing: each round times torch and every lowbit row once, alternately (calls under 0.1 s per round "
+          "after an untimed call of their own: weights in cache); 'vs dense' is the median of the per-round ratios")
     for n, k in shapes:
         w = torch.randn(n, k, generator=gen) * 0.02
         wb = w.to(torch.bfloat16)
@@ -249,18 +252,24 @@ def bf16_table(args) -> list[dict]:
                 if not (err <= 1e-2 and errt <= 1e-2):
                     raise SystemExit(f"VALIDATION FAILED: lowbit {name} bf16 {n}x{k} M={m}: {err:.2e} / {errt:.2e}")
             for prod in ("gemm", "gemm_t"):
-                t_dense = timeit((lambda: F.linear(x, wb)) if prod == "gemm" else (lambda: gy @ wb), budget)
-                impls = [("torch dense bf16", "-", t_dense)]
+                impls = [("torch dense bf16", "-", (lambda: F.linear(x, wb)) if prod == "gemm" else (lambda: gy @ wb))]
                 for name, qt in qts.items():
                     route = C.gemm_route(DTYPE_ID[torch.bfloat16], m, prod == "gemm_t")
                     f = (lambda qt=qt: lowbit.linear(x, qt)) if prod == "gemm" else (lambda qt=qt: lowbit.ops.gemm_t(gy, qt))
-                    impls.append((f"lowbit {name}", route, timeit(f, budget)))
+                    impls.append((f"lowbit {name}", route, f))
                     if prod == "gemm" and name == "nf4+dq":
-                        impls.append(("torch dequant+F.linear", "-",
-                                      timeit(lambda qt=qt: F.linear(x, qt.dequantize(torch.bfloat16)), budget)))
-                for impl, route, t in impls:
+                        impls.append(("torch dequant+F.linear", "-", lambda qt=qt: F.linear(x, qt.dequantize(torch.bfloat16))))
+                t0 = time.perf_counter()
+                for _, _, f in impls:  # warm-up; sizes the rounds to the budget
+                    f()
+                t_round = time.perf_counter() - t0
+                short = t_round < 0.1  # then each timed call follows an untimed one of its own: weights in cache
+                reps = int(min(40, max(5, budget * len(impls) / (t_round * (2 if short else 1)))))
+                meds, speed = _timing.timeit_group([f for _, _, f in impls], reps, warmup=1, clock=clock, rewarm=short)
+                impls = [(impl, route, t, v) for (impl, route, _), t, v in zip(impls, meds, speed)]
+                for impl, route, t, v in impls:
                     r = {"shape": [n, k], "m": m, "product": prod, "impl": impl, "engine": route, "ms": t * 1e3,
-                         "gflops": 2 * m * n * k / t / 1e9, "vs_dense": t_dense / t}
+                         "gflops": 2 * m * n * k / t / 1e9, "vs_dense": v}
                     rows.append(r)
                     print(f"{m:>5} {prod:<8} {impl:<22} {route:<14} {t * 1e3:9.3f} {r['gflops']:8.1f} "
                           f"{r['vs_dense']:8.2f}x", flush=True)
@@ -272,6 +281,68 @@ def bf16_table(args) -> list[dict]:
             print(f"  {r['product']:<6} M={r['m']:<5} {r['shape'][0]}x{r['shape'][1]} {r['impl']:<14} "
                   f"{r['vs_dense']:6.2f}x (goal >= {goal:g}) {'MET' if r['vs_dense'] >= goal else 'NOT MET'}")
     return rows
+
+
+# ---------------------------------------------------------------------------- one change, A/B (--against-build)
+def load_build(path: str):
+    """Another build of the CPU extension, under its own module name."""
+    spec = importlib.util.spec_from_file_location("lowbit_ab_other._C", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against-build: cannot load {path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kernel_call(mod, product: str, x: torch.Tensor, qt, out: torch.Tensor):
+    """``mod.gemm`` / ``mod.gemm_t`` on x and qt's components into out (bf16, no bias)."""
+    n, k = qt.shape
+    scale_q = getattr(qt, "scale_q", None)
+    comps = [qt.codes, None if scale_q is not None else qt.scale, getattr(qt, "zero", None), scale_q,
+             getattr(qt, "scale_nested", None)]
+    for t in [x, out] + [c for c in comps if c is not None]:
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise SystemExit("bench_ab: CPU contiguous tensors only")
+    ptrs = [0 if c is None else c.data_ptr() for c in comps]
+    off = getattr(qt, "scale_offset", None)
+    off = float(off) if off is not None else 0.0
+    head = [x.data_ptr(), out.data_ptr()] + ([0] if product == "gemm" else [])
+    args = head + [DTYPE_ID[x.dtype], x.shape[0], n, k] + ptrs + [off, qt.block_size, FMT_ID[qt.fmt]]
+    fn = getattr(mod, product)
+    return lambda: fn(*args)
+
+
+def ab_table(args) -> int:
+    """This build against args.against_build: bf16 x, gemm and/or gemm_t, alternated rounds."""
+    other, this = load_build(args.against_build), _native.module("cpu")
+    n, k = (int(v) for v in (args.shapes or "4096x4096").split(",")[0].split("x"))
+    print(_timing.machine_line())
+    print(f"this build: lowbit cpu path {lowbit.info()['cpu_path']}; other: {args.against_build}; {args.ab_fmt} {n}x{k}, "
+          f"bf16 activations, {args.threads} thread(s), {args.ab_rounds} alternated rounds (medians)")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    qt = lowbit.quantize(w, args.ab_fmt, 64, args.ab_fmt == "nf4")
+    wb = qt.dequantize(torch.bfloat16)
+    for product in args.ab_product.split(","):
+        for m in (int(v) for v in (args.ms or "8,32,128,512").split(",")):
+            x = torch.randn(m, k if product == "gemm" else n, generator=gen).to(torch.bfloat16)
+            y_this = torch.empty(m, n if product == "gemm" else k, dtype=torch.bfloat16)
+            y_other = torch.empty_like(y_this)
+            f_this = kernel_call(this, product, x, qt, y_this)
+            f_other = kernel_call(other, product, x, qt, y_other)
+            f_this(), f_other()
+            if not torch.equal(y_this, y_other):  # validate: the same bits, and both near float64
+                raise SystemExit(f"--against-build: the builds disagree ({product} M={m}): not a pure speed change")
+            ref = x.double() @ (wb.double().T if product == "gemm" else wb.double())
+            err = float((y_this.double() - ref).abs().max() / ref.abs().max())
+            if err > 1e-2:
+                raise SystemExit(f"VALIDATION FAILED: {product} M={m}: max|err|/max|ref| {err:.2e}")
+            dense = (lambda: torch.nn.functional.linear(x, wb)) if product == "gemm" else (lambda: x @ wb)
+            (t_other, t_this, t_dense), speed = _timing.timeit_group([f_other, f_this, dense], args.ab_rounds)
+            print(f"{product:<6} M={m:<5} other {t_other * 1e3:9.3f} ms  this {t_this * 1e3:9.3f} ms  "
+                  f"this/other speed-up {speed[1]:.3f}x  torch dense bf16 {t_dense * 1e3:9.3f} ms "
+                  f"(this {t_dense / t_this:.2f}x, other {t_dense / t_other:.2f}x)  err {err:.1e}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -292,14 +363,22 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="the bf16-activation / matrix-engine table instead")
     ap.add_argument("--cpu-time", action="store_true", help="--bf16: time by process CPU time (shared machines)")
     ap.add_argument("--ms-bf16", default=None, help="--bf16: comma-separated M values")
+    ap.add_argument("--against-build", default=None, metavar="OTHER_SO",
+                    help="A/B of one kernel change: this _C against another build's _C*.so (uses --ms, the first "
+                         "of --shapes, --threads)")
+    ap.add_argument("--ab-product", default="gemm,gemm_t", help="--against-build: gemm, gemm_t or both")
+    ap.add_argument("--ab-fmt", default="nf4", choices=["nf4", "fp4", "int4", "int2"], help="--against-build: format")
+    ap.add_argument("--ab-rounds", type=int, default=21, help="--against-build: alternated rounds")
     args = ap.parse_args(argv)
     IN_CACHE[0] = args.in_cache
     precisions = args.precision.split(",")
     for p in precisions:
         if p not in lowbit.ops.PRECISIONS:
             raise SystemExit(f"--precision: {p!r} is not one of {lowbit.ops.PRECISIONS}")
-    print(_timing.machine_line())
     torch.set_num_threads(args.threads)
+    if args.against_build:
+        return ab_table(args)
+    print(_timing.machine_line())
     if args.bf16:
         rows = bf16_table(args)
         if args.json:

@@ -399,10 +399,10 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 // Test hook (tests/test_gemm_engines.py): LOWBIT_GEMV_MAX_M=0 in the environment sends every M to the
 // tile kernels and engines, so they are tested at M = 1, 2, 3... too. Read per call (≈ 0.1 µs).
 // With a bf16 engine the GEMV keeps small M only: the engine's cost at small M is its panel decode
-// (≈ 0.8 cycle per weight once per call), the GEMV's grows with M (a pass per 4-8 rows). Zen 4,
-// 4096² nf4 + dq in L3, bf16 x, CPU-ms GEMV / engine, 1 thread (since the decode's prefetch 16 rows
-// ahead): M = 4 2.1 / 3.6, M = 5 4.0 / 3.6, M = 6 4.1 / 3.5, M = 8 3.8 / 3.5; 2 threads, 11008 × 4096:
-// M = 4 2.8 / 5.3, M = 8 5.2 / 5.1. Hence bf16 x: the GEMV up to M = 4. fp32 x under `medium` keeps
+// (≈ 0.4 cycle per weight once per call, session 8), the GEMV's grows with M (a pass per 4-8 rows).
+// Zen 4, 4096² nf4 + dq in L3, bf16 x, ms GEMV / engine in one process, 1 thread: M = 2 1.03 / 3.07,
+// M = 4 2.01 / 3.19, M = 5 3.78 / 3.17, M = 8 4.01 / 3.38; 2 threads, 11008 × 4096: M = 4 2.74 / 4.54,
+// M = 6 5.16 / 4.50, M = 8 5.19 / 4.59. Hence bf16 x: the GEMV up to M = 4. fp32 x under `medium` keeps
 // the GEMV to M = 8: there it is the int8 GEMV (int4/int2), faster than the engine (M = 8, 2 threads:
 // 1.26 against ≈ 2.0 ms).
 constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMF32 = 8;
