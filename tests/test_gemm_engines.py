@@ -114,6 +114,27 @@ def test_engine_ragged_edges(engine_path, fmt, dq, n, k, m):
 
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("nf4", False), ("fp4", False), ("int4", False)])
+def test_engine_tiny_scales(engine_path, fmt, dq):
+    """Block scales around 2^-118, where the decode's fast table rounding (vcvtneps2bf16 reads a denormal
+    as zero) gives way to the exact integer rounding: 16-row groups of both kinds decode right. x is
+    large (2^20) so that no product is denormal: the engines flush those, as the hardware does — which
+    is also why a denormal *weight* value cannot be told from zero through an engine."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 256, generator=g) * 2.0 ** -119
+    w[::3] *= 16.0  # every third row well above the threshold
+    qt = lowbit.quantize(w, lowbit.QuantSpec(fmt, 64, double_quant=dq))
+    x = (torch.randn(40, 256, generator=g) * 2.0 ** 20).to(torch.bfloat16)
+    wd = qt.dequantize(torch.bfloat16).double()
+    ref = x.double() @ wd.T
+    assert float(ref.abs().max()) > 0
+    assert_bf16_out(lowbit.linear(x, qt), ref, float((x.double().abs() @ wd.abs().T).max()))
+    gy = (torch.randn(40, 64, generator=g) * 2.0 ** 20).to(torch.bfloat16)
+    rt = gy.double() @ wd
+    assert_bf16_out(gemm_t(gy, qt), rt, float((gy.double().abs() @ wd.abs()).max()))
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m", [1, 17, 130])
 def test_engine_fp32_accumulation(engine_path, fmt, m):

@@ -75,8 +75,10 @@ constexpr int64_t kPrefetchRows = 16;  // rows of codes fetched ahead of their d
 template <int kBits, bool kTable>
 struct LutDecode {
   // Block b's table (bf16, the low 16 words), exactly as dequantize(bf16) makes the values.
-  static __m512i table(const GemmWeight& w, int64_t b) {
-    const __m512 sc = _mm512_set1_ps(weight_scale(w, b));
+  static __m512i table(const GemmWeight& w, int64_t b) { return table_of(w, weight_scale(w, b), b); }
+  // The same from the block's scale s (weight_scale) and, int formats, its zero w.zero[b].
+  static __m512i table_of(const GemmWeight& w, float s, int64_t b) {
+    const __m512 sc = _mm512_set1_ps(s);
     __m512 v;
     if constexpr (kTable) {
       v = _mm512_mul_ps(_mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4), sc);
@@ -92,6 +94,26 @@ struct LutDecode {
       return _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 #endif
     return _mm512_castsi256_si512(to_bf16x16(v));
+  }
+  // tile_rows' 16 tables, rows r = 0..15 at blocks b + r·bpr: the 16 scales first (the scalar chains
+  // side by side), then for nf4 / fp4, when no scale is small enough for a product to be denormal
+  // (|table value| ≥ 2^-7.6 unless 0, so |s| ≥ 2^-118 suffices), one multiply and one vcvtneps2bf16
+  // per table — the per-table path had been about half of the decode's instructions.
+  static void tables16(const GemmWeight& w, int64_t b, int64_t bpr, __m512i* lut) {
+    alignas(64) float sc[16];
+    for (int r = 0; r < 16; ++r) sc[r] = weight_scale(w, b + r * bpr);
+#if defined(__AVX512BF16__)
+    if constexpr (kTable) {
+      const __m512 a = _mm512_abs_ps(_mm512_load_ps(sc));
+      if (!_mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p-118f), _CMP_LT_OQ)) {  // NaN scales pass: NaN stays NaN
+        const __m512 tab = _mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4);
+        for (int r = 0; r < 16; ++r)
+          lut[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(tab, _mm512_set1_ps(sc[r])))));
+        return;
+      }
+    }
+#endif
+    for (int r = 0; r < 16; ++r) lut[r] = table_of(w, sc[r], b + r * bpr);
   }
   // The 32 codes at src → 16 dwords of int16 table indices in element order (2p low, 2p + 1 high).
   static __m512i index(const uint8_t* src) {
@@ -155,13 +177,13 @@ struct LutDecode {
     int64_t b = e >> __builtin_ctz(w.block);
     int left = int((b + 1) * w.block - e);
     __m512i lut[16];
-    for (int r = 0; r < 16; ++r) lut[r] = table(w, b + r * bpr);
+    tables16(w, b, bpr, lut);
     const uint8_t* src = w.codes + e * kBits / 8;
     const int64_t row_bytes = w.k * kBits / 8;
     for (int ks = 0; ks < kc / 32; ++ks, src += 4 * kBits, left -= 32, tiles += tile_stride) {
       if (left == 0) {
         ++b, left = w.block;
-        for (int r = 0; r < 16; ++r) lut[r] = table(w, b + r * bpr);
+        tables16(w, b, bpr, lut);
       }
       __m512i d[16];
       for (int r = 0; r < 16; ++r) d[r] = _mm512_permutexvar_epi16(index(src + r * row_bytes), lut[r]);
