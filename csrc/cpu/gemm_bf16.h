@@ -193,30 +193,44 @@ struct LutDecode {
   }
 
   // panel_cols' rows of k-pairs for the np source-row pairs from r0 (all < w.n), columns [j0, j0 + nc)
-  // (all < w.k, nc % 32 == 0): both rows of a pair decoded into registers and interleaved there.
+  // (all < w.k, nc % 32 == 0, nc ≤ 96): both rows of a pair decoded into registers and interleaved
+  // there. Eight pairs (16 rows) at a time share their tables, built by tables16 (≤ 3 column blocks).
   static void pair_rows(const GemmWeight& w, int64_t r0, int np, int64_t j0, int nc, int32_t* panel, int ncg) {
     const int sh = __builtin_ctz(w.block);
-    const __m512i q0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), q1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    const int64_t row_bytes = w.k * kBits / 8;
-    for (int pr = 0; pr < np; ++pr) {
-      const int64_t ra = r0 + 2 * pr, ea = ra * w.k + j0, eb = ea + w.k;
-      prefetch(w, ra, j0, nc);
-      prefetch(w, ra + 1, j0, nc);
-      const uint8_t* sa = w.codes + ea * kBits / 8;
-      int32_t* row = panel + int64_t(pr / 16) * ncg * 256 + (pr % 16) * 16;
-      int64_t ba = -1, bb = -1;
-      __m512i la = _mm512_setzero_si512(), lb = la;
-      for (int c = 0; c < nc; c += 32) {  // a run of 32 lies in one block (block % 32 == 0, j0 % 32 == 0)
-        if (((ea + c) >> sh) != ba) ba = (ea + c) >> sh, la = table(w, ba);
-        if (((eb + c) >> sh) != bb) bb = (eb + c) >> sh, lb = table(w, bb);
-        const __m512i za = _mm512_permutexvar_epi16(index(sa + c * kBits / 8), la);
-        const __m512i zb = _mm512_permutexvar_epi16(index(sa + row_bytes + c * kBits / 8), lb);
-        // per 128-bit lane L: lo = pairs of columns 8L..8L+3, hi = 8L+4..8L+7; q0 / q1 put them in order
-        const __m512i lo = _mm512_unpacklo_epi16(za, zb), hi = _mm512_unpackhi_epi16(za, zb);
-        _mm512_store_si512(row + (c / 16) * 256, _mm512_permutex2var_epi64(lo, q0, hi));
-        _mm512_store_si512(row + (c / 16 + 1) * 256, _mm512_permutex2var_epi64(lo, q1, hi));
+    const int64_t bpr = w.k >> sh, cb0 = j0 >> sh;  // blocks per row; the column block of j0
+    const int ncb = int(((j0 + nc - 1) >> sh) - cb0 + 1);
+    __m512i lut[3][16];
+    for (int p0 = 0; p0 < np; p0 += 8) {
+      const int pn = std::min(8, np - p0);
+      const int64_t ra0 = r0 + 2 * p0;
+      const bool grouped = pn == 8;  // 16 whole rows: the tables of all of them, together
+      if (grouped)
+        for (int cb = 0; cb < ncb; ++cb) tables16(w, ra0 * bpr + cb0 + cb, bpr, lut[cb]);
+      for (int pr = p0; pr < p0 + pn; ++pr) {
+        const int64_t ra = r0 + 2 * pr;
+        prefetch(w, ra, j0, nc);
+        prefetch(w, ra + 1, j0, nc);
+        const uint8_t* sa = w.codes + (ra * w.k + j0) * kBits / 8;
+        int32_t* row = panel + int64_t(pr / 16) * ncg * 256 + (pr % 16) * 16;
+        const int la = 2 * (pr - p0);
+        if (!grouped)  // the last pairs: tables one by one
+          for (int cb = 0; cb < ncb; ++cb) lut[cb][0] = table(w, ra * bpr + cb0 + cb), lut[cb][1] = table(w, (ra + 1) * bpr + cb0 + cb);
+        const int lr = grouped ? la : 0;
+        for (int c = 0; c < nc; c += 32) {  // a run of 32 lies in one block (block % 32 == 0, j0 % 32 == 0)
+          const int cb = int(((j0 + c) >> sh) - cb0);
+          store_pairs(_mm512_permutexvar_epi16(index(sa + c * kBits / 8), lut[cb][lr]),
+                      _mm512_permutexvar_epi16(index(sa + w.k * kBits / 8 + c * kBits / 8), lut[cb][lr + 1]), row + (c / 16) * 256);
+        }
       }
     }
+  }
+  // Rows a and b of a pair, 32 columns each → two tile rows of 16 (a, b) pairs, the second 256 dwords on.
+  static void store_pairs(__m512i za, __m512i zb, int32_t* out) {
+    // per 128-bit lane L: lo = pairs of columns 8L..8L+3, hi = 8L+4..8L+7; q0 / q1 put them in order
+    const __m512i q0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), q1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512i lo = _mm512_unpacklo_epi16(za, zb), hi = _mm512_unpackhi_epi16(za, zb);
+    _mm512_store_si512(out, _mm512_permutex2var_epi64(lo, q0, hi));
+    _mm512_store_si512(out + 256, _mm512_permutex2var_epi64(lo, q1, hi));
   }
 
   // d[r][c] (dwords) → d[c][r].
