@@ -44,9 +44,10 @@ struct Avx512Bf16 {
     }
   }
 
-  // Columns [48h, 48h + 16·NJ) of the micro-kernel.
+  // Columns [48h, 48h + 16·NJ) of the micro-kernel. 64-byte aligned so that its loops sit at the same
+  // offsets in every build: unaligned, builds that differed elsewhere only ran M = 512 up to 3.5% apart.
   template <int NJ>
-  static void pass(bool first, int h, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c,
+  [[gnu::aligned(64)]] static void pass(bool first, int h, const uint16_t* x, int64_t ldx, const int32_t* panel, int kc, float* c,
                    int64_t ldc) {
     const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
     const int64_t l = ldx / 2;
