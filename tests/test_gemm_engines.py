@@ -135,6 +135,21 @@ def test_engine_tiny_scales(engine_path, fmt, dq):
 
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_engine_zero_points_near_integers(engine_path, fmt):
+    """int formats: zero points within 2^-26 of an integer (but not on it) send a 16-row group's tables
+    to the exact rounding (a product (q - z)·s could be denormal); groups of both kinds decode right."""
+    qt = quantized(64, 256, fmt, 64, False, seed=11)
+    z = qt.zero.view(64, -1)
+    z[:16] = 1e-9  # the first 16-row group: near 0, not on it
+    z[16:32] = torch.round(z[16:32])  # on integers: the fast path
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(24, 256, generator=g).to(torch.bfloat16)
+    wd = qt.dequantize(torch.bfloat16).double()
+    assert_bf16_out(lowbit.linear(x, qt), x.double() @ wd.T, float((x.double().abs() @ wd.abs().T).max()))
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m", [1, 17, 130])
 def test_engine_fp32_accumulation(engine_path, fmt, m):

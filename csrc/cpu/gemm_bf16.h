@@ -96,19 +96,35 @@ struct LutDecode {
     return _mm512_castsi256_si512(to_bf16x16(v));
   }
   // tile_rows' 16 tables, rows r = 0..15 at blocks b + r·bpr: the 16 scales first (the scalar chains
-  // side by side), then for nf4 / fp4, when no scale is small enough for a product to be denormal
-  // (|table value| ≥ 2^-7.6 unless 0, so |s| ≥ 2^-118 suffices), one multiply and one vcvtneps2bf16
-  // per table — the per-table path had been about half of the decode's instructions.
+  // side by side), then, when no product can be denormal (checked for all 16 at once: nf4 / fp4 values
+  // are 0 or ≥ 2^-7.6 in magnitude, so |s| ≥ 2^-118 suffices; int formats below), one multiply and one
+  // vcvtneps2bf16 per table — the per-table path had been about half of the decode's instructions.
   static void tables16(const GemmWeight& w, int64_t b, int64_t bpr, __m512i* lut) {
     alignas(64) float sc[16];
     for (int r = 0; r < 16; ++r) sc[r] = weight_scale(w, b + r * bpr);
 #if defined(__AVX512BF16__)
+    const __m512 a = _mm512_abs_ps(_mm512_load_ps(sc));
     if constexpr (kTable) {
-      const __m512 a = _mm512_abs_ps(_mm512_load_ps(sc));
       if (!_mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p-118f), _CMP_LT_OQ)) {  // NaN scales pass: NaN stays NaN
         const __m512 tab = _mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4);
         for (int r = 0; r < 16; ++r)
           lut[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(tab, _mm512_set1_ps(sc[r])))));
+        return;
+      }
+    } else {  // (q - z)·s: no product is denormal when |s| ≥ 2^-100 and every zero z lies on an integer
+      // or at least 2^-26 from one (|q - z| is then 0 or ≥ 2^-26 for every code q)
+      alignas(64) float zs[16];
+      for (int r = 0; r < 16; ++r) zs[r] = w.zero[b + r * bpr];
+      const __m512 z = _mm512_load_ps(zs);
+      const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(z, _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      const __mmask16 near = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(frac, _mm512_setzero_ps(), _CMP_NEQ_OQ), frac,
+                                                     _mm512_set1_ps(0x1p-26f), _CMP_LT_OQ);
+      if (!near && !_mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ)) {
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int r = 0; r < 16; ++r) {
+          const __m512 v = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zs[r])), _mm512_set1_ps(sc[r]));
+          lut[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+        }
         return;
       }
     }
