@@ -286,7 +286,7 @@ inline void row_bf16_lut(const GemmWeight& w, int64_t row, int64_t c0, int cv, u
 // panel_cols' leading pairs of source rows that lie inside a quantized weight, with all nc columns
 // inside it: the number of pairs written (0 for a dense source or a partial column block).
 inline int pair_rows_lut(const RowSrc& s, int64_t r0, int np, int64_t j0, int nc, int32_t* panel, int ncg) {
-  if (!s.w || j0 + nc > s.cols) return 0;
+  if (!s.w || j0 + nc > s.cols || nc > 96) return 0;  // pair_rows holds tables for 3 column blocks
   np = int(std::clamp<int64_t>((s.rows - r0) / 2, 0, np));
   switch (s.w->fmt) {
     case Fmt::nf4:
