@@ -160,14 +160,14 @@ struct LutDecode {
     _mm_prefetch(reinterpret_cast<const char*>(w.codes + (next + cv) * kBits / 8 - 1), _MM_HINT_T0);  // a run may straddle a line
     // and the run's block statistics (int4/int2: an fp32 scale and zero per block, 25% of the code
     // bytes at block 64, had missed as the codes did; double quant: one byte per block)
-    const int64_t nb = next / w.block;
+    const int64_t nb = next >> __builtin_ctz(w.block);
     if (w.scale_q) _mm_prefetch(reinterpret_cast<const char*>(w.scale_q + nb), _MM_HINT_T0);
     else _mm_prefetch(reinterpret_cast<const char*>(w.scale + nb), _MM_HINT_T0);
     if (!kTable) _mm_prefetch(reinterpret_cast<const char*>(w.zero + nb), _MM_HINT_T0);
   }
 
   // Row `row`, columns [c0, c0 + cv) → out (bf16). Runs of 32 never straddle a block (block % 32 == 0,
-  // c0 % 32 == 0): one division per call, then the block advances by counting.
+  // c0 % 32 == 0): the block index once per call, then it advances by counting.
   [[gnu::noinline, gnu::aligned(64)]] static void row(const GemmWeight& wr, int64_t row, int64_t c0, int cv, uint16_t* out) {
     const GemmWeight w = wr;  // the stores below may alias anything: through wr each field was reloaded per run
     prefetch(w, row, c0, cv);
