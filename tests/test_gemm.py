@@ -198,3 +198,55 @@ def test_gemm_bad_inputs():
         QuantLinear(100, 10, block_size=64)
     with pytest.raises(TypeError, match="nn.Linear"):
         QuantLinear.from_linear(torch.nn.Conv1d(3, 3, 1))
+
+
+def test_eager_inference_skips_the_op_with_the_same_result():
+    """Plain eager inference on the CPU kernels calls the kernel without the torch.library op (its
+    dispatch costs ≈ 40 µs a call); the result is the op's, bit for bit, and every case the op must see
+    (autograd, a dispatch mode, another backend, a tensor subclass) still goes through it."""
+    require_backend("cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowbit.ops._common import weight_args
+    from lowbit.ops.gemm import _eager_kernel_call
+
+    qt = lowbit.quantize(torch.randn(96, 128), "nf4", 64, True)
+    w = weight_args(qt)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 128).to(dtype)
+        bias = torch.randn(96).to(dtype)
+        with torch.no_grad():
+            y = ops.gemm(x, qt, bias)
+        y_op = torch.ops.lowbit.gemm(x, *w, bias, 96, 128, 64, "nf4", "cpu")
+        assert torch.equal(y, y_op)
+    x = torch.randn(5, 128)
+    assert _eager_kernel_call("cpu", x, None, w)
+    assert not _eager_kernel_call("reference", x, None, w)
+    assert not _eager_kernel_call("sim", x, None, w)
+    xg = x.clone().requires_grad_()
+    assert not _eager_kernel_call("cpu", xg, None, w)
+    with torch.no_grad():
+        assert _eager_kernel_call("cpu", xg, None, w)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        assert not _eager_kernel_call("cpu", x, None, w)
+        ops.gemm(x, qt)
+    assert any("lowbit.gemm" in o for o in mode.ops), mode.ops
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _eager_kernel_call("cpu", x.as_subclass(Sub), None, w)
+    # and autograd still flows through the op
+    y = ops.gemm(xg, qt)
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
