@@ -250,3 +250,25 @@ def test_eager_inference_skips_the_op_with_the_same_result():
     y = ops.gemm(xg, qt)
     y.sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_quant_linear_in_a_fresh_process_without_torch_distributed_tensor():
+    """A QuantLinear's forward in a process that never imported torch.distributed.tensor (the eager
+    path no longer imports it through the op's machinery): the FSDP check must not need that module."""
+    require_backend("cpu")
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, lowbit\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(128, 64))\n"
+            "x = torch.randn(3, 128)\n"
+            "with torch.no_grad():\n"
+            "    lowbit.quantize_model(m, 'nf4', block_size=64, skip=())\n"
+            "    y = m(x)\n"
+            "opt = lowbit.optim.AdamW8bit([torch.nn.Parameter(torch.randn(4096))])\n"
+            "opt.param_groups[0]['params'][0].grad = torch.randn(4096)\n"
+            "opt.step()\n"
+            "print(tuple(y.shape), 'torch.distributed.tensor' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["(3,", "64)"], out.stdout

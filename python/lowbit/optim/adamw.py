@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -32,7 +33,10 @@ def _check_betas(name: str, betas) -> None:
 
 
 def _is_dtensor(t) -> bool:
-    return torch.distributed.is_available() and isinstance(t, torch.distributed.tensor.DTensor)
+    # No DTensor exists before torch.distributed.tensor is imported, and until then that module is not
+    # an attribute of torch.distributed (AttributeError in a fresh process that never imported it).
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
