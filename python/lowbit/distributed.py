@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .convert import save_adapter, save_model
+from .formats import is_dtensor
 from .nn import LoRALinear, QuantLinear
 from .nn.qwha import HadamardAdapterLinear
 
@@ -140,12 +141,8 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
         for t in m._components().values():
             size = t.element_size()
             total += t.numel() * size
-            local += (t.to_local().numel() if _is_dtensor(t) else t.numel()) * size
+            local += (t.to_local().numel() if is_dtensor(t) else t.numel()) * size
     return local, total
-
-
-def _is_dtensor(t) -> bool:
-    return isinstance(t, torch.distributed.tensor.DTensor)
 
 
 def full_state_dict(model: nn.Module) -> dict:

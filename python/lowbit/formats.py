@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -128,6 +129,14 @@ class QuantSpec:
 
 
 _COMPONENTS = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")
+
+
+def is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed DTensor (an FSDP2 shard). No DTensor exists before
+    torch.distributed.tensor is imported, and until then that module is not even an attribute of
+    torch.distributed (an AttributeError in a fresh process): so the check reads sys.modules."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def check_storage(name: str, t: torch.Tensor) -> None:

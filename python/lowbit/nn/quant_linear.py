@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec, json_loads, parse_metadata
+from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec, is_dtensor, json_loads, parse_metadata
 from ..functional import linear
 from ..ops import quantize
 
@@ -114,7 +113,7 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> QuantizedTensor:
         comps = self._components()
-        sharded = [n for n, t in comps.items() if _is_dtensor(t)]
+        sharded = [n for n, t in comps.items() if is_dtensor(t)]
         if sharded:  # FSDP2 holds 1/world of each component between forwards
             raise RuntimeError(f"this QuantLinear's weight is sharded by FSDP2 (components {sharded} are DTensors): "
                                f"it exists whole only inside forward/backward; gather it with "
@@ -220,13 +219,6 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"fmt={self.spec.fmt!r}, block_size={self.spec.block_size}, double_quant={self.spec.double_quant}, "
                 f"bits_per_weight={bits:.3f}")
-
-
-def _is_dtensor(t) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported, and until then that module is not
-    # an attribute of torch.distributed (AttributeError in a fresh process that never imported it).
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:

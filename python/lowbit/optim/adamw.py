@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from typing import Optional
 
 import torch
 
-from ..formats import check_storage
+from ..formats import check_storage, is_dtensor
 from . import functional as F
 from .pages import PAGE_BYTES, PagePool
 
@@ -32,16 +31,9 @@ def _check_betas(name: str, betas) -> None:
         raise ValueError(f"{name}={betas!r} must be two floats in [0, 1)")
 
 
-def _is_dtensor(t) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported, and until then that module is not
-    # an attribute of torch.distributed (AttributeError in a fresh process that never imported it).
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A parameter or gradient as the kernels see it: a DTensor's local shard (FSDP2), else itself."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _check_sharding(p) -> None:
@@ -106,7 +98,7 @@ class AdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:
-        if _is_dtensor(p):
+        if is_dtensor(p):
             _check_sharding(p)
         if p.is_complex():
             raise TypeError(f"complex parameters are not supported (dtype={p.dtype}, shape={tuple(p.shape)}); "
@@ -193,7 +185,7 @@ class AdamW(torch.optim.Optimizer):
         params = list(itertools.chain.from_iterable(g["params"] for g in self.param_groups))
         for k, st in sd["state"].items():
             p = params[k]
-            if _is_dtensor(p):  # equal local shards along dim 0 of one global tensor: DCP saves every rank's
+            if is_dtensor(p):  # equal local shards along dim 0 of one global tensor: DCP saves every rank's
                 from torch.distributed.tensor import DTensor, Shard
 
                 sd["state"][k] = {n: DTensor.from_local(t, p.device_mesh, [Shard(0)], run_check=False)
