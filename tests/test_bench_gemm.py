@@ -36,16 +36,20 @@ def test_against_build_refuses_a_non_extension(tmp_path):
 
 
 def test_timeit_group_ratios():
-    """Per-round ratios against the first function: a function doing twice the work is ≈ 0.5x."""
-    import time
+    """Per-round ratios against the first function, on a simulated clock (wall time on a shared machine
+    would make this flaky): a function costing twice as much is 0.5x, half as much 2x, and every round
+    times each function once after its untimed warm-up call."""
+    now = [0.0]
+    calls = []
 
-    def work(n):
+    def work(cost, name):
         def f():
-            t = time.perf_counter()
-            while time.perf_counter() - t < n * 1e-3:
-                pass
+            calls.append(name)
+            now[0] += cost
         return f
 
-    meds, speed = _timing.timeit_group([work(2), work(4), work(1)], reps=5, warmup=1, rewarm=True)
-    assert meds[1] > meds[0] > meds[2]
-    assert 0.4 < speed[1] < 0.6 and 1.6 < speed[2] < 2.4 and speed[0] == 1.0
+    meds, speed = _timing.timeit_group([work(2.0, "a"), work(4.0, "b"), work(1.0, "c")], reps=5, warmup=1,
+                                       clock=lambda: now[0], rewarm=True)
+    assert meds == [2.0, 4.0, 1.0]
+    assert speed == [1.0, 0.5, 2.0]
+    assert calls == ["a", "b", "c"] + ["a", "a", "b", "b", "c", "c"] * 5
