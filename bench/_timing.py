@@ -21,18 +21,8 @@ def timeit(fn, reps: int, warmup: int = 2) -> float:
 
 def timeit_pair(fa, fb, reps: int, warmup: int = 5):
     """Medians of ``fa`` and ``fb`` timed alternately (load from other processes hits both alike) and
-    the median of the per-pair ratio ``fb / fa`` — the figure to quote on a shared machine."""
-    for _ in range(warmup):
-        fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
+    the median of the per-round ratio ``fb / fa`` — the figure to quote on a shared machine."""
+    ta, tb = _rounds([fa, fb], reps, warmup, time.perf_counter, False)
     return statistics.median(ta), statistics.median(tb), statistics.median([b / a for a, b in zip(ta, tb)])
 
 
@@ -42,6 +32,15 @@ def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewar
     whose data fit in the caches finds them there and not evicted by the fn before it. Returns the
     median seconds of each fn and, per fn, the median of the per-round ratio ``t(fns[0]) / t(fn)``
     (the speed against the first)."""
+    ts = _rounds(fns, reps, warmup, clock, rewarm)
+    meds = [statistics.median(t) for t in ts]
+    speed = [statistics.median([a / b for a, b in zip(ts[0], t)]) for t in ts]
+    return meds, speed
+
+
+def _rounds(fns, reps, warmup, clock, rewarm):
+    """Per fn, its time in each of ``reps`` rounds that call every fn once, in order, after ``warmup``
+    untimed rounds (``rewarm``: and an untimed call right before each timed one)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -53,9 +52,7 @@ def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewar
             t0 = clock()
             fn()
             ts[i].append(clock() - t0)
-    meds = [statistics.median(t) for t in ts]
-    speed = [statistics.median([a / b for a, b in zip(ts[0], t)]) for t in ts]
-    return meds, speed
+    return ts
 
 
 def machine_line() -> str:
