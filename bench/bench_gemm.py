@@ -222,6 +222,8 @@ def bf16_table(args) -> list[dict]:
     print(f"CPU paths {d['cpu_paths']}, in use {d['cpu_path']}; AMX: {d['amx_status'] or 'available'}; "
           f"precision {d['matmul_precision']}")
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [8, 32, 128, 512] if args.quick else [1, 8, 32, 128, 512, 2048]
     if args.ms_bf16:
         ms = [int(v) for v in args.ms_bf16.split(",")]

@@ -370,9 +370,10 @@ inline void transpose8x8(const int32_t* src, int64_t lds, int32_t* dst, int64_t 
 // The panel for C columns [j0, j0 + nc) × contraction [k0, k0 + kc) when B[k][j] = src[j][k]
 // (gemm, the lowrank branch): 16 source rows at a time into tmp (16 × kc bf16), then each 16 × 16
 // block of k-pairs transposed into its tile.
-inline void panel_rows(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, uint16_t* tmp, int32_t* panel) {
+// Only the first nf column groups are filled (the tiles keep the stride of nc / 16 groups).
+inline void panel_rows(const RowSrc& s, int64_t j0, int nc, int nf, int64_t k0, int kc, uint16_t* tmp, int32_t* panel) {
   const int ncg = nc / 16;
-  for (int cg = 0; cg < ncg; ++cg) {
+  for (int cg = 0; cg < nf; ++cg) {
 #if defined(__AVX512BW__)
     if (tile_rows_lut(s, j0 + cg * 16, k0, kc, panel + int64_t(cg) * 256, int64_t(ncg) * 256)) continue;
 #endif
@@ -423,12 +424,20 @@ inline void pack_row_bf16(const void* x, DType dt, int64_t ld, int64_t m, int64_
   std::memset(out + cols, 0, sizeof(uint16_t) * size_t(kp - cols));
 }
 
-// C (+)= X · B for one term of a product: X packed bf16 (row stride ldx, kp columns), B from src.
+// C (+)= X · B for one term of a product: X bf16 (kp columns, zero past the data), B from src. Row i of
+// X: x + i·ldx for i < mt (x packed, or a bf16 input read in place), then the packed tail rows xt +
+// (i − mt)·ldxt (a block of kMR rows lies wholly on one side: mt is a multiple of kMR).
 struct Term {
   const uint16_t* x;
   int64_t ldx, kp;
   RowSrc src;
   bool cols;  // B[k][j] = src[k][j] (panel_cols) instead of src[j][k] (panel_rows)
+  const uint16_t* xt = nullptr;
+  int64_t ldxt = 0, mt = INT64_MAX;
+  const uint16_t* row(int64_t i, int64_t& ld) const {
+    ld = i < mt ? ldx : ldxt;
+    return i < mt ? x + i * ldx : xt + (i - mt) * ldxt;
+  }
 };
 
 template <class E>
@@ -439,19 +448,25 @@ struct Scratch {  // per thread
 };
 
 // One column block [j0, j0 + kNC) of C for rows [0, mp): the terms' k blocks in order. Only the
-// first nv columns are computed (the micro-kernels skip whole 16/32-column groups past them).
+// first nv columns are computed (the micro-kernels skip whole 16/32-column groups past them; the panel
+// is filled to the next 32 columns, the widest group a micro-kernel reads).
 template <class E>
 void column_block(const Term* terms, int nterms, int64_t mp, int64_t j0, int nv, Scratch<E>& sc, float* c) {
   int32_t* panel = sc.panel_buf.get(size_t(E::kKC) * E::kNC / 2);
   uint16_t* tmp = sc.tmp_buf.get(size_t(16) * std::max(E::kKC, E::kNC));
+  const int nf = std::min(E::kNC, (nv + 31) / 32 * 32) / 16;
   bool first = true;
   for (int t = 0; t < nterms; ++t) {
     const Term& T = terms[t];
     for (int64_t k0 = 0; k0 < T.kp; k0 += E::kKC) {
       const int kc = int(std::min<int64_t>(E::kKC, T.kp - k0));
       if (T.cols) panel_cols(T.src, j0, E::kNC, k0, kc, tmp, panel);
-      else panel_rows(T.src, j0, E::kNC, k0, kc, tmp, panel);
-      for (int64_t m0 = 0; m0 < mp; m0 += E::kMR) E::micro(first, T.x + m0 * T.ldx + k0, T.ldx, panel, kc, c + m0 * E::kNC, E::kNC, nv);
+      else panel_rows(T.src, j0, E::kNC, nf, k0, kc, tmp, panel);
+      for (int64_t m0 = 0; m0 < mp; m0 += E::kMR) {
+        int64_t ld;
+        const uint16_t* xr = T.row(m0, ld);
+        E::micro(first, xr + k0, ld, panel, kc, c + m0 * E::kNC, E::kNC, nv);
+      }
       first = false;
     }
   }
@@ -526,17 +541,60 @@ struct Tasks {
   }
 };
 
+// Whether a product's X rows are read where they lie instead of being packed: bf16 (already the engine's
+// operand), a multiple of 32 elements per row (the micro-kernels read whole 32-element steps), and a row
+// stride that keeps a micro-kernel's rows in different L1 sets (cols % 1024 != 0: at most 2 of 8 rows
+// share a set; a multiple of 2048 would put all of them in one). Packing cost up to 10% of a small
+// product (576 × 576, M = 512: 22 µs of 0.21 ms per thread) and a barrier.
+inline bool read_in_place(DType dt, int64_t cols) { return dt == DType::bf16 && cols % 32 == 0 && cols % 1024 != 0; }
+
+// X of one block of rows [m0, m0 + mv) (mp: mv rounded up to kMR): rows [0, mfull) read in place from
+// the input, the rest (all of them when the input is not read in place) packed in `pk`.
+struct XBlock {
+  const uint16_t* in;  // the input's row m0 (in place), or null
+  int64_t ld;          // its row stride
+  uint16_t* pk;        // packed rows, row stride ldp: rows [mfull, mp)
+  int64_t ldp, mfull, mv, mp;
+  Term term(int64_t ma, int64_t kp, const RowSrc& src, bool cols) const {  // rows from ma (a multiple of kMR)
+    Term t{in ? in + ma * ld : pk + ma * ldp, in ? ld : ldp, kp, src, cols};
+    if (in) t.xt = pk, t.ldxt = ldp, t.mt = mfull - ma;
+    return t;
+  }
+  // Pack rows [ra, rb) ∩ [mfull, mp) of the input x (dtype dt, row stride ldx_in, cols valid of kp).
+  void pack(const void* x, DType dt, int64_t ldx_in, int64_t m0, int64_t cols, int64_t kp, int64_t ra, int64_t rb) const {
+    for (int64_t m = std::max(ra, mfull); m < rb; ++m) {
+      uint16_t* out = pk + (m - mfull) * ldp;
+      if (m < mv) pack_row_bf16(x, dt, ldx_in, m0 + m, cols, kp, out);
+      else std::memset(out, 0, sizeof(uint16_t) * size_t(kp));
+    }
+  }
+};
+
+template <class E>
+XBlock x_block(const void* x, DType dt, int64_t cols, int64_t m0, int64_t mv, uint16_t* pk, int64_t ldp) {
+  const bool in_place = read_in_place(dt, cols);
+  return {in_place ? static_cast<const uint16_t*>(x) + m0 * cols : nullptr, cols, pk, ldp,
+          in_place ? mv / E::kMR * E::kMR : 0, mv, round_up(mv, E::kMR)};
+}
+
+// Row slice t of nth (multiples of kMR) of mp rows.
+template <class E>
+std::pair<int64_t, int64_t> row_slice(int64_t mp, int t, int nth) {
+  const int64_t rows = round_up((mp + nth - 1) / nth, E::kMR), ra = std::min(mp, t * rows);
+  return {ra, std::min(mp, ra + rows)};
+}
+
 // gemm / lowrank forward on engine E (lr: the branch, see the top of this file).
 template <class E>
 void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
   const int64_t M = p.m, N = p.w.n, K = p.w.k;  // K % 32 == 0 (block ≥ 32)
   const int r = lr ? lr->r : 0;
-  const int64_t rp = round_up(r, 32);
+  const int64_t rp = round_up(r, 32), ldxa = rp + kRowPad;
   const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
   const int64_t ldx = K + kRowPad;
   static thread_local AlignedBufT<uint16_t> x_buf, xa_buf;
-  uint16_t* xb = x_buf.get(size_t(mc * ldx));
-  uint16_t* xab = lr ? xa_buf.get(size_t(mc * (rp + kRowPad))) : nullptr;
+  uint16_t* xb = x_buf.get(size_t((read_in_place(p.dtype, K) ? E::kMR : mc) * ldx));
+  uint16_t* xab = lr ? xa_buf.get(size_t(mc * ldxa)) : nullptr;
   RowSrc wsrc;
   wsrc.w = &p.w;
   wsrc.rows = N;
@@ -547,39 +605,53 @@ void gemm_bf16(const GemmParams& p, const LowrankParams* lr) {
     bsrc.a = lr->b, bsrc.dt = p.dtype, bsrc.ld = r, bsrc.rows = N, bsrc.cols = r;
   }
   for (int64_t m0 = 0; m0 < M; m0 += E::kMC) {
-    const int64_t mv = std::min<int64_t>(E::kMC, M - m0), mp = round_up(mv, E::kMR);
+    const XBlock X = x_block<E>(p.x, p.dtype, K, m0, std::min<int64_t>(E::kMC, M - m0), xb, ldx);
+    const int64_t mv = X.mv, mp = X.mp;
 #pragma omp parallel
     {
       static thread_local Scratch<E> sc;
       float* c = sc.c_buf.get(size_t(mp) * E::kNC);
       E::thread_init();
+      const int nth = omp_get_num_threads();
+      if (X.mfull < mp || lr) {
+        // The row phase, a slice of rows per thread: pack them (only a tail of < kMR rows when x is read
+        // in place), then xa = x · Aᵀ of the same rows — no barrier between, a thread reads only the rows
+        // it packed. The xa output (dtype) and s·xa in bf16, the branch's X.
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < mp; ++m) {
-        if (m < mv) pack_row_bf16(p.x, p.dtype, K, m0 + m, K, K, xb + m * ldx);
-        else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(K));
-        if (lr) std::memset(xab + m * (rp + kRowPad), 0, sizeof(uint16_t) * size_t(rp));
-      }
-      if (lr) {  // xa = x · Aᵀ: the xa output (dtype), and s·xa in bf16 as the branch's X
-        const Term ta{xb, ldx, K, asrc, false};
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t j0 = 0; j0 < r; j0 += E::kNC) {
-          const int nv = int(std::min<int64_t>(E::kNC, r - j0));
-          column_block<E>(&ta, 1, mp, j0, nv, sc, c);
-          for (int64_t m = 0; m < mv; ++m)
-            for (int j = 0; j < nv; ++j) {
-              const float v = c[m * E::kNC + j];
-              store_from_float(lr->xa, p.dtype, (m0 + m) * r + j0 + j, v);
-              xab[m * (rp + kRowPad) + j0 + j] = float_to_bf16(lr->s * v);
+        for (int t = 0; t < nth; ++t) {
+          const auto [ra, rb] = row_slice<E>(mp, t, nth);
+          X.pack(p.x, p.dtype, K, m0, K, K, ra, rb);
+          if (!lr || ra == rb) continue;
+          const Term ta = X.term(ra, K, asrc, false);
+          for (int64_t j0 = 0; j0 < r; j0 += E::kNC) {
+            const int nv = int(std::min<int64_t>(E::kNC, r - j0));
+            column_block<E>(&ta, 1, rb - ra, j0, nv, sc, c);
+            const __m256 vs = _mm256_set1_ps(lr->s);
+            for (int64_t m = ra; m < rb; ++m) {  // rows ≥ mv: zero (their x rows are zero)
+              const float* cm = c + (m - ra) * E::kNC;
+              uint16_t* xr = xab + m * ldxa + j0;
+              int j = 0;
+              for (; j + 8 <= nv; j += 8) {
+                const __m256 v = _mm256_loadu_ps(cm + j);
+                if (m < mv) simd::store8(lr->xa, p.dtype, (m0 + m) * r + j0 + j, v);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(xr + j), to_bf16x8(_mm256_mul_ps(vs, v)));
+              }
+              for (; j < nv; ++j) {
+                if (m < mv) store_from_float(lr->xa, p.dtype, (m0 + m) * r + j0 + j, cm[j]);
+                xr[j] = float_to_bf16(lr->s * cm[j]);
+              }
             }
+          }
+          for (int64_t m = ra; m < rb; ++m) std::memset(xab + m * ldxa + r, 0, sizeof(uint16_t) * size_t(rp - r));
         }
       }
-      const Tasks<E> tasks(N, mp, omp_get_num_threads());
+      const Tasks<E> tasks(N, mp, nth);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tasks.count(); ++t) {
         const auto tk = tasks.at(t);
         if (tk.ma == tk.mb) continue;
-        const Term terms[2] = {{xb + tk.ma * ldx, ldx, K, wsrc, false},
-                               {lr ? xab + tk.ma * (rp + kRowPad) : nullptr, rp + kRowPad, rp, bsrc, false}};
+        const Term terms[2] = {X.term(tk.ma, K, wsrc, false),
+                               {lr ? xab + tk.ma * ldxa : nullptr, ldxa, rp, bsrc, false}};
         column_block<E>(terms, lr ? 2 : 1, tk.mb - tk.ma, tk.j0, tk.nv, sc, c);
         store_rows(c, E::kNC, std::max<int64_t>(0, std::min(tk.mb, mv) - tk.ma), tk.nv, p.bias, p.dtype,
                    static_cast<char*>(p.y) + size_t((m0 + tk.ma) * N) * dtype_size(p.dtype), N, tk.j0);
@@ -596,29 +668,33 @@ void gemm_t_bf16(const GemmParams& p) {
   const int64_t np = round_up(N, 32), ldx = np + kRowPad;
   const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
   static thread_local AlignedBufT<uint16_t> x_buf;
-  uint16_t* xb = x_buf.get(size_t(mc * ldx));
+  uint16_t* xb = x_buf.get(size_t((read_in_place(p.dtype, N) ? E::kMR : mc) * ldx));
   RowSrc wsrc;
   wsrc.w = &p.w;
   wsrc.rows = N;
   wsrc.cols = K;
   for (int64_t m0 = 0; m0 < M; m0 += E::kMC) {
-    const int64_t mv = std::min<int64_t>(E::kMC, M - m0), mp = round_up(mv, E::kMR);
+    const XBlock X = x_block<E>(p.x, p.dtype, N, m0, std::min<int64_t>(E::kMC, M - m0), xb, ldx);
+    const int64_t mv = X.mv, mp = X.mp;
 #pragma omp parallel
     {
       static thread_local Scratch<E> sc;
       float* c = sc.c_buf.get(size_t(mp) * E::kNC);
       E::thread_init();
+      const int nth = omp_get_num_threads();
+      if (X.mfull < mp) {
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < mp; ++m) {
-        if (m < mv) pack_row_bf16(p.x, p.dtype, N, m0 + m, N, np, xb + m * ldx);
-        else std::memset(xb + m * ldx, 0, sizeof(uint16_t) * size_t(np));
+        for (int t = 0; t < nth; ++t) {
+          const auto [ra, rb] = row_slice<E>(mp, t, nth);
+          X.pack(p.x, p.dtype, N, m0, N, np, ra, rb);
+        }
       }
-      const Tasks<E> tasks(K, mp, omp_get_num_threads());
+      const Tasks<E> tasks(K, mp, nth);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < tasks.count(); ++i) {
         const auto tk = tasks.at(i);
         if (tk.ma == tk.mb) continue;
-        const Term t{xb + tk.ma * ldx, ldx, np, wsrc, true};
+        const Term t = X.term(tk.ma, np, wsrc, true);
         column_block<E>(&t, 1, tk.mb - tk.ma, tk.j0, tk.nv, sc, c);
         store_rows(c, E::kNC, std::max<int64_t>(0, std::min(tk.mb, mv) - tk.ma), tk.nv, nullptr, p.dtype,
                    static_cast<char*>(p.y) + size_t((m0 + tk.ma) * K) * dtype_size(p.dtype), K, tk.j0);
