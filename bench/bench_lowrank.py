@@ -13,6 +13,7 @@ quant) divided by the QuantLinear module alone, M = 1 and 8 — what a token-by-
 layer for the adapter (LoRALinear's inference fast path; the op's own overhead is the column above).
 
     python bench/bench_lowrank.py [--quick] [--json out.json]
+    python bench/bench_lowrank.py --train-shapes    # the training step at SmolLM2-135M's projection shapes
     python bench/bench_lowrank.py --init-table      # perplexity of LoftQ / QERA corrections on SmolLM2
     python -m lowbit bench lowrank
 """
@@ -30,6 +31,7 @@ import lowbit
 from _timing import machine_line, timeit, timeit_pair  # bench/_timing.py: medians after warm-up; paired ratios
 from lowbit import ops
 from lowbit.formats import DTYPE_ID
+from lowbit.ops.lowrank import fused_backward_applies
 from lowbit.nn import LoRALinear, QuantLinear
 
 
@@ -131,11 +133,67 @@ def module_rows(shapes, ranks, reps: int) -> list[dict]:
     return out
 
 
+# SmolLM2-135M's decoder projections (N x K) and how many of each one layer has: q/o, k/v, gate/up, down.
+SMOLLM2_SHAPES = [(576, 576, 2), (192, 576, 2), (1536, 576, 2), (576, 1536, 1)]
+
+
+def train_shape_rows(threads: int, m: int = 512, r: int = 16, rounds: int = 21) -> list[dict]:
+    """The training step (forward + backward to x, A, B) of one nf4 + dq layer with LoRA r, bf16 x, fp32
+    adapters (as LoRALinear and PEFT keep them), at SmolLM2-135M's shapes: lowbit ``ops.lowrank`` vs
+    bitsandbytes ``Linear4bit`` + LoRA in fp32 (PEFT's branch), alternated step by step (median of the
+    per-pair ratios). Validated first: lowbit's grad_x against float64 on its dequantized weight. The last
+    line weighs the shapes as one decoder layer has them (the projections' share of a model's step)."""
+    print(f"\ntraining step per shape (bf16 x, fp32 adapters, nf4 + dq, r = {r}, M = {m}, {threads} threads; "
+          f"lowbit backward: {'fused' if fused_backward_applies(torch.zeros(1, 1, dtype=torch.bfloat16)) else 'composed'})")
+    print(f"{'N x K':>11} {'lowbit':>9} {'bnb+LoRA':>9} {'speed-up':>9}   (ms)")
+    rows, tot_l, tot_b = [], 0.0, 0.0
+    for n, k, count in SMOLLM2_SHAPES:
+        g = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=g) * 0.02
+        qt = lowbit.quantize(w, "nf4", 64, True)
+        l4 = bnb_layer(w, torch.bfloat16)
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16).requires_grad_()
+        a = (torch.randn(r, k, generator=g) / k ** 0.5).requires_grad_()
+        b = (torch.randn(n, r, generator=g) / r ** 0.5).requires_grad_()
+        gy = torch.randn(m, n, generator=g).to(torch.bfloat16)
+        ops.lowrank(x, qt, a, b, 2.0).backward(gy)
+        wd, ab, bb = qt.dequantize().double(), a.detach().to(torch.bfloat16).double(), b.detach().to(torch.bfloat16).double()
+        ref = gy.double() @ wd + 2.0 * (gy.double() @ bb) @ ab
+        err = float((x.grad.double() - ref).abs().max() / ref.abs().max())
+        if not err <= 1e-2:
+            raise SystemExit(f"VALIDATION FAILED: lowbit training step {n}x{k}: grad_x {err:.2e}")
+        x.grad = a.grad = b.grad = None
+
+        def step_lowbit():
+            ops.lowrank(x, qt, a, b, 2.0).backward(gy)
+            x.grad = a.grad = b.grad = None
+
+        row = {"n": n, "k": k, "m": m, "r": r, "count": count, "validation_grad_x": err}
+        if l4 is None:
+            row["lowbit_ms"] = timeit(step_lowbit, rounds, 2) * 1e3
+            print(f"{n:>5}x{k:<5} {row['lowbit_ms']:9.3f} {'-':>9} {'-':>9}", flush=True)
+        else:
+            def step_bnb():
+                (l4(x) + 2.0 * F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)).backward(gy)
+                x.grad = a.grad = b.grad = None
+
+            t_b, t_l, ratio = timeit_pair(step_bnb, step_lowbit, rounds)
+            row.update(lowbit_ms=t_l * 1e3, bnb_ms=t_b * 1e3, speedup=1.0 / ratio)
+            tot_l, tot_b = tot_l + count * t_l, tot_b + count * t_b
+            print(f"{n:>5}x{k:<5} {t_l * 1e3:9.3f} {t_b * 1e3:9.3f} {1.0 / ratio:8.2f}x", flush=True)
+        rows.append(row)
+    if tot_l:
+        print(f"one decoder layer's 7 projections: lowbit {tot_l * 1e3:.2f} ms, bnb + LoRA {tot_b * 1e3:.2f} ms: "
+              f"{tot_b / tot_l:.2f}x (sums of medians)")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init-table", action="store_true", help="perplexity table of the initialisations on SmolLM2")
     ap.add_argument("--tokens", type=int, default=4096, help="--init-table: evaluation tokens")
     ap.add_argument("--quick", action="store_true", help="4096x4096, r=16 only")
+    ap.add_argument("--train-shapes", action="store_true", help="only the training step at SmolLM2-135M's shapes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--json", default=None)
@@ -144,6 +202,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.init_table:
         return init_table(args)
+    if args.train_shapes:
+        rows = train_shape_rows(args.threads)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": args.threads, "train_shapes": rows}, f, indent=1)
+        return 0
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     ranks = [16] if args.quick else [16, 64]
     ms = [1, 32, 512]

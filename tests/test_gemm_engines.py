@@ -19,7 +19,7 @@ import torch
 import lowbit
 from lowbit import _native
 from lowbit.ops.gemm import gemm_t
-from lowbit.ops.lowrank import lowrank_op
+from lowbit.ops.lowrank import fused_backward_applies, lowrank_backward_op, lowrank_op
 
 pytestmark = pytest.mark.skipif("cpu" not in _native._modules, reason="lowbit._C not built")
 if "cpu" in _native._modules:
@@ -170,7 +170,7 @@ def test_engine_fp32_accumulation(engine_path, fmt, m):
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
 @pytest.mark.parametrize("fmt,block,dq", [("nf4", 64, True), ("int4", 32, False), ("int2", 256, True)])
-@pytest.mark.parametrize("m,r", [(1, 1), (5, 16), (33, 40), (130, 96)])
+@pytest.mark.parametrize("m,r", [(1, 1), (5, 16), (33, 40), (130, 96), (44, 120)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_engine_lowrank(engine_path, fmt, block, dq, m, r, dtype):
     """lowrank forward: xa = x·Aᵀ on the engine (fp32 sums of bf16 products), the branch (s·xa rounded
@@ -201,6 +201,112 @@ def test_engine_lowrank(engine_path, fmt, block, dq, m, r, dtype):
         assert_f32_out(xa, xa_ref, 1e-5)
         err = float((y.double() - ref).abs().max())
         assert err <= 1e-5 * scale + 2.0 ** -8 * branch
+
+
+def lowrank_backward_ref(gy, x, xa, gxa, wd, a, b, s):
+    """float64 on the engine's operands: gy, x, xa, A, B as given (bf16 here), Ŵ = dequantize(bf16). Returns
+    (gx, ga, gb, u) and the error scales |·|-products of each."""
+    g, xd, xad, ad, bd = (t.double() for t in (gy, x, xa, a, b))
+    u = s * (g @ bd) + (gxa.double() if gxa is not None else 0.0)
+    ua = s * (g.abs() @ bd.abs()) + (gxa.double().abs() if gxa is not None else 0.0)
+    return ((g @ wd + u @ ad, u.T @ xd, s * (g.T @ xad)),
+            (g.abs() @ wd.abs(), ua @ ad.abs(), ua.T @ xd.abs(), s * (g.abs().T @ xad.abs())))
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+@pytest.mark.parametrize("fmt,block,dq", [("nf4", 64, True), ("fp4", 32, False), ("int4", 128, False), ("int2", 64, True)])
+@pytest.mark.parametrize("m,r", [(1, 1), (7, 16), (40, 3), (130, 100)])
+@pytest.mark.parametrize("with_gxa", [False, True])
+def test_engine_lowrank_backward(engine_path, fmt, block, dq, m, r, with_gxa):
+    """The lowrank backward in one native call (lowrank_backward_op), against float64 on the same operands:
+    gx = gy·Ŵ + bf16(u)·A in fp32, rounded once to bf16 (u = s·gy·B + gxa: its bf16 rounding ≤ 2⁻⁹ of |u|·|A|);
+    ga = uᵀ·x with u as bf16 hi + lo (≈ 2⁻¹⁷ of |u|) and gb = s·gyᵀ·xa, fp32 sums (≤ 1e-5 of their scales).
+    N odd or not a multiple of 32 (gy's rows padded), K = 3 blocks (gx's and ga's last column block partial)."""
+    n, k = 3 * block + 8 + (m % 2), 3 * block
+    qt = quantized(n, k, fmt, block, dq, seed=m + r)
+    g = torch.Generator().manual_seed(7 * m + r)
+    gy, x = torch.randn(m, n, generator=g).to(torch.bfloat16), torch.randn(m, k, generator=g).to(torch.bfloat16)
+    a = (torch.randn(r, k, generator=g) * 0.1).to(torch.bfloat16)
+    b = (torch.randn(n, r, generator=g) * 0.1).to(torch.bfloat16)
+    xa = (x.double() @ a.double().T).to(torch.bfloat16)  # as the forward returns it
+    gxa = torch.randn(m, r, generator=g).to(torch.bfloat16) if with_gxa else None
+    s = 0.75
+    assert fused_backward_applies(gy)
+    gx, ga, gb = lowrank_backward_op(gy, x, xa, gxa, *lowbit.ops.weight_args(qt), a, b, s, n, k, block, fmt, True)
+    assert gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == torch.float32
+    (rx, ra, rb), (sx, su, sa, sb) = lowrank_backward_ref(gy, x, xa, gxa, qt.dequantize(torch.bfloat16).double(), a, b, s)
+    err, tol = (gx.double() - rx).abs(), 2.0 ** -8 * rx.abs() + 1e-5 * sx + 2.0 ** -8 * su
+    assert bool((err <= tol).all()), f"gx: worst err/tol {float((err / tol).max()):.3g}"
+    for name, got, ref, scale in (("ga", ga, ra, sa), ("gb", gb, rb, sb)):
+        err, tol = (got.double() - ref).abs(), 1e-5 * scale + 1e-30
+        assert bool((err <= tol).all()), f"{name}: worst err/tol {float((err / tol).max()):.3g}"
+    gx0, ga0, gb0 = lowrank_backward_op(gy, x, xa, gxa, *lowbit.ops.weight_args(qt), a, b, s, n, k, block, fmt, False)
+    assert gx0.numel() == 0 and torch.equal(ga0, ga) and torch.equal(gb0, gb)
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_engine_lowrank_backward_through_autograd(engine_path, monkeypatch):
+    """ops.lowrank's backward takes the fused call on an engine path, and agrees with the composition
+    (gemm_t + torch products) within bf16 rounding; grads of x, lora_A, lora_B, bias all arrive; thread
+    count independent (each output element is one thread's fixed-order sum)."""
+    n, k, m, r = 200, 192, 50, 8
+    qt = quantized(n, k, "nf4", 64, True, seed=3)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    a0, b0 = torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1
+    bias0, gy = torch.randn(n, generator=g).to(torch.bfloat16), torch.randn(m, n, generator=g).to(torch.bfloat16)
+
+    def grads(threads=None):
+        x, a, b, bias = (t.clone().requires_grad_() for t in (x0, a0, b0, bias0))
+        old = torch.get_num_threads()
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            lowbit.ops.lowrank(x, qt, a, b, 1.5, bias).backward(gy)
+        finally:
+            torch.set_num_threads(old)
+        return [t.grad for t in (x, a, b, bias)]
+
+    assert fused_backward_applies(gy)
+    fused = grads(1)
+    assert all(torch.equal(u, v) for u, v in zip(fused, grads(3)))
+    monkeypatch.setattr(sys.modules["lowbit.ops.lowrank"], "fused_backward_applies", lambda gy: False)
+    composed = grads()  # gemm_t on the same engine + torch products
+    for name, u, v in zip(("x", "A", "B", "bias"), fused, composed):
+        assert u.dtype == v.dtype, name
+        rel = float((u.double() - v.double()).abs().max() / v.double().abs().max())
+        assert rel <= 2.0 ** -7, f"grad {name}: fused vs composed {rel:.3g}"
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_lowrank_backward_opcheck(engine_path):
+    """The fused backward's op passes torch.library.opcheck (fake kernel, schema, no aliasing)."""
+    qt = quantized(64, 128, "int4", 64, False, seed=5)
+    gy, x = torch.randn(3, 64).to(torch.bfloat16), torch.randn(3, 128).to(torch.bfloat16)
+    a, b = torch.randn(4, 128).to(torch.bfloat16), torch.randn(64, 4).to(torch.bfloat16)
+    xa = (x.double() @ a.double().T).to(torch.bfloat16)
+    for gxa, need_gx in ((None, True), (torch.randn(3, 4).to(torch.bfloat16), False)):
+        torch.library.opcheck(torch.ops.lowbit.lowrank_backward.default,
+                              (gy, x, xa, gxa, *lowbit.ops.weight_args(qt), a, b, 0.5, 64, 128, 64, "int4", need_gx))
+
+
+def test_lowrank_backward_op_refuses_other_routes():
+    """On a path without a bf16 engine the native call refuses (the Python layer composes instead)."""
+    paths = [p for p in ("avx2", "avx512") if p in _C.available_cpu_paths()]
+    if not paths:
+        pytest.skip("no AVX2 path")
+    qt = quantized(64, 128, "nf4", 64, True, seed=4)
+    gy, x = torch.randn(4, 64).to(torch.bfloat16), torch.randn(4, 128).to(torch.bfloat16)
+    a, b = torch.randn(2, 128).to(torch.bfloat16), torch.randn(64, 2).to(torch.bfloat16)
+    old = _C.cpu_path()
+    _C.set_cpu_path(paths[0])
+    try:
+        assert not fused_backward_applies(gy)
+        with pytest.raises(ValueError, match="bf16 matrix engines only"):
+            lowrank_backward_op(gy, x, torch.zeros(4, 2, dtype=torch.bfloat16), None, *lowbit.ops.weight_args(qt), a, b,
+                                1.0, 64, 128, 64, "nf4", True)
+    finally:
+        _C.set_cpu_path(old)
 
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)

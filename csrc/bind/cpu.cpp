@@ -90,6 +90,20 @@ PYBIND11_MODULE(_C, m) {
 
   bind::def_shared<CpuBinder>(m);
 
+  // ---- the lowrank backward on the bf16 matrix engines (include/lowbit/lowrank.h); CPU only. The weight
+  // arguments as in gemm_t (gy's n, the weight's k), then x, xa, gxa, A, B, ga, gb, r, s.
+  m.def("lowrank_backward", [](Address gy, Address gx, int dtype, int64_t m_, int64_t n, int64_t k, Address codes,
+                               Address scale, Address zero, Address scale_q, Address scale_nested, float scale_offset,
+                               int block, int fmt, Address x, Address xa, Address gxa, Address a, Address b, Address ga,
+                               Address gb, int r, float s) {
+    const GemmParams g{bind::weight(codes, scale, zero, scale_q, scale_nested, scale_offset, n, k, block, fmt),
+                       ptr<const void>(gy), ptr<void>(gx), nullptr, DType(dtype), m_};
+    cpu::lowrank_backward({g, ptr<const void>(x), ptr<const void>(xa), ptr<const void>(gxa), ptr<const void>(a),
+                           ptr<const void>(b), ptr<float>(ga), ptr<float>(gb), r, s});
+  }, nogil, arg("gy"), arg("gx"), arg("dtype"), arg("m"), arg("n"), arg("k"), arg("codes"), arg("scale"), arg("zero"), arg("scale_q"),
+     arg("scale_nested"), arg("scale_offset"), arg("block"), arg("fmt"), arg("x"), arg("xa"),
+     arg("gxa"), arg("a"), arg("b"), arg("ga"), arg("gb"), arg("r"), arg("s"));
+
   // ---- QWHA's sparse products (include/lowbit/qwha.h); CPU only
   m.def("qwha_spmm", [](Address z, Address values, Address crow, Address cols, int64_t m_, int k, int n_out,
                         float scale, Address y, bool accumulate) {

@@ -88,5 +88,6 @@ struct Avx512Bf16 {
 
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) { gemm_bf16<Avx512Bf16>(p, lr); }
 void gemm_t_bf16_avx512bf16(const GemmParams& p) { gemm_t_bf16<Avx512Bf16>(p); }
+void lowrank_backward_bf16_avx512bf16(const LowrankBackwardParams& p) { lowrank_backward_bf16<Avx512Bf16>(p); }
 
 }  // namespace lowbit::cpu

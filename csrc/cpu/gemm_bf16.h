@@ -704,5 +704,110 @@ void gemm_t_bf16(const GemmParams& p) {
   }
 }
 
+// The lowrank backward on engine E (include/lowbit/lowrank.h): per block of kMC rows of gy, a row phase
+// (pack gy; u = s·gy·B + gxa for the thread's rows, kept as bf16 rows for gx's branch and as bf16 hi + lo
+// columns of uᵀ for ga; xa's columns into xaᵀ), then gx's column blocks — gy · Ŵ and bf16(u) · A in the
+// same fp32 accumulators, as the forward adds its branch. Then ga = uᵀ · x and gbᵀ = xaᵀ · gy over all
+// rows, contraction over M, x and gy read as panel sources: column blocks of both in one task pool.
+template <class E>
+void lowrank_backward_bf16(const LowrankBackwardParams& q) {
+  const GemmParams& p = q.g;
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;
+  const int r = q.r;
+  const int64_t np = round_up(N, 32), ldx = np + kRowPad;
+  const int64_t rp = round_up(r, 32), ldu = rp + kRowPad;
+  const int64_t kpm = round_up(M, 32), ldt = kpm + kRowPad;  // uᵀ, xaᵀ: contraction over M
+  const int64_t rows_u = round_up(2 * r, E::kMR), rows_xa = round_up(r, E::kMR);
+  const int64_t mc = std::min<int64_t>(E::kMC, round_up(M, E::kMR));
+  static thread_local AlignedBufT<uint16_t> x_buf, u_buf, ut_buf, xat_buf;
+  uint16_t* xb = x_buf.get(size_t((read_in_place(p.dtype, N) ? E::kMR : mc) * ldx));
+  uint16_t* ub = u_buf.get(size_t(mc * ldu));
+  uint16_t* ut = ut_buf.get(size_t(rows_u * ldt));    // rows [0, r): hi, [r, 2r): lo, the rest zero
+  uint16_t* xat = xat_buf.get(size_t(rows_xa * ldt));
+  RowSrc wsrc, asrc, bsrc, xsrc, gysrc;
+  wsrc.w = &p.w, wsrc.rows = N, wsrc.cols = K;
+  asrc.a = q.a, asrc.dt = p.dtype, asrc.ld = K, asrc.rows = r, asrc.cols = K;      // B[j][k] = A[j][k]
+  bsrc.a = q.b, bsrc.dt = p.dtype, bsrc.ld = r, bsrc.rows = N, bsrc.cols = r;      // B[n][j] = B[n][j]
+  xsrc.a = q.x, xsrc.dt = p.dtype, xsrc.ld = K, xsrc.rows = M, xsrc.cols = K;      // B[m][k] = x[m][k]
+  gysrc.a = p.x, gysrc.dt = p.dtype, gysrc.ld = N, gysrc.rows = M, gysrc.cols = N;  // B[m][n] = gy[m][n]
+  for (int64_t i = 0; i < rows_u; ++i) std::memset(ut + i * ldt, 0, sizeof(uint16_t) * size_t(kpm));
+  for (int64_t i = 0; i < rows_xa; ++i) std::memset(xat + i * ldt, 0, sizeof(uint16_t) * size_t(kpm));
+  for (int64_t m0 = 0; m0 < M; m0 += E::kMC) {
+    const XBlock X = x_block<E>(p.x, p.dtype, N, m0, std::min<int64_t>(E::kMC, M - m0), xb, ldx);
+    const int64_t mv = X.mv, mp = X.mp;
+#pragma omp parallel
+    {
+      static thread_local Scratch<E> sc;
+      float* c = sc.c_buf.get(size_t(std::max({mp, rows_u, rows_xa})) * E::kNC);
+      E::thread_init();
+      const int nth = omp_get_num_threads();
+#pragma omp for schedule(static)
+      for (int t = 0; t < nth; ++t) {
+        const auto [ra, rb] = row_slice<E>(mp, t, nth);
+        X.pack(p.x, p.dtype, N, m0, N, np, ra, rb);
+        if (ra == rb) continue;
+        const Term tu = X.term(ra, np, bsrc, true);
+        for (int64_t j0 = 0; j0 < r; j0 += E::kNC) {
+          const int nv = int(std::min<int64_t>(E::kNC, r - j0));
+          column_block<E>(&tu, 1, rb - ra, j0, nv, sc, c);
+          for (int64_t m = ra; m < rb; ++m) {
+            uint16_t* urow = ub + m * ldu + j0;
+            if (m >= mv) {  // padding rows: zero (their gy rows are zero)
+              std::memset(urow, 0, sizeof(uint16_t) * size_t(nv));
+              continue;
+            }
+            for (int j = 0; j < nv; ++j) {
+              const int64_t jj = j0 + j, mm = m0 + m;
+              float v = q.s * c[(m - ra) * E::kNC + j];
+              if (q.gxa) v += load_as_float(q.gxa, p.dtype, mm * r + jj);
+              const uint16_t hi = float_to_bf16(v);
+              urow[j] = hi;
+              ut[jj * ldt + mm] = hi;
+              ut[(r + jj) * ldt + mm] = float_to_bf16(v - bf16_to_float(hi));
+              xat[jj * ldt + mm] = float_to_bf16(load_as_float(q.xa, p.dtype, mm * r + jj));
+            }
+          }
+        }
+        for (int64_t m = ra; m < rb; ++m) std::memset(ub + m * ldu + r, 0, sizeof(uint16_t) * size_t(rp - r));
+      }
+      if (p.y) {
+        const Tasks<E> tasks(K, mp, nth);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < tasks.count(); ++i) {
+          const auto tk = tasks.at(i);
+          if (tk.ma == tk.mb) continue;
+          const Term terms[2] = {X.term(tk.ma, np, wsrc, true), {ub + tk.ma * ldu, ldu, rp, asrc, true}};
+          column_block<E>(terms, 2, tk.mb - tk.ma, tk.j0, tk.nv, sc, c);
+          store_rows(c, E::kNC, std::max<int64_t>(0, std::min(tk.mb, mv) - tk.ma), tk.nv, nullptr, p.dtype,
+                     static_cast<char*>(p.y) + size_t((m0 + tk.ma) * K) * dtype_size(p.dtype), K, tk.j0);
+        }
+      }
+      E::thread_done();
+    }
+  }
+  // ga (column blocks over K) and gbᵀ (over N): C = uᵀ · x (2r rows: hi, lo) and xaᵀ · gy.
+  const int64_t na = (K + E::kNC - 1) / E::kNC, nb = (N + E::kNC - 1) / E::kNC;
+#pragma omp parallel
+  {
+    static thread_local Scratch<E> sc;
+    float* c = sc.c_buf.get(size_t(std::max(rows_u, rows_xa)) * E::kNC);
+    E::thread_init();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < na + nb; ++t) {
+      const bool is_a = t < na;
+      const int64_t j0 = (is_a ? t : t - na) * E::kNC;
+      const int nv = int(std::min<int64_t>(E::kNC, (is_a ? K : N) - j0));
+      const Term tt = is_a ? Term{ut, ldt, kpm, xsrc, true} : Term{xat, ldt, kpm, gysrc, true};
+      column_block<E>(&tt, 1, is_a ? rows_u : rows_xa, j0, nv, sc, c);
+      for (int j = 0; j < r; ++j)
+        for (int i = 0; i < nv; ++i) {
+          if (is_a) q.ga[j * K + j0 + i] = c[j * E::kNC + i] + c[(r + j) * E::kNC + i];
+          else q.gb[(j0 + i) * r + j] = q.s * c[j * E::kNC + i];
+        }
+    }
+    E::thread_done();
+  }
+}
+
 }  // namespace
 }  // namespace lowbit::cpu

@@ -40,6 +40,9 @@ void gemm_bf16_amx(const GemmParams& p, const LowrankParams* lr);  // gemm_amx.c
 void gemm_t_bf16_amx(const GemmParams& p);
 void gemm_bf16_amx_emu(const GemmParams& p, const LowrankParams* lr);  // gemm_amx_emu_avx2.cpp
 void gemm_t_bf16_amx_emu(const GemmParams& p);
+void lowrank_backward_bf16_avx512bf16(const LowrankBackwardParams& p);  // the lowrank backward, same TUs
+void lowrank_backward_bf16_amx(const LowrankBackwardParams& p);
+void lowrank_backward_bf16_amx_emu(const LowrankBackwardParams& p);
 
 // gemm_avx512.cpp (use_avx512() only): the GEMV's VNNI build, and the int16 pieces of the tile
 // kernels (arguments and layouts at their definitions).

@@ -25,6 +25,8 @@
 //   M = 512, same W: compute-bound; the branch adds 2·r·(K + N)/(2·N·K) = r/2048 of the FLOPs
 //     (r = 16: 0.8%, r = 64: 3.1%), run by the same FMA micro-kernel at the same GFLOP/s, plus the
 //     conversion of A and B to fp32 once per call (r·(K + N) elements).
+#include <algorithm>
+
 #include "cpu/gemm_internal.h"
 
 namespace lowbit::cpu {
@@ -38,6 +40,32 @@ void lowrank(const LowrankParams& p) {
   if (use_avx2()) return gemm_avx2(p.g, &p);
 #endif
   gemm_portable(p.g, &p);
+}
+
+// The backward in one call on the bf16 engines (cpu/gemm_bf16.h: lowrank_backward_bf16); elsewhere the
+// Python layer composes it from gemm_t and torch products (python/lowbit/ops/lowrank.py).
+void lowrank_backward(const LowrankBackwardParams& p) {
+  check_gemm(p.g, "lowrank_backward");
+  LOWBIT_CHECK(p.r >= 1 && p.r <= 256, "lowrank_backward: r=" + std::to_string(p.r) + " is not in [1, 256]");
+  LOWBIT_CHECK(p.g.bias == nullptr, "lowrank_backward: no bias (its gradient is gy.sum(0))");
+  if (p.g.m == 0) {  // empty batch: the weight gradients are zero
+    std::fill(p.ga, p.ga + int64_t(p.r) * p.g.w.k, 0.0f);
+    std::fill(p.gb, p.gb + p.g.w.n * int64_t(p.r), 0.0f);
+    return;
+  }
+  LOWBIT_CHECK(p.g.x && p.x && p.xa && p.a && p.b && p.ga && p.gb, "lowrank_backward: missing gy, x, xa, A, B, ga or gb");
+#if LOWBIT_HAVE_AVX2_TU
+  if (use_avx2()) {
+    switch (gemm_route(p.g.dtype, p.g.m, true)) {
+      case Route::avx512bf16: return lowrank_backward_bf16_avx512bf16(p);
+      case Route::amx: return lowrank_backward_bf16_amx(p);
+      case Route::amx_emulated: return lowrank_backward_bf16_amx_emu(p);
+      default: break;
+    }
+  }
+#endif
+  LOWBIT_CHECK(false, "lowrank_backward: runs on the bf16 matrix engines only (gemm_route(dtype, m, True) is '" +
+                          gemm_route_name(p.g.dtype, p.g.m, true) + "')");
 }
 
 }  // namespace lowbit::cpu

@@ -22,8 +22,31 @@ struct LowrankParams {
   float s;
 };
 
+// The backward of lowrank in one call (CPU, the bf16 matrix engines only: gemm_route(dtype, m, true) is
+// 'avx512bf16', 'amx' or 'amx_emulated'), with u = s · gy · B + gxa (M, r):
+//
+//   gx (m, k) = gy · dequant(W) + bf16(u) · A      (g.x = gy (m, n), g.y = gx in dtype; null: not wanted)
+//   ga (r, k) = uᵀ · x                             fp32 (u as bf16 hi + lo: ≈ 16 bits of it)
+//   gb (n, r) = s · gyᵀ · xa                       fp32
+//
+// every product on the engine (bf16 operands, fp32 accumulation). gxa: the gradient of the xa output,
+// or null. The spec is python/lowbit/ops/lowrank.py::_lowrank_backward's composition.
+struct LowrankBackwardParams {
+  GemmParams g;     // x = gy (m, n), y = gx (m, k) or null, no bias; dtype, m and the weight
+  const void* x;    // (m, k) the forward's input, dtype
+  const void* xa;   // (m, r) the forward's x · Aᵀ, dtype
+  const void* gxa;  // (m, r) dtype, or null
+  const void* a;    // (r, k) dtype
+  const void* b;    // (n, r) dtype
+  float* ga;        // (r, k)
+  float* gb;        // (n, r)
+  int32_t r;
+  float s;
+};
+
 namespace cpu {  // csrc/cpu/lowrank.cpp (the gemm kernels with the branch fused in)
 void lowrank(const LowrankParams& p);
+void lowrank_backward(const LowrankBackwardParams& p);
 }  // namespace cpu
 namespace kernels {  // csrc/launch/lowrank.inl (CUDA; nvcc and simt)
 int lowrank(const LowrankParams& p, intptr_t stream);

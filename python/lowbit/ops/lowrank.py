@@ -14,7 +14,7 @@ import torch
 from .. import reference as ref
 from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
 from ._common import (FLOAT_DTYPES, backend_for, call, check_scalar, check_tensor, dense, dense_out, dense_weight,
-                      has_kernel, ptr, qt_from_args, weight_args)
+                      has_kernel, module, ptr, qt_from_args, weight_args)
 from .gemm import check_gemm_operands, gemm_t_op, native_gemm, resolve_backend
 
 __all__ = ["lowrank", "lowrank_op", "lowrank_inference", "MAX_RANK"]
@@ -85,24 +85,76 @@ def _lowrank_setup_context(ctx, inputs, output):
     ctx.meta = (s, n, k, block, fmt, bias is not None)
 
 
+ENGINE_ROUTES = ("avx512bf16", "amx", "amx_emulated")
+
+
+def fused_backward_applies(gy: torch.Tensor) -> bool:
+    """Whether the backward runs as one native call (``lowrank_backward``): CPU tensors on the CPU backend
+    whose gemm_t runs on a bf16 matrix engine (bf16 gy; fp32 under 'medium'). Independent of M (gemm_t
+    has no small-M route), so it holds for symbolic shapes too."""
+    if gy.device.type != "cpu" or gy.dtype not in DTYPE_ID or backend_for(gy) != "cpu":
+        return False
+    return has_kernel("cpu", "lowrank_backward") and module("cpu").gemm_route(DTYPE_ID[gy.dtype], 1, True) in ENGINE_ROUTES
+
+
+@torch.library.custom_op("lowbit::lowrank_backward", mutates_args=())
+def lowrank_backward_op(gy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, gxa: Optional[torch.Tensor],
+                        codes: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+                        scale_q: Optional[torch.Tensor], scale_nested: Optional[torch.Tensor],
+                        scale_offset: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, s: float, n: int,
+                        k: int, block: int, fmt: str, need_gx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lowrank backward on the CPU's bf16 matrix engines (include/lowbit/lowrank.h): gx (M, K) in gy's
+    dtype (empty when not ``need_gx``), ga (r, K) and gb (N, r) in fp32."""
+    m, r, dev = gy.shape[0], a.shape[0], gy.device
+    gy = dense("gy", gy, dtype=gy.dtype, numel=m * n, device=dev)
+    x = dense("x", x, dtype=gy.dtype, numel=m * k, device=dev)
+    xa = dense("xa", xa, dtype=gy.dtype, numel=m * r, device=dev)
+    gxa = dense("gxa", gxa, dtype=gy.dtype, numel=m * r, device=dev)
+    a = dense("lora_A", a, dtype=gy.dtype, numel=r * k, device=dev)
+    b = dense("lora_B", b, dtype=gy.dtype, numel=n * r, device=dev)
+    gx = torch.empty(m if need_gx else 0, k, dtype=gy.dtype, device=dev)
+    ga = torch.empty(r, k, dtype=torch.float32, device=dev)
+    gb = torch.empty(n, r, dtype=torch.float32, device=dev)
+    codes, scale, zero, scale_q, scale_nested, scale_offset = dense_weight(
+        (codes, scale, zero, scale_q, scale_nested, scale_offset), n, k, block, fmt, dev)
+    call("cpu", "lowrank_backward", gy.data_ptr(), gx.data_ptr() if need_gx else 0, DTYPE_ID[gy.dtype], m, n, k,
+         codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q), ptr(scale_nested),
+         float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt], x.data_ptr(), xa.data_ptr(),
+         ptr(gxa), a.data_ptr(), b.data_ptr(), ga.data_ptr(), gb.data_ptr(), r, float(s))
+    return gx, ga, gb
+
+
+@lowrank_backward_op.register_fake
+def _(gy, x, xa, gxa, codes, scale, zero, scale_q, scale_nested, scale_offset, a, b, s, n, k, block, fmt, need_gx):
+    r = a.shape[0]
+    return (gy.new_empty(gy.shape[0] if need_gx else 0, k), gy.new_empty(r, k, dtype=torch.float32),
+            gy.new_empty(n, r, dtype=torch.float32))
+
+
 def _lowrank_backward(ctx, gy, gxa):
     # dx = gy·dequant(W) + s·(gy·B)·A ; dA = s·(gy·B)ᵀ·x ; dB = s·gyᵀ·(x·Aᵀ), with u = s·gy·B shared
     # (plus the gradient of the xa output, if a caller used it).
     x, a, b, xa, *w = ctx.saved_tensors
     s, n, k, block, fmt, has_bias = ctx.meta
     need = ctx.needs_input_grad
-    acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
-    g = gy.to(acc)
-    u = s * (g @ b.to(acc))  # (M, r)
-    if gxa is not None:
-        u = u + gxa.to(acc)
     gx = ga = gb = gbias = None
-    if need[0]:
-        gx = (gemm_t_op(gy.contiguous(), *w, n, k, block, fmt).to(acc) + u @ a.to(acc)).to(x.dtype)
-    if need[7]:
-        ga = (u.T @ x.to(acc)).to(a.dtype)
-    if need[8]:
-        gb = (s * (g.T @ xa.to(acc))).to(b.dtype)
+    if fused_backward_applies(gy):  # one native call, every product on the engine
+        gx, ga, gb = lowrank_backward_op(gy.contiguous(), x, xa, gxa, *w, a, b, s, n, k, block, fmt, need[0])
+        gx = gx if need[0] else None
+        ga = ga.to(a.dtype) if need[7] else None
+        gb = gb.to(b.dtype) if need[8] else None
+    else:
+        acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+        g = gy.to(acc)
+        u = s * (g @ b.to(acc))  # (M, r)
+        if gxa is not None:
+            u = u + gxa.to(acc)
+        if need[0]:
+            gx = (gemm_t_op(gy.contiguous(), *w, n, k, block, fmt).to(acc) + u @ a.to(acc)).to(x.dtype)
+        if need[7]:
+            ga = (u.T @ x.to(acc)).to(a.dtype)
+        if need[8]:
+            gb = (s * (g.T @ xa.to(acc))).to(b.dtype)
     if has_bias and need[10]:
         gbias = gy.sum(0)
     return gx, None, None, None, None, None, None, ga, gb, None, gbias, None, None, None, None, None
