@@ -290,6 +290,28 @@ def test_lowrank_backward_opcheck(engine_path):
                               (gy, x, xa, gxa, *lowbit.ops.weight_args(qt), a, b, 0.5, 64, 128, 64, "int4", need_gx))
 
 
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_engine_lowrank_backward_fp32_medium(engine_path):
+    """fp32 x under 'medium' takes the engines (gemm_t's route), so the fused backward too: its operands are
+    rounded to bf16 (gy, x, A, B and xa), gx comes back in fp32."""
+    n, k, m, r = 96, 128, 24, 4
+    qt = quantized(n, k, "int4", 32, True, seed=6)
+    g = torch.Generator().manual_seed(6)
+    gy, x = torch.randn(m, n, generator=g), torch.randn(m, k, generator=g)
+    a, b = torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1
+    xa = x @ a.T
+    with lowbit.matmul_precision("medium"):
+        assert fused_backward_applies(gy)
+        gx, ga, gb = lowrank_backward_op(gy, x, xa, None, *lowbit.ops.weight_args(qt), a, b, 0.5, n, k, 32, "int4", True)
+    assert gx.dtype == torch.float32
+    rnd = [t.to(torch.bfloat16) for t in (gy, x, xa, a, b)]
+    (rx, ra, rb), (sx, su, sa, sb) = lowrank_backward_ref(*rnd[:3], None, qt.dequantize(torch.bfloat16).double(),
+                                                          *rnd[3:], 0.5)
+    for name, got, ref, scale, rounded in (("gx", gx, rx, sx, su), ("ga", ga, ra, sa, 0), ("gb", gb, rb, sb, 0)):
+        err, tol = (got.double() - ref).abs(), 1e-5 * scale + 2.0 ** -8 * rounded  # gx: bf16(u)·A
+        assert bool((err <= tol).all()), f"{name}: worst err/tol {float((err / tol).max()):.3g}"
+
+
 def test_lowrank_backward_op_refuses_other_routes():
     """On a path without a bf16 engine the native call refuses (the Python layer composes instead)."""
     paths = [p for p in ("avx2", "avx512") if p in _C.available_cpu_paths()]

@@ -336,6 +336,8 @@ inline void src_row_bf16(const RowSrc& s, int64_t row, int64_t c0, int cn, uint1
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + j), to_bf16x8(v));
       }
     }
+  } else if (cv > 0 && s.dt == DType::bf16) {  // already bf16 (x, gy, A, B of a bf16 model): a copy
+    std::memcpy(out, static_cast<const uint16_t*>(s.a) + row * s.ld + c0, sizeof(uint16_t) * size_t(cv));
   } else if (cv > 0) {
     int i = 0;
     for (; i + 8 <= cv; i += 8)
