@@ -291,6 +291,29 @@ def test_lowrank_backward_opcheck(engine_path):
 
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_engine_more_rows_than_one_block(engine_path):
+    """M past the engine's block of rows (kMC: 1024 avx512bf16, 2048 AMX) and not a multiple of kMR: bf16 x
+    read in place block by block with a packed tail; forward, gemm_t and the fused backward."""
+    m = 2051 if "amx" in engine_path else 1029
+    n, k, r = 40, 64, 3
+    qt = quantized(n, k, "nf4", 32, False, seed=8)
+    g = torch.Generator().manual_seed(8)
+    x, gy = torch.randn(m, k, generator=g).to(torch.bfloat16), torch.randn(m, n, generator=g).to(torch.bfloat16)
+    wd = qt.dequantize(torch.bfloat16).double()
+    assert_bf16_out(lowbit.linear(x, qt), x.double() @ wd.T, float((x.double().abs() @ wd.abs().T).max()))
+    assert_bf16_out(gemm_t(gy, qt), gy.double() @ wd, float((gy.double().abs() @ wd.abs()).max()))
+    a = (torch.randn(r, k, generator=g) * 0.1).to(torch.bfloat16)
+    b = (torch.randn(n, r, generator=g) * 0.1).to(torch.bfloat16)
+    xa = (x.double() @ a.double().T).to(torch.bfloat16)
+    gx, ga, gb = lowrank_backward_op(gy, x, xa, None, *lowbit.ops.weight_args(qt), a, b, 0.5, n, k, 32, "nf4", True)
+    (rx, ra, rb), (sx, su, sa, sb) = lowrank_backward_ref(gy, x, xa, None, wd, a, b, 0.5)
+    for name, got, ref, tol in (("gx", gx, rx, 2.0 ** -8 * rx.abs() + 1e-5 * sx + 2.0 ** -8 * su),
+                                ("ga", ga, ra, 1e-5 * sa), ("gb", gb, rb, 1e-5 * sb)):
+        err = (got.double() - ref).abs()
+        assert bool((err <= tol).all()), f"{name}: worst err/tol {float((err / tol).max()):.3g}"
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
 def test_engine_lowrank_backward_fp32_medium(engine_path):
     """fp32 x under 'medium' takes the engines (gemm_t's route), so the fused backward too: its operands are
     rounded to bf16 (gy, x, A, B and xa), gx comes back in fp32."""
