@@ -21,11 +21,12 @@
 //    (1 thread, 1024×2048 in L2, M = 1: 0.068 vs 0.070 ms; nf4 here 0.054): no gain, so fp4 stays there.
 //  * nf4 weights, unless LOWBIT_GEMV_I8_NF4=1: the kernel below handles them (table image round(T·112)
 //    + 128) and is tested, but its error, ≈ 0.6% rms per weight from the image on top of the int8
-//    activations' ≈ 0.5%, measures 0.5–1.0e-2 max |err| / max |ref| (1.0008e-2 on
-//    tests/test_gemm_engines.py's weight, M = 1, N = 64): at the policy's 1e-2 with no margin. Exact
-//    alternatives (the table's positive and negative parts, or |T|·253 with vpsignb on x) cost two more
-//    ops per 32 weights and run as slow as the int16 GEMV (fp4's measurement above), so nf4 keeps the
-//    int16 GEMV by default. Opt-in until the policy, or finer x groups (docs/kernels.md), settle it.
+//    activations' ≈ 0.5%, measures 0.5–1.24e-2 max |err| / max |ref| (over the policy's 1e-2 at block
+//    256 on weights with outlier columns; docs/kernels.md, session 9: the image dominates there, and
+//    neither finer x groups nor another table scale bring it under). Exact alternatives (the table's
+//    positive and negative parts, or |T|·253 with vpsignb on x) cost two more ops per 32 weights and
+//    run as slow as the int16 GEMV (fp4's measurement above), so nf4 keeps the int16 GEMV; the opt-in
+//    stays for measurements only.
 //  * AVX2-only CPUs (no VNNI): they keep the int16 GEMV under `medium`. `vpmaddubsw` saturates its
 //    int16 pair sums: with the +128 offset table image below (bytes up to 240) times x up to 127 a pair
 //    reaches 2·240·127 > 32767, so nf4 would need the `vpsignb` trick (two more ops per 32
