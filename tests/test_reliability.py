@@ -600,6 +600,16 @@ cases = [
     ("adamw8", (O, 0, O, 0, Q, A, 0, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 0), "missing"),
     ("adamw8", (O, 0, O, 7, Q, A, Q, A, 300, .9, .1, .999, .001, 1e-8, 0., -1e-3, 1., 0), "g_dtype=7"),
 ]
+if sys.argv[1] == "cpu":  # the gemm family's shared check (cpu::check_gemm), and the CPU-only lowrank backward
+    W = (Q, A, 0, 0, 0, 0.0, 64)  # codes, scale, zero, scale_q, scale_nested, scale_offset, block
+    cases += [
+        ("gemm_t", (O, O, 9, 4, 64, 128, *W, 0), "dtype=9"),
+        ("gemm_t", (O, O, 0, 4, 64, 128, Q, A, Q, 0, 0, 0.0, 64, 7), "fmt=7"),
+        ("gemm", (O, O, 0, 9, 4, 64, 128, *W, 0), "dtype=9"),
+        ("lowrank_backward", (O, O, 1, 4, 64, 128, *W, 0, O, O, 0, O, O, O, O, 0, 1.0), "r=0"),
+        ("lowrank_backward", (O, O, 1, 4, 64, 128, *W, 0, O, O, 0, O, O, 0, O, 4, 1.0), "missing"),
+        ("lowrank_backward", (O, O, 7, 4, 64, 128, *W, 0, O, O, 0, O, O, O, O, 4, 1.0), "dtype=7"),
+    ]
 bad = []
 for fn, args, name in cases:
     try:
@@ -624,7 +634,8 @@ def test_native_entry_points_check_their_own_arguments(backend, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, str(script), backend], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "guards ok 23" in r.stdout, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
+    count = 29 if backend == "cpu" else 23
+    assert r.returncode == 0 and f"guards ok {count}" in r.stdout, (r.returncode, r.stdout[-3000:], r.stderr[-3000:])
 
 
 @pytest.mark.skipif(not (_native.has("cpu") and getattr(_native.module("cpu"), "sanitized", False)),

@@ -44,6 +44,8 @@ void decode_row(const GemmWeight& w, int64_t n, int64_t k0, int64_t k1, float* o
 // Shared with lowrank.cpp (the lowrank family runs on these kernels).
 void check_gemm(const GemmParams& p, const char* who) {
   const GemmWeight& w = p.w;
+  LOWBIT_CHECK(fmt_valid(w.fmt), std::string(who) + ": " + show("fmt", int32_t(w.fmt)) + " is not a format id (0..3)");
+  LOWBIT_CHECK(dtype_valid(p.dtype), std::string(who) + ": " + show("dtype", int32_t(p.dtype)) + " is not a dtype id (0..2)");
   LOWBIT_CHECK(gemm_block_ok(w.block), std::string(who) + ": block=" + std::to_string(w.block) +
                                            " is not a power of two in [32, 256]");
   LOWBIT_CHECK(w.n > 0 && w.k > 0 && w.k % w.block == 0, std::string(who) + ": k % block != 0");
