@@ -314,6 +314,35 @@ def test_engine_more_rows_than_one_block(engine_path):
 
 
 @pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
+def test_engine_lowrank_backward_under_compile(engine_path):
+    """torch.compile (aot_eager, fullgraph) traces the fused backward through its fake kernel and runs the
+    same op: the gradients equal eager's bit for bit."""
+    n, k, m, r = 96, 128, 40, 4
+    qt = quantized(n, k, "nf4", 64, True, seed=9)
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    a0, b0 = torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1
+    gy = torch.randn(m, n, generator=g).to(torch.bfloat16)
+
+    def f(x, a, b):
+        return lowbit.ops.lowrank(x, qt, a, b, 0.5)
+
+    def grads(fn):
+        x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        fn(x, a, b).backward(gy)
+        return x.grad, a.grad, b.grad
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads(compiled)  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = grads(compiled)
+    assert any(e.key == "lowbit::lowrank_backward" for e in prof.key_averages())
+    for u, v in zip(grads(f), got):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("engine_path", ENGINES, indirect=True)
 def test_engine_lowrank_backward_fp32_medium(engine_path):
     """fp32 x under 'medium' takes the engines (gemm_t's route), so the fused backward too: its operands are
     rounded to bf16 (gy, x, A, B and xa), gx comes back in fp32."""
