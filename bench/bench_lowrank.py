@@ -104,7 +104,7 @@ def module_rows(shapes, ranks, reps: int) -> list[dict]:
     (the ratio: median over 3 rounds of the median of the per-pair ratios). Validated first: the module
     against a float64 x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ."""
     print("\nmodules, torch.no_grad() (nf4 block 64 double quant): LoRALinear / QuantLinear")
-    print(f"{'N x K':>11} {'r':>3} {'M':>4} {'QuantLinear':>12} {'LoRALinear':>11} {'ratio':>7}   (ms)")
+    print(f"{'N x K':>11} {'r':>3} {'M':>4} {'x':>5} {'QuantLinear':>12} {'LoRALinear':>11} {'ratio':>7}   (ms)")
     out = []
     for n, k in shapes:
         g = torch.Generator().manual_seed(1)
@@ -118,18 +118,20 @@ def module_rows(shapes, ranks, reps: int) -> list[dict]:
             with torch.no_grad():
                 layer.lora_B["default"].copy_(torch.randn(n, r, generator=g) / r ** 0.5)
             a64, b64 = layer.lora_A["default"].detach().double(), layer.lora_B["default"].detach().double()
-            for m in (1, 8):
-                x = torch.randn(m, k, generator=g)
+            for m, dtype in ((1, torch.float32), (8, torch.float32), (1, torch.bfloat16), (8, torch.bfloat16)):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                tol = 1e-3 if dtype == torch.float32 else 1e-2  # bf16: products of bf16 operands, bf16 output
                 with torch.no_grad():
                     x64 = x.double()
                     ref = x64 @ w64.T + layer.scaling["default"] * (x64 @ a64.T) @ b64.T
-                    assert (layer(x).double() - ref).abs().max() <= 1e-3 * ref.abs().max(), "LoRALinear != reference"
+                    assert (layer(x).double() - ref).abs().max() <= tol * ref.abs().max(), "LoRALinear != reference"
                     # three rounds of paired medians, their median: one burst of load skews one round only
                     rounds = [timeit_pair(lambda: base(x), lambda: layer(x), 2 * reps) for _ in range(3)]
                     t_q, t_l, ratio = (statistics.median(c) for c in zip(*rounds))
-                out.append({"n": n, "k": k, "r": r, "m": m, "quantlinear_ms": t_q * 1e3, "loralinear_ms": t_l * 1e3,
-                            "module_ratio": ratio})
-                print(f"{n:>5}x{k:<5} {r:>3} {m:>4} {t_q * 1e3:12.3f} {t_l * 1e3:11.3f} {ratio:6.3f}x", flush=True)
+                dn = "fp32" if dtype == torch.float32 else "bf16"
+                out.append({"n": n, "k": k, "r": r, "m": m, "dtype": dn, "quantlinear_ms": t_q * 1e3,
+                            "loralinear_ms": t_l * 1e3, "module_ratio": ratio})
+                print(f"{n:>5}x{k:<5} {r:>3} {m:>4} {dn:>5} {t_q * 1e3:12.3f} {t_l * 1e3:11.3f} {ratio:6.3f}x", flush=True)
     return out
 
 
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
             err = float((ops.lowrank(x, qt, a, b, 2.0).double() - ref).abs().max() / ref.abs().max())
         y = ops.lowrank(x, qt, a, b, 2.0)
         y.backward(gy)
-        gx_ref = gy.double() @ wd + 2.0 * (gy.double() @ b.double()) @ a.double()
+        gx_ref = gy.double() @ wd + 2.0 * (gy.double() @ b.detach().double()) @ a.detach().double()
         errg = float((x.grad.double() - gx_ref).abs().max() / gx_ref.abs().max())
         x.grad = a.grad = b.grad = None
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-3

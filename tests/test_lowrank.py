@@ -370,14 +370,15 @@ def _spy_op_path(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("r", [1, 16, 64])
 @pytest.mark.parametrize("m", [1, 3, 8, 33])
-def test_lora_fast_path_bit_identical_to_op_path(m, r, monkeypatch):
+def test_lora_fast_path_bit_identical_to_op_path(m, r, dtype, monkeypatch):
     calls = _spy_op_path(monkeypatch)
     cpu = lowbit._native.module("cpu")
     for bias in (True, False):
         layer = _two_adapter_layer(r, bias, seed=m * 100 + r)
-        x = torch.randn(2, m, 256)  # leading dims are flattened like the op path does
+        x = torch.randn(2, m, 256).to(dtype)  # leading dims are flattened like the op path does
         for path, active in (("avx2", ["default", "second"]), ("portable", ["default", "second"]),
                              ("avx2", ["default"])):  # one fp32 adapter: its A is used without a copy
             cpu.set_cpu_path(path)
@@ -389,10 +390,12 @@ def test_lora_fast_path_bit_identical_to_op_path(m, r, monkeypatch):
                     with ctx():
                         y = layer(x)
                     assert len(calls) == n_calls, f"{ctx.__name__}: the op path was taken"
-                    assert y.shape == (2, m, 192) and y.dtype == torch.float32
+                    assert y.shape == (2, m, 192) and y.dtype == dtype
                     assert torch.equal(y, y_op), f"bias={bias} {path} {active} {ctx.__name__}: fast path != op path"
             finally:
                 cpu.set_cpu_path("auto")
+            if dtype != torch.float32:  # the op path's bf16 / fp16 accuracy: test_lowrank_cpu.py, test_gemm_engines.py
+                continue
             expected, scale, w64 = _dense_reference(layer, x.reshape(-1, 256))
             assert_close(y.reshape(-1, 192), expected, dtype=torch.float32, k=256 + r + 5, scale=scale,
                          extra=cpu_route_bound(x, w64))
@@ -453,6 +456,22 @@ def test_lora_fast_path_cache_follows_every_change():
         assert torch.equal(copy_(x), layer(x))
 
 
+def test_lora_fast_path_cache_follows_the_dtype_of_x(monkeypatch):
+    """The cached stacked pair is in x's dtype: fp32, bf16, fp16 and fp32 again alternate in one layer,
+    each bit-identical to the op path, with no op call."""
+    calls = _spy_op_path(monkeypatch)
+    layer = _two_adapter_layer(8)
+    x = torch.randn(5, 256)
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16):
+        xd = x.to(dt)
+        want = _op_path(layer, xd)
+        n_calls = len(calls)
+        with torch.no_grad():
+            y = layer(xd)
+        assert len(calls) == n_calls and y.dtype == dt and torch.equal(y, want), dt
+        assert layer._lowrank_cache[0][0] == dt
+
+
 def test_lora_fast_path_not_taken_when_recording_grads(monkeypatch):
     """Under grad recording the op path runs: backward works and the gradients are torch autograd's of
     the dense float64 model; frozen adapters with x not requiring grad take the fast path."""
@@ -480,13 +499,13 @@ def test_lora_fast_path_not_taken_when_recording_grads(monkeypatch):
     layer.requires_grad_(False)
     y = layer(x.detach())
     assert y.grad_fn is None and len(calls) == 1
-    # bf16 x, the reference backend: op path even under no_grad
+    # bf16 x takes the fast path too; the reference backend the op path even under no_grad
     with torch.no_grad():
         layer(x.detach().bfloat16())
-        assert len(calls) == 2
+        assert len(calls) == 1
         with lowbit.use_backend("reference"):
             layer(x.detach())
-        assert len(calls) == 3
+        assert len(calls) == 2
 
 
 def test_lora_fast_path_dropout_and_compile():

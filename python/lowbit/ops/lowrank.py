@@ -196,17 +196,17 @@ def lowrank(x: torch.Tensor, qt: QuantizedTensor, a: torch.Tensor, b: torch.Tens
 def lowrank_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str, stacked,
                       bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The decode entry point: ``x · dequant(W)ᵀ + (x · Aᵀ) · Bᵀ (+ bias)`` (s = 1, B pre-scaled) by the
-    CPU fused kernel, with the arguments :func:`lowrank_op` would pass it (x made contiguous, bias in
-    fp32, a fresh (M, r) xa that nobody reads) — bit-identical to the op path, without its dispatch.
+    CPU fused kernel, with the arguments :func:`lowrank_op` would pass it (x made contiguous, bias in x's
+    dtype, a fresh (M, r) xa that nobody reads) — bit-identical to the op path, without its dispatch.
 
-    For callers with no autograd graph to record; w = the weight's component tensors; ``stacked()``
-    returns contiguous fp32 A (r, K) and B (N, r), called only once this path applies (a cache stays
-    unbuilt otherwise). Returns None when it does not (not fp32 on the "cpu" backend, devices differ,
-    block or rank outside the kernel's range, under torch.compile): the caller then takes
-    :func:`lowrank`, which also owns every error message."""
+    For callers with no autograd graph to record; w = the weight's component tensors; ``stacked(dtype)``
+    returns contiguous A (r, K) and B (N, r) in x's dtype, called only once this path applies (a cache
+    stays unbuilt otherwise). Returns None when it does not (x not fp32 / bf16 / fp16 on the "cpu"
+    backend, devices differ, block or rank outside the kernel's range, under torch.compile): the caller
+    then takes :func:`lowrank`, which also owns every error message."""
     if torch.compiler.is_compiling():
         return None
-    if (not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0
+    if (not isinstance(x, torch.Tensor) or x.dtype not in DTYPE_ID or x.device.type != "cpu" or x.dim() == 0
             or x.shape[-1] != k or backend_for(x) != "cpu" or not has_kernel("cpu", "lowrank")):
         return None
     if w[0].device != x.device or block not in GEMM_BLOCKS:
@@ -214,13 +214,13 @@ def lowrank_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str, 
     if bias is not None:
         if bias.device != x.device:
             return None
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.detach().to(torch.float32).contiguous()  # what lowrank() passes
-    a, b = stacked()
+        if bias.dtype != x.dtype or not bias.is_contiguous():
+            bias = bias.detach().to(x.dtype).contiguous()  # what lowrank() passes
+    a, b = stacked(x.dtype)
     if a.shape[0] > MAX_RANK or a.device != x.device:
         return None
     x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    xa = torch.empty(x2.shape[0], a.shape[0], dtype=torch.float32)  # the kernel always writes x·Aᵀ
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    xa = torch.empty(x2.shape[0], a.shape[0], dtype=x.dtype)  # the kernel always writes x·Aᵀ
     _native_lowrank("cpu", x2, y, xa, bias, w, a, b, 1.0, n, k, block, fmt)
     return y.reshape(*x.shape[:-1], n)
