@@ -4,6 +4,7 @@ accumulation error remains); autograd, opcheck, torch.compile, QuantLinear, quan
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -250,6 +251,47 @@ def test_eager_inference_skips_the_op_with_the_same_result():
     y = ops.gemm(xg, qt)
     y.sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_quant_linear_inference_calls_the_kernel_from_its_components(monkeypatch):
+    """QuantLinear's eager inference (ops.gemm_inference) builds no QuantizedTensor per call, gives
+    lowbit.linear's bits for every dtype, bias or not, any leading shape; grad recording, the reference
+    backend and a tensor subclass take linear(); the kernel door still checks each component per call."""
+    require_backend("cpu")
+    from lowbit import formats
+
+    built = []
+    real_check = formats.QuantizedTensor._check
+    monkeypatch.setattr(formats.QuantizedTensor, "_check", lambda self: built.append(1) or real_check(self))
+    for bias in (True, False):
+        layer = QuantLinear.from_linear(torch.nn.Linear(128, 96, bias=bias), "nf4", 64, True)
+        qt = layer.weight
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(2, 3, 128).to(dtype)
+            want = lowbit.linear(x, qt, layer.bias)
+            for ctx in (torch.no_grad, torch.inference_mode):
+                n = len(built)
+                with ctx():
+                    y = layer(x)
+                assert len(built) == n, "a QuantizedTensor was built: the fast path was not taken"
+                assert y.dtype == dtype and y.shape == (2, 3, 96) and torch.equal(y, want)
+    # the fast path declines: grads recorded, another backend, a subclass -> linear() (builds the weight)
+    class Sub(torch.Tensor):
+        pass
+
+    xg = torch.randn(4, 128, requires_grad=True)
+    for what, run in (("grad recording", lambda: layer(xg).sum().backward()),
+                      ("the reference backend", lambda: layer(xg.detach())),
+                      ("a subclass", lambda: layer(torch.randn(1, 128).as_subclass(Sub)))):
+        n = len(built)
+        with (lowbit.use_backend("reference") if what == "the reference backend" else contextlib.nullcontext()):
+            run()
+        assert len(built) > n, f"{what}: the fast path was taken"
+    assert xg.grad is not None
+    # the door: a component whose storage no longer holds it is refused, not read past
+    layer.scale_q.untyped_storage().resize_(10)
+    with torch.no_grad(), pytest.raises(ValueError, match="scale_q spans"):
+        layer(torch.randn(1, 128))
 
 
 def test_quant_linear_in_a_fresh_process_without_torch_distributed_tensor():

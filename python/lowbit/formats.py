@@ -142,7 +142,7 @@ def is_dtensor(t) -> bool:
 def check_storage(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor whose storage does not hold the elements its view spans (a storage shrunk
     with ``untyped_storage().resize_()`` after the view was made): native code would read past it."""
-    if not t.numel() or t.device.type == "meta" or torch.compiler.is_compiling():
+    if not t.numel() or t.is_meta or torch.compiler.is_compiling():
         return  # under torch.compile the ops' kernel door checks the real tensors at run time
     if t.is_contiguous():
         span = t.numel()

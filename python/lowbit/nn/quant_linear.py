@@ -10,6 +10,7 @@ from torch import nn
 
 from ..formats import DTYPE_NAME, NESTED_BLOCK, QuantizedTensor, QuantSpec, is_dtensor, json_loads, parse_metadata
 from ..functional import linear
+from .. import ops
 from ..ops import quantize
 
 _COMPONENTS = ("codes", "scale", "zero", "scale_q", "scale_nested", "scale_offset")
@@ -121,7 +122,14 @@ class QuantLinear(nn.Module):
         return QuantizedTensor(self.spec, (self.out_features, self.in_features), self.weight_dtype, **comps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        """``linear(x, self.weight, self.bias)``. In plain eager inference on the CPU kernels (nothing to
+        differentiate, no tracing) the kernel is called from the components themselves
+        (:func:`lowbit.ops.gemm_inference`: the same door, the same bits), without rebuilding and
+        re-checking a QuantizedTensor per call — at decode that cost 4× the kernel on small layers."""
+        comps = self._components()
+        y = ops.gemm_inference(x, tuple(comps.get(n) for n in _COMPONENTS), self.out_features, self.in_features,
+                               self.spec.block_size, self.spec.fmt, self.bias)
+        return y if y is not None else linear(x, self.weight, self.bias)
 
     # ---- state dict: the format travels with the tensors
     def get_extra_state(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ._common import backend_for, check_finite, check_tensor, has_kernel, weight_args
 from ..formats import GEMM_BLOCKS
-from .gemm import gemm, gemm_op, gemm_t, gemm_t_op
+from .gemm import gemm, gemm_inference, gemm_op, gemm_t, gemm_t_op
 from .hadamard import hadamard, hadamard_op
 from .precision import PRECISIONS, get_matmul_precision, matmul_precision, set_matmul_precision
 from .lowrank import lowrank, lowrank_inference, lowrank_op
@@ -26,7 +26,8 @@ from .svdquant import svdquant_act, svdquant_gemm, svdquant_linear
 from .qwha import adapter_hadamard, adapter_hadamard_factors, qwha_inference, qwha_spmm, qwha_spmm_backward
 from . import optim  # noqa: E402  (lowbit.ops.optim: the AdamW kernels, managed memory)
 
-__all__ = ["quantize", "dequantize", "quantize8", "dequantize8", "gemm", "gemm_t", "gemm_op", "gemm_t_op", "GEMM_BLOCKS",
+__all__ = ["quantize", "dequantize", "quantize8", "dequantize8", "gemm", "gemm_t", "gemm_op", "gemm_t_op", "gemm_inference",
+           "GEMM_BLOCKS",
            "lowrank", "lowrank_op", "lowrank_inference", "hadamard", "hadamard_op", "adapter_hadamard",
            "adapter_hadamard_factors", "qwha_spmm", "qwha_spmm_backward", "qwha_inference", "optim",
            "svdquant_act", "svdquant_gemm", "svdquant_linear",
