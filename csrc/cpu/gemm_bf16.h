@@ -398,13 +398,22 @@ inline void panel_cols(const RowSrc& s, int64_t j0, int nc, int64_t k0, int kc, 
 #if defined(__AVX512BW__)
   pr = pair_rows_lut(s, k0, kc / 2, j0, nc, panel, ncg);
 #endif
+  // A bf16 dense source whose nc columns all lie inside it (the lowrank backward's x and gy): pairs of
+  // its rows interleaved straight from where they lie, no copy into tmp.
+  const bool direct = !s.w && s.dt == DType::bf16 && j0 + nc <= s.cols;
   for (; pr < kc / 2; ++pr) {
-    src_row_bf16(s, k0 + 2 * pr, j0, nc, tmp);
-    src_row_bf16(s, k0 + 2 * pr + 1, j0, nc, tmp + nc);
+    const uint16_t *ra = tmp, *rb = tmp + nc;
+    if (direct && k0 + 2 * pr + 1 < s.rows) {
+      ra = static_cast<const uint16_t*>(s.a) + (k0 + 2 * pr) * s.ld + j0;
+      rb = ra + s.ld;
+    } else {
+      src_row_bf16(s, k0 + 2 * pr, j0, nc, tmp);
+      src_row_bf16(s, k0 + 2 * pr + 1, j0, nc, tmp + nc);
+    }
     int32_t* row = panel + int64_t(pr / 16) * ncg * 256 + (pr % 16) * 16;
     for (int cg = 0; cg < ncg; ++cg) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp + cg * 16));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp + nc + cg * 16));
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + cg * 16));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + cg * 16));
       const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + cg * 256), _mm256_permute2x128_si256(lo, hi, 0x20));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + cg * 256 + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
