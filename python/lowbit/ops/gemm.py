@@ -153,11 +153,18 @@ def gemm(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = No
     x2 = x.reshape(-1, k).contiguous()
     w = weight_args(qt)
     if _eager_kernel_call(be, x2, bias, w):  # the kernel straight away: same door, same result
-        y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
-        native_gemm("gemm", be, x2, y, bias, w, n, k, qt.block_size, qt.fmt)
+        y = _eager_gemm(x2, bias, w, n, k, qt.block_size, qt.fmt)
     else:
         y = gemm_op(x2, *w, bias, n, k, qt.block_size, qt.fmt, be)
     return y.reshape(*lead, n)
+
+
+def _eager_gemm(x2: torch.Tensor, bias, w, n: int, k: int, block: int, fmt: str) -> torch.Tensor:
+    """The CPU kernel on x2 (M, K) into a fresh (M, N), bias already in x's dtype and dense: the eager
+    path of :func:`gemm` and :func:`gemm_inference` (the kernel door runs inside ``native_gemm``)."""
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
+    native_gemm("gemm", "cpu", x2, y, bias, w, n, k, block, fmt)
+    return y
 
 
 def gemm_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str,
@@ -181,10 +188,7 @@ def gemm_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str,
         return None
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()  # what gemm() passes
-    x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
-    native_gemm("gemm", "cpu", x2, y, bias, w, n, k, block, fmt)
-    return y.reshape(*x.shape[:-1], n)
+    return _eager_gemm(x.reshape(-1, k).contiguous(), bias, w, n, k, block, fmt).reshape(*x.shape[:-1], n)
 
 
 def _eager_kernel_call(be: Optional[str], a: torch.Tensor, bias, w) -> bool:
