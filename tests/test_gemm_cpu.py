@@ -241,6 +241,17 @@ def test_gemm_dq_long_rows(path, fmt, block, m):
     run_gemm(m, 23, 100 * block, fmt, block, dq=True, dtype=torch.float32, with_bias=True, seed=block + m)
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+def test_gemm_dq_short_rows(path, fmt, block, m):
+    """Double quant with rows of 9 blocks (SmolLM2's K = 576 at block 64): a group of rows is far less
+    than a nested group of 256 blocks, so groups share the per-thread scale tables (built once per
+    nested group, not per group) and some groups straddle two nested groups; 123 rows = 4-row groups
+    over 5 nested groups + 3 single rows."""
+    run_gemm(m, 123, 9 * block, fmt, block, dq=True, dtype=torch.float32, with_bias=m % 2 == 0, seed=block + m)
+
+
 # ---------------------------------------------------------------- activation dtypes, bias
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", list(FMT))

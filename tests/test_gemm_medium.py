@@ -98,6 +98,14 @@ def test_medium_dq_long_rows(medium, fmt, block, m):
     run(m, 23, 100 * block, fmt, block, True, seed=block + m)
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_medium_dq_short_rows(medium, fmt, m):
+    """Rows of 9 blocks with double quant: groups of rows share the per-thread scale tables and some
+    straddle two nested groups (123 rows, 1107 blocks: 5 nested groups)."""
+    run(m, 123, 9 * 64, fmt, 64, True, seed=m)
+
+
 # ---------------------------------------------------------------- the policy's promise
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m", [1, 8, 24])

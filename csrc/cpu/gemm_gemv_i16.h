@@ -233,6 +233,27 @@ int64_t dq_tables(const GemmWeight& w, int64_t b0, int64_t cnt, float* tab) {
   return ntab;
 }
 
+// The dq_tables a thread holds: tables of nested blocks [first, end) in tab. Row groups that follow
+// one another share them — at K = 576 a group of 4 rows is 36 blocks and a nested block 256, so the
+// tables are built about once per nested block instead of once per group (which had kept the inline
+// double-quant path to groups of ≥ 64 blocks; short rows paid a scalar decode per group: nf4 + dq ran
+// at 0.78 of nf4's rate at K = 576). clear() after anything else writes tab.
+struct DqTableCache {
+  float* tab;
+  int64_t first = 0, end = 0;
+  // tables from the nested block of b0 on, covering blocks [b0, b0 + cnt)
+  const float* get(const GemmWeight& w, int64_t b0, int64_t cnt) {
+    const int64_t nb0 = nested_block_of(b0), nb1 = nested_block_of(b0 + cnt - 1) + 1;
+    if (nb0 < first || nb1 > end) {
+      dq_tables(w, b0, cnt, tab);
+      first = nb0;
+      end = nb1;
+    }
+    return tab + (nb0 - first) * 256;
+  }
+  void clear() { first = end = 0; }
+};
+
 // Double-quant scales of blocks [b0, b0 + cnt) → out; same fp32 operations as weight_scale
 // (multiply, round, add, round): bit-identical. Long runs go through dq_tables (tab: room for
 // (cnt / 256 + 2) · 256 floats, or null): table loads instead of a scalar mul/add per block.
@@ -257,6 +278,36 @@ void decode_scales_dq(const GemmWeight& w, int64_t b0, int64_t cnt, float* out, 
   }
 }
 
+// The int16 image of a 16-entry table (nf4 ×16384, fp4 ×3072): its low and high bytes in both 128-bit
+// halves (VNNI: lo holds the 16 int16 values themselves, for vpermw). Built once per process, not per
+// call of gemv_rows (48 roundings per 4 rows: ≈ 5% of an M = 1 GEMV at 576 × 576).
+struct Tab4Image {
+  alignas(32) int8_t lo[32];
+  alignas(32) int8_t hi[32];
+};
+
+inline Tab4Image make_tab4_image(const float* table, float S) {
+  Tab4Image t;
+  for (int i = 0; i < 32; ++i) {
+    const int v = int(std::nearbyint(table[i % 16] * S));
+    t.lo[i] = int8_t(v & 0xff);
+    t.hi[i] = int8_t(v >> 8);
+  }
+  if (LOWBIT_GEMV_VNNI)
+    for (int i = 0; i < 16; ++i) {
+      const int16_t v = int16_t(std::nearbyint(table[i] * S));
+      std::memcpy(t.lo + 2 * i, &v, 2);
+    }
+  return t;
+}
+
+constexpr float tab4_scale(Fmt fmt) { return fmt == Fmt::nf4 ? 16384.0f : 3072.0f; }
+
+inline const Tab4Image& tab4_image(Fmt fmt) {
+  static const Tab4Image nf4 = make_tab4_image(kNF4, tab4_scale(Fmt::nf4)), fp4 = make_tab4_image(kFP4, tab4_scale(Fmt::fp4));
+  return fmt == Fmt::nf4 ? nf4 : fp4;
+}
+
 struct GemvRowScales {  // per thread: the rows' scales (double quant decoded), padded with zeros
   AlignedBuf buf;
   const float* rows[4];
@@ -273,25 +324,12 @@ void gemv_rows(const GemmParams& p, const GemvX& gx, int64_t n0, const float* co
   const GemmWeight& w = p.w;
   const int64_t K = w.k, nfull = K / CH, row_bytes = K * fmt_bits(w.fmt) / 8;
   const int block = w.block;
-  // int16 image of the 16-entry table, low and high bytes, in both 128-bit halves.
-  // (VNNI: tl holds the 16 int16 values themselves, for vpermw.)
-  alignas(32) int8_t tl[32], th[32];
+  __m256i tlo = _mm256_setzero_si256(), thi = _mm256_setzero_si256();
   if constexpr (D == Dec::tab4) {
-    const float* table = w.fmt == Fmt::nf4 ? kNF4 : kFP4;
-    const float S = w.fmt == Fmt::nf4 ? 16384.0f : 3072.0f;
-    for (int i = 0; i < 32; ++i) {
-      const int v = int(std::nearbyint(table[i % 16] * S));
-      tl[i] = int8_t(v & 0xff);
-      th[i] = int8_t(v >> 8);
-    }
-    if (LOWBIT_GEMV_VNNI)
-      for (int i = 0; i < 16; ++i) {
-        const int16_t v = int16_t(std::nearbyint(table[i] * S));
-        std::memcpy(tl + 2 * i, &v, 2);
-      }
+    const Tab4Image& ti = tab4_image(w.fmt);
+    tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(ti.lo));
+    thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(ti.hi));
   }
-  const __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl));
-  const __m256i thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(th));
 
   __m256 acc[MM][R];
 #pragma GCC unroll 16
@@ -558,7 +596,7 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
   const int64_t K = w.k, N = w.n, nchunk = (K + CH - 1) / CH, nbr = K / w.block, ngr = K / kXGroup;
   const bool is_int = D != Dec::tab4;
   const float qx = (w.fmt == Fmt::nf4) ? 16383.0f : 32767.0f;
-  const float ts = w.fmt == Fmt::nf4 ? 16384.0f : (w.fmt == Fmt::fp4 ? 3072.0f : 1.0f);
+  const float ts = is_int ? 1.0f : tab4_scale(w.fmt);
   static thread_local AlignedBufT<int16_t> xq_buf;
   static thread_local AlignedBuf dx_buf, gs_buf, xs_buf;
   GemvX gx;
@@ -614,14 +652,18 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
     const int64_t groups = N / R;
     float* srow_buf = w.scale_q ? sbuf.get(size_t(R * nbr + 8)) : nullptr;
     float* tab_buf = w.scale_q ? tbuf.get(size_t((R * nbr / kNestedBlock + 2) * 256)) : nullptr;
+    DqTableCache dqc{tab_buf};
     auto rows_scales = [&](int64_t n, int cnt, const float** s_rows) {
-      if (w.scale_q) decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);  // the rows are contiguous
+      if (w.scale_q) {
+        decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);
+        dqc.clear();
+      }  // the rows are contiguous
       for (int r = 0; r < cnt; ++r) s_rows[r] = w.scale_q ? srow_buf + r * nbr : w.scale + (n + r) * nbr;
     };
     const float* s_rows[4] = {nullptr, nullptr, nullptr, nullptr};
     // nf4/fp4 + double quant, one scale per chunk, long rows: scales read from dq_tables in the kernel
     constexpr bool kDQOk = D == Dec::tab4 && SPC == 1;
-    const bool dq_inline = kDQOk && w.scale_q && R * nbr >= 64;
+    const bool dq_inline = kDQOk && w.scale_q;
     // low-rank: claim parts of the down-projection first; until all are published, rows are
     // computed with a deferred epilogue (gd) and listed in pend for lr_finish
     static thread_local std::vector<int64_t> pend;
@@ -649,8 +691,8 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
     for (int64_t g = 0; g < groups; ++g) {
       if constexpr (kDQOk) {
         if (dq_inline) {
-          dq_tables(w, g * R * nbr, R * nbr, tab_buf);
-          rows(g * R, R, [&](const GemvX& x) { gemv_rows<D, MM, R, SPC, true>(p, x, g * R, s_rows, tab_buf); });
+          const float* tab = dqc.get(w, g * R * nbr, R * nbr);
+          rows(g * R, R, [&](const GemvX& x) { gemv_rows<D, MM, R, SPC, true>(p, x, g * R, s_rows, tab); });
           continue;
         }
       }

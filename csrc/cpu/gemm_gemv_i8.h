@@ -416,13 +416,17 @@ void gemv8_run(const GemmParams& p, const LowrankParams* lr) {
     const int64_t groups = N / R;
     float* srow_buf = w.scale_q ? sbuf.get(size_t(R * nbr + 8)) : nullptr;
     float* tab_buf = w.scale_q ? tbuf.get(size_t((R * nbr / kNestedBlock + 2) * 256)) : nullptr;
+    DqTableCache dqc{tab_buf};
     auto rows_scales = [&](int64_t n, int cnt, const float** s_rows) {
-      if (w.scale_q) decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);
+      if (w.scale_q) {
+        decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);
+        dqc.clear();
+      }
       for (int r = 0; r < cnt; ++r) s_rows[r] = w.scale_q ? srow_buf + r * nbr : w.scale + (n + r) * nbr;
     };
     const float* s_rows[4] = {nullptr, nullptr, nullptr, nullptr};
     constexpr bool kDQOk = kTab && SPC == 1;
-    const bool dq_inline = kDQOk && w.scale_q && R * nbr >= 64;
+    const bool dq_inline = kDQOk && w.scale_q;
     static thread_local std::vector<int64_t> pend;
     pend.clear();
     bool ready = !lr;
@@ -446,8 +450,8 @@ void gemv8_run(const GemmParams& p, const LowrankParams* lr) {
     for (int64_t g = 0; g < groups; ++g) {
       if constexpr (kDQOk) {
         if (dq_inline) {
-          dq_tables(w, g * R * nbr, R * nbr, tab_buf);
-          rows(g * R, R, [&](const GemvX8& x) { gemv8_rows<F, MM, R, SPC, true>(p, x, g * R, s_rows, tab_buf); });
+          const float* tab = dqc.get(w, g * R * nbr, R * nbr);
+          rows(g * R, R, [&](const GemvX8& x) { gemv8_rows<F, MM, R, SPC, true>(p, x, g * R, s_rows, tab); });
           continue;
         }
       }
