@@ -37,11 +37,16 @@ def _door(name: str, t, dtype, numel, device) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name}.dtype={t.dtype}, the kernel reads {dtype}")
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"{name} has {t.numel()} elements (shape {tuple(t.shape)}), the kernel reads {numel}")
+    count = t.numel()
+    if numel is not None and count != numel:
+        raise ValueError(f"{name} has {count} elements (shape {tuple(t.shape)}), the kernel reads {numel}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, the kernel runs on {device}")
-    check_storage(name, t)
+    # check_storage's rule, inline for the common case (a dense tensor that its storage holds: ≈ 0.4 µs
+    # of the ≈ 1 µs a tensor that decode pays per call); anything else takes check_storage itself
+    if not (count and t.is_contiguous() and not t.is_meta
+            and (t.storage_offset() + count) * t.element_size() <= t.untyped_storage().nbytes()):
+        check_storage(name, t)
     return t
 
 

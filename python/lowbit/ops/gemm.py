@@ -21,24 +21,26 @@ __all__ = ["gemm", "gemm_t", "gemm_op", "gemm_t_op", "gemm_inference", "native_g
            "resolve_backend"]
 
 
-def native_gemm(fn: str, be: str, a: torch.Tensor, out: torch.Tensor, bias, w, n, k, block, fmt) -> None:
-    """The ``gemm`` / ``gemm_t`` kernel of backend ``be`` on a (M, ·) into out (M, ·); w = the weight's
-    component tensors (``weight_args``). Every pointer passes the kernel door (``_common.dense*``)."""
+def native_gemm(fn: str, be: str, a: torch.Tensor, bias, w, n, k, block, fmt) -> torch.Tensor:
+    """The ``gemm`` / ``gemm_t`` kernel of backend ``be`` on a (M, ·) into a new (M, ·) of a's dtype; w =
+    the weight's component tensors (``weight_args``). Every pointer passes the kernel door
+    (``_common.dense*``) but the output's: allocated here, it is dense and holds what the kernel writes."""
     inner, outer = (k, n) if fn == "gemm" else (n, k)
     if a.dtype not in DTYPE_ID or a.dim() != 2 or a.shape[1] != inner:
         raise ValueError(f"{fn}: the input must be a (M, {inner}) fp32/bf16/fp16 matrix, got "
                          f"{tuple(a.shape)} {a.dtype}")
     m = a.shape[0]
     a = dense("x" if fn == "gemm" else "gy", a)
-    out = dense_out("out", out, dtype=a.dtype, numel=m * outer, device=a.device)
     bias = dense("bias", bias, dtype=a.dtype, numel=n, device=a.device)
     codes, scale, zero, scale_q, scale_nested, scale_offset = dense_weight(w, n, k, block, fmt, a.device)
+    out = torch.empty(m, outer, dtype=a.dtype, device=a.device)
     args = [a.data_ptr(), out.data_ptr()]
     if fn == "gemm":
         args.append(ptr(bias))
     args += [DTYPE_ID[a.dtype], m, n, k, codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q),
              ptr(scale_nested), float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt]]
     call(be, fn, *args)
+    return out
 
 
 @torch.library.custom_op("lowbit::gemm", mutates_args=())
@@ -51,9 +53,7 @@ def gemm_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tensor],
     be = backend or backend_for(x)
     if be == "reference":
         return ref.gemm_ref(x, qt_from_args(*w, n, k, block, fmt, torch.float32), bias)
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    native_gemm("gemm", be, x, y, bias, w, n, k, block, fmt)
-    return y
+    return native_gemm("gemm", be, x, bias, w, n, k, block, fmt)
 
 
 @gemm_op.register_fake
@@ -71,9 +71,7 @@ def gemm_t_op(gy: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tenso
     be = backend or backend_for(gy)
     if be == "reference":
         return ref.gemm_t_ref(gy, qt_from_args(*w, n, k, block, fmt, torch.float32))
-    gx = torch.empty(gy.shape[0], k, dtype=gy.dtype, device=gy.device)
-    native_gemm("gemm_t", be, gy, gx, None, w, n, k, block, fmt)
-    return gx
+    return native_gemm("gemm_t", be, gy, None, w, n, k, block, fmt)
 
 
 @gemm_t_op.register_fake
@@ -153,18 +151,10 @@ def gemm(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = No
     x2 = x.reshape(-1, k).contiguous()
     w = weight_args(qt)
     if _eager_kernel_call(be, x2, bias, w):  # the kernel straight away: same door, same result
-        y = _eager_gemm(x2, bias, w, n, k, qt.block_size, qt.fmt)
+        y = native_gemm("gemm", "cpu", x2, bias, w, n, k, qt.block_size, qt.fmt)
     else:
         y = gemm_op(x2, *w, bias, n, k, qt.block_size, qt.fmt, be)
     return y.reshape(*lead, n)
-
-
-def _eager_gemm(x2: torch.Tensor, bias, w, n: int, k: int, block: int, fmt: str) -> torch.Tensor:
-    """The CPU kernel on x2 (M, K) into a fresh (M, N), bias already in x's dtype and dense: the eager
-    path of :func:`gemm` and :func:`gemm_inference` (the kernel door runs inside ``native_gemm``)."""
-    y = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
-    native_gemm("gemm", "cpu", x2, y, bias, w, n, k, block, fmt)
-    return y
 
 
 def gemm_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str,
@@ -188,7 +178,8 @@ def gemm_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str,
         return None
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()  # what gemm() passes
-    return _eager_gemm(x.reshape(-1, k).contiguous(), bias, w, n, k, block, fmt).reshape(*x.shape[:-1], n)
+    y = native_gemm("gemm", "cpu", x.reshape(-1, k).contiguous(), bias, w, n, k, block, fmt)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _eager_kernel_call(be: Optional[str], a: torch.Tensor, bias, w) -> bool:
@@ -203,8 +194,10 @@ def _eager_kernel_call(be: Optional[str], a: torch.Tensor, bias, w) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    return all(t is None or type(t) in _PLAIN for t in w) and not any(
-        t is not None and t.requires_grad for t in w)
+    for t in w:
+        if t is not None and (type(t) not in _PLAIN or t.requires_grad):
+            return False
+    return True
 
 
 # Tensors the op's dispatch would not treat specially: plain tensors and nn.Parameter (a layer's bias, a

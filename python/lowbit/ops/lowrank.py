@@ -67,8 +67,7 @@ def lowrank_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tenso
     # product is taken in fp32 so the sum is rounded to x's dtype once (a bf16 intermediate would
     # lose the branch under cancellation).
     xf = x.float()
-    yf = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-    native_gemm("gemm", be, xf, yf, None if bias is None else bias.float(), w, n, k, block, fmt)
+    yf = native_gemm("gemm", be, xf, None if bias is None else bias.float(), w, n, k, block, fmt)
     xa = xf @ a.float().T
     y = (yf + s * (xa @ b.float().T)).to(x.dtype)
     return y, xa.to(x.dtype)
