@@ -13,7 +13,7 @@ import torch
 
 from .. import reference as ref
 from ..formats import DTYPE_ID, FMT_ID, GEMM_BLOCKS, QuantizedTensor
-from ._common import (FLOAT_DTYPES, backend_for, call, check_scalar, check_tensor, dense, dense_out, dense_weight,
+from ._common import (FLOAT_DTYPES, backend_for, call, check_scalar, check_tensor, dense, dense_weight,
                       has_kernel, module, ptr, qt_from_args, weight_args)
 from .gemm import check_gemm_operands, gemm_t_op, native_gemm, resolve_backend
 
@@ -22,27 +22,28 @@ __all__ = ["lowrank", "lowrank_op", "lowrank_inference", "MAX_RANK"]
 MAX_RANK = 256  # the fused kernels keep x·Aᵀ of one row in registers / shared memory
 
 
-def _native_lowrank(be: str, x: torch.Tensor, y: torch.Tensor, xa: torch.Tensor, bias, w, a: torch.Tensor,
-                    b: torch.Tensor, s: float, n: int, k: int, block: int, fmt: str) -> None:
-    """The fused lowrank kernel of backend ``be`` on x (M, K), y (M, N), xa (M, r), A (r, K), B (N, r)
-    in x's dtype; w = the weight's component tensors (``weight_args``). Every pointer passes the kernel
-    door (``_common.dense*``)."""
+def _native_lowrank(be: str, x: torch.Tensor, bias, w, a: torch.Tensor, b: torch.Tensor, s: float, n: int, k: int,
+                    block: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused lowrank kernel of backend ``be`` on x (M, K), A (r, K), B (N, r) in x's dtype → new y (M, N)
+    and xa (M, r) = x·Aᵀ; w = the weight's component tensors (``weight_args``). Every pointer passes the
+    kernel door (``_common.dense*``) but the outputs': allocated here, they hold what the kernel writes."""
     if x.dtype not in DTYPE_ID or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"lowrank: x must be a (M, {k}) fp32/bf16/fp16 matrix, got {tuple(x.shape)} {x.dtype}")
     if a.dim() != 2 or not 1 <= a.shape[0] <= MAX_RANK:
         raise ValueError(f"lowrank: lora_A must be (r, {k}) with 1 <= r <= {MAX_RANK}, got {tuple(a.shape)}")
     m, r, dev = x.shape[0], a.shape[0], x.device
     x = dense("x", x)
-    y = dense_out("y", y, dtype=x.dtype, numel=m * n, device=dev)
-    xa = dense_out("xa", xa, dtype=x.dtype, numel=m * r, device=dev)
     bias = dense("bias", bias, dtype=x.dtype, numel=n, device=dev)
     a = dense("lora_A", a, dtype=x.dtype, numel=r * k, device=dev)
     b = dense("lora_B", b, dtype=x.dtype, numel=n * r, device=dev)
     codes, scale, zero, scale_q, scale_nested, scale_offset = dense_weight(w, n, k, block, fmt, dev)
+    y = torch.empty(m, n, dtype=x.dtype, device=dev)
+    xa = torch.empty(m, r, dtype=x.dtype, device=dev)  # the kernel always writes x·Aᵀ
     call(be, "lowrank", x.data_ptr(), y.data_ptr(), xa.data_ptr(), ptr(bias), DTYPE_ID[x.dtype], m, n, k,
          codes.data_ptr(), ptr(scale), ptr(zero), ptr(scale_q), ptr(scale_nested),
          float(scale_offset) if scale_offset is not None else 0.0, block, FMT_ID[fmt], a.data_ptr(), b.data_ptr(),
          r, float(s))
+    return y, xa
 
 
 @torch.library.custom_op("lowbit::lowrank", mutates_args=())
@@ -58,11 +59,8 @@ def lowrank_op(x: torch.Tensor, codes: torch.Tensor, scale: Optional[torch.Tenso
         qt = qt_from_args(*w, n, k, block, fmt, torch.float32)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return ref.lowrank_ref(x, qt, a, b, s, bias), (x.to(acc) @ a.to(acc).T).to(x.dtype)
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    xa = torch.empty(x.shape[0], r, dtype=x.dtype, device=x.device)
     if has_kernel(be, "lowrank"):  # fused: x·Aᵀ while x is loaded, s·xa·Bᵀ in the epilogue
-        _native_lowrank(be, x, y, xa, bias, w, a, b, s, n, k, block, fmt)
-        return y, xa
+        return _native_lowrank(be, x, bias, w, a, b, s, n, k, block, fmt)
     # unfused composition on backends without the fused kernel: extra passes over x and y. The base
     # product is taken in fp32 so the sum is rounded to x's dtype once (a bf16 intermediate would
     # lose the branch under cancellation).
@@ -218,8 +216,5 @@ def lowrank_inference(x: torch.Tensor, w, n: int, k: int, block: int, fmt: str, 
     a, b = stacked(x.dtype)
     if a.shape[0] > MAX_RANK or a.device != x.device:
         return None
-    x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    xa = torch.empty(x2.shape[0], a.shape[0], dtype=x.dtype)  # the kernel always writes x·Aᵀ
-    _native_lowrank("cpu", x2, y, xa, bias, w, a, b, 1.0, n, k, block, fmt)
+    y, _ = _native_lowrank("cpu", x.reshape(-1, k).contiguous(), bias, w, a, b, 1.0, n, k, block, fmt)
     return y.reshape(*x.shape[:-1], n)
