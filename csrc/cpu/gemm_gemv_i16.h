@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm_internal.h"
@@ -586,6 +587,119 @@ void lr_finish(const GemmParams& p, const LowrankParams& lr, const GemvX& gx, co
   }
 }
 
+// The int formats' per-block sums of x: xs[m·nbr + b] = Σ_{groups g of block b} gs[m·ngr + g]
+// (the zero-point epilogue's Σ_b s_b z_b Σ dx_g X_g reads them).
+inline void block_sums(const float* gs, int mm, int64_t nbr, int64_t ngr, int gpb, float* xs) {
+  for (int m = 0; m < mm; ++m)
+    for (int64_t b = 0; b < nbr; ++b) {
+      float t = 0.0f;
+      for (int g = 0; g < gpb; ++g) t += gs[m * ngr + b * gpb + g];
+      xs[m * nbr + b] = t;
+    }
+}
+
+// The low-rank branch of one GEMV call (the int16 and int8 drivers alike): x in fp32, s·x·Aᵀ filled
+// part by part by the threads (LrShare), and the deferred base values. init() also sets the branch's
+// fields of f (the GemvX whose xas / b / r / rp8 the row kernels and lr_finish read).
+template <int MM>
+struct GemvLr {
+  LrShare lsh;
+  float* xf = nullptr;
+  float* xas = nullptr;
+  float* ybase = nullptr;
+  void init(const GemmParams& p, const LowrankParams& lr, GemvX& f) {
+    static thread_local AlignedBuf xf_buf, xas_buf, yb_buf;
+    const int64_t K = p.w.k;
+    f.r = lr.r;
+    f.rp8 = (lr.r + 7) / 8 * 8;
+    f.b = lr.b;
+    xas = xas_buf.get(size_t(MM * f.rp8));
+    std::memset(xas, 0, sizeof(float) * size_t(MM * f.rp8));
+    f.xas = xas;
+    xf = xf_buf.get(size_t(MM * K));
+    for (int m = 0; m < MM; ++m)
+      for (int64_t k = 0; k < K; k += 8)
+        _mm256_store_ps(xf + m * K + k, m < p.m ? load8(p.x, p.dtype, m * K + k) : _mm256_setzero_ps());
+    ybase = yb_buf.get(size_t(p.m * p.w.n));
+    lsh.parts = (lr.r + kLrPart - 1) / kLrPart;
+    for (int q = 0; q < lsh.parts; ++q) lsh.done[q].store(0, std::memory_order_relaxed);
+    lsh.test_defer = lr_test_defer();
+  }
+};
+
+// The branch's fields of a driver's activations (the int8 GEMV keeps them in a member, gemm_gemv_i8.h).
+inline GemvX& lr_fields(GemvX& x) { return x; }
+inline const GemvX& lr_fields(const GemvX& x) { return x; }
+
+// The threads' part of a GEMV, the int16 and int8 drivers alike: W's rows in passes of R, handed out
+// dynamically 32 rows a grab (the cores are shared with other jobs: a static split makes the fast thread
+// wait for the slow one; 32 rows, ~450 KB at K = 28672, keep the streams long), the N % R remainder rows
+// one at a time. run(integral_constant<R'>, x, n0, s_rows) computes rows [n0, n0 + R') from decoded
+// scale rows; run_dq(x, n0, s_rows, tab) the R rows of a pass with the double-quant scales read from
+// dq_tables in the kernel (kDQ: nf4/fp4 with one scale per chunk). Low-rank (lr): each thread first
+// claims parts of the down-projection; until all are published, rows are computed with a deferred
+// epilogue and listed for lr_finish.
+template <int MM, int R, bool kDQ, class X, class Run, class RunDQ>
+void gemv_parallel(const GemmParams& p, const LowrankParams* lr, const X& gx, GemvLr<MM>& st, Run run, RunDQ run_dq) {
+  const GemmWeight& w = p.w;
+  const int64_t N = w.n, nbr = w.k / w.block;
+#pragma omp parallel
+  {
+    static thread_local AlignedBuf sbuf, tbuf;
+    const int64_t groups = N / R;
+    float* srow_buf = w.scale_q ? sbuf.get(size_t(R * nbr + 8)) : nullptr;
+    float* tab_buf = w.scale_q ? tbuf.get(size_t((R * nbr / kNestedBlock + 2) * 256)) : nullptr;
+    DqTableCache dqc{tab_buf};
+    auto rows_scales = [&](int64_t n, int cnt, const float** s_rows) {
+      if (w.scale_q) {  // the rows are contiguous
+        decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);
+        dqc.clear();
+      }
+      for (int r = 0; r < cnt; ++r) s_rows[r] = w.scale_q ? srow_buf + r * nbr : w.scale + (n + r) * nbr;
+    };
+    const float* s_rows[4] = {nullptr, nullptr, nullptr, nullptr};
+    const bool dq_inline = kDQ && w.scale_q;
+    static thread_local std::vector<int64_t> pend;
+    pend.clear();
+    bool ready = !lr;
+    X gd = gx;
+    if (lr) {
+      lr_fields(gd).xas = nullptr;
+      lr_fields(gd).ybase = st.ybase;
+      for (int q; (q = st.lsh.next.fetch_add(1, std::memory_order_relaxed)) < st.lsh.parts;) {
+        gemv_down<MM>(p, *lr, st.xf, st.xas, lr_fields(gx).rp8, q * kLrPart, std::min(lr->r, (q + 1) * kLrPart), true);
+        st.lsh.done[q].store(1, std::memory_order_release);
+      }
+    }
+    auto rows = [&](int64_t n, int cnt, auto f) {
+      if (!ready) ready = st.lsh.all_done();
+      if (ready) return f(gx);
+      f(gd);
+      pend.push_back(n);
+      pend.push_back(cnt);
+    };
+#pragma omp for schedule(dynamic, 32 / R) nowait
+    for (int64_t g = 0; g < groups; ++g) {
+      if constexpr (kDQ) {
+        if (dq_inline) {
+          const float* tab = dqc.get(w, g * R * nbr, R * nbr);
+          rows(g * R, R, [&](const X& x) { run_dq(x, g * R, s_rows, tab); });
+          continue;
+        }
+      }
+      rows_scales(g * R, R, s_rows);
+      rows(g * R, R, [&](const X& x) { run(std::integral_constant<int, R>{}, x, g * R, s_rows); });
+    }
+#pragma omp for schedule(static)
+    for (int64_t n = groups * R; n < N; ++n) {
+      rows_scales(n, 1, s_rows);
+      rows(n, 1, [&](const X& x) { run(std::integral_constant<int, 1>{}, x, n, s_rows); });
+    }
+    // (the loop above ends in a barrier: every claimed part is published by now)
+    if (!pend.empty()) lr_finish<MM>(p, *lr, lr_fields(gx), st.lsh, st.xf, st.ybase, pend);
+  }
+}
+
 template <Dec D, int MM, int SPC>
 void gemv_run(const GemmParams& p, const LowrankParams* lr) {
   // Rows of W per pass: 4 row streams at M = 1 measured 2x faster than 1 or 2 (more independent
@@ -593,7 +707,7 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
   constexpr int R = MM == 1 ? 4 : (MM == 2 ? 2 : 1);
   constexpr int CH = kChunk<D>;
   const GemmWeight& w = p.w;
-  const int64_t K = w.k, N = w.n, nchunk = (K + CH - 1) / CH, nbr = K / w.block, ngr = K / kXGroup;
+  const int64_t K = w.k, nchunk = (K + CH - 1) / CH, nbr = K / w.block, ngr = K / kXGroup;
   const bool is_int = D != Dec::tab4;
   const float qx = (w.fmt == Fmt::nf4) ? 16383.0f : 32767.0f;
   const float ts = is_int ? 1.0f : tab4_scale(w.fmt);
@@ -615,98 +729,17 @@ void gemv_run(const GemmParams& p, const LowrankParams* lr) {
   // few % of the kernel, and it leaves the region a single barrier (its end). On these shared
   // cores every barrier can cost a scheduler tick (4 ms) when another job holds one of them.
   gemv_prep_chunks<D>(p, MM, 0, nchunk, xq, dx, gs, gx.ldq, gx.ldd, qx, ts);
-  if (is_int) {
-    const int gpb = w.block / kXGroup;
-    for (int m = 0; m < MM; ++m)
-      for (int64_t b = 0; b < nbr; ++b) {
-        float t = 0.0f;
-        for (int g = 0; g < gpb; ++g) t += gs[m * ngr + b * gpb + g];
-        xs[m * nbr + b] = t;
-      }
-  }
-  LrShare lsh;
-  float* xf = nullptr;
-  float* xas = nullptr;
-  float* ybase = nullptr;
-  if (lr) {
-    static thread_local AlignedBuf xf_buf, xas_buf, yb_buf;
-    gx.r = lr->r;
-    gx.rp8 = (lr->r + 7) / 8 * 8;
-    gx.b = lr->b;
-    xas = xas_buf.get(size_t(MM * gx.rp8));
-    std::memset(xas, 0, sizeof(float) * size_t(MM * gx.rp8));
-    gx.xas = xas;
-    xf = xf_buf.get(size_t(MM * K));
-    for (int m = 0; m < MM; ++m)
-      for (int64_t k = 0; k < K; k += 8)
-        _mm256_store_ps(xf + m * K + k, m < p.m ? load8(p.x, p.dtype, m * K + k) : _mm256_setzero_ps());
-    ybase = yb_buf.get(size_t(p.m * N));
-    lsh.parts = (lr->r + kLrPart - 1) / kLrPart;
-    for (int q = 0; q < lsh.parts; ++q) lsh.done[q].store(0, std::memory_order_relaxed);
-    lsh.test_defer = lr_test_defer();
-  }
-#pragma omp parallel
-  {
-    // rows split evenly in groups of R; the remainder rows go one at a time
-    static thread_local AlignedBuf sbuf, tbuf;
-    const int64_t groups = N / R;
-    float* srow_buf = w.scale_q ? sbuf.get(size_t(R * nbr + 8)) : nullptr;
-    float* tab_buf = w.scale_q ? tbuf.get(size_t((R * nbr / kNestedBlock + 2) * 256)) : nullptr;
-    DqTableCache dqc{tab_buf};
-    auto rows_scales = [&](int64_t n, int cnt, const float** s_rows) {
-      if (w.scale_q) {
-        decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);
-        dqc.clear();
-      }  // the rows are contiguous
-      for (int r = 0; r < cnt; ++r) s_rows[r] = w.scale_q ? srow_buf + r * nbr : w.scale + (n + r) * nbr;
-    };
-    const float* s_rows[4] = {nullptr, nullptr, nullptr, nullptr};
-    // nf4/fp4 + double quant, one scale per chunk, long rows: scales read from dq_tables in the kernel
-    constexpr bool kDQOk = D == Dec::tab4 && SPC == 1;
-    const bool dq_inline = kDQOk && w.scale_q;
-    // low-rank: claim parts of the down-projection first; until all are published, rows are
-    // computed with a deferred epilogue (gd) and listed in pend for lr_finish
-    static thread_local std::vector<int64_t> pend;
-    pend.clear();
-    bool ready = !lr;
-    GemvX gd = gx;
-    if (lr) {
-      gd.xas = nullptr;
-      gd.ybase = ybase;
-      for (int q; (q = lsh.next.fetch_add(1, std::memory_order_relaxed)) < lsh.parts;) {
-        gemv_down<MM>(p, *lr, xf, xas, gx.rp8, q * kLrPart, std::min(lr->r, (q + 1) * kLrPart), true);
-        lsh.done[q].store(1, std::memory_order_release);
-      }
-    }
-    auto rows = [&](int64_t n, int cnt, auto run) {
-      if (!ready) ready = lsh.all_done();
-      if (ready) return run(gx);
-      run(gd);
-      pend.push_back(n);
-      pend.push_back(cnt);
-    };
-    // dynamic, 32 rows per grab: the cores are shared with other jobs, a static split makes the
-    // fast thread wait for the slow one; 32 rows (~450 KB at k = 28672) keep the streams long.
-#pragma omp for schedule(dynamic, 32 / R) nowait
-    for (int64_t g = 0; g < groups; ++g) {
-      if constexpr (kDQOk) {
-        if (dq_inline) {
-          const float* tab = dqc.get(w, g * R * nbr, R * nbr);
-          rows(g * R, R, [&](const GemvX& x) { gemv_rows<D, MM, R, SPC, true>(p, x, g * R, s_rows, tab); });
-          continue;
-        }
-      }
-      rows_scales(g * R, R, s_rows);
-      rows(g * R, R, [&](const GemvX& x) { gemv_rows<D, MM, R, SPC>(p, x, g * R, s_rows); });
-    }
-#pragma omp for schedule(static)
-    for (int64_t n = groups * R; n < N; ++n) {
-      rows_scales(n, 1, s_rows);
-      rows(n, 1, [&](const GemvX& x) { gemv_rows<D, MM, 1, SPC>(p, x, n, s_rows); });
-    }
-    // (the loop above ends in a barrier: every claimed part is published by now)
-    if (!pend.empty()) lr_finish<MM>(p, *lr, gx, lsh, xf, ybase, pend);
-  }
+  if (is_int) block_sums(gs, MM, nbr, ngr, w.block / kXGroup, xs);
+  GemvLr<MM> st;
+  if (lr) st.init(p, *lr, gx);
+  gemv_parallel<MM, R, D == Dec::tab4 && SPC == 1>(
+      p, lr, gx, st,
+      [&](auto rows, const GemvX& x, int64_t n0, const float* const* s_rows) {
+        gemv_rows<D, MM, decltype(rows)::value, SPC>(p, x, n0, s_rows);
+      },
+      [&](const auto& x, int64_t n0, const float* const* s_rows, const float* tab) {
+        gemv_rows<D, MM, R, SPC, true>(p, x, n0, s_rows, tab);
+      });
 }
 
 template <Dec D, int MM>

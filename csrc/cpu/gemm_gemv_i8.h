@@ -120,6 +120,9 @@ struct GemvX8 {  // the int8 activations, shared by the threads
   GemvX lr;  // the low-rank fields only (xas, b, r, rp8, ybase): the int16 GEMV's helpers take it
 };
 
+inline GemvX& lr_fields(GemvX8& x) { return x.lr; }
+inline const GemvX& lr_fields(const GemvX8& x) { return x.lr; }
+
 // 32 code bytes → kNReg8 ymm of unsigned bytes (the codes, or nf4's offset table image through vpshufb).
 template <W8 F>
 __attribute__((always_inline)) inline void decode_u8(const uint8_t* src, __m256i* w, __m256i tab) {
@@ -359,7 +362,7 @@ void gemv8_run(const GemmParams& p, const LowrankParams* lr) {
   constexpr int CH = kChunk8<F>;
   constexpr bool kTab = dec_of(F) == Dec::tab4, kOff = F == W8::nf4;
   const GemmWeight& w = p.w;
-  const int64_t K = w.k, N = w.n, nchunk = (K + CH - 1) / CH, nbr = K / w.block, ngr = K / kXGroup;
+  const int64_t K = w.k, nchunk = (K + CH - 1) / CH, nbr = K / w.block, ngr = K / kXGroup;
   static thread_local AlignedBufT<int8_t> xq_buf;
   static thread_local AlignedBufT<int32_t> xc_buf;
   static thread_local AlignedBuf dx_buf, gs_buf, xs_buf;
@@ -378,93 +381,18 @@ void gemv8_run(const GemmParams& p, const LowrankParams* lr) {
   gx.xs = xs;
   // prepared on the calling thread (O(M·K)), as the int16 GEMV does: the region keeps one barrier
   gemv8_prep<F>(p, MM, nchunk, xq, dx, xc, gs, gx.ldq, gx.ldd, tab8_scale(w.fmt));
-  if (!kTab) {
-    const int gpb = w.block / kXGroup;
-    for (int m = 0; m < MM; ++m)
-      for (int64_t b = 0; b < nbr; ++b) {
-        float t = 0.0f;
-        for (int g = 0; g < gpb; ++g) t += gs[m * ngr + b * gpb + g];
-        xs[m * nbr + b] = t;
-      }
-  }
-  // The low-rank branch: the int16 GEMV's scheme unchanged (fp32 x, parts claimed first, deferred
-  // epilogue for rows computed before every part is published): see gemv_run there.
-  LrShare lsh;
-  float* xf = nullptr;
-  float* xas = nullptr;
-  float* ybase = nullptr;
-  if (lr) {
-    static thread_local AlignedBuf xf_buf, xas_buf, yb_buf;
-    gx.lr.r = lr->r;
-    gx.lr.rp8 = (lr->r + 7) / 8 * 8;
-    gx.lr.b = lr->b;
-    xas = xas_buf.get(size_t(MM * gx.lr.rp8));
-    std::memset(xas, 0, sizeof(float) * size_t(MM * gx.lr.rp8));
-    gx.lr.xas = xas;
-    xf = xf_buf.get(size_t(MM * K));
-    for (int m = 0; m < MM; ++m)
-      for (int64_t k = 0; k < K; k += 8)
-        _mm256_store_ps(xf + m * K + k, m < p.m ? load8(p.x, p.dtype, m * K + k) : _mm256_setzero_ps());
-    ybase = yb_buf.get(size_t(p.m * N));
-    lsh.parts = (lr->r + kLrPart - 1) / kLrPart;
-    for (int q = 0; q < lsh.parts; ++q) lsh.done[q].store(0, std::memory_order_relaxed);
-    lsh.test_defer = lr_test_defer();
-  }
-#pragma omp parallel
-  {
-    static thread_local AlignedBuf sbuf, tbuf;
-    const int64_t groups = N / R;
-    float* srow_buf = w.scale_q ? sbuf.get(size_t(R * nbr + 8)) : nullptr;
-    float* tab_buf = w.scale_q ? tbuf.get(size_t((R * nbr / kNestedBlock + 2) * 256)) : nullptr;
-    DqTableCache dqc{tab_buf};
-    auto rows_scales = [&](int64_t n, int cnt, const float** s_rows) {
-      if (w.scale_q) {
-        decode_scales_dq(w, n * nbr, cnt * nbr, srow_buf, tab_buf);
-        dqc.clear();
-      }
-      for (int r = 0; r < cnt; ++r) s_rows[r] = w.scale_q ? srow_buf + r * nbr : w.scale + (n + r) * nbr;
-    };
-    const float* s_rows[4] = {nullptr, nullptr, nullptr, nullptr};
-    constexpr bool kDQOk = kTab && SPC == 1;
-    const bool dq_inline = kDQOk && w.scale_q;
-    static thread_local std::vector<int64_t> pend;
-    pend.clear();
-    bool ready = !lr;
-    GemvX8 gd = gx;
-    if (lr) {
-      gd.lr.xas = nullptr;
-      gd.lr.ybase = ybase;
-      for (int q; (q = lsh.next.fetch_add(1, std::memory_order_relaxed)) < lsh.parts;) {
-        gemv_down<MM>(p, *lr, xf, xas, gx.lr.rp8, q * kLrPart, std::min(lr->r, (q + 1) * kLrPart), true);
-        lsh.done[q].store(1, std::memory_order_release);
-      }
-    }
-    auto rows = [&](int64_t n, int cnt, auto run) {
-      if (!ready) ready = lsh.all_done();
-      if (ready) return run(gx);
-      run(gd);
-      pend.push_back(n);
-      pend.push_back(cnt);
-    };
-#pragma omp for schedule(dynamic, 32 / R) nowait
-    for (int64_t g = 0; g < groups; ++g) {
-      if constexpr (kDQOk) {
-        if (dq_inline) {
-          const float* tab = dqc.get(w, g * R * nbr, R * nbr);
-          rows(g * R, R, [&](const GemvX8& x) { gemv8_rows<F, MM, R, SPC, true>(p, x, g * R, s_rows, tab); });
-          continue;
-        }
-      }
-      rows_scales(g * R, R, s_rows);
-      rows(g * R, R, [&](const GemvX8& x) { gemv8_rows<F, MM, R, SPC>(p, x, g * R, s_rows); });
-    }
-#pragma omp for schedule(static)
-    for (int64_t n = groups * R; n < N; ++n) {
-      rows_scales(n, 1, s_rows);
-      rows(n, 1, [&](const GemvX8& x) { gemv8_rows<F, MM, 1, SPC>(p, x, n, s_rows); });
-    }
-    if (!pend.empty()) lr_finish<MM>(p, *lr, gx.lr, lsh, xf, ybase, pend);
-  }
+  if (!kTab) block_sums(gs, MM, nbr, ngr, w.block / kXGroup, xs);
+  // the low-rank branch and the threads' part: the int16 GEMV's, unchanged (gemm_gemv_i16.h)
+  GemvLr<MM> st;
+  if (lr) st.init(p, *lr, gx.lr);
+  gemv_parallel<MM, R, kTab && SPC == 1>(
+      p, lr, gx, st,
+      [&](auto rows, const GemvX8& x, int64_t n0, const float* const* s_rows) {
+        gemv8_rows<F, MM, decltype(rows)::value, SPC>(p, x, n0, s_rows);
+      },
+      [&](const auto& x, int64_t n0, const float* const* s_rows, const float* tab) {
+        gemv8_rows<F, MM, R, SPC, true>(p, x, n0, s_rows, tab);
+      });
 }
 
 template <W8 F, int MM>
