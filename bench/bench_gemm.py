@@ -285,6 +285,88 @@ def bf16_table(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- GEMV / engine crossover (--crossover)
+def crossover_table(args) -> dict:
+    """Where the matrix engine overtakes the GEMV (issue 13: "measure the crossover"): bf16 x (and fp32 x
+    under ``medium``) at small M, the same kernel entry called with every M sent to the GEMV
+    (LOWBIT_GEMV_MAX_M=64) and to the engine (LOWBIT_GEMV_MAX_M=0; the variable is read per call),
+    alternated, after both were validated against float64. Prints the M from which the engine is faster
+    at every larger M measured, next to the M up to which ``gemm_route`` sends products to the GEMV now
+    (``kGemvEngineMaxM`` / ``kGemvEngineMaxMF32`` in csrc/cpu/gemm_avx2.cpp: the constants to retune)."""
+    import os
+
+    C, this = lowbit._C, _native.module("cpu")
+    d = lowbit.info()
+    print(f"CPU paths {d['cpu_paths']}, in use {d['cpu_path']}; AMX: {d['amx_status'] or 'available'}")
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms_bf16.split(",")] if args.ms_bf16 else list(range(1, 13))
+    gen = torch.Generator().manual_seed(0)
+    prev = os.environ.get("LOWBIT_GEMV_MAX_M")
+    prev_prec = lowbit.get_matmul_precision()
+    out = {"rows": [], "crossover": []}
+
+    def routed(fn, limit):
+        def call():
+            os.environ["LOWBIT_GEMV_MAX_M"] = limit
+            fn()
+        return call
+
+    try:
+        for dtype, prec in ((torch.bfloat16, "high"), (torch.float32, "medium")):
+            lowbit.set_matmul_precision(prec)
+            if C.gemm_route(DTYPE_ID[dtype], 4096, False) == "gemv_i16":
+                continue
+            engine = C.gemm_route(DTYPE_ID[dtype], 4096, False)
+            if engine not in ("avx512bf16", "amx", "amx_emulated"):
+                print(f"{dtype} under {prec}: no matrix engine on this path ({engine}), nothing to cross")
+                continue
+            os.environ.pop("LOWBIT_GEMV_MAX_M", None)
+            now = max([m for m in range(1, 65) if C.gemm_route(DTYPE_ID[dtype], m, False) == "gemv_i16"], default=0)
+            for (n, k), (fmt, dq) in ((s, f) for s in shapes for f in (("nf4", True), ("int4", False))):
+                w = torch.randn(n, k, generator=gen) * 0.02
+                qt = lowbit.quantize(w, fmt, BLOCK, dq)
+                wd = qt.dequantize(torch.float32).double()
+                label = fmt + ("+dq" if dq else "")
+                print(f"\n== {dtype} x, precision {prec}, {label} {n}x{k}: GEMV against {engine}; lowbit sends "
+                      f"M <= {now} to the GEMV")
+                print(f"{'M':>4} {'GEMV ms':>9} {engine + ' ms':>16} {'engine speed-up':>16}")
+                ratios = []
+                for m in ms:
+                    x = torch.randn(m, k, generator=gen).to(dtype)
+                    y_g, y_e = torch.empty(m, n, dtype=dtype), torch.empty(m, n, dtype=dtype)
+                    f_g = routed(kernel_call(this, "gemm", x, qt, y_g), "64")
+                    f_e = routed(kernel_call(this, "gemm", x, qt, y_e), "0")
+                    f_g(), f_e()
+                    ref = x.double() @ wd.T
+                    for name, y in (("GEMV", y_g), (engine, y_e)):  # validate: both near float64
+                        err = float((y.double() - ref).abs().max() / ref.abs().max())
+                        if not err <= 1e-2:
+                            raise SystemExit(f"VALIDATION FAILED: {name} {dtype} M={m}: max|err|/max|ref| {err:.2e}")
+                    (t_g, t_e), speed = _timing.timeit_group([f_g, f_e], args.ab_rounds)
+                    ratios.append((m, speed[1]))
+                    out["rows"].append({"dtype": str(dtype), "precision": prec, "fmt": label, "shape": [n, k], "m": m,
+                                        "gemv_ms": t_g * 1e3, "engine_ms": t_e * 1e3, "engine": engine,
+                                        "engine_speedup": speed[1]})
+                    print(f"{m:>4} {t_g * 1e3:9.3f} {t_e * 1e3:16.3f} {speed[1]:15.2f}x", flush=True)
+                # the smallest M from which the engine is faster at every larger M measured
+                cross = next((m for i, (m, _) in enumerate(ratios) if all(r > 1.0 for _, r in ratios[i:])), None)
+                best = cross - 1 if cross is not None else ms[-1]
+                print(f"crossover: the engine is faster from M = {cross if cross is not None else '> ' + str(ms[-1])};"
+                      f" the GEMV should keep M <= {best} (lowbit: M <= {now})")
+                out["crossover"].append({"dtype": str(dtype), "precision": prec, "fmt": label, "shape": [n, k],
+                                         "engine": engine,
+                                         "engine_from_m": cross, "gemv_max_m_measured": best, "gemv_max_m_now": now})
+    finally:
+        if prev is None:
+            os.environ.pop("LOWBIT_GEMV_MAX_M", None)
+        else:
+            os.environ["LOWBIT_GEMV_MAX_M"] = prev
+        lowbit.set_matmul_precision(prev_prec)
+    return out
+
+
 # ---------------------------------------------------------------------------- one change, A/B (--against-build)
 def load_build(path: str):
     """Another build of the CPU extension, under its own module name."""
@@ -364,7 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lowbit-only", action="store_true", help="time lowbit's rows only (no torch / bnb peers)")
     ap.add_argument("--bf16", action="store_true", help="the bf16-activation / matrix-engine table instead")
     ap.add_argument("--cpu-time", action="store_true", help="--bf16: time by process CPU time (shared machines)")
-    ap.add_argument("--ms-bf16", default=None, help="--bf16: comma-separated M values")
+    ap.add_argument("--ms-bf16", default=None, help="--bf16 / --crossover: comma-separated M values")
+    ap.add_argument("--crossover", action="store_true",
+                    help="the GEMV against the matrix engine at small M: where to switch (uses --shapes, --ab-rounds)")
     ap.add_argument("--against-build", default=None, metavar="OTHER_SO",
                     help="A/B of one kernel change: this _C against another build's _C*.so (uses --ms, the first "
                          "of --shapes, --threads)")
@@ -381,6 +465,12 @@ def main(argv=None) -> int:
     if args.against_build:
         return ab_table(args)
     print(_timing.machine_line())
+    if args.crossover:
+        res = crossover_table(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": args.threads, **res}, f, indent=1)
+        return 0
     if args.bf16:
         rows = bf16_table(args)
         if args.json:

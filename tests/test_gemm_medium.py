@@ -20,7 +20,9 @@ import math
 import pytest
 import torch
 
-from test_gemm_cpu import DT, EPS, PATHS, QW, gemm, group_max, path  # noqa: F401 (path: fixture)
+import lowbit
+
+from test_gemm_cpu import DT, EPS, FMT, PATHS, QW, gemm, group_max, path  # noqa: F401 (path: fixture)
 from test_lowrank_cpu import lowrank
 
 _C = pytest.importorskip("lowbit._C")
@@ -42,10 +44,11 @@ def medium(monkeypatch):
     _C.set_matmul_precision(old)
 
 
-def int8_route(m):
-    """Whether fp32 x of M = m runs the GEMV under the current policy and path, and that GEMV is the int8
-    one (a VNNI path: 'avx512' and above)."""
-    return VNNI and _C.cpu_path() not in ("portable", "avx2") and _C.gemm_route(0, m, False) == "gemv_i16"
+def int8_route(m, fmt):
+    """Whether fp32 x of M = m, weight format fmt, runs the GEMV under the current policy and path, and
+    that GEMV is the int8 one (a VNNI path: 'avx512' and above; not fp4, nf4 only with its opt-in)."""
+    return (VNNI and _C.cpu_path() not in ("portable", "avx2") and fmt != "fp4"
+            and _C.gemm_route(0, m, False, FMT[fmt]) == "gemv_i16")
 
 
 def tol_medium(x, qw, k, dtype, r_term=None):
@@ -119,7 +122,7 @@ def test_medium_policy_bound(medium, fmt, m):
     ref = x.double() @ qw.w_hat.double().T
     rel = float((gemm(x, qw).double() - ref).abs().max() / ref.abs().max())
     assert rel <= 1e-2, rel
-    if int8_route(m):
+    if int8_route(m, fmt) or (fmt == "fp4" and _C.gemm_route(0, m, False, FMT[fmt]) == "gemv_i16"):
         y_med = gemm(x, qw)
         _C.set_matmul_precision(HIGH)
         y_high = gemm(x, qw)
@@ -271,11 +274,48 @@ def test_medium_lowrank_zero_scale_is_the_gemm(medium, m):
     assert torch.equal(y, gemm(x, qw, bias))
 
 
+def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
+    """With a bf16 engine, fp32 x under `medium` keeps M <= 8 on the GEMV only where that GEMV is the
+    int8 one (int4, int2; nf4 with its opt-in); nf4 and fp4 on the int16 GEMV keep M <= 4 as bf16 x does
+    (the engine was 1.36-1.39x faster at M = 5-8: bench_gemm.py --crossover). lowbit.info() shows both."""
+    if not any(p in _C.available_cpu_paths() for p in ("avx512bf16", "amx")):
+        pytest.skip("no bf16 engine on this CPU (the amx-emulated path is not chosen by 'auto')")
+    monkeypatch.delenv("LOWBIT_GEMV_I8_NF4", raising=False)
+    old = _C.matmul_precision()
+    try:
+        _C.set_matmul_precision(MEDIUM)
+        engine = _C.gemm_route(0, 100, False)
+        assert engine in ("avx512bf16", "amx")
+        for m in range(1, 13):
+            want_int = "gemv_i16" if m <= 8 else engine
+            want_tab = "gemv_i16" if m <= 4 else engine
+            assert [_C.gemm_route(0, m, False, FMT[f]) for f in ("int4", "int2", "nf4", "fp4")] == \
+                [want_int, want_int, want_tab, want_tab], m
+        monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
+        assert _C.gemm_route(0, 8, False, FMT["nf4"]) == "gemv_i16"
+        monkeypatch.delenv("LOWBIT_GEMV_I8_NF4")
+        eng = lowbit.info()["engines"]["float32"]
+        assert eng["gemm"][0] == ("1-4", "gemv_i16") and eng["gemm (int4, int2)"][0] == ("1-8", "gemv_i16")
+        # and the kernels really take those routes: nf4 at M = 6 gives the engine's bits (x rounded to bf16)
+        qw = QW(96, 512, "nf4", 64, True, seed=6)
+        x = torch.randn(6, 512, generator=torch.Generator().manual_seed(6))
+        y = gemm(x, qw)
+        monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "0")
+        assert torch.equal(gemm(x, qw), y)
+    finally:
+        _C.set_matmul_precision(old)
+    with pytest.raises(ValueError, match="not a format id"):
+        _C.gemm_route(0, 1, False, 9)
+    with pytest.raises(ValueError, match="not a dtype id"):
+        _C.gemm_route(7, 1, False, 0)
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 4])
 def test_medium_nf4_fp4_default_is_int16(fmt, m, monkeypatch):
-    """Without LOWBIT_GEMV_I8_NF4, nf4 (and fp4 always) keep the int16 GEMV under `medium`: the same bits
-    as `high`; with it, nf4 runs the int8 GEMV (a different, larger error) on a VNNI path."""
+    """Without LOWBIT_GEMV_I8_NF4, nf4 (and fp4 always) keep the int16 GEMV under `medium` (M <= 4, its
+    range where a bf16 engine exists): the same bits as `high`; with it, nf4 runs the int8 GEMV (a
+    different, larger error) on a VNNI path."""
     monkeypatch.delenv("LOWBIT_GEMV_I8_NF4", raising=False)
     qw = QW(96, 1024, fmt, 64, True, seed=m)
     x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m + 1000))
@@ -287,7 +327,7 @@ def test_medium_nf4_fp4_default_is_int16(fmt, m, monkeypatch):
         assert torch.equal(gemm(x, qw), y_high)
         monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
         y_opt = gemm(x, qw)
-        if fmt == "fp4" or not int8_route(m):
+        if not int8_route(m, fmt):
             assert torch.equal(y_opt, y_high)
         else:
             assert not torch.equal(y_opt, y_high)

@@ -76,9 +76,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("amx_status", &cpu::amx_unavailable_reason, "'' when AMX tiles run in this process, else why not");
   m.def("matmul_precision", [] { return int(cpu::matmul_precision()); },
         "the precision policy: 0 highest, 1 high, 2 medium (lowbit.get_matmul_precision)");
-  m.def("gemm_route", [](int dtype, int64_t m, bool transposed) { return cpu::gemm_route_name(DType(dtype), m, transposed); },
-        arg("dtype"), arg("m"), arg("transposed") = false,
-        "the kernel gemm (gemm_t) runs for m rows in this dtype id under the current path and policy");
+  m.def("gemm_route", [](int dtype, int64_t m, bool transposed, int fmt) {
+          return cpu::gemm_route_name(DType(dtype), m, transposed, Fmt(fmt)); },
+        arg("dtype"), arg("m"), arg("transposed") = false, arg("fmt") = 0,
+        "the kernel gemm (gemm_t) runs for m rows in this dtype id, of a weight in this format id (fp32 x under "
+        "`medium`: the GEMV's range depends on it), under the current path and policy");
   m.def("set_matmul_precision", [](int p) { cpu::set_matmul_precision(Precision(p)); }, arg("precision"));
   m.def("num_threads", &cpu::num_threads);
   m.def("tables", &tables, "the code tables and block-size lists of include/lowbit/formats.h");

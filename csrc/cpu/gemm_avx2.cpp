@@ -402,22 +402,24 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 // (≈ 0.4 cycle per weight once per call, session 8), the GEMV's grows with M (a pass per 4-8 rows).
 // Zen 4, 4096² nf4 + dq in L3, bf16 x, ms GEMV / engine in one process, 1 thread: M = 2 1.03 / 3.07,
 // M = 4 2.01 / 3.19, M = 5 3.78 / 3.17, M = 8 4.01 / 3.38; 2 threads, 11008 × 4096: M = 4 2.74 / 4.54,
-// M = 6 5.16 / 4.50, M = 8 5.19 / 4.59. Hence bf16 x: the GEMV up to M = 4. fp32 x under `medium` keeps
-// the GEMV to M = 8: there it is the int8 GEMV (int4/int2), faster than the engine (M = 8, 2 threads:
-// 1.26 against ≈ 2.0 ms).
-constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMF32 = 8;
-inline int64_t gemv_max_m(bool engine, DType dt) {
+// M = 6 5.16 / 4.50, M = 8 5.19 / 4.59. Hence bf16 x: the GEMV up to M = 4. fp32 x under `medium`: up to
+// M = 8 where the GEMV is the int8 one (int4 / int2; nf4 with its opt-in), faster than the engine there
+// (M = 8, 2 threads: 1.26 against ≈ 2.0 ms; `bench_gemm.py --crossover`, session 10: int4 0.91-0.95 of the
+// GEMV's speed up to M = 12), and up to M = 4 where it is the int16 GEMV (nf4, fp4), as for bf16 x — the
+// engine is 1.36-1.39x faster at M = 5-8 there (same bench; until session 10 those M took the GEMV).
+constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMI8 = 8;
+inline int64_t gemv_max_m(bool engine, DType dt, Fmt fmt) {
   const char* e = std::getenv("LOWBIT_GEMV_MAX_M");
   if (e && *e) return std::strtoll(e, nullptr, 10);
-  return engine ? (dt == DType::bf16 ? kGemvEngineMaxM : kGemvEngineMaxMF32) : kGemvPassMaxM;
+  return engine ? (gemv_i8_applies(dt, fmt) ? kGemvEngineMaxMI8 : kGemvEngineMaxM) : kGemvPassMaxM;
 }
 
-Route gemm_route(DType dt, int64_t m, bool transposed) {
+Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
   const Engine e = bf16_engine();
   const Precision pr = matmul_precision();
   const bool engine = e != Engine::none && (dt == DType::bf16 || (dt == DType::f32 && pr == Precision::medium));
   const bool exact = dt != DType::bf16 && pr == Precision::highest;
-  if (!transposed && !exact && m <= gemv_max_m(engine, dt)) return Route::gemv_i16;
+  if (!transposed && !exact && m <= gemv_max_m(engine, dt, fmt)) return Route::gemv_i16;
   if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
   if (dt == DType::bf16) return Route::tile_f32_bf16w;
   if (exact) return Route::tile_f32;
@@ -427,7 +429,7 @@ Route gemm_route(DType dt, int64_t m, bool transposed) {
 // The forward; with lr, the lowrank family's branch rides on the activation preparation
 // (down-projection) and on the output epilogue (up-projection) of the same kernels (docs/kernels.md).
 void gemm_avx2(const GemmParams& p, const LowrankParams* lr) {
-  const Route r = gemm_route(p.dtype, p.m, false);
+  const Route r = gemm_route(p.dtype, p.m, false, p.w.fmt);
   switch (r) {
     case Route::gemv_i16: return gemv_passes(p, lr);
     case Route::avx512bf16: return gemm_bf16_avx512bf16(p, lr);
@@ -437,7 +439,7 @@ void gemm_avx2(const GemmParams& p, const LowrankParams* lr) {
   }
 }
 void gemm_t_avx2(const GemmParams& p) {
-  const Route r = gemm_route(p.dtype, p.m, true);
+  const Route r = gemm_route(p.dtype, p.m, true, p.w.fmt);
   switch (r) {
     case Route::avx512bf16: return gemm_t_bf16_avx512bf16(p);
     case Route::amx: return gemm_t_bf16_amx(p);

@@ -15,10 +15,10 @@ namespace lowbit::cpu {
 // fp4, bf16 or fp16 x: the top of cpu/gemm_gemv_i8.h). nf4 only with LOWBIT_GEMV_I8_NF4=1 in the
 // environment (read per call, ≈ 0.1 µs; the tests and bench_gemm set it): its int8 table image puts
 // max |err| / max |ref| at 0.5–1.24e-2, over the policy's 1e-2 at block 256 (docs/kernels.md): never the default.
-bool gemv_i8_applies(const GemmParams& p) {
-  if (!use_avx512() || p.dtype != DType::f32 || matmul_precision() != Precision::medium) return false;
-  if (p.w.fmt == Fmt::int4 || p.w.fmt == Fmt::int2) return true;
-  if (p.w.fmt != Fmt::nf4) return false;
+bool gemv_i8_applies(DType dt, Fmt fmt) {
+  if (!use_avx512() || dt != DType::f32 || matmul_precision() != Precision::medium) return false;
+  if (fmt == Fmt::int4 || fmt == Fmt::int2) return true;
+  if (fmt != Fmt::nf4) return false;
   const char* e = std::getenv("LOWBIT_GEMV_I8_NF4");
   return e && e[0] == '1';
 }

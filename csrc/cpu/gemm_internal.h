@@ -32,7 +32,7 @@ void gemm_t_avx2(const GemmParams& p);
 
 // The kernel a product runs (gemm_avx2.cpp: gemm_route, where the rules are written down).
 enum class Route { gemv_i16, tile_f32, tile_f32_bf16w, tile_i16, avx512bf16, amx, amx_emulated };
-Route gemm_route(DType dt, int64_t m, bool transposed);
+Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt);
 // The bf16 engines (cpu/gemm_bf16.h): gemm / lowrank forward (lr) and gemm_t, per engine TU.
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // gemm_avx512bf16.cpp
 void gemm_t_bf16_avx512bf16(const GemmParams& p);
@@ -49,7 +49,8 @@ void lowrank_backward_bf16_amx_emu(const LowrankBackwardParams& p);
 void gemv_avx512(const GemmParams& p, const LowrankParams* lr);
 // gemm_gemv_i8_avx512.cpp: the int8-activation GEMV (vpdpbusd) of the `medium` policy, and when it
 // applies (use_avx512(), `medium`, fp32 x, not fp4).
-bool gemv_i8_applies(const GemmParams& p);
+bool gemv_i8_applies(DType dt, Fmt fmt);
+inline bool gemv_i8_applies(const GemmParams& p) { return gemv_i8_applies(p.dtype, p.w.fmt); }
 void gemv_i8_avx512(const GemmParams& p, const LowrankParams* lr);
 void pack_x_i16(const float* v, int64_t K, float qx, int32_t* xq, float* dx, float* gsum);
 void decode_tile_i16(const GemmWeight& w, int64_t n0, int rows, int rows_pad, int64_t k0, int kc, float qw,

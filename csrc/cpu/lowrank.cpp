@@ -56,7 +56,7 @@ void lowrank_backward(const LowrankBackwardParams& p) {
   LOWBIT_CHECK(p.g.x && p.x && p.xa && p.a && p.b && p.ga && p.gb, "lowrank_backward: missing gy, x, xa, A, B, ga or gb");
 #if LOWBIT_HAVE_AVX2_TU
   if (use_avx2()) {
-    switch (gemm_route(p.g.dtype, p.g.m, true)) {
+    switch (gemm_route(p.g.dtype, p.g.m, true, p.g.w.fmt)) {
       case Route::avx512bf16: return lowrank_backward_bf16_avx512bf16(p);
       case Route::amx: return lowrank_backward_bf16_amx(p);
       case Route::amx_emulated: return lowrank_backward_bf16_amx_emu(p);
@@ -65,7 +65,7 @@ void lowrank_backward(const LowrankBackwardParams& p) {
   }
 #endif
   LOWBIT_CHECK(false, "lowrank_backward: runs on the bf16 matrix engines only (gemm_route(dtype, m, True) is '" +
-                          gemm_route_name(p.g.dtype, p.g.m, true) + "')");
+                          gemm_route_name(p.g.dtype, p.g.m, true, p.g.w.fmt) + "')");
 }
 
 }  // namespace lowbit::cpu

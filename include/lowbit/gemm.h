@@ -48,10 +48,10 @@ struct GemmParams {
 namespace cpu {  // csrc/cpu/gemm.cpp (+ gemm_avx2.cpp, gemm_avx512.cpp)
 void gemm(const GemmParams& p);
 void gemm_t(const GemmParams& p);
-// The kernel gemm (transposed: gemm_t) runs for m rows of activations in dt under the current path
-// and precision policy: "gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx",
-// "amx_emulated" or "portable" (docs/kernels.md describes each).
-std::string gemm_route_name(DType dt, int64_t m, bool transposed);
+// The kernel gemm (transposed: gemm_t) runs for m rows of activations in dt, of a weight in format fmt,
+// under the current path and precision policy: "gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16",
+// "avx512bf16", "amx", "amx_emulated" or "portable" (docs/kernels.md describes each).
+std::string gemm_route_name(DType dt, int64_t m, bool transposed, Fmt fmt);
 }  // namespace cpu
 namespace kernels {  // csrc/launch/gemm.inl (CUDA; nvcc and simt)
 int gemm(const GemmParams& p, intptr_t stream);

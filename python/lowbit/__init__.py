@@ -81,20 +81,28 @@ def _ptxas_kernels() -> list[dict]:
 def _engine_table(c) -> dict:
     """Which kernel each product runs on the current CPU path and precision policy, per activation
     dtype and range of M (rows of activations): {"bfloat16": {"gemm": [("1-24", "gemv_i16"), ("25+",
-    "avx512bf16")], "gemm_t": [...]}, ...}. Read off the dispatcher itself (_C.gemm_route)."""
+    "avx512bf16")], "gemm_t": [...]}, ...}. Read off the dispatcher itself (_C.gemm_route), for an nf4
+    weight; where int4 / int2 weights take other kernels (fp32 x under `medium`: their int8 GEMV keeps
+    more rows) they get a row of their own, "gemm (int4, int2)"."""
     probe = list(range(1, 129))
+
+    def ranges(dt, transposed, fmt):
+        out, start, cur = [], 1, c.gemm_route(dt, 1, transposed, fmt)
+        for m in probe[1:]:
+            r = c.gemm_route(dt, m, transposed, fmt)
+            if r != cur:
+                out.append((f"{start}-{m - 1}" if m - 1 > start else f"{start}", cur))
+                start, cur = m, r
+        out.append((f"{start}+", cur))
+        return out
+
+    nf4, int4 = formats.FMT_ID["nf4"], formats.FMT_ID["int4"]
     out = {}
     for name, dt in (("float32", 0), ("bfloat16", 1), ("float16", 2)):
-        rows = {}
-        for fn, transposed in (("gemm", False), ("gemm_t", True)):
-            ranges, start, cur = [], 1, c.gemm_route(dt, 1, transposed)
-            for m in probe[1:]:
-                r = c.gemm_route(dt, m, transposed)
-                if r != cur:
-                    ranges.append((f"{start}-{m - 1}" if m - 1 > start else f"{start}", cur))
-                    start, cur = m, r
-            ranges.append((f"{start}+", cur))
-            rows[fn] = ranges
+        rows = {"gemm": ranges(dt, False, nf4), "gemm_t": ranges(dt, True, nf4)}
+        other = ranges(dt, False, int4)
+        if other != rows["gemm"]:
+            rows["gemm (int4, int2)"] = other
         out[name] = rows
     return out
 
