@@ -8,9 +8,10 @@ table from the benches' own JSON (nothing is re-timed here):
             process permission) it stops with the reason (exit 2) unless --dry-run
   test      pytest of the engines (tests/test_gemm_engines.py: real 'amx' next to 'amx-emulated' and
             'avx512bf16'), the lowrank and SVDQuant CPU tests
-  bench     bench_gemm.py --bf16, bench_lowrank.py --quick and --train-shapes, bench_train.py
-            (each validates before it times; JSON into --out)
-  summary   the issue's targets against those JSON files: MET / NOT MET with the figure; summary.md
+  bench     bench_gemm.py --bf16 and --crossover, bench_lowrank.py --quick and --train-shapes,
+            bench_train.py (each validates before it times; JSON into --out)
+  summary   the issue's targets against those JSON files: MET / NOT MET with the figure, and where the
+            GEMV should hand over to the engine against where gemm_route does now; summary.md
 
     python bench/amx_check.py [--out DIR] [--only machine,test,bench,summary] [--threads 2] [--dry-run]
 
@@ -97,6 +98,8 @@ def bench(args) -> int:
     py, th, out = sys.executable, ["--threads", str(args.threads)], args.out
     steps = [([py, "bench/bench_gemm.py", "--bf16", *th, "--json", f"{out}/gemm_bf16.json"]
               + (["--quick"] if args.dry_run else []), "gemm_bf16"),
+             ([py, "bench/bench_gemm.py", "--crossover", *th, "--json", f"{out}/crossover.json"]
+              + (["--quick", "--ms-bf16", "1,2,4,5,8", "--ab-rounds", "7"] if args.dry_run else []), "crossover"),
              ([py, "bench/bench_lowrank.py", "--quick", *th, "--json", f"{out}/lowrank.json"], "lowrank")]
     if not args.dry_run:
         steps += [([py, "bench/bench_lowrank.py", "--train-shapes", *th, "--json", f"{out}/train_shapes.json"],
@@ -136,6 +139,21 @@ def targets(out: str) -> list[tuple[str, str, float | None, float]]:
     return rows
 
 
+def routing(out: str) -> list[str]:
+    """The GEMV → engine crossover lines from crossover.json: measured against what gemm_route does."""
+    lines = []
+    for c in (_load(os.path.join(out, "crossover.json")) or {}).get("crossover", []):
+        meas, now = c["gemv_max_m_measured"], c["gemv_max_m_now"]
+        # no crossover in the measured range: the GEMV was faster up to the largest M measured (meas)
+        ok = now >= meas if c["engine_from_m"] is None else now == meas
+        verdict = "OK" if ok else ("RETUNE: kGemvEngineMaxMI8" if c["fmt"].startswith("int")
+                                             and "float32" in c["dtype"] else "RETUNE: kGemvEngineMaxM")
+        lines.append(f"| {c['dtype'].replace('torch.', '')} {c['precision']} {c['fmt']} "
+                     f"{'x'.join(map(str, c['shape']))} | {c['engine']} | "
+                     f"{c['engine_from_m'] if c['engine_from_m'] is not None else '> measured'} | {now} | {verdict} |")
+    return lines
+
+
 def summary(args) -> int:
     m = _load(os.path.join(args.out, "machine.json")) or {}
     head = (f"machine: {m.get('model') or 'unknown'}; flags {' '.join(m.get('flags', [])) or 'none'}; lowbit path "
@@ -146,6 +164,10 @@ def summary(args) -> int:
         verdict = "not run" if got is None else ("MET" if got >= goal else "NOT MET")
         shown = "-" if got is None else f"{got:.2f}x"
         lines.append(f"| {name} | {row} | {shown} | >= {goal:g}x | {verdict} |")
+    route = routing(args.out)
+    if route:
+        lines += ["", "GEMV → engine (bench_gemm.py --crossover; the constants in csrc/cpu/gemm_avx2.cpp):", "",
+                  "| product | engine | engine faster from M | GEMV keeps M <= now | |", "|---|---|---|---|---|"] + route
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

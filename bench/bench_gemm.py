@@ -323,12 +323,14 @@ def crossover_table(args) -> dict:
                 print(f"{dtype} under {prec}: no matrix engine on this path ({engine}), nothing to cross")
                 continue
             os.environ.pop("LOWBIT_GEMV_MAX_M", None)
-            now = max([m for m in range(1, 65) if C.gemm_route(DTYPE_ID[dtype], m, False) == "gemv_i16"], default=0)
             for (n, k), (fmt, dq) in ((s, f) for s in shapes for f in (("nf4", True), ("int4", False))):
                 w = torch.randn(n, k, generator=gen) * 0.02
                 qt = lowbit.quantize(w, fmt, BLOCK, dq)
                 wd = qt.dequantize(torch.float32).double()
                 label = fmt + ("+dq" if dq else "")
+                os.environ.pop("LOWBIT_GEMV_MAX_M", None)
+                now = max([m for m in range(1, 65) if C.gemm_route(DTYPE_ID[dtype], m, False, FMT_ID[fmt]) == "gemv_i16"],
+                          default=0)
                 print(f"\n== {dtype} x, precision {prec}, {label} {n}x{k}: GEMV against {engine}; lowbit sends "
                       f"M <= {now} to the GEMV")
                 print(f"{'M':>4} {'GEMV ms':>9} {engine + ' ms':>16} {'engine speed-up':>16}")

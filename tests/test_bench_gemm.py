@@ -35,6 +35,42 @@ def test_against_build_refuses_a_non_extension(tmp_path):
         bench_gemm.main(["--against-build", str(bad), "--ms", "3", "--shapes", "256x512"])
 
 
+@pytest.mark.parametrize("path", ["avx512bf16", "amx-emulated", "avx2"])
+def test_crossover_runs_and_restores(path, tmp_path, capsys):
+    """--crossover on a small weight: both kernels validated, a crossover row per dtype / format where the
+    path has an engine (none on 'avx2'), and the environment and the policy left as they were."""
+    import json
+
+    import lowbit
+
+    C = _native.module("cpu")
+    if path not in C.available_cpu_paths():
+        pytest.skip(f"no {path} path here")
+    before_env, before_prec = os.environ.get("LOWBIT_GEMV_MAX_M"), lowbit.get_matmul_precision()
+    C.set_cpu_path(path)
+    try:
+        rc = bench_gemm.main(["--crossover", "--shapes", "96x256", "--ms-bf16", "1,6", "--ab-rounds", "2",
+                              "--threads", "1", "--json", str(tmp_path / "c.json")])
+    finally:
+        C.set_cpu_path("auto")
+    assert rc == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert os.environ.get("LOWBIT_GEMV_MAX_M") == before_env and lowbit.get_matmul_precision() == before_prec
+    if path == "avx2":
+        assert res["crossover"] == [] and "no matrix engine on this path" in capsys.readouterr().out
+        assert res["rows"] == []
+        return
+    engine = "amx_emulated" if path == "amx-emulated" else path
+    assert {(c["dtype"], c["fmt"]) for c in res["crossover"]} == {
+        (d, f) for d in ("torch.bfloat16", "torch.float32") for f in ("nf4+dq", "int4")}
+    assert all(c["engine"] == engine for c in res["crossover"])
+    now = {(c["dtype"], c["fmt"]): c["gemv_max_m_now"] for c in res["crossover"]}
+    # fp32 x under medium: int4 keeps M <= 8 where its GEMV is the int8 one (the AVX-512 VNNI paths)
+    assert now[("torch.float32", "int4")] == (8 if path == "avx512bf16" else 4) and now[("torch.float32", "nf4+dq")] == 4
+    assert now[("torch.bfloat16", "int4")] == 4
+    assert len(res["rows"]) == 8 and all(r["gemv_ms"] > 0 and r["engine_ms"] > 0 for r in res["rows"])
+
+
 def test_timeit_group_ratios():
     """Per-round ratios against the first function, on a simulated clock (wall time on a shared machine
     would make this flaky): a function costing twice as much is 0.5x, half as much 2x, and every round
