@@ -99,7 +99,7 @@ def bench(args) -> int:
     steps = [([py, "bench/bench_gemm.py", "--bf16", *th, "--json", f"{out}/gemm_bf16.json"]
               + (["--quick"] if args.dry_run else []), "gemm_bf16"),
              ([py, "bench/bench_gemm.py", "--crossover", *th, "--json", f"{out}/crossover.json"]
-              + (["--quick", "--ms-bf16", "1,2,4,5,8", "--ab-rounds", "7"] if args.dry_run else []), "crossover"),
+              + (["--quick", "--ms-bf16", "1,3,4,8,13", "--ab-rounds", "7"] if args.dry_run else []), "crossover"),
              ([py, "bench/bench_lowrank.py", "--quick", *th, "--json", f"{out}/lowrank.json"], "lowrank")]
     if not args.dry_run:
         steps += [([py, "bench/bench_lowrank.py", "--train-shapes", *th, "--json", f"{out}/train_shapes.json"],
@@ -140,17 +140,12 @@ def targets(out: str) -> list[tuple[str, str, float | None, float]]:
 
 
 def routing(out: str) -> list[str]:
-    """The GEMV → engine crossover lines from crossover.json: measured against what gemm_route does."""
+    """Per product of crossover.json: whether gemm_route's kernel is (within 10%) the fastest at every M."""
     lines = []
     for c in (_load(os.path.join(out, "crossover.json")) or {}).get("crossover", []):
-        meas, now = c["gemv_max_m_measured"], c["gemv_max_m_now"]
-        # no crossover in the measured range: the GEMV was faster up to the largest M measured (meas)
-        ok = now >= meas if c["engine_from_m"] is None else now == meas
-        verdict = "OK" if ok else ("RETUNE: kGemvEngineMaxMI8" if c["fmt"].startswith("int")
-                                             and "float32" in c["dtype"] else "RETUNE: kGemvEngineMaxM")
+        verdict = "OK" if not c["retune_m"] else f"RETUNE at M = {', '.join(map(str, c['retune_m']))}"
         lines.append(f"| {c['dtype'].replace('torch.', '')} {c['precision']} {c['fmt']} "
-                     f"{'x'.join(map(str, c['shape']))} | {c['engine']} | "
-                     f"{c['engine_from_m'] if c['engine_from_m'] is not None else '> measured'} | {now} | {verdict} |")
+                     f"{'x'.join(map(str, c['shape']))} | {', '.join(c['kernels'])} ({c['engine']}) | {verdict} |")
     return lines
 
 
@@ -166,8 +161,8 @@ def summary(args) -> int:
         lines.append(f"| {name} | {row} | {shown} | >= {goal:g}x | {verdict} |")
     route = routing(args.out)
     if route:
-        lines += ["", "GEMV → engine (bench_gemm.py --crossover; the constants in csrc/cpu/gemm_avx2.cpp):", "",
-                  "| product | engine | engine faster from M | GEMV keeps M <= now | |", "|---|---|---|---|---|"] + route
+        lines += ["", "Small-M routing (bench_gemm.py --crossover; the constants in csrc/cpu/gemm_avx2.cpp):", "",
+                  "| product | kernels timed | routed kernel the fastest? |", "|---|---|---|"] + route
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

@@ -45,15 +45,15 @@ def test_targets_table_from_bench_json(tmp_path):
     assert got[("whole model vs PEFT + bnb", "SmolLM2-135M bf16 512 tokens")] == (None, 1.5)  # no train.json
     assert len(got) == 5  # torch rows and gemm_t at M != 512 are not targets
     cross = [{"dtype": "torch.bfloat16", "precision": "high", "fmt": "nf4+dq", "shape": [4096, 4096],
-              "engine": "amx", "engine_from_m": 2, "gemv_max_m_measured": 1, "gemv_max_m_now": 4},
+              "engine": "amx", "kernels": ["gemv_i16", "engine"], "retune_m": [2, 3]},
              {"dtype": "torch.float32", "precision": "medium", "fmt": "int4", "shape": [4096, 4096],
-              "engine": "amx", "engine_from_m": 9, "gemv_max_m_measured": 8, "gemv_max_m_now": 8}]
+              "engine": "amx", "kernels": ["gemv_i16", "engine"], "retune_m": []}]
     (tmp_path / "crossover.json").write_text(json.dumps({"threads": 2, "rows": [], "crossover": cross}))
     args = argparse.Namespace(out=str(tmp_path))
     assert amx_check.summary(args) == 0
     table = (tmp_path / "summary.md").read_text()
-    assert "| bfloat16 high nf4+dq 4096x4096 | amx | 2 | 4 | RETUNE: kGemvEngineMaxM |" in table
-    assert "| float32 medium int4 4096x4096 | amx | 9 | 8 | OK |" in table
+    assert "| bfloat16 high nf4+dq 4096x4096 | gemv_i16, engine (amx) | RETUNE at M = 2, 3 |" in table
+    assert "| float32 medium int4 4096x4096 | gemv_i16, engine (amx) | OK |" in table
     assert "| M=8 4096x4096 lowbit nf4+dq | 1.60x | >= 1.5x | MET |" in table
     assert "| M=128 4096x4096 lowbit int4 | 1.10x | >= 1.2x | NOT MET |" in table
     assert "| SmolLM2-135M bf16 512 tokens | - | >= 1.5x | not run |" in table

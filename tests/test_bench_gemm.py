@@ -63,12 +63,15 @@ def test_crossover_runs_and_restores(path, tmp_path, capsys):
     engine = "amx_emulated" if path == "amx-emulated" else path
     assert {(c["dtype"], c["fmt"]) for c in res["crossover"]} == {
         (d, f) for d in ("torch.bfloat16", "torch.float32") for f in ("nf4+dq", "int4")}
-    assert all(c["engine"] == engine for c in res["crossover"])
-    now = {(c["dtype"], c["fmt"]): c["gemv_max_m_now"] for c in res["crossover"]}
-    # fp32 x under medium: int4 keeps M <= 8 where its GEMV is the int8 one (the AVX-512 VNNI paths)
-    assert now[("torch.float32", "int4")] == (8 if path == "avx512bf16" else 4) and now[("torch.float32", "nf4+dq")] == 4
-    assert now[("torch.bfloat16", "int4")] == 4
-    assert len(res["rows"]) == 8 and all(r["gemv_ms"] > 0 and r["engine_ms"] > 0 for r in res["rows"])
+    kernels = ["gemv_i16", "gemv_bf16", "engine"] if path == "avx512bf16" else ["gemv_i16", "engine"]
+    assert all(c["engine"] == engine and c["kernels"] == kernels for c in res["crossover"])
+    routed = {(r["dtype"], r["fmt"], r["m"]): r["routed"] for r in res["rows"]}
+    # M = 6: fp32 x under medium — the dot form where the path has it, else the engine
+    assert routed[("torch.float32", "int4", 6)] == ("gemv_bf16" if path == "avx512bf16" else "engine")
+    assert routed[("torch.float32", "nf4+dq", 6)] == ("gemv_bf16" if path == "avx512bf16" else "engine")
+    assert routed[("torch.bfloat16", "int4", 1)] == "gemv_i16"
+    assert len(res["rows"]) == 8 and all(set(r["ms"]) == set(kernels) and min(r["ms"].values()) > 0
+                                         for r in res["rows"])
 
 
 def test_timeit_group_ratios():

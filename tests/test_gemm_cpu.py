@@ -28,20 +28,21 @@ EPS_I16 = 0.5 / 16383 + 2.6e-5
 EPS_TILE16 = {"nf4": 0.5 / 8191 + 0.5 / 8192, "fp4": 0.5 / 16383, "int4": 0.5 / 32767, "int2": 0.5 / 32767}
 
 
-BF16_ROUTES = ("avx512bf16", "amx", "amx_emulated", "tile_f32_bf16w")
+ENGINE_ROUTES = ("avx512bf16", "amx", "amx_emulated", "gemv_bf16")  # round s·xa to bf16 in the lowrank branch
+BF16_ROUTES = ENGINE_ROUTES + ("tile_f32_bf16w",)
 
 
 def eps_i16(fmt, m, dtype=torch.float32, transposed=False):
     """The int16 error term of the kernel that runs for M = m on the current CPU path and policy (the
     GEMV in passes of 8 rows up to M = 24, the tile kernels above; 0 for the fp32 and bf16 routes)."""
-    route = _C.gemm_route(DT[dtype], m, transposed)
+    route = _C.gemm_route(DT[dtype], m, transposed, FMT[fmt])
     return EPS_TILE16[fmt] if route == "tile_i16" else (EPS_I16 if route == "gemv_i16" else 0.0)
 
 
 def w_ref(qw, dtype, m, transposed=False):
     """The weight the kernel multiplies: dequant(W), or dequant(W) rounded to bf16 on the bf16 routes
     (torch's bf16 matmul semantics: csrc/cpu/gemm_bf16.h)."""
-    route = _C.gemm_route(DT[dtype], m, transposed)
+    route = _C.gemm_route(DT[dtype], m, transposed, FMT[qw.fmt])
     return qw.w_hat.to(torch.bfloat16).float() if route in BF16_ROUTES else qw.w_hat
 
 

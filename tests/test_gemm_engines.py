@@ -203,6 +203,126 @@ def test_engine_lowrank(engine_path, fmt, block, dq, m, r, dtype):
         assert err <= 1e-5 * scale + 2.0 ** -8 * branch
 
 
+# ---------------------------------------------------------------- small M: the dot-form bf16 GEMV
+@pytest.fixture
+def dot_path(monkeypatch):
+    """The 'avx512bf16' path with every M on the dot form (gemv_bf16; passes of 8 rows above 8)."""
+    if "avx512bf16" not in _C.available_cpu_paths():
+        pytest.skip("the dot form runs on the 'avx512bf16' path: this CPU has no AVX-512 BF16")
+    monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "0")
+    monkeypatch.setenv("LOWBIT_GEMV_BF16_MAX_M", "64")
+    old = _C.cpu_path()
+    _C.set_cpu_path("avx512bf16")
+    yield
+    _C.set_cpu_path(old)
+
+
+@pytest.mark.parametrize("fmt,block,dq", CASES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 17])
+def test_gemv_bf16_gemm(dot_path, fmt, block, dq, m):
+    """bf16 x: torch's bf16 matmul on exactly dequantize(bf16), like the engines; N = 3·block + 3 leaves
+    rows outside the passes of 2 / 4 rows, M > 8 runs in passes of 8."""
+    k, n = block * 3, block * 3 + 3
+    qt = quantized(n, k, fmt, block, dq, seed=m)
+    g = torch.Generator().manual_seed(200 + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16) if m % 2 else None
+    assert _C.gemm_route(1, m, False) == "gemv_bf16"
+    y = lowbit.linear(x, qt, bias)
+    wd = qt.dequantize(torch.bfloat16).double()
+    ref = x.double() @ wd.T + (bias.double() if bias is not None else 0.0)
+    assert y.dtype == torch.bfloat16
+    assert_bf16_out(y, ref, float((x.double().abs() @ wd.abs().T).max()))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m", [1, 4, 8, 12])
+def test_gemv_bf16_fp32_medium(dot_path, fmt, m):
+    """fp32 x under `medium`: x rounded to bf16, fp32 out, only fp32 accumulation error left."""
+    n, k = 70, 768
+    qt = quantized(n, k, fmt, 64, True, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    with lowbit.matmul_precision("medium"):
+        assert _C.gemm_route(0, m, False, lowbit.formats.FMT_ID[fmt]) == "gemv_bf16"
+        y = lowbit.linear(x, qt)
+    assert y.dtype == torch.float32
+    assert_f32_out(y, bf16_ref(x) @ qt.dequantize(torch.bfloat16).double().T, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("int4", False), ("int2", True)])
+@pytest.mark.parametrize("m,r", [(1, 16), (4, 1), (8, 100), (11, 16)])
+def test_gemv_bf16_lowrank(dot_path, dtype, fmt, dq, m, r):
+    """The lowrank forward on the dot form: xa = x·Aᵀ (bf16 products, fp32 sums), then (s·xa rounded to
+    bf16)·Bᵀ added to the base in fp32 — the engines' arithmetic, checked as test_engine_lowrank does."""
+    block = 64
+    n, k = 3 * block + 8, 3 * block
+    qt = quantized(n, k, fmt, block, dq, seed=r)
+    g = torch.Generator().manual_seed(m + r)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    a = (torch.randn(r, k, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    s = 0.75
+    with lowbit.matmul_precision("medium"):
+        assert _C.gemm_route(DT_ID[dtype], m, False, lowbit.formats.FMT_ID[fmt]) == "gemv_bf16"
+        y, xa = lowrank_op(x, *lowbit.ops.weight_args(qt), a, b, s, bias, n, k, block, fmt)
+    wd = qt.dequantize(torch.bfloat16).double()
+    xr, ar, br = bf16_ref(x), bf16_ref(a), bf16_ref(b)
+    xa_ref = xr @ ar.T
+    ref = xr @ wd.T + s * (xa_ref @ br.T) + bias.double()
+    branch = float((s * (xa_ref.abs() @ br.abs().T)).max())
+    scale = float((xr.abs() @ wd.abs().T).max())
+    if dtype == torch.bfloat16:
+        assert_bf16_out(xa, xa_ref, float((xr.abs() @ ar.abs().T).max()))
+        err, tol = (y.double() - ref).abs(), 2.0 ** -8 * ref.abs() + 1e-5 * scale + 2.0 ** -8 * branch
+        assert bool((err <= tol).all()), f"worst err/tol {float((err / tol).max()):.3g}"
+    else:
+        assert_f32_out(xa, xa_ref, 1e-5)
+        assert float((y.double() - ref).abs().max()) <= 1e-5 * scale + 2.0 ** -8 * branch
+
+
+DT_ID = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def test_gemv_bf16_threads_and_non_finite_rows(dot_path):
+    """Each output is one thread's sum: 1 and 3 threads give the same bits; a NaN / inf row of x stays in
+    its row (its own accumulators)."""
+    qt = quantized(301, 512, "nf4", 64, True, seed=1)
+    x = torch.randn(7, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    a, b = torch.randn(16, 512).bfloat16() * 0.1, torch.randn(301, 16).bfloat16() * 0.1
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for th in (1, 3):
+            torch.set_num_threads(th)
+            outs.append((lowbit.linear(x, qt), *lowrank_op(x, *lowbit.ops.weight_args(qt), a, b, 0.5, None, 301,
+                                                             512, 64, "nf4")))
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[3, 100] = bad
+        y = lowbit.linear(xb, qt)
+        assert not torch.isfinite(y[3]).all()
+        assert torch.equal(torch.cat([y[:3], y[4:]]), torch.cat([outs[0][0][:3], outs[0][0][4:]]))
+
+
+def test_gemv_bf16_default_range():
+    """On 'avx512bf16' the int16 GEMV keeps M <= 2, the dot form M 3..12, the engine the rest (bf16 x)."""
+    if "avx512bf16" not in _C.available_cpu_paths():
+        pytest.skip("no AVX-512 BF16 here")
+    old = _C.cpu_path()
+    _C.set_cpu_path("avx512bf16")
+    try:
+        got = [_C.gemm_route(1, m, False) for m in range(1, 15)]
+    finally:
+        _C.set_cpu_path(old)
+    assert got == ["gemv_i16"] * 2 + ["gemv_bf16"] * 10 + ["avx512bf16"] * 2
+
+
 def lowrank_backward_ref(gy, x, xa, gxa, wd, a, b, s):
     """float64 on the engine's operands: gy, x, xa, A, B as given (bf16 here), Ŵ = dequantize(bf16). Returns
     (gx, ga, gb, u) and the error scales |·|-products of each."""
@@ -492,7 +612,7 @@ def test_policy_fp16_never_bf16():
     for precision in ("highest", "high", "medium"):
         with lowbit.matmul_precision(precision):
             for m in (1, 100):
-                assert _C.gemm_route(2, m, False) not in ("avx512bf16", "amx", "amx_emulated")
+                assert _C.gemm_route(2, m, False) not in ("avx512bf16", "amx", "amx_emulated", "gemv_bf16")
                 assert _C.gemm_route(2, m, True) not in ("avx512bf16", "amx", "amx_emulated")
 
 
@@ -526,7 +646,7 @@ def test_info_reports_engines():
     for dt, rows in eng.items():
         assert rows["gemm"] and rows["gemm_t"]
         for rng, route in rows["gemm"]:
-            assert route in ("gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx",
+            assert route in ("gemv_i16", "gemv_bf16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx",
                              "amx_emulated", "portable")
     assert ("amx" in d["cpu_paths"]) == (d["amx_status"] == "")
 

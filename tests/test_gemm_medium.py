@@ -249,7 +249,7 @@ def test_medium_lowrank(path, medium, fmt, m, r):
     run_lowrank(m, 101, 320, r, fmt, 64, fmt in ("nf4", "int2"), seed=m * 100 + r)
 
 
-@pytest.mark.parametrize("m, r", [(1, 16), (3, 256), (8, 64)])
+@pytest.mark.parametrize("m, r", [(1, 16), (3, 256), (4, 64)])  # M <= 4: the int8 GEMV on every path
 def test_medium_lowrank_bits_do_not_depend_on_threads(medium, m, r, monkeypatch):
     """The int8 GEMV reuses the int16 GEMV's down-projection sharing and deferred epilogue: 1 and 2
     threads, either epilogue (LOWBIT_LOWRANK_TEST_DEFER), give identical bits."""
@@ -267,7 +267,7 @@ def test_medium_lowrank_bits_do_not_depend_on_threads(medium, m, r, monkeypatch)
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 4])
 def test_medium_lowrank_zero_scale_is_the_gemm(medium, m):
     """s = 0: the fused branch leaves the int8 GEMV's base product bit-for-bit unchanged."""
     qw, x, a, b, bias, y, _ = run_lowrank(m, 96, 256, 8, "int4", 64, False, s=0.0, seed=m)
@@ -286,19 +286,22 @@ def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
         _C.set_matmul_precision(MEDIUM)
         engine = _C.gemm_route(0, 100, False)
         assert engine in ("avx512bf16", "amx")
-        for m in range(1, 13):
-            want_int = "gemv_i16" if m <= 8 else engine
-            want_tab = "gemv_i16" if m <= 4 else engine
+        dot = engine == "avx512bf16"  # that path also has the dot-form bf16 GEMV, for M up to 12
+        tab_max, int_max = (2, 4) if dot else (4, 8)
+        for m in range(1, 15):
+            above = "gemv_bf16" if dot and m <= 12 else engine
+            want_int = "gemv_i16" if m <= int_max else above
+            want_tab = "gemv_i16" if m <= tab_max else above
             assert [_C.gemm_route(0, m, False, FMT[f]) for f in ("int4", "int2", "nf4", "fp4")] == \
                 [want_int, want_int, want_tab, want_tab], m
         monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
-        assert _C.gemm_route(0, 8, False, FMT["nf4"]) == "gemv_i16"
+        assert _C.gemm_route(0, int_max, False, FMT["nf4"]) == "gemv_i16"
         monkeypatch.delenv("LOWBIT_GEMV_I8_NF4")
         eng = lowbit.info()["engines"]["float32"]
-        assert eng["gemm"][0] == ("1-4", "gemv_i16") and eng["gemm (int4, int2)"][0] == ("1-8", "gemv_i16")
-        # and the kernels really take those routes: nf4 at M = 6 gives the engine's bits (x rounded to bf16)
+        assert eng["gemm"][0] == (f"1-{tab_max}", "gemv_i16") and eng["gemm (int4, int2)"][0] == (f"1-{int_max}", "gemv_i16")
+        # and the kernels really take those routes: nf4 at M = 13 gives the engine's bits (x rounded to bf16)
         qw = QW(96, 512, "nf4", 64, True, seed=6)
-        x = torch.randn(6, 512, generator=torch.Generator().manual_seed(6))
+        x = torch.randn(13, 512, generator=torch.Generator().manual_seed(6))
         y = gemm(x, qw)
         monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "0")
         assert torch.equal(gemm(x, qw), y)
@@ -311,11 +314,11 @@ def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
-@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("m", [1, 2])
 def test_medium_nf4_fp4_default_is_int16(fmt, m, monkeypatch):
-    """Without LOWBIT_GEMV_I8_NF4, nf4 (and fp4 always) keep the int16 GEMV under `medium` (M <= 4, its
-    range where a bf16 engine exists): the same bits as `high`; with it, nf4 runs the int8 GEMV (a
-    different, larger error) on a VNNI path."""
+    """Without LOWBIT_GEMV_I8_NF4, nf4 (and fp4 always) keep the int16 GEMV under `medium` (M <= 2, its
+    range on the 'avx512bf16' path; 4 where the engine is AMX): the same bits as `high`; with it, nf4 runs
+    the int8 GEMV (a different, larger error) on a VNNI path."""
     monkeypatch.delenv("LOWBIT_GEMV_I8_NF4", raising=False)
     qw = QW(96, 1024, fmt, 64, True, seed=m)
     x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m + 1000))

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from test_gemm_cpu import BF16_ROUTES, DT, EPS, QW, eps_i16, group_max, gemm, path, w_ref  # noqa: F401 (path: fixture)
+from test_gemm_cpu import DT, ENGINE_ROUTES, EPS, FMT, QW, eps_i16, group_max, gemm, path, w_ref  # noqa: F401 (path: fixture)
 
 _C = pytest.importorskip("lowbit._C")
 
@@ -36,13 +36,13 @@ def run(m, n, k, r, fmt="nf4", block=32, dq=True, dtype=torch.float32, with_bias
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype) if with_bias else None
     y, xa = lowrank(x, qw, a, b, s, bias)
 
-    route = _C.gemm_route(DT[dtype], m, False)
+    route = _C.gemm_route(DT[dtype], m, False, FMT[fmt])
     x64, w64, a64, b64 = x.double(), w_ref(qw, dtype, m).double(), a.double(), b.double()
     xa_ref = x64 @ a64.T
     y_ref = x64 @ w64.T + s * xa_ref @ b64.T + (0 if bias is None else bias.double())
     xg = group_max(x.float()).double()
     # the bf16 engines round s·xa to bf16 for the up-projection (csrc/cpu/gemm_bf16.h)
-    branch16 = 2.0**-8 * abs(s) * (xa_ref.abs() @ b64.abs().T) if route in BF16_ROUTES[:3] else 0.0
+    branch16 = 2.0**-8 * abs(s) * (xa_ref.abs() @ b64.abs().T) if route in ENGINE_ROUTES else 0.0
     tol = 4 * (2.0**-24 * math.sqrt(k) * ((x64 * x64) @ (w64 * w64).T).sqrt()
                + eps_i16(fmt, m, dtype) * ((xg * xg) @ (w64 * w64).T).sqrt()
                + 2.0**-24 * math.sqrt(k + r) * abs(s) * (x64.abs() @ a64.abs().T) @ b64.abs().T) + branch16

@@ -135,7 +135,8 @@ std::string gemm_route_name(DType dt, int64_t m, bool transposed, Fmt fmt) {
   LOWBIT_CHECK(fmt_valid(fmt), "gemm_route: " + show("fmt", int32_t(fmt)) + " is not a format id (0..3)");
 #if LOWBIT_HAVE_AVX2_TU
   if (use_avx2()) {
-    static const char* names[] = {"gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx", "amx_emulated"};
+    static const char* names[] = {"gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx", "amx_emulated",
+                                  "gemv_bf16"};
     return names[int(gemm_route(dt, m, transposed, fmt))];
   }
 #endif

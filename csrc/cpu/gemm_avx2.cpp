@@ -408,10 +408,28 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 // GEMV's speed up to M = 12), and up to M = 4 where it is the int16 GEMV (nf4, fp4), as for bf16 x — the
 // engine is 1.36-1.39x faster at M = 5-8 there (same bench; until session 10 those M took the GEMV).
 constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMI8 = 8;
-inline int64_t gemv_max_m(bool engine, DType dt, Fmt fmt) {
-  const char* e = std::getenv("LOWBIT_GEMV_MAX_M");
-  if (e && *e) return std::strtoll(e, nullptr, 10);
-  return engine ? (gemv_i8_applies(dt, fmt) ? kGemvEngineMaxMI8 : kGemvEngineMaxM) : kGemvPassMaxM;
+// The 'avx512bf16' path also has the dot-form bf16 GEMV (gemv_bf16, gemm_avx512bf16.cpp): there the int16
+// GEMV keeps M ≤ 2 (the int8 one M ≤ 4) and the dot form takes M up to kGemvBf16MaxM, where the engine's
+// panel decode would dominate. Zen 4, 2 threads, 4096² in cache, bf16 x, nf4+dq / int4, dot form against
+// the int16 GEMV: M = 3 1.07 / 0.97 (fp32 x, nf4: 1.15), M = 4 1.37 / 1.19; against the engine: M = 5
+// 1.94 / 1.59, M = 8 1.34 / 1.23, M = 12 1.19 / 1.03, M = 16 0.97 / 0.88; fp32 x under `medium`, int4:
+// the int8 GEMV ties at M = 4 and is 1.1-1.4x slower at M = 5-8 (bench_gemm.py --crossover: all three
+// side by side).
+constexpr int64_t kGemvDotPathMaxM = 2, kGemvDotPathMaxMI8 = 4, kGemvBf16MaxM = 12;
+inline int64_t env_m(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::strtoll(e, nullptr, 10) : dflt;
+}
+inline int64_t gemv_max_m(Engine e, bool engine, DType dt, Fmt fmt) {
+  if (!engine) return env_m("LOWBIT_GEMV_MAX_M", kGemvPassMaxM);
+  const bool dot = e == Engine::avx512bf16;
+  if (gemv_i8_applies(dt, fmt)) return env_m("LOWBIT_GEMV_MAX_M", dot ? kGemvDotPathMaxMI8 : kGemvEngineMaxMI8);
+  return env_m("LOWBIT_GEMV_MAX_M", dot ? kGemvDotPathMaxM : kGemvEngineMaxM);
+}
+// The dot form's range (above the GEMV's). Test / bench hook: LOWBIT_GEMV_BF16_MAX_M (0: never); with
+// LOWBIT_GEMV_MAX_M set and this not, none (the engines' tests at small M).
+inline int64_t gemv_bf16_max_m() {
+  return env_m("LOWBIT_GEMV_BF16_MAX_M", std::getenv("LOWBIT_GEMV_MAX_M") ? 0 : kGemvBf16MaxM);
 }
 
 Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
@@ -419,7 +437,8 @@ Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
   const Precision pr = matmul_precision();
   const bool engine = e != Engine::none && (dt == DType::bf16 || (dt == DType::f32 && pr == Precision::medium));
   const bool exact = dt != DType::bf16 && pr == Precision::highest;
-  if (!transposed && !exact && m <= gemv_max_m(engine, dt, fmt)) return Route::gemv_i16;
+  if (!transposed && !exact && m <= gemv_max_m(e, engine, dt, fmt)) return Route::gemv_i16;
+  if (!transposed && engine && e == Engine::avx512bf16 && m <= gemv_bf16_max_m()) return Route::gemv_bf16;
   if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
   if (dt == DType::bf16) return Route::tile_f32_bf16w;
   if (exact) return Route::tile_f32;
@@ -432,6 +451,7 @@ void gemm_avx2(const GemmParams& p, const LowrankParams* lr) {
   const Route r = gemm_route(p.dtype, p.m, false, p.w.fmt);
   switch (r) {
     case Route::gemv_i16: return gemv_passes(p, lr);
+    case Route::gemv_bf16: return gemv_bf16_avx512bf16(p, lr);
     case Route::avx512bf16: return gemm_bf16_avx512bf16(p, lr);
     case Route::amx: return gemm_bf16_amx(p, lr);
     case Route::amx_emulated: return gemm_bf16_amx_emu(p, lr);

@@ -20,6 +20,8 @@
 // Arithmetic: each lane adds the odd product, then the even one, to its fp32 accumulator, each sum
 // rounded to nearest even, denormals flushed (Intel's VDPBF16PS pseudo-code); products of two bf16
 // are exact in fp32. Error vs the float64 product of the same bf16 operands: fp32 accumulation only.
+#include <cmath>
+
 #include "cpu/gemm_bf16.h"
 
 namespace lowbit::cpu {
@@ -84,7 +86,243 @@ struct Avx512Bf16 {
   }
 };
 
+// ---- small M: the dot form (route gemv_bf16) --------------------------------------------------------
+// At small M the engine above is bound by its panel decode (codes → bf16 → 16 × 16 transposes into the
+// tile layout, ≈ 11 cycles per 32 weights on Zen 4), not by vdpbf16ps. Here every lane of an
+// accumulator sums one k-pair position instead: acc[m][r] += vdpbf16ps(x[m][k0, k0 + 32),
+// W[j + r][k0, k0 + 32)) — W's 32 codes go through the block's 16-entry bf16 table (LutDecode: exactly
+// dequantize(bf16)) straight into one register in k order, x is read as it lies (bf16 pairs), and one
+// horizontal sum per output ends it. No panel, no transpose: ≈ 6 instructions of decode per 32 weights
+// and row of W, then MM vdpbf16ps. Arithmetic: the engine's (bf16 products, fp32 sums, in another order).
+
+// Scales of blocks [b0, b0 + cnt) → out: weight_scale's fp32 operations, 16 blocks at a time (double
+// quant: a gather from the code table, then multiply and add, as dq_scale).
+inline void block_scales(const GemmWeight& w, int64_t b0, int64_t cnt, float* out) {
+  if (!w.scale_q) {
+    std::memcpy(out, w.scale + b0, sizeof(float) * size_t(cnt));
+    return;
+  }
+  const __m512 off = _mm512_set1_ps(w.scale_offset);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t i = 0;
+  for (; i + 16 <= cnt; i += 16) {
+    const int64_t b = b0 + i, nb = nested_block_of(b);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale_q + b)));
+    const __m512 code = _mm512_i32gather_ps(q, kDynamicSigned, 4);
+    // lanes past the nested block's end (at most one boundary in 16 blocks) take the next one's absmax
+    const __mmask16 next = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(int((nb + 1) * kNestedBlock - b)));
+    __m512 ns = _mm512_set1_ps(w.scale_nested[nb]);
+    if (next) ns = _mm512_mask_mov_ps(ns, next, _mm512_set1_ps(w.scale_nested[nb + 1]));
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_mul_ps(code, ns), off));
+  }
+  for (; i < cnt; ++i) out[i] = weight_scale(w, b0 + i);
+}
+
+// The 32 4-bit codes at src → vpermw indices in element order with 3 operations (LutDecode::index takes
+// 4): dword j = byte j = (hi, lo) nibbles of elements 2j, 2j + 1; word 0 = hi, word 1 = the whole byte,
+// whose bit 4 (hi's lowest bit) vpermw also reads — the 16-entry table is therefore repeated in both
+// halves of the register.
+inline __m512i index4(const uint8_t* src) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
+}
+
+// Rows [j0, j0 + R) of W against the MM rows of xb (bf16, row stride ldx): res[m][r] = Σ_k x·Ŵ.
+// sc: room for R · K / block floats (the rows' scales, decoded up front).
+template <class L, int MM, int R>
+[[gnu::noinline]] void dot_rows(const GemmWeight& w, const uint16_t* xb, int64_t ldx, int64_t j0, float* sc,
+                                float (&res)[MM][R]) {
+  const int64_t K = w.k, nbr = K / w.block;
+  const int sh = __builtin_ctz(unsigned(w.block));
+  constexpr bool kTab = L::kIsTable;
+  block_scales(w, j0 * nbr, R * nbr, sc);
+  // one vcvtneps2bf16 per table when no value can be denormal (LutDecode::tables16's conditions, here
+  // over all R rows at once); else the table_of path, which rounds denormals as dequantize does
+  bool fast = true;
+  {
+    __m512 lo = _mm512_set1_ps(kTab ? 0x1p-118f : 0x1p-100f);
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 16 <= R * nbr; i += 16) bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(sc + i)), lo, _CMP_LT_OQ);
+    for (; i < R * nbr; ++i) bad |= std::fabs(sc[i]) < (kTab ? 0x1p-118f : 0x1p-100f);
+    fast = !bad;
+    if (!kTab && fast) {  // (q − z)·s: every zero on an integer, or ≥ 2^-26 from one
+      const float* z = w.zero + j0 * nbr;
+      for (i = 0; i + 16 <= R * nbr; i += 16) {
+        const __m512 zv = _mm512_loadu_ps(z + i);
+        const __m512 f = _mm512_abs_ps(_mm512_sub_ps(zv, _mm512_roundscale_ps(zv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        bad |= _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_NEQ_OQ), f, _mm512_set1_ps(0x1p-26f),
+                                       _CMP_LT_OQ);
+      }
+      for (; i < R * nbr; ++i) {
+        const float f = std::fabs(z[i] - std::nearbyint(z[i]));
+        bad |= f != 0.0f && f < 0x1p-26f;
+      }
+      fast = !bad;
+    }
+  }
+  const __m512 tabv = kTab ? _mm512_loadu_ps(w.fmt == Fmt::nf4 ? kNF4 : kFP4)
+                           : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto table = [&](int r, int64_t kb) {  // row r's block kb, in both halves
+    const float s = sc[r * nbr + kb];
+    __m256i t;
+    if (fast) {
+      const __m512 v = kTab ? _mm512_mul_ps(tabv, _mm512_set1_ps(s))
+                            : _mm512_mul_ps(_mm512_sub_ps(tabv, _mm512_set1_ps(w.zero[(j0 + r) * nbr + kb])), _mm512_set1_ps(s));
+      t = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    } else {
+      t = _mm512_castsi512_si256(L::table_of(w, s, (j0 + r) * nbr + kb));
+    }
+    return _mm512_broadcast_i64x4(t);
+  };
+  __m512 acc[MM][R];
+#pragma GCC unroll 16
+  for (int i = 0; i < MM * R; ++i) acc[i / R][i % R] = _mm512_setzero_ps();
+  const uint8_t* src[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) src[r] = w.codes + (j0 + r) * K * L::kCodeBits / 8;
+  __m512i lut[R];
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    if ((k0 & (w.block - 1)) == 0) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) lut[r] = table(r, k0 >> sh);
+    }
+    __m512bh wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* c = src[r] + k0 * L::kCodeBits / 8;
+      wv[r] = (__m512bh)_mm512_permutexvar_epi16(L::kCodeBits == 4 ? index4(c) : L::index(c), lut[r]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + m * ldx + k0);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MM * R; ++i) res[i / R][i % R] = _mm512_reduce_add_ps(acc[i / R][i % R]);
+}
+
+// The same against dense bf16 rows (the lowrank branch's A: xa = x·Aᵀ).
+template <int MM>
+void dot_dense(const uint16_t* xb, int64_t ldx, const uint16_t* a, int64_t K, float (&res)[MM]) {
+  __m512 acc[MM];
+  for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    const __m512bh av = (__m512bh)_mm512_loadu_si512(a + k0);
+    for (int m = 0; m < MM; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(xb + m * ldx + k0), av);
+  }
+  for (int m = 0; m < MM; ++m) res[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// Rows of W per pass: at M ≤ 4, 4 rows (16 accumulators); above, 2 (MM · 2 ≤ 16).
+template <int MM> constexpr int kDotRows = MM <= 4 ? 4 : 2;
+
+template <class L, int MM>
+void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
+  const GemmWeight& w = p.w;
+  const int64_t N = w.n, K = w.k;
+  constexpr int R = kDotRows<MM>;
+  // x as bf16 rows: in place when it is bf16, else rounded once (fp32 under `medium`)
+  static thread_local AlignedBufT<uint16_t> x_buf, a_buf;
+  static thread_local AlignedBuf xas_buf;
+  const uint16_t* xb = static_cast<const uint16_t*>(p.x);
+  if (p.dtype != DType::bf16) {
+    uint16_t* t = x_buf.get(size_t(MM * K));
+    for (int m = 0; m < MM; ++m) pack_row_bf16(p.x, p.dtype, K, m, K, K, t + m * K);
+    xb = t;
+  }
+  // the branch: xa = x·Aᵀ (the xa output, in dtype) and bf16(s·xa) in fp32 for the epilogue, as the
+  // engine rounds it; A rounded to bf16 when it is not
+  const int r = lr ? lr->r : 0;
+  float* xas = lr ? xas_buf.get(size_t(MM * r)) : nullptr;
+  if (lr) {
+    const uint16_t* ab = static_cast<const uint16_t*>(lr->a);
+    if (p.dtype != DType::bf16) {
+      uint16_t* t = a_buf.get(size_t(r * K));
+      for (int i = 0; i < r; ++i) pack_row_bf16(lr->a, p.dtype, K, i, K, K, t + i * K);
+      ab = t;
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < r; ++i) {
+      float v[MM];
+      dot_dense<MM>(xb, K, ab + int64_t(i) * K, K, v);
+      for (int m = 0; m < MM; ++m) {
+        store_from_float(lr->xa, p.dtype, m * r + i, v[m]);
+        xas[m * r + i] = bf16_to_float(float_to_bf16(lr->s * v[m]));
+      }
+    }
+  }
+  auto finish = [&](int64_t j, int m, float v) {  // + the branch (bf16 products, fp32 sums) + bias
+    if (lr) {
+      const float* xm = xas + m * r;
+      for (int i = 0; i < r; ++i) v += xm[i] * bf16_to_float(float_to_bf16(load_as_float(lr->b, p.dtype, j * r + i)));
+    }
+    if (p.bias) v += load_as_float(p.bias, p.dtype, j);
+    store_from_float(p.y, p.dtype, m * N + j, v);
+  };
+  const int64_t groups = N / R;
+#pragma omp parallel
+  {
+    static thread_local AlignedBuf sc_buf;
+    float* sc = sc_buf.get(size_t(R * (K / w.block)));
+    // dynamic, 8 passes a grab: the cores are shared with other jobs (as the GEMV)
+#pragma omp for schedule(dynamic, 8) nowait
+    for (int64_t g = 0; g < groups; ++g) {
+      float res[MM][R];
+      dot_rows<L, MM, R>(w, xb, K, g * R, sc, res);
+      for (int rr = 0; rr < R; ++rr)
+        for (int m = 0; m < MM; ++m) finish(g * R + rr, m, res[m][rr]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = groups * R; j < N; ++j) {
+      float res[MM][1];
+      dot_rows<L, MM, 1>(w, xb, K, j, sc, res);
+      for (int m = 0; m < MM; ++m) finish(j, m, res[m][0]);
+    }
+  }
+}
+
+template <class L>
+void gemv_bf16_fmt(const GemmParams& p, const LowrankParams* lr) {
+  switch (p.m) {
+    case 1: return gemv_bf16_run<L, 1>(p, lr);
+    case 2: return gemv_bf16_run<L, 2>(p, lr);
+    case 3: return gemv_bf16_run<L, 3>(p, lr);
+    case 4: return gemv_bf16_run<L, 4>(p, lr);
+    case 5: return gemv_bf16_run<L, 5>(p, lr);
+    case 6: return gemv_bf16_run<L, 6>(p, lr);
+    case 7: return gemv_bf16_run<L, 7>(p, lr);
+    default: return gemv_bf16_run<L, 8>(p, lr);
+  }
+}
+
 }  // namespace
+
+// M ≤ 8 rows per call (gemm_route keeps it to kGemvBf16MaxM); more rows go in passes of 8 (each pass
+// decodes W again: the route stops where the engine's single decode wins).
+void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) {
+  for (int64_t m0 = 0; m0 < p.m; m0 += 8) {
+    GemmParams q = p;
+    q.m = std::min<int64_t>(8, p.m - m0);
+    const size_t es = p.dtype == DType::f32 ? 4 : 2;
+    q.x = static_cast<const char*>(p.x) + size_t(m0 * p.w.k) * es;
+    q.y = static_cast<char*>(p.y) + size_t(m0 * p.w.n) * es;
+    LowrankParams l;
+    if (lr) {
+      l = *lr;
+      l.g = q;
+      l.xa = static_cast<char*>(lr->xa) + size_t(m0 * lr->r) * es;
+    }
+    switch (p.w.fmt) {
+      case Fmt::nf4:
+      case Fmt::fp4: gemv_bf16_fmt<LutDecode<4, true>>(q, lr ? &l : nullptr); break;
+      case Fmt::int4: gemv_bf16_fmt<LutDecode<4, false>>(q, lr ? &l : nullptr); break;
+      case Fmt::int2: gemv_bf16_fmt<LutDecode<2, false>>(q, lr ? &l : nullptr); break;
+    }
+  }
+}
 
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) { gemm_bf16<Avx512Bf16>(p, lr); }
 void gemm_t_bf16_avx512bf16(const GemmParams& p) { gemm_t_bf16<Avx512Bf16>(p); }

@@ -74,6 +74,8 @@ constexpr int64_t kPrefetchRows = 16;  // rows of codes fetched ahead of their d
 // carry no per-run branches.
 template <int kBits, bool kTable>
 struct LutDecode {
+  static constexpr int kCodeBits = kBits;
+  static constexpr bool kIsTable = kTable;
   // Block b's table (bf16, the low 16 words), exactly as dequantize(bf16) makes the values.
   static __m512i table(const GemmWeight& w, int64_t b) { return table_of(w, weight_scale(w, b), b); }
   // The same from the block's scale s (weight_scale) and, int formats, its zero w.zero[b].

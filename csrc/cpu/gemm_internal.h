@@ -31,7 +31,7 @@ void gemm_avx2(const GemmParams& p, const LowrankParams* lr);
 void gemm_t_avx2(const GemmParams& p);
 
 // The kernel a product runs (gemm_avx2.cpp: gemm_route, where the rules are written down).
-enum class Route { gemv_i16, tile_f32, tile_f32_bf16w, tile_i16, avx512bf16, amx, amx_emulated };
+enum class Route { gemv_i16, tile_f32, tile_f32_bf16w, tile_i16, avx512bf16, amx, amx_emulated, gemv_bf16 };
 Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt);
 // The bf16 engines (cpu/gemm_bf16.h): gemm / lowrank forward (lr) and gemm_t, per engine TU.
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // gemm_avx512bf16.cpp
@@ -41,6 +41,7 @@ void gemm_t_bf16_amx(const GemmParams& p);
 void gemm_bf16_amx_emu(const GemmParams& p, const LowrankParams* lr);  // gemm_amx_emu_avx2.cpp
 void gemm_t_bf16_amx_emu(const GemmParams& p);
 void lowrank_backward_bf16_avx512bf16(const LowrankBackwardParams& p);  // the lowrank backward, same TUs
+void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // small M, the dot form
 void lowrank_backward_bf16_amx(const LowrankBackwardParams& p);
 void lowrank_backward_bf16_amx_emu(const LowrankBackwardParams& p);
 
