@@ -127,6 +127,18 @@ inline __m512i index4(const uint8_t* src) {
   return _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
 }
 
+// Lane L of the result: the sum of the 16 lanes of v[(L % 4) · 4 + L / 4] (callers permute their inputs).
+inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 8 lanes per source: the two halves of each quad pair added
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 4 lanes (one quad) per source
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // 2 lanes per source
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+}
+
 // Rows [j0, j0 + R) of W against the MM rows of xb (bf16, row stride ldx): res[m][r] = Σ_k x·Ŵ.
 // sc: room for R · K / block floats (the rows' scales, decoded up front).
 template <class L, int MM, int R>
@@ -200,8 +212,18 @@ template <class L, int MM, int R>
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
     }
   }
+  if constexpr (MM * R == 16) {  // the 16 sums at once (a transpose-add tree: 15 adds, 30 shuffles)
+    __m512 v[16];
 #pragma GCC unroll 16
-  for (int i = 0; i < MM * R; ++i) res[i / R][i % R] = _mm512_reduce_add_ps(acc[i / R][i % R]);
+    for (int i = 0; i < 16; ++i) {
+      const int s = (i % 4) * 4 + i / 4;  // hsum16 returns the sums 4 × 4-transposed
+      v[i] = acc[s / R][s % R];
+    }
+    _mm512_storeu_ps(&res[0][0], hsum16(v));
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < MM * R; ++i) res[i / R][i % R] = _mm512_reduce_add_ps(acc[i / R][i % R]);
+  }
 }
 
 // The same against dense bf16 rows (the lowrank branch's A: xa = x·Aᵀ).
