@@ -427,9 +427,12 @@ inline int64_t gemv_max_m(Engine e, bool engine, DType dt, Fmt fmt) {
   return env_m("LOWBIT_GEMV_MAX_M", dot ? kGemvDotPathMaxM : kGemvEngineMaxM);
 }
 // The dot form's range (above the GEMV's). Test / bench hook: LOWBIT_GEMV_BF16_MAX_M (0: never); with
-// LOWBIT_GEMV_MAX_M set and this not, none (the engines' tests at small M).
-inline int64_t gemv_bf16_max_m() {
-  return env_m("LOWBIT_GEMV_BF16_MAX_M", std::getenv("LOWBIT_GEMV_MAX_M") ? 0 : kGemvBf16MaxM);
+// LOWBIT_GEMV_MAX_M set and this not, none (the engines' tests at small M). On the 'amx' path (whose CPUs
+// have AVX512-BF16: dispatch.cpp requires it) only through the hook, so that bench_gemm.py --crossover
+// can time it there: no AMX machine has measured it yet.
+inline int64_t gemv_bf16_max_m(Engine e) {
+  const int64_t dflt = e == Engine::avx512bf16 && !std::getenv("LOWBIT_GEMV_MAX_M") ? kGemvBf16MaxM : 0;
+  return e == Engine::avx512bf16 || e == Engine::amx ? env_m("LOWBIT_GEMV_BF16_MAX_M", dflt) : 0;
 }
 
 Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
@@ -438,7 +441,7 @@ Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
   const bool engine = e != Engine::none && (dt == DType::bf16 || (dt == DType::f32 && pr == Precision::medium));
   const bool exact = dt != DType::bf16 && pr == Precision::highest;
   if (!transposed && !exact && m <= gemv_max_m(e, engine, dt, fmt)) return Route::gemv_i16;
-  if (!transposed && engine && e == Engine::avx512bf16 && m <= gemv_bf16_max_m()) return Route::gemv_bf16;
+  if (!transposed && engine && m <= gemv_bf16_max_m(e)) return Route::gemv_bf16;
   if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
   if (dt == DType::bf16) return Route::tile_f32_bf16w;
   if (exact) return Route::tile_f32;
