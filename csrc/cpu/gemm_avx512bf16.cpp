@@ -194,11 +194,7 @@ template <class L, int MM, int R>
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) src[r] = w.codes + (j0 + r) * K * L::kCodeBits / 8;
   __m512i lut[R];
-  for (int64_t k0 = 0; k0 < K; k0 += 32) {
-    if ((k0 & (w.block - 1)) == 0) {
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) lut[r] = table(r, k0 >> sh);
-    }
+  auto step = [&](int64_t k0) {
     __m512bh wv[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
@@ -211,6 +207,16 @@ template <class L, int MM, int R>
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
     }
+  };
+  for (int64_t kb = 0; kb < K; kb += w.block) {  // per block: the R tables, then its 32-column steps
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) lut[r] = table(r, kb >> sh);
+    int64_t k0 = kb;
+    for (; k0 + 64 <= kb + w.block; k0 += 64) {  // two steps per iteration (blocks of 32: one)
+      step(k0);
+      step(k0 + 32);
+    }
+    if (k0 < kb + w.block) step(k0);
   }
   if constexpr (MM * R == 16) {  // the 16 sums at once (a transpose-add tree: 15 adds, 30 shuffles)
     __m512 v[16];
