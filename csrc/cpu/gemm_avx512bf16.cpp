@@ -290,24 +290,54 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
     if (p.bias) v += load_as_float(p.bias, p.dtype, j);
     store_from_float(p.y, p.dtype, m * N + j, v);
   };
-  const int64_t groups = N / R;
+  // Rows in grabs of 32 (dynamic: the cores are shared with other jobs, as for the GEMV): passes of R rows,
+  // the last grab's N % R rows one at a time; then each row of x's 32 outputs at once (+ bias, rounded,
+  // stored 16 at a time: the per-output epilogue had been a quarter of a call at K = 576), or, with the
+  // branch, output by output.
+  constexpr int kGrab = 32;
+  static_assert(kGrab % R == 0, "a grab holds whole passes");
+  const int64_t grabs = (N + kGrab - 1) / kGrab;
 #pragma omp parallel
   {
     static thread_local AlignedBuf sc_buf;
     float* sc = sc_buf.get(size_t(R * (K / w.block)));
-    // dynamic, 8 passes a grab: the cores are shared with other jobs (as the GEMV)
-#pragma omp for schedule(dynamic, 8) nowait
-    for (int64_t g = 0; g < groups; ++g) {
-      float res[MM][R];
-      dot_rows<L, MM, R>(w, xb, K, g * R, sc, res);
-      for (int rr = 0; rr < R; ++rr)
-        for (int m = 0; m < MM; ++m) finish(g * R + rr, m, res[m][rr]);
-    }
-#pragma omp for schedule(static)
-    for (int64_t j = groups * R; j < N; ++j) {
-      float res[MM][1];
-      dot_rows<L, MM, 1>(w, xb, K, j, sc, res);
-      for (int m = 0; m < MM; ++m) finish(j, m, res[m][0]);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < grabs; ++c) {
+      const int64_t ja = c * kGrab, jb = std::min(N, ja + kGrab);
+      alignas(64) float ys[MM][kGrab];
+      int64_t j = ja;
+      for (; j + R <= jb; j += R) {
+        float res[MM][R];
+        dot_rows<L, MM, R>(w, xb, K, j, sc, res);
+        for (int m = 0; m < MM; ++m)
+          for (int rr = 0; rr < R; ++rr) ys[m][j - ja + rr] = res[m][rr];
+      }
+      for (; j < jb; ++j) {
+        float res[MM][1];
+        dot_rows<L, MM, 1>(w, xb, K, j, sc, res);
+        for (int m = 0; m < MM; ++m) ys[m][j - ja] = res[m][0];
+      }
+      if (lr) {
+        for (int m = 0; m < MM; ++m)
+          for (int64_t jj = ja; jj < jb; ++jj) finish(jj, m, ys[m][jj - ja]);
+        continue;
+      }
+      for (int m = 0; m < MM; ++m)
+        for (int64_t j0 = ja; j0 < jb; j0 += 16) {
+          const int nv = int(std::min<int64_t>(16, jb - j0));
+          const __mmask16 k = __mmask16((1u << nv) - 1);
+          __m512 v = _mm512_maskz_loadu_ps(k, &ys[m][j0 - ja]);
+          if (p.dtype == DType::bf16) {
+            if (p.bias) {
+              const __m256i b = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p.bias) + j0);
+              v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+            }
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.y) + m * N + j0, k, to_bf16x16(v));
+          } else {  // fp32 (x under `medium`)
+            if (p.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, static_cast<const float*>(p.bias) + j0));
+            _mm512_mask_storeu_ps(static_cast<float*>(p.y) + m * N + j0, k, v);
+          }
+        }
     }
   }
 }
