@@ -370,22 +370,11 @@ void gemm_t_tile(const GemmParams& p, Route route) {
 
 // The GEMV (AVX-512 VNNI build when available) over rows [0, m) in passes of ≤ kGemvMaxM rows.
 void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
-  const size_t es = p.dtype == DType::f32 ? 4 : 2;
-  for (int64_t m0 = 0; m0 < p.m; m0 += kGemvMaxM) {
-    GemmParams q = p;
-    q.m = std::min<int64_t>(kGemvMaxM, p.m - m0);
-    q.x = static_cast<const char*>(p.x) + size_t(m0 * p.w.k) * es;
-    q.y = static_cast<char*>(p.y) + size_t(m0 * p.w.n) * es;
-    LowrankParams l;
-    if (lr) {
-      l = *lr;
-      l.g = q;
-      l.xa = static_cast<char*>(lr->xa) + size_t(m0 * lr->r) * es;
-    }
-    if (gemv_i8_applies(q)) gemv_i8_avx512(q, lr ? &l : nullptr);  // `medium`: int8 x, vpdpbusd
-    else if (use_avx512()) gemv_avx512(q, lr ? &l : nullptr);
-    else gemv_i16(q, lr ? &l : nullptr);
-  }
+  row_passes(p, lr, kGemvMaxM, [](const GemmParams& q, const LowrankParams* l) {
+    if (gemv_i8_applies(q)) gemv_i8_avx512(q, l);  // `medium`: int8 x, vpdpbusd
+    else if (use_avx512()) gemv_avx512(q, l);
+    else gemv_i16(q, l);
+  });
 }
 
 // The kernel each product runs on the paths with AVX2: the one place the precision policy, the

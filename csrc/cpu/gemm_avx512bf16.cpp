@@ -361,25 +361,14 @@ void gemv_bf16_fmt(const GemmParams& p, const LowrankParams* lr) {
 // M ≤ 8 rows per call (gemm_route keeps it to kGemvBf16MaxM); more rows go in passes of 8 (each pass
 // decodes W again: the route stops where the engine's single decode wins).
 void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) {
-  for (int64_t m0 = 0; m0 < p.m; m0 += 8) {
-    GemmParams q = p;
-    q.m = std::min<int64_t>(8, p.m - m0);
-    const size_t es = p.dtype == DType::f32 ? 4 : 2;
-    q.x = static_cast<const char*>(p.x) + size_t(m0 * p.w.k) * es;
-    q.y = static_cast<char*>(p.y) + size_t(m0 * p.w.n) * es;
-    LowrankParams l;
-    if (lr) {
-      l = *lr;
-      l.g = q;
-      l.xa = static_cast<char*>(lr->xa) + size_t(m0 * lr->r) * es;
-    }
-    switch (p.w.fmt) {
+  row_passes(p, lr, 8, [](const GemmParams& q, const LowrankParams* l) {
+    switch (q.w.fmt) {
       case Fmt::nf4:
-      case Fmt::fp4: gemv_bf16_fmt<LutDecode<4, true>>(q, lr ? &l : nullptr); break;
-      case Fmt::int4: gemv_bf16_fmt<LutDecode<4, false>>(q, lr ? &l : nullptr); break;
-      case Fmt::int2: gemv_bf16_fmt<LutDecode<2, false>>(q, lr ? &l : nullptr); break;
+      case Fmt::fp4: gemv_bf16_fmt<LutDecode<4, true>>(q, l); break;
+      case Fmt::int4: gemv_bf16_fmt<LutDecode<4, false>>(q, l); break;
+      case Fmt::int2: gemv_bf16_fmt<LutDecode<2, false>>(q, l); break;
     }
-  }
+  });
 }
 
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) { gemm_bf16<Avx512Bf16>(p, lr); }

@@ -74,6 +74,27 @@ inline float weight_scale(const GemmWeight& w, int64_t b) {
 
 inline void store_out(void* y, DType t, int64_t i, float v) { store_from_float(y, t, i, v); }
 
+// f(q, l) for the rows [0, p.m) of a product in passes of at most `rows`: q the pass's GemmParams (x and
+// y moved to its first row), l its LowrankParams (xa moved too) or null. The small-M kernels take their
+// rows in passes (gemv_passes, gemv_bf16).
+template <class F>
+void row_passes(const GemmParams& p, const LowrankParams* lr, int64_t rows, F f) {
+  const size_t es = p.dtype == DType::f32 ? 4 : 2;
+  for (int64_t m0 = 0; m0 < p.m; m0 += rows) {
+    GemmParams q = p;
+    q.m = std::min<int64_t>(rows, p.m - m0);
+    q.x = static_cast<const char*>(p.x) + size_t(m0 * p.w.k) * es;
+    q.y = static_cast<char*>(p.y) + size_t(m0 * p.w.n) * es;
+    LowrankParams l;
+    if (lr) {
+      l = *lr;
+      l.g = q;
+      l.xa = static_cast<char*>(lr->xa) + size_t(m0 * lr->r) * es;
+    }
+    f(q, lr ? &l : nullptr);
+  }
+}
+
 // A 64-byte aligned buffer reused across calls on the same thread (grows, never shrinks).
 template <class T>
 struct AlignedBufT {
