@@ -176,6 +176,16 @@ def test_engine_lowrank(engine_path, fmt, block, dq, m, r, dtype):
     """lowrank forward: xa = x·Aᵀ on the engine (fp32 sums of bf16 products), the branch (s·xa rounded
     to bf16)·Bᵀ accumulated with the base in fp32 — as PEFT on a bf16 model computes it, more
     accurately (one rounding of s·xa where PEFT rounds xa, the product and the sum)."""
+    qt, x, a, b, bias, n, k = lowrank_case(fmt, block, dq, m, r, dtype)
+    s = 0.75
+    ctx = lowbit.matmul_precision("medium")
+    with ctx:
+        y, xa = lowrank_op(x, *lowbit.ops.weight_args(qt), a, b, s, bias, n, k, block, fmt)
+    check_lowrank_out(y, xa, x, a, b, s, bias, qt, dtype)
+
+
+def lowrank_case(fmt, block, dq, m, r, dtype):
+    """A lowrank forward's operands: W (3·block + 8, 3·block), x (m, K), A (r, K), B (N, r), bias."""
     n, k = 3 * block + 8, 3 * block
     qt = quantized(n, k, fmt, block, dq, seed=r)
     g = torch.Generator().manual_seed(m + r)
@@ -183,11 +193,7 @@ def test_engine_lowrank(engine_path, fmt, block, dq, m, r, dtype):
     a = (torch.randn(r, k, generator=g) * 0.1).to(dtype)
     b = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    s = 0.75
-    ctx = lowbit.matmul_precision("medium")
-    with ctx:
-        y, xa = lowrank_op(x, *lowbit.ops.weight_args(qt), a, b, s, bias, n, k, block, fmt)
-    check_lowrank_out(y, xa, x, a, b, s, bias, qt, dtype)
+    return qt, x, a, b, bias, n, k
 
 
 def check_lowrank_out(y, xa, x, a, b, s, bias, qt, dtype):
@@ -262,13 +268,7 @@ def test_gemv_bf16_lowrank(dot_path, dtype, fmt, dq, m, r):
     """The lowrank forward on the dot form: xa = x·Aᵀ (bf16 products, fp32 sums), then (s·xa rounded to
     bf16)·Bᵀ added to the base in fp32 — the engines' arithmetic, checked as test_engine_lowrank does."""
     block = 64
-    n, k = 3 * block + 8, 3 * block
-    qt = quantized(n, k, fmt, block, dq, seed=r)
-    g = torch.Generator().manual_seed(m + r)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    a = (torch.randn(r, k, generator=g) * 0.1).to(dtype)
-    b = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype)
+    qt, x, a, b, bias, n, k = lowrank_case(fmt, block, dq, m, r, dtype)
     s = 0.75
     with lowbit.matmul_precision("medium"):
         assert _C.gemm_route(DT_ID[dtype], m, False, lowbit.formats.FMT_ID[fmt]) == "gemv_bf16"
