@@ -399,11 +399,12 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMI8 = 8;
 // The 'avx512bf16' path also has the dot-form bf16 GEMV (gemv_bf16, gemm_avx512bf16.cpp): there the int16
 // GEMV keeps M ≤ 2 (the int8 one M ≤ 4) and the dot form takes M up to kGemvBf16MaxM, where the engine's
-// panel decode would dominate. Zen 4, 2 threads, 4096² in cache, bf16 x, nf4+dq / int4, dot form against
-// the int16 GEMV: M = 3 1.07 / 0.97 (fp32 x, nf4: 1.15), M = 4 1.37 / 1.19; against the engine: M = 5
-// 1.94 / 1.59, M = 8 1.34 / 1.23, M = 12 1.19 / 1.03, M = 16 0.97 / 0.88; fp32 x under `medium`, int4:
-// the int8 GEMV ties at M = 4 and is 1.1-1.4x slower at M = 5-8 (bench_gemm.py --crossover: all three
-// side by side).
+// panel decode would dominate. Zen 4, 2 threads, in cache, bf16 x, nf4+dq, ms int16 GEMV / dot / engine
+// (bench_gemm.py --crossover, session 10's final kernel): 4096² M = 2 0.41 / 0.48 / 1.33, M = 3 0.60 /
+// 0.52 / 1.31, M = 8 1.80 / 0.96 / 1.33, M = 12 2.65 / 1.53 / 1.93, M = 16 3.60 / 1.87 / 1.93; 576² M = 3
+// 0.020 / 0.016 / 0.031, M = 12 0.062 / 0.039 / 0.042, M = 16 0.080 / 0.046 / 0.041 (the engine wins at
+// 576² from 16: the range stops at 12). fp32 x under `medium`, int4: the int8 GEMV ties with the dot form
+// at M = 4 and is 1.1-1.4x slower at M = 5-8.
 constexpr int64_t kGemvDotPathMaxM = 2, kGemvDotPathMaxMI8 = 4, kGemvBf16MaxM = 12;
 inline int64_t env_m(const char* name, int64_t dflt) {
   const char* e = std::getenv(name);
