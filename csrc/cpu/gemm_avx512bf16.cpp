@@ -265,42 +265,35 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
   // engine rounds it; A rounded to bf16 when it is not
   const int r = lr ? lr->r : 0;
   float* xas = lr ? xas_buf.get(size_t(MM * r)) : nullptr;
-  if (lr) {
-    const uint16_t* ab = static_cast<const uint16_t*>(lr->a);
-    if (p.dtype != DType::bf16) {
-      uint16_t* t = a_buf.get(size_t(r * K));
-      for (int i = 0; i < r; ++i) pack_row_bf16(lr->a, p.dtype, K, i, K, K, t + i * K);
-      ab = t;
-    }
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < r; ++i) {
-      float v[MM];
-      dot_dense<MM>(xb, K, ab + int64_t(i) * K, K, v);
-      for (int m = 0; m < MM; ++m) {
-        store_from_float(lr->xa, p.dtype, m * r + i, v[m]);
-        xas[m * r + i] = bf16_to_float(float_to_bf16(lr->s * v[m]));
-      }
-    }
+  const uint16_t* ab = lr ? static_cast<const uint16_t*>(lr->a) : nullptr;
+  if (lr && p.dtype != DType::bf16) {
+    uint16_t* t = a_buf.get(size_t(r * K));
+    for (int i = 0; i < r; ++i) pack_row_bf16(lr->a, p.dtype, K, i, K, K, t + i * K);
+    ab = t;
   }
-  auto finish = [&](int64_t j, int m, float v) {  // + the branch (bf16 products, fp32 sums) + bias
-    if (lr) {
-      const float* xm = xas + m * r;
-      for (int i = 0; i < r; ++i) v += xm[i] * bf16_to_float(float_to_bf16(load_as_float(lr->b, p.dtype, j * r + i)));
-    }
-    if (p.bias) v += load_as_float(p.bias, p.dtype, j);
-    store_from_float(p.y, p.dtype, m * N + j, v);
-  };
   // Rows in grabs of 32 (dynamic: the cores are shared with other jobs, as for the GEMV): passes of R rows,
-  // the last grab's N % R rows one at a time; then each row of x's 32 outputs at once (+ bias, rounded,
-  // stored 16 at a time: the per-output epilogue had been a quarter of a call at K = 576), or, with the
-  // branch, output by output.
+  // the last grab's N % R rows one at a time; then each row of x's 32 outputs at once: + the branch
+  // (Σ_i bf16(s·xa)_i · B[j][i] in i order, 32 outputs per vector pair), + bias, rounded, stored 16 at a
+  // time (the per-output epilogue had been a quarter of a call at K = 576, the per-output branch more).
   constexpr int kGrab = 32;
   static_assert(kGrab % R == 0, "a grab holds whole passes");
   const int64_t grabs = (N + kGrab - 1) / kGrab;
 #pragma omp parallel
   {
-    static thread_local AlignedBuf sc_buf;
+    if (lr) {  // xa first, rank by rank across the threads (the loop's barrier publishes it)
+#pragma omp for schedule(static)
+      for (int i = 0; i < r; ++i) {
+        float v[MM];
+        dot_dense<MM>(xb, K, ab + int64_t(i) * K, K, v);
+        for (int m = 0; m < MM; ++m) {
+          store_from_float(lr->xa, p.dtype, m * r + i, v[m]);
+          xas[m * r + i] = bf16_to_float(float_to_bf16(lr->s * v[m]));
+        }
+      }
+    }
+    static thread_local AlignedBuf sc_buf, bt_buf;
     float* sc = sc_buf.get(size_t(R * (K / w.block)));
+    float* bt = lr ? bt_buf.get(size_t(r) * kGrab) : nullptr;  // B's grab rows, transposed: bt[i][jj]
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < grabs; ++c) {
       const int64_t ja = c * kGrab, jb = std::min(N, ja + kGrab);
@@ -317,10 +310,22 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
         dot_rows<L, MM, 1>(w, xb, K, j, sc, res);
         for (int m = 0; m < MM; ++m) ys[m][j - ja] = res[m][0];
       }
+      for (int m = 0; m < MM; ++m)
+        for (int64_t jj = jb - ja; jj < kGrab; ++jj) ys[m][jj] = 0.0f;
       if (lr) {
-        for (int m = 0; m < MM; ++m)
-          for (int64_t jj = ja; jj < jb; ++jj) finish(jj, m, ys[m][jj - ja]);
-        continue;
+        for (int i = 0; i < r; ++i)
+          for (int jj = 0; jj < kGrab; ++jj)
+            bt[i * kGrab + jj] = ja + jj < jb ? bf16_to_float(float_to_bf16(load_as_float(lr->b, p.dtype, (ja + jj) * r + i))) : 0.0f;
+        for (int m = 0; m < MM; ++m) {
+          __m512 lo = _mm512_load_ps(&ys[m][0]), hi = _mm512_load_ps(&ys[m][16]);
+          for (int i = 0; i < r; ++i) {  // products of two bf16 values are exact: fma = multiply + add
+            const __m512 xv = _mm512_set1_ps(xas[m * r + i]);
+            lo = _mm512_fmadd_ps(xv, _mm512_load_ps(bt + i * kGrab), lo);
+            hi = _mm512_fmadd_ps(xv, _mm512_load_ps(bt + i * kGrab + 16), hi);
+          }
+          _mm512_store_ps(&ys[m][0], lo);
+          _mm512_store_ps(&ys[m][16], hi);
+        }
       }
       for (int m = 0; m < MM; ++m)
         for (int64_t j0 = ja; j0 < jb; j0 += 16) {
