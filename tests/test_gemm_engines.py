@@ -305,16 +305,57 @@ def test_gemv_bf16_threads_and_non_finite_rows(dot_path):
 
 
 def test_gemv_bf16_default_range():
-    """On 'avx512bf16' the int16 GEMV keeps M <= 2, the dot form M 3..12, the engine the rest (bf16 x)."""
+    """On 'avx512bf16' the 4-bit formats take the dot form from M = 1 to 12 (bf16 x); int2 keeps the int16
+    GEMV to M = 2; fp32 x under `medium`: int4 keeps the int8 GEMV at M = 1, int2 to M = 4; the engine above."""
     if "avx512bf16" not in _C.available_cpu_paths():
         pytest.skip("no AVX-512 BF16 here")
     old = _C.cpu_path()
     _C.set_cpu_path("avx512bf16")
+    fid = lowbit.formats.FMT_ID
     try:
-        got = [_C.gemm_route(1, m, False) for m in range(1, 15)]
+        routes = {f: [_C.gemm_route(1, m, False, fid[f]) for m in range(1, 15)] for f in FMTS}
+        with lowbit.matmul_precision("medium"):
+            medium = {f: [_C.gemm_route(0, m, False, fid[f]) for m in range(1, 15)] for f in ("int4", "int2")}
     finally:
         _C.set_cpu_path(old)
-    assert got == ["gemv_i16"] * 2 + ["gemv_bf16"] * 10 + ["avx512bf16"] * 2
+    for f in ("nf4", "fp4", "int4"):
+        assert routes[f] == ["gemv_bf16"] * 12 + ["avx512bf16"] * 2, f
+    assert routes["int2"] == ["gemv_i16"] * 2 + ["gemv_bf16"] * 10 + ["avx512bf16"] * 2
+    assert medium["int4"] == ["gemv_i16"] + ["gemv_bf16"] * 11 + ["avx512bf16"] * 2
+    assert medium["int2"] == ["gemv_i16"] * 4 + ["gemv_bf16"] * 8 + ["avx512bf16"] * 2
+
+
+@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("nf4", False), ("fp4", False), ("int4", False)])
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_bf16_exact_tables(dot_path, fmt, dq, block, m):
+    """The dot form's tables where the fast rounding (vcvtne2ps2bf16 reads a denormal as zero) gives way to
+    dequantize's: nf4 / fp4 rows whose block absmax is 1.75·2^-119 or 1.5·2^-119 (below the 2^-118 threshold: the pass's
+    tables all take the exact path; no decoded value is denormal, fp4's smallest included) next to rows far
+    above; int4 zero points 1e-9 from an integer in every other row. Blocks of 32 pair two blocks per table
+    (the 64-weight step); K = 5 blocks leaves a 32-weight tail there. x large so no product is denormal."""
+    k, n = 5 * block, 37
+    g = torch.Generator().manual_seed(block + m)
+    if fmt == "int4":
+        w = torch.randn(n, k, generator=g) * 0.02
+    else:
+        w = torch.randn(n, k, generator=g).clamp(-1.5, 1.5)
+        w[:, ::2 * block] = 1.75  # blocks' absmax alternate 1.75 / 1.5 (the paired tables differ)
+        w[:, block::2 * block] = 1.5
+        w *= 2.0 ** -119
+        w[::3] *= 2.0 ** 100  # every third row far above the threshold
+    qt = lowbit.quantize(w, lowbit.QuantSpec(fmt, block, double_quant=dq))
+    if fmt == "int4":
+        qt.zero.view(n, -1)[1::2] = 1e-9
+    x = (torch.randn(m, k, generator=g) * 2.0 ** 20).to(torch.bfloat16)
+    wd = qt.dequantize(torch.bfloat16).double()
+    ref = x.double() @ wd.T
+    y = lowbit.linear(x, qt)
+    scale = x.double().abs() @ wd.abs().T
+    assert_bf16_out(y, ref, float(scale.max()))
+    rows = slice(1, None, 3) if fmt != "int4" else slice(1, None, 2)  # the exact-path rows on their own scale
+    assert float(ref[:, rows].abs().max()) > 0
+    assert_bf16_out(y[:, rows], ref[:, rows], float(scale[:, rows].max()))
 
 
 def lowrank_backward_ref(gy, x, xa, gxa, wd, a, b, s):

@@ -397,15 +397,23 @@ void gemv_passes(const GemmParams& p, const LowrankParams* lr) {
 // GEMV's speed up to M = 12), and up to M = 4 where it is the int16 GEMV (nf4, fp4), as for bf16 x — the
 // engine is 1.36-1.39x faster at M = 5-8 there (same bench; until session 10 those M took the GEMV).
 constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMI8 = 8;
-// The 'avx512bf16' path also has the dot-form bf16 GEMV (gemv_bf16, gemm_avx512bf16.cpp): there the int16
-// GEMV keeps M ≤ 2 (the int8 one M ≤ 4) and the dot form takes M up to kGemvBf16MaxM, where the engine's
-// panel decode would dominate. Zen 4, 2 threads, in cache, bf16 x, nf4+dq, ms int16 GEMV / dot / engine
-// (bench_gemm.py --crossover, session 10's final kernel): 4096² M = 2 0.41 / 0.48 / 1.33, M = 3 0.60 /
-// 0.52 / 1.31, M = 8 1.80 / 0.96 / 1.33, M = 12 2.65 / 1.53 / 1.93, M = 16 3.60 / 1.87 / 1.93; 576² M = 3
-// 0.020 / 0.016 / 0.031, M = 12 0.062 / 0.039 / 0.042, M = 16 0.080 / 0.046 / 0.041 (the engine wins at
-// 576² from 16: the range stops at 12). fp32 x under `medium`, int4: the int8 GEMV ties with the dot form
-// at M = 4 and is 1.1-1.4x slower at M = 5-8.
-constexpr int64_t kGemvDotPathMaxM = 2, kGemvDotPathMaxMI8 = 4, kGemvBf16MaxM = 12;
+// The 'avx512bf16' path also has the dot-form bf16 GEMV (gemv_bf16, gemm_avx512bf16.cpp), up to
+// kGemvBf16MaxM rows, where the engine's panel decode would dominate; below it the GEMVs keep only what
+// they still win. Session 10 (Zen 4, 2 threads, in cache, bf16 x, nf4+dq, ms int16 GEMV / dot / engine,
+// bench_gemm.py --crossover): 4096² M = 3 0.60 / 0.52 / 1.31, M = 8 1.80 / 0.96 / 1.33, M = 12 2.65 /
+// 1.53 / 1.93, M = 16 3.60 / 1.87 / 1.93; 576² M = 12 0.062 / 0.039 / 0.042, M = 16 0.080 / 0.046 / 0.041
+// (the engine wins at 576² from 16: the range stops at 12). Session 11 made the 4-bit formats' dot form
+// decode 64 weights per step in 4 instructions and its double-quant scales gather-free; Zen 5 (the same
+// bench): nf4+dq 4096² M = 1 0.321 / 0.225 / 0.887, M = 2 0.447 / 0.289, M = 12 2.54 / 1.15 / 1.17;
+// 576² M = 1 0.019 / 0.014; int4 M = 1 0.362 / 0.324. Hence the 4-bit formats: the dot form from M = 1.
+// int2 (its dot step is the k-order one, 32 weights per step) keeps the int16 GEMV to M = 2 (Zen 5,
+// 4096² M = 1 0.29 / 0.39 ms). fp32 x under `medium`, int4: the int8 GEMV keeps M = 1 (0.167 / 0.200 ms,
+// the dot form 1.1-1.5x faster at M = 2-4); int2 keeps it to M = 4.
+constexpr int64_t kGemvBf16MaxM = 12;
+inline int64_t dot_path_gemv_max_m(bool i8, Fmt fmt) {
+  if (fmt == Fmt::int2) return i8 ? 4 : 2;
+  return i8 ? 1 : 0;
+}
 inline int64_t env_m(const char* name, int64_t dflt) {
   const char* e = std::getenv(name);
   return e && *e ? std::strtoll(e, nullptr, 10) : dflt;
@@ -413,8 +421,9 @@ inline int64_t env_m(const char* name, int64_t dflt) {
 inline int64_t gemv_max_m(Engine e, bool engine, DType dt, Fmt fmt) {
   if (!engine) return env_m("LOWBIT_GEMV_MAX_M", kGemvPassMaxM);
   const bool dot = e == Engine::avx512bf16;
-  if (gemv_i8_applies(dt, fmt)) return env_m("LOWBIT_GEMV_MAX_M", dot ? kGemvDotPathMaxMI8 : kGemvEngineMaxMI8);
-  return env_m("LOWBIT_GEMV_MAX_M", dot ? kGemvDotPathMaxM : kGemvEngineMaxM);
+  const bool i8 = gemv_i8_applies(dt, fmt);
+  if (dot) return env_m("LOWBIT_GEMV_MAX_M", dot_path_gemv_max_m(i8, fmt));
+  return env_m("LOWBIT_GEMV_MAX_M", i8 ? kGemvEngineMaxMI8 : kGemvEngineMaxM);
 }
 // The dot form's range (above the GEMV's). Test / bench hook: LOWBIT_GEMV_BF16_MAX_M (0: never); with
 // LOWBIT_GEMV_MAX_M set and this not, none (the engines' tests at small M). On the 'amx' path (whose CPUs
