@@ -36,8 +36,10 @@ VNNI = "avx512" in PATHS
 
 @pytest.fixture
 def medium(monkeypatch):
-    """The `medium` policy, with nf4 on the int8 GEMV too (LOWBIT_GEMV_I8_NF4=1, read per call)."""
+    """The `medium` policy, with nf4 on the int8 GEMV too (LOWBIT_GEMV_I8_NF4=1, read per call) and the
+    GEMV's range M <= 8 on every path (LOWBIT_GEMV_MAX_M: the 'avx512bf16' path keeps only M = 1 there)."""
     monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
+    monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "8")
     old = _C.matmul_precision()
     _C.set_matmul_precision(MEDIUM)
     yield
@@ -277,7 +279,9 @@ def test_medium_lowrank_zero_scale_is_the_gemm(medium, m):
 def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
     """With a bf16 engine, fp32 x under `medium` keeps M <= 8 on the GEMV only where that GEMV is the
     int8 one (int4, int2; nf4 with its opt-in); nf4 and fp4 on the int16 GEMV keep M <= 4 as bf16 x does
-    (the engine was 1.36-1.39x faster at M = 5-8: bench_gemm.py --crossover). lowbit.info() shows both."""
+    (the engine was 1.36-1.39x faster at M = 5-8: bench_gemm.py --crossover). On 'avx512bf16' the dot
+    form takes over below that: nf4 / fp4 from M = 1, int4 from 2, int2 from 5 (session 11's crossover).
+    lowbit.info() shows the ranges per format group."""
     if not any(p in _C.available_cpu_paths() for p in ("avx512bf16", "amx")):
         pytest.skip("no bf16 engine on this CPU (the amx-emulated path is not chosen by 'auto')")
     monkeypatch.delenv("LOWBIT_GEMV_I8_NF4", raising=False)
@@ -287,18 +291,21 @@ def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
         engine = _C.gemm_route(0, 100, False)
         assert engine in ("avx512bf16", "amx")
         dot = engine == "avx512bf16"  # that path also has the dot-form bf16 GEMV, for M up to 12
-        tab_max, int_max = (2, 4) if dot else (4, 8)
+        gemv_max = {"int4": 1, "int2": 4, "nf4": 0, "fp4": 0} if dot else {"int4": 8, "int2": 8, "nf4": 4, "fp4": 4}
         for m in range(1, 15):
             above = "gemv_bf16" if dot and m <= 12 else engine
-            want_int = "gemv_i16" if m <= int_max else above
-            want_tab = "gemv_i16" if m <= tab_max else above
             assert [_C.gemm_route(0, m, False, FMT[f]) for f in ("int4", "int2", "nf4", "fp4")] == \
-                [want_int, want_int, want_tab, want_tab], m
+                ["gemv_i16" if m <= gemv_max[f] else above for f in ("int4", "int2", "nf4", "fp4")], m
         monkeypatch.setenv("LOWBIT_GEMV_I8_NF4", "1")
-        assert _C.gemm_route(0, int_max, False, FMT["nf4"]) == "gemv_i16"
+        assert _C.gemm_route(0, gemv_max["int4"], False, FMT["nf4"]) == "gemv_i16"
         monkeypatch.delenv("LOWBIT_GEMV_I8_NF4")
         eng = lowbit.info()["engines"]["float32"]
-        assert eng["gemm"][0] == (f"1-{tab_max}", "gemv_i16") and eng["gemm (int4, int2)"][0] == (f"1-{int_max}", "gemv_i16")
+        first = (lambda f: ("1", "gemv_i16") if gemv_max[f] == 1 else (f"1-{gemv_max[f]}", "gemv_i16"))
+        if dot:
+            assert eng["gemm"][0] == ("1-12", "gemv_bf16")
+            assert eng["gemm (int4)"][0] == first("int4") and eng["gemm (int2)"][0] == first("int2")
+        else:
+            assert eng["gemm"][0] == first("nf4") and eng["gemm (int4, int2)"][0] == first("int4")
         # and the kernels really take those routes: nf4 at M = 13 gives the engine's bits (x rounded to bf16)
         qw = QW(96, 512, "nf4", 64, True, seed=6)
         x = torch.randn(13, 512, generator=torch.Generator().manual_seed(6))
@@ -316,10 +323,12 @@ def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 @pytest.mark.parametrize("m", [1, 2])
 def test_medium_nf4_fp4_default_is_int16(fmt, m, monkeypatch):
-    """Without LOWBIT_GEMV_I8_NF4, nf4 (and fp4 always) keep the int16 GEMV under `medium` (M <= 2, its
-    range on the 'avx512bf16' path; 4 where the engine is AMX): the same bits as `high`; with it, nf4 runs
-    the int8 GEMV (a different, larger error) on a VNNI path."""
+    """Where fp32 x under `medium` runs the GEMV (here M <= 2 through LOWBIT_GEMV_MAX_M: the 'avx512bf16'
+    path sends nf4 / fp4 to the dot form from M = 1), nf4 (and fp4 always) keep the int16 GEMV without
+    LOWBIT_GEMV_I8_NF4: the same bits as `high`; with it, nf4 runs the int8 GEMV (a different, larger
+    error) on a VNNI path."""
     monkeypatch.delenv("LOWBIT_GEMV_I8_NF4", raising=False)
+    monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "2")
     qw = QW(96, 1024, fmt, 64, True, seed=m)
     x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m + 1000))
     old = _C.matmul_precision()

@@ -82,8 +82,8 @@ def _engine_table(c) -> dict:
     """Which kernel each product runs on the current CPU path and precision policy, per activation
     dtype and range of M (rows of activations): {"bfloat16": {"gemm": [("1-24", "gemv_i16"), ("25+",
     "avx512bf16")], "gemm_t": [...]}, ...}. Read off the dispatcher itself (_C.gemm_route), for an nf4
-    weight; where int4 / int2 weights take other kernels (fp32 x under `medium`: their int8 GEMV keeps
-    more rows) they get a row of their own, "gemm (int4, int2)"."""
+    weight (fp4 routes as nf4); formats that take other kernels (int4 / int2: the int8 GEMV under
+    `medium`, int2's dot-form range) get a row of their own, e.g. "gemm (int4, int2)" or "gemm (int2)"."""
     probe = list(range(1, 129))
 
     def ranges(dt, transposed, fmt):
@@ -96,13 +96,16 @@ def _engine_table(c) -> dict:
         out.append((f"{start}+", cur))
         return out
 
-    nf4, int4 = formats.FMT_ID["nf4"], formats.FMT_ID["int4"]
     out = {}
     for name, dt in (("float32", 0), ("bfloat16", 1), ("float16", 2)):
-        rows = {"gemm": ranges(dt, False, nf4), "gemm_t": ranges(dt, True, nf4)}
-        other = ranges(dt, False, int4)
-        if other != rows["gemm"]:
-            rows["gemm (int4, int2)"] = other
+        rows = {"gemm": ranges(dt, False, formats.FMT_ID["nf4"]), "gemm_t": ranges(dt, True, formats.FMT_ID["nf4"])}
+        others: dict = {}  # formats grouped by their ranges where they differ from nf4's
+        for f in ("int4", "int2"):
+            r = ranges(dt, False, formats.FMT_ID[f])
+            if r != rows["gemm"]:
+                others.setdefault(tuple(r), []).append(f)
+        for r, fs in others.items():
+            rows[f"gemm ({', '.join(fs)})"] = list(r)
         out[name] = rows
     return out
 
