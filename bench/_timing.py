@@ -26,27 +26,34 @@ def timeit_pair(fa, fb, reps: int, warmup: int = 5):
     return statistics.median(ta), statistics.median(tb), statistics.median([b / a for a, b in zip(ta, tb)])
 
 
-def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewarm: bool = False):
+def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewarm: bool = False,
+                 swap: bool = False):
     """``timeit_pair`` for several functions: each round times every fn once, in order, so load from
     other processes hits all alike. ``rewarm``: an untimed call right before each timed one, so a fn
-    whose data fit in the caches finds them there and not evicted by the fn before it. Returns the
+    whose data fit in the caches finds them there and not evicted by the fn before it. ``swap``: every
+    other round in reverse order, so no fn always follows the same one (on Zen 5 a kernel timed right
+    after torch's dense bf16 F.linear ran 1.3-1.4x slower even after an untimed call). Returns the
     median seconds of each fn and, per fn, the median of the per-round ratio ``t(fns[0]) / t(fn)``
     (the speed against the first)."""
-    ts = _rounds(fns, reps, warmup, clock, rewarm)
+    ts = _rounds(fns, reps, warmup, clock, rewarm, swap)
     meds = [statistics.median(t) for t in ts]
     speed = [statistics.median([a / b for a, b in zip(ts[0], t)]) for t in ts]
     return meds, speed
 
 
-def _rounds(fns, reps, warmup, clock, rewarm):
-    """Per fn, its time in each of ``reps`` rounds that call every fn once, in order, after ``warmup``
-    untimed rounds (``rewarm``: and an untimed call right before each timed one)."""
+def _rounds(fns, reps, warmup, clock, rewarm, swap=False):
+    """Per fn, its time in each of ``reps`` rounds that call every fn once, in order (``swap``: odd rounds
+    in reverse order), after ``warmup`` untimed rounds (``rewarm``: and an untimed call right before each
+    timed one)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     ts = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
+    for r in range(reps):
+        order = list(enumerate(fns))
+        if swap and r % 2:
+            order.reverse()
+        for i, fn in order:
             if rewarm:
                 fn()
             t0 = clock()

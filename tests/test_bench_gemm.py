@@ -92,3 +92,25 @@ def test_timeit_group_ratios():
     assert meds == [2.0, 4.0, 1.0]
     assert speed == [1.0, 0.5, 2.0]
     assert calls == ["a", "b", "c"] + ["a", "a", "b", "b", "c", "c"] * 5
+
+
+def test_timeit_group_swap_alternates_the_order():
+    """swap: odd rounds run the functions in reverse order (no function always follows the same one) and
+    the times still land with their own function. A simulated clock on which a call right after "c" costs
+    one unit more (as a kernel timed right after torch's dense call ran slower): without swap "a" pays it
+    every round, with swap no function does."""
+    now, calls = [0.0], []
+
+    def work(cost, name):
+        def f():
+            now[0] += cost + (1.0 if calls and calls[-1] == "c" else 0.0)
+            calls.append(name)
+        return f
+
+    fns = [work(2.0, "a"), work(4.0, "b"), work(1.0, "c")]
+    meds, _ = _timing.timeit_group(fns, reps=4, warmup=0, clock=lambda: now[0])
+    assert meds == [3.0, 4.0, 1.0]  # "a" always right after "c"
+    calls.clear()
+    ts = _timing._rounds(fns, 4, 0, lambda: now[0], False, swap=True)
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert ts == [[2.0, 2.0, 2.0, 2.0], [4.0, 5.0, 4.0, 5.0], [1.0, 2.0, 1.0, 2.0]]
