@@ -229,12 +229,13 @@ def dot_path(monkeypatch):
     _C.set_cpu_path(old)
 
 
-@pytest.mark.parametrize("fmt,block,dq", CASES)
+@pytest.mark.parametrize("fmt,block,dq", CASES + [("int2", 32, True), ("int2", 256, False)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 17])
 def test_gemv_bf16_gemm(dot_path, fmt, block, dq, m):
     """bf16 x: torch's bf16 matmul on exactly dequantize(bf16), like the engines; N = 3·block + 3 leaves
-    rows outside the passes of 2 / 4 rows, M > 8 runs in passes of 8."""
-    k, n = block * 3, block * 3 + 3
+    rows outside the passes of 2 / 4 rows, M > 8 runs in passes of 8. K = 5 blocks: whole steps (64
+    weights, int2 128) and, for blocks of 32 and 64, a tail of k-order steps."""
+    k, n = block * 5, block * 3 + 3
     qt = quantized(n, k, fmt, block, dq, seed=m)
     g = torch.Generator().manual_seed(200 + m)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
@@ -306,7 +307,7 @@ def test_gemv_bf16_threads_and_non_finite_rows(dot_path):
 
 def test_gemv_bf16_default_range():
     """On 'avx512bf16' the 4-bit formats take the dot form from M = 1 to 12 (bf16 x); int2 keeps the int16
-    GEMV to M = 2; fp32 x under `medium`: int4 keeps the int8 GEMV at M = 1, int2 to M = 4; the engine above."""
+    GEMV at M = 1; fp32 x under `medium`: int4 keeps the int8 GEMV at M = 1, int2 to M = 2; the engine above."""
     if "avx512bf16" not in _C.available_cpu_paths():
         pytest.skip("no AVX-512 BF16 here")
     old = _C.cpu_path()
@@ -320,23 +321,24 @@ def test_gemv_bf16_default_range():
         _C.set_cpu_path(old)
     for f in ("nf4", "fp4", "int4"):
         assert routes[f] == ["gemv_bf16"] * 12 + ["avx512bf16"] * 2, f
-    assert routes["int2"] == ["gemv_i16"] * 2 + ["gemv_bf16"] * 10 + ["avx512bf16"] * 2
+    assert routes["int2"] == ["gemv_i16"] + ["gemv_bf16"] * 11 + ["avx512bf16"] * 2
     assert medium["int4"] == ["gemv_i16"] + ["gemv_bf16"] * 11 + ["avx512bf16"] * 2
-    assert medium["int2"] == ["gemv_i16"] * 4 + ["gemv_bf16"] * 8 + ["avx512bf16"] * 2
+    assert medium["int2"] == ["gemv_i16"] * 2 + ["gemv_bf16"] * 10 + ["avx512bf16"] * 2
 
 
-@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("nf4", False), ("fp4", False), ("int4", False)])
+@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("nf4", False), ("fp4", False), ("int4", False), ("int2", True)])
 @pytest.mark.parametrize("block", [32, 64])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_gemv_bf16_exact_tables(dot_path, fmt, dq, block, m):
     """The dot form's tables where the fast rounding (vcvtne2ps2bf16 reads a denormal as zero) gives way to
     dequantize's: nf4 / fp4 rows whose block absmax is 1.75·2^-119 or 1.5·2^-119 (below the 2^-118 threshold: the pass's
     tables all take the exact path; no decoded value is denormal, fp4's smallest included) next to rows far
-    above; int4 zero points 1e-9 from an integer in every other row. Blocks of 32 pair two blocks per table
-    (the 64-weight step); K = 5 blocks leaves a 32-weight tail there. x large so no product is denormal."""
+    above; int4 / int2 zero points 1e-9 from an integer in every other row. Blocks of 32 pair two blocks
+    per table (the 64-weight step; int2's 128-weight step holds four); K = 5 blocks leaves a tail of
+    k-order steps. x large so that no product is denormal."""
     k, n = 5 * block, 37
     g = torch.Generator().manual_seed(block + m)
-    if fmt == "int4":
+    if fmt in ("int4", "int2"):
         w = torch.randn(n, k, generator=g) * 0.02
     else:
         w = torch.randn(n, k, generator=g).clamp(-1.5, 1.5)
@@ -345,7 +347,7 @@ def test_gemv_bf16_exact_tables(dot_path, fmt, dq, block, m):
         w *= 2.0 ** -119
         w[::3] *= 2.0 ** 100  # every third row far above the threshold
     qt = lowbit.quantize(w, lowbit.QuantSpec(fmt, block, double_quant=dq))
-    if fmt == "int4":
+    if fmt in ("int4", "int2"):
         qt.zero.view(n, -1)[1::2] = 1e-9
     x = (torch.randn(m, k, generator=g) * 2.0 ** 20).to(torch.bfloat16)
     wd = qt.dequantize(torch.bfloat16).double()
@@ -353,7 +355,7 @@ def test_gemv_bf16_exact_tables(dot_path, fmt, dq, block, m):
     y = lowbit.linear(x, qt)
     scale = x.double().abs() @ wd.abs().T
     assert_bf16_out(y, ref, float(scale.max()))
-    rows = slice(1, None, 3) if fmt != "int4" else slice(1, None, 2)  # the exact-path rows on their own scale
+    rows = slice(1, None, 3) if fmt not in ("int4", "int2") else slice(1, None, 2)  # the exact-path rows on their own scale
     assert float(ref[:, rows].abs().max()) > 0
     assert_bf16_out(y[:, rows], ref[:, rows], float(scale[:, rows].max()))
 

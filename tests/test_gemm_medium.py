@@ -280,7 +280,7 @@ def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
     """With a bf16 engine, fp32 x under `medium` keeps M <= 8 on the GEMV only where that GEMV is the
     int8 one (int4, int2; nf4 with its opt-in); nf4 and fp4 on the int16 GEMV keep M <= 4 as bf16 x does
     (the engine was 1.36-1.39x faster at M = 5-8: bench_gemm.py --crossover). On 'avx512bf16' the dot
-    form takes over below that: nf4 / fp4 from M = 1, int4 from 2, int2 from 5 (session 11's crossover).
+    form takes over below that: nf4 / fp4 from M = 1, int4 from 2, int2 from 3 (session 11's crossover).
     lowbit.info() shows the ranges per format group."""
     if not any(p in _C.available_cpu_paths() for p in ("avx512bf16", "amx")):
         pytest.skip("no bf16 engine on this CPU (the amx-emulated path is not chosen by 'auto')")
@@ -291,7 +291,7 @@ def test_medium_small_m_route_follows_the_gemv_kind(monkeypatch):
         engine = _C.gemm_route(0, 100, False)
         assert engine in ("avx512bf16", "amx")
         dot = engine == "avx512bf16"  # that path also has the dot-form bf16 GEMV, for M up to 12
-        gemv_max = {"int4": 1, "int2": 4, "nf4": 0, "fp4": 0} if dot else {"int4": 8, "int2": 8, "nf4": 4, "fp4": 4}
+        gemv_max = {"int4": 1, "int2": 2, "nf4": 0, "fp4": 0} if dot else {"int4": 8, "int2": 8, "nf4": 4, "fp4": 4}
         for m in range(1, 15):
             above = "gemv_bf16" if dot and m <= 12 else engine
             assert [_C.gemm_route(0, m, False, FMT[f]) for f in ("int4", "int2", "nf4", "fp4")] == \

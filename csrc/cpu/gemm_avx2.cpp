@@ -406,12 +406,14 @@ constexpr int64_t kGemvEngineMaxM = 4, kGemvEngineMaxMI8 = 8;
 // decode 64 weights per step in 4 instructions and its double-quant scales gather-free; Zen 5 (the same
 // bench): nf4+dq 4096² M = 1 0.321 / 0.225 / 0.887, M = 2 0.447 / 0.289, M = 12 2.54 / 1.15 / 1.17;
 // 576² M = 1 0.019 / 0.014; int4 M = 1 0.362 / 0.324. Hence the 4-bit formats: the dot form from M = 1.
-// int2 (its dot step is the k-order one, 32 weights per step) keeps the int16 GEMV to M = 2 (Zen 5,
-// 4096² M = 1 0.29 / 0.39 ms). fp32 x under `medium`, int4: the int8 GEMV keeps M = 1 (0.167 / 0.200 ms,
-// the dot form 1.1-1.5x faster at M = 2-4); int2 keeps it to M = 4.
+// int2's dot step (128 weights) against its GEMV, same machine, ms GEMV / dot: bf16 x, 4096² M = 1 0.387 /
+// 0.288 (+dq), 0.271 / 0.265; M = 2 0.561 / 0.325, 0.429 / 0.293; 11008 × 4096 without dq (a third of the
+// bytes are fp32 block statistics) M = 1 0.78 / 1.00, M = 2 1.23 / 1.36, M = 4 tie: int2 keeps the int16
+// GEMV at M = 1. fp32 x under `medium` (the int8 GEMV): int4 keeps it at M = 1 (0.167 / 0.200 ms, the
+// dot form 1.1-1.5x faster at M = 2-4); int2 to M = 2 (4096² M = 1 0.190 / 0.254, M = 2 0.285 / 0.283).
 constexpr int64_t kGemvBf16MaxM = 12;
 inline int64_t dot_path_gemv_max_m(bool i8, Fmt fmt) {
-  if (fmt == Fmt::int2) return i8 ? 4 : 2;
+  if (fmt == Fmt::int2) return i8 ? 2 : 1;
   return i8 ? 1 : 0;
 }
 inline int64_t env_m(const char* name, int64_t dflt) {

@@ -171,8 +171,29 @@ inline void deinterleave64(const uint16_t* src, int64_t K, uint16_t* dst) {
   if (k < K) std::memcpy(dst + k, src + k, sizeof(uint16_t) * size_t(K - k));
 }
 
+// The same for int2's chunks of 128: the four phases (elements 4j + p, p = 0..3) one after another; a last
+// partial chunk (K % 128 = 32, 64 or 96) copied as it lies.
+inline void deinterleave128(const uint16_t* src, int64_t K, uint16_t* dst) {
+  alignas(64) static const uint16_t idx_tab[4][32] = {
+      {0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60},
+      {1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61, 1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61},
+      {2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62, 2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62},
+      {3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63, 3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63}};
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    const __m512i a0 = _mm512_loadu_si512(src + k), a1 = _mm512_loadu_si512(src + k + 32);
+    const __m512i a2 = _mm512_loadu_si512(src + k + 64), a3 = _mm512_loadu_si512(src + k + 96);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i idx = _mm512_load_si512(idx_tab[p]);
+      const __m512i lo = _mm512_permutex2var_epi16(a0, idx, a1), hi = _mm512_permutex2var_epi16(a2, idx, a3);
+      _mm512_storeu_si512(dst + k + 32 * p, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+    }
+  }
+  if (k < K) std::memcpy(dst + k, src + k, sizeof(uint16_t) * size_t(K - k));
+}
+
 // Rows [j0, j0 + R) of W against the MM rows of x (bf16, row stride ldx): res[m][r] = Σ_k x·Ŵ. xb: x as
-// it lies; xp: the same rows through deinterleave64 (read by the 4-bit formats' step). kPair32: blocks
+// it lies; xp: the same rows through deinterleave64 (4-bit formats) or deinterleave128 (int2). kPair32: blocks
 // of 32 (a 64-weight step spans two). sc: room for R · K / block floats (the rows' scales, decoded up front).
 template <class L, int MM, int R, bool kPair32>
 [[gnu::noinline]] void dot_rows(const GemmWeight& w, const uint16_t* xb, const uint16_t* xp, int64_t ldx, int64_t j0,
@@ -298,15 +319,74 @@ template <class L, int MM, int R, bool kPair32>
       step(k0);
     }
   } else {
-    for (int64_t kb = 0; kb < K; kb += w.block) {  // per block: the R tables, then its 32-column steps
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) lut[r] = table2(r, kb >> sh, kb >> sh);
-      int64_t k0 = kb;
-      for (; k0 + 64 <= kb + w.block; k0 += 64) {  // two steps per iteration (blocks of 32: one)
-        step(k0);
-        step(k0 + 32);
+    // int2: 128 weights per step. Byte j holds elements 4j..4j+3 (bits 7-6 first); widened to words, the
+    // elements 4j + p have index ((word >> (6 - 2p)) & 3) | 4·(j's block within the step): one shift and
+    // one vpternlogd, then vpermw, per 32 weights — against x's chunk of 128 stored as its four phases
+    // (deinterleave128). The step's table holds the 4 entries of each block it spans (blocks of 32: 4, of
+    // 64: 2, longer: 1) in words 4b..4b+3.
+    const int bpc = w.block >= 128 ? 1 : int(128 / w.block);  // blocks per step
+    const __m512i blk = bpc == 4 ? _mm512_set_epi64(0x000c000c000c000cLL, 0x000c000c000c000cLL, 0x0008000800080008LL,
+                                                    0x0008000800080008LL, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0)
+                        : bpc == 2 ? _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1)
+                                   : _mm512_setzero_si512();
+    const __m512i lane_blk = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512 iota4 = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    auto table_step = [&](int r, int64_t b0) {  // row r's table for the step whose first block is b0
+      const int nb = std::min<int64_t>(bpc, nbr - b0);
+      if (fast) {
+        const __mmask16 k = __mmask16((1u << nb) - 1);
+        const __m512 sv = _mm512_permutexvar_ps(lane_blk, _mm512_maskz_loadu_ps(k, sc + r * nbr + b0));
+        const __m512 zv = _mm512_permutexvar_ps(lane_blk, _mm512_maskz_loadu_ps(k, w.zero + (j0 + r) * nbr + b0));
+        const __m512 v = _mm512_mul_ps(_mm512_sub_ps(iota4, zv), sv);
+        return (__m512i)_mm512_cvtne2ps_pbh(v, v);
       }
-      if (k0 < kb + w.block) step(k0);
+      alignas(64) uint16_t t[32] = {};
+      for (int b = 0; b < nb; ++b) {
+        alignas(64) uint16_t tb[32];
+        _mm512_store_si512(tb, L::table_of(w, sc[r * nbr + b0 + b], (j0 + r) * nbr + b0 + b));
+        for (int c = 0; c < 4; ++c) t[4 * b + c] = t[16 + 4 * b + c] = tb[c];
+      }
+      return _mm512_load_si512(t);
+    };
+    auto step128 = [&](int64_t k0) {
+      __m512i z[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        z[r] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + k0 / 4)));
+#pragma GCC unroll 4
+      for (int ph = 0; ph < 4; ++ph) {
+        __m512bh wv[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m512i q = ph == 3 ? z[r] : _mm512_srli_epi16(z[r], unsigned(6 - 2 * ph));
+          wv[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(q, _mm512_set1_epi16(3), blk, 0xEA), lut[r]);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * ldx + k0 + 32 * ph);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+        }
+      }
+    };
+    int64_t k0 = 0;
+    if (bpc > 1) {
+      for (; k0 + 128 <= K; k0 += 128) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) lut[r] = table_step(r, k0 >> sh);
+        step128(k0);
+      }
+    } else {
+      for (int64_t kb = 0; kb < K; kb += w.block) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) lut[r] = table_step(r, kb >> sh);
+        for (k0 = kb; k0 < kb + w.block; k0 += 128) step128(k0);
+      }
+    }
+    for (; k0 < K; k0 += 32) {  // K % 128 (blocks of 32, 64): the last blocks in k order, x as it lies
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) lut[r] = table2(r, k0 >> sh, k0 >> sh);
+      step(k0);
     }
   }
   if constexpr (MM * R == 16) {  // the 16 sums at once (a transpose-add tree: 15 adds, 30 shuffles)
@@ -343,7 +423,7 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
   const GemmWeight& w = p.w;
   const int64_t N = w.n, K = w.k;
   constexpr int R = kDotRows<MM>;
-  // x as bf16 rows: in place when it is bf16, else rounded once (fp32 under `medium`); the 4-bit formats
+  // x as bf16 rows: in place when it is bf16, else rounded once (fp32 under `medium`); the dot steps
   // read a deinterleaved copy (dot_rows)
   static thread_local AlignedBufT<uint16_t> x_buf, xp_buf, a_buf;
   static thread_local AlignedBuf xas_buf;
@@ -354,9 +434,9 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
     xb = t;
   }
   const uint16_t* xp = xb;
-  if constexpr (L::kCodeBits == 4) {
+  {
     uint16_t* t = xp_buf.get(size_t(MM * K));
-    for (int m = 0; m < MM; ++m) deinterleave64(xb + m * K, K, t + m * K);
+    for (int m = 0; m < MM; ++m) (L::kCodeBits == 4 ? deinterleave64 : deinterleave128)(xb + m * K, K, t + m * K);
     xp = t;
   }
   // the branch: xa = x·Aᵀ (the xa output, in dtype) and bf16(s·xa) in fp32 for the epilogue, as the
