@@ -29,8 +29,10 @@ def timeit_pair(fa, fb, reps: int, warmup: int = 5):
 def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewarm: bool = False,
                  swap: bool = False):
     """``timeit_pair`` for several functions: each round times every fn once, in order, so load from
-    other processes hits all alike. ``rewarm``: an untimed call right before each timed one, so a fn
-    whose data fit in the caches finds them there and not evicted by the fn before it. ``swap``: every
+    other processes hits all alike. ``rewarm``: an untimed call right before each timed one (an int:
+    that many), so a fn whose data fit in the caches finds them there and not evicted by the fn before
+    it (on Zen 5, after torch's dense 4096² bf16 call, a 4096² packed weight took ≈ 4 calls to be fast
+    again: the L3 there fills with lines evicted from L2, not with every line read). ``swap``: every
     other round in reverse order, so no fn always follows the same one (on Zen 5 a kernel timed right
     after torch's dense bf16 F.linear ran 1.3-1.4x slower even after an untimed call). Returns the
     median seconds of each fn and, per fn, the median of the per-round ratio ``t(fns[0]) / t(fn)``
@@ -43,8 +45,8 @@ def timeit_group(fns, reps: int, warmup: int = 2, clock=time.perf_counter, rewar
 
 def _rounds(fns, reps, warmup, clock, rewarm, swap=False):
     """Per fn, its time in each of ``reps`` rounds that call every fn once, in order (``swap``: odd rounds
-    in reverse order), after ``warmup`` untimed rounds (``rewarm``: and an untimed call right before each
-    timed one)."""
+    in reverse order), after ``warmup`` untimed rounds (``rewarm``: and that many untimed calls, True = 1,
+    right before each timed one)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -54,7 +56,7 @@ def _rounds(fns, reps, warmup, clock, rewarm, swap=False):
         if swap and r % 2:
             order.reverse()
         for i, fn in order:
-            if rewarm:
+            for _ in range(int(rewarm)):
                 fn()
             t0 = clock()
             fn()

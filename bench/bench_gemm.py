@@ -235,7 +235,7 @@ def bf16_table(args) -> list[dict]:
         clock = time.process_time
         print(f"timing: median CPU time of this process ({args.threads} thread(s)), not wall time")
     print("timing: each round times torch and every lowbit row once, alternately (calls under 0.1 s per round "
-          "after an untimed call of their own: weights in cache); 'vs dense' is the median of the per-round ratios")
+          "after 4 untimed calls of their own: weights in cache); 'vs dense' is the median of the per-round ratios")
     for n, k in shapes:
         w = torch.randn(n, k, generator=gen) * 0.02
         wb = w.to(torch.bfloat16)
@@ -256,18 +256,23 @@ def bf16_table(args) -> list[dict]:
             for prod in ("gemm", "gemm_t"):
                 impls = [("torch dense bf16", "-", (lambda: F.linear(x, wb)) if prod == "gemm" else (lambda: gy @ wb))]
                 for name, qt in qts.items():
-                    route = C.gemm_route(DTYPE_ID[torch.bfloat16], m, prod == "gemm_t")
+                    route = C.gemm_route(DTYPE_ID[torch.bfloat16], m, prod == "gemm_t", FMT_ID[qt.fmt])
                     f = (lambda qt=qt: lowbit.linear(x, qt)) if prod == "gemm" else (lambda qt=qt: lowbit.ops.gemm_t(gy, qt))
                     impls.append((f"lowbit {name}", route, f))
-                    if prod == "gemm" and name == "nf4+dq":
-                        impls.append(("torch dequant+F.linear", "-", lambda qt=qt: F.linear(x, qt.dequantize(torch.bfloat16))))
+                if prod == "gemm":  # last: its 32 MiB allocation and decode slow whatever runs next for a while
+                    qt = qts["nf4+dq"]
+                    impls.append(("torch dequant+F.linear", "-", lambda qt=qt: F.linear(x, qt.dequantize(torch.bfloat16))))
                 t0 = time.perf_counter()
                 for _, _, f in impls:  # warm-up; sizes the rounds to the budget
                     f()
                 t_round = time.perf_counter() - t0
-                short = t_round < 0.1  # then each timed call follows an untimed one of its own: weights in cache
-                reps = int(min(40, max(5, budget * len(impls) / (t_round * (2 if short else 1)))))
-                meds, speed = _timing.timeit_group([f for _, _, f in impls], reps, warmup=1, clock=clock, rewarm=short)
+                # short: each timed call follows 4 untimed ones of its own (weights in cache: after torch's
+                # dense call a 4096² packed weight took ≈ 4 calls to be fast again on Zen 5; with one, the
+                # lowbit rows ran up to 1.5x slow)
+                short = t_round < 0.1
+                reps = int(min(40, max(5, budget * len(impls) / (t_round * (5 if short else 1)))))
+                meds, speed = _timing.timeit_group([f for _, _, f in impls], reps, warmup=1, clock=clock,
+                                                   rewarm=4 if short else 0)
                 impls = [(impl, route, t, v) for (impl, route, _), t, v in zip(impls, meds, speed)]
                 for impl, route, t, v in impls:
                     r = {"shape": [n, k], "m": m, "product": prod, "impl": impl, "engine": route, "ms": t * 1e3,
