@@ -415,6 +415,14 @@ void dot_dense(const uint16_t* xb, int64_t ldx, const uint16_t* a, int64_t K, fl
   for (int m = 0; m < MM; ++m) res[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
+// dot_rows with the step the weight's block needs (blocks of 32 pair in the 4-bit step; int2 has one kind).
+template <class L, int MM, int R>
+void dot_rows_any(const GemmWeight& w, const uint16_t* xb, const uint16_t* xp, int64_t j0, float* sc, float (&res)[MM][R]) {
+  if constexpr (L::kCodeBits == 4)
+    if (w.block == 32) return dot_rows<L, MM, R, true>(w, xb, xp, w.k, j0, sc, res);
+  dot_rows<L, MM, R, false>(w, xb, xp, w.k, j0, sc, res);
+}
+
 // Rows of W per pass: at M ≤ 4, 4 rows (16 accumulators); above, 2 (MM · 2 ≤ 16).
 template <int MM> constexpr int kDotRows = MM <= 4 ? 4 : 2;
 
@@ -433,12 +441,8 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
     for (int m = 0; m < MM; ++m) pack_row_bf16(p.x, p.dtype, K, m, K, K, t + m * K);
     xb = t;
   }
-  const uint16_t* xp = xb;
-  {
-    uint16_t* t = xp_buf.get(size_t(MM * K));
-    for (int m = 0; m < MM; ++m) (L::kCodeBits == 4 ? deinterleave64 : deinterleave128)(xb + m * K, K, t + m * K);
-    xp = t;
-  }
+  uint16_t* xp = xp_buf.get(size_t(MM * K));
+  for (int m = 0; m < MM; ++m) (L::kCodeBits == 4 ? deinterleave64 : deinterleave128)(xb + m * K, K, xp + m * K);
   // the branch: xa = x·Aᵀ (the xa output, in dtype) and bf16(s·xa) in fp32 for the epilogue, as the
   // engine rounds it; A rounded to bf16 when it is not
   const int r = lr ? lr->r : 0;
@@ -454,7 +458,6 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
   // (Σ_i bf16(s·xa)_i · B[j][i] in i order, 32 outputs per vector pair), + bias, rounded, stored 16 at a
   // time (the per-output epilogue had been a quarter of a call at K = 576, the per-output branch more).
   constexpr int kGrab = 32;
-  const bool pair32 = L::kCodeBits == 4 && w.block == 32;
   static_assert(kGrab % R == 0, "a grab holds whole passes");
   const int64_t grabs = (N + kGrab - 1) / kGrab;
 #pragma omp parallel
@@ -480,15 +483,13 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
       int64_t j = ja;
       for (; j + R <= jb; j += R) {
         float res[MM][R];
-        if (pair32) dot_rows<L, MM, R, true>(w, xb, xp, K, j, sc, res);
-        else dot_rows<L, MM, R, false>(w, xb, xp, K, j, sc, res);
+        dot_rows_any<L, MM, R>(w, xb, xp, j, sc, res);
         for (int m = 0; m < MM; ++m)
           for (int rr = 0; rr < R; ++rr) ys[m][j - ja + rr] = res[m][rr];
       }
       for (; j < jb; ++j) {
         float res[MM][1];
-        if (pair32) dot_rows<L, MM, 1, true>(w, xb, xp, K, j, sc, res);
-        else dot_rows<L, MM, 1, false>(w, xb, xp, K, j, sc, res);
+        dot_rows_any<L, MM, 1>(w, xb, xp, j, sc, res);
         for (int m = 0; m < MM; ++m) ys[m][j - ja] = res[m][0];
       }
       for (int m = 0; m < MM; ++m)
