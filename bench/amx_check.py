@@ -99,7 +99,8 @@ def bench(args) -> int:
     steps = [([py, "bench/bench_gemm.py", "--bf16", *th, "--json", f"{out}/gemm_bf16.json"]
               + (["--quick"] if args.dry_run else []), "gemm_bf16"),
              ([py, "bench/bench_gemm.py", "--crossover", *th, "--json", f"{out}/crossover.json"]
-              + (["--quick", "--ms-bf16", "1,3,4,8,13", "--ab-rounds", "7"] if args.dry_run else []), "crossover"),
+              + (["--quick", "--ms-bf16", "1,3,4,8,13", "--ab-rounds", "7"] if args.dry_run
+                 else ["--ms-bf16", "1,2,3,4,5,6,8,12,16,24,32,40"]), "crossover"),  # up to the rows form's 32
              ([py, "bench/bench_lowrank.py", "--quick", *th, "--json", f"{out}/lowrank.json"], "lowrank")]
     if not args.dry_run:
         steps += [([py, "bench/bench_lowrank.py", "--train-shapes", *th, "--json", f"{out}/train_shapes.json"],

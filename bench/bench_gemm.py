@@ -295,9 +295,10 @@ def crossover_table(args) -> dict:
     """Which small-M kernel is fastest at each M (issue 13: "measure the crossover"): bf16 x (and fp32 x
     under ``medium``), nf4+dq and int4, the same kernel entry called with every M on the int16 / int8 GEMV
     (LOWBIT_GEMV_MAX_M=64), on the dot-form bf16 GEMV where the path has it (LOWBIT_GEMV_MAX_M=0,
-    LOWBIT_GEMV_BF16_MAX_M=64) and on the engine (both 0; the variables are read per call), alternated,
-    after each was validated against float64. Prints the fastest per M next to the kernel ``gemm_route``
-    picks now (the constants kGemvEngineMaxM, kGemvEngineMaxMI8, kGemvBf16MaxM and dot_path_gemv_max_m in
+    LOWBIT_GEMV_BF16_MAX_M=64), on the AMX rows form on the AMX paths (M ≤ 32: LOWBIT_AMX_ROWS_MAX_M=32)
+    and on the engine (all 0; the variables are read per call), alternated, after each was validated
+    against float64. Prints the fastest per M next to the kernel ``gemm_route`` picks now (the constants
+    kGemvEngineMaxM, kGemvEngineMaxMI8, kGemvBf16MaxM, kAmxRowsMaxM and dot_path_gemv_max_m in
     csrc/cpu/gemm_avx2.cpp are what this retunes)."""
     import os
 
@@ -309,60 +310,64 @@ def crossover_table(args) -> dict:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms_bf16.split(",")] if args.ms_bf16 else list(range(1, 13)) + [16]
     gen = torch.Generator().manual_seed(0)
-    env = ("LOWBIT_GEMV_MAX_M", "LOWBIT_GEMV_BF16_MAX_M")
+    env = ("LOWBIT_GEMV_MAX_M", "LOWBIT_GEMV_BF16_MAX_M", "LOWBIT_AMX_ROWS_MAX_M")
     prev = {v: os.environ.get(v) for v in env}
     prev_prec = lowbit.get_matmul_precision()
     out = {"rows": [], "crossover": []}
 
-    def setenv(gemv, dot):
-        for name, v in zip(env, (gemv, dot)):
+    def setenv(*vals):
+        for name, v in zip(env, vals):
             if v is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = v
 
-    def routed(fn, gemv, dot):
+    def routed(fn, *vals):
         def call():
-            setenv(gemv, dot)
+            setenv(*vals)
             fn()
         return call
 
-    kernels = {"gemv_i16": ("64", "0"), "gemv_bf16": ("0", "64"), "engine": ("0", "0")}
+    kernels = {"gemv_i16": ("64", "0", "0"), "gemv_bf16": ("0", "64", "0"), "rows": ("0", "0", "32"),
+               "engine": ("0", "0", "0")}
+    rows_max = 32  # the AMX rows form takes at most 32 rows of x
     try:
         for dtype, prec in ((torch.bfloat16, "high"), (torch.float32, "medium")):
             lowbit.set_matmul_precision(prec)
-            setenv(None, None)
+            setenv(None, None, None)
             engine = C.gemm_route(DTYPE_ID[dtype], 4096, False)
             if engine not in ("avx512bf16", "amx", "amx_emulated"):
                 print(f"{dtype} under {prec}: no matrix engine on this path ({engine}), nothing to cross")
                 continue
-            setenv("0", "64")
+            setenv("0", "64", "0")
             have_dot = C.gemm_route(DTYPE_ID[dtype], 1, False) == "gemv_bf16"
-            names = [k for k in kernels if k != "gemv_bf16" or have_dot]
+            have_rows = engine in ("amx", "amx_emulated")
+            names = [k for k in kernels if (k != "gemv_bf16" or have_dot) and (k != "rows" or have_rows)]
             for (n, k), (fmt, dq) in ((s, f) for s in shapes for f in (("nf4", True), ("int4", False))):
                 w = torch.randn(n, k, generator=gen) * 0.02
                 qt = lowbit.quantize(w, fmt, BLOCK, dq)
                 wd = qt.dequantize(torch.float32).double()
                 label = fmt + ("+dq" if dq else "")
-                setenv(None, None)
+                setenv(None, None, None)
                 now = {m: C.gemm_route(DTYPE_ID[dtype], m, False, FMT_ID[fmt]) for m in ms}
-                now = {m: ("engine" if r == engine else r) for m, r in now.items()}
+                now = {m: ("engine" if r == engine else "rows" if r.startswith("amx_rows") else r) for m, r in now.items()}
                 print(f"\n== {dtype} x, precision {prec}, {label} {n}x{k}: {', '.join(names)} ({engine})")
                 print(f"{'M':>4} " + " ".join(f"{nm + ' ms':>14}" for nm in names) + f" {'fastest':>10} {'lowbit now':>11}")
                 mism = []
                 for m in ms:
+                    here = [nm for nm in names if nm != "rows" or m <= rows_max]
                     x = torch.randn(m, k, generator=gen).to(dtype)
-                    ys = [torch.empty(m, n, dtype=dtype) for _ in names]
-                    fns = [routed(kernel_call(this, "gemm", x, qt, y), *kernels[nm]) for nm, y in zip(names, ys)]
+                    ys = [torch.empty(m, n, dtype=dtype) for _ in here]
+                    fns = [routed(kernel_call(this, "gemm", x, qt, y), *kernels[nm]) for nm, y in zip(here, ys)]
                     for f in fns:
                         f()
                     ref = x.double() @ wd.T
-                    for nm, y in zip(names, ys):  # validate: each near float64
+                    for nm, y in zip(here, ys):  # validate: each near float64
                         err = float((y.double() - ref).abs().max() / ref.abs().max())
                         if not err <= 1e-2:
                             raise SystemExit(f"VALIDATION FAILED: {nm} {dtype} M={m}: max|err|/max|ref| {err:.2e}")
                     ts, _ = _timing.timeit_group(fns, args.ab_rounds, swap=True)
-                    t = dict(zip(names, ts))
+                    t = dict(zip(here, ts))
                     best = min(t, key=t.get)
                     # the route's kernel is "as good" when within 10% of the fastest (shared machines)
                     if t[now[m]] > 1.10 * t[best]:
@@ -370,8 +375,8 @@ def crossover_table(args) -> dict:
                     out["rows"].append({"dtype": str(dtype), "precision": prec, "fmt": label, "shape": [n, k], "m": m,
                                         "engine": engine, "ms": {nm: v * 1e3 for nm, v in t.items()},
                                         "fastest": best, "routed": now[m]})
-                    print(f"{m:>4} " + " ".join(f"{t[nm] * 1e3:14.3f}" for nm in names) + f" {best:>10} {now[m]:>11}",
-                          flush=True)
+                    print(f"{m:>4} " + " ".join(f"{t[nm] * 1e3:14.3f}" if nm in t else f"{'-':>14}" for nm in names)
+                          + f" {best:>10} {now[m]:>11}", flush=True)
                 print("routing: " + ("the routed kernel is within 10% of the fastest at every M" if not mism else
                                      f"a faster kernel exists at M = {mism}"))
                 out["crossover"].append({"dtype": str(dtype), "precision": prec, "fmt": label, "shape": [n, k],

@@ -75,6 +75,9 @@ EPS_TILE16 = 0.5 / 8191 + 0.5 / 8192
 # The bf16 routes (the matrix engines; the fp32 tile on the bf16-rounded weight): the weight rounded
 # to bf16 (≤ 2^-9 relative each), and fp32 x rounded to bf16 under 'medium' (≤ 2^-9 each).
 EPS_BF16_ROUTE = 2.0 ** -8
+# The routes that compute on bf16 products (the matrix engines, the dot-form GEMV, the fp32 tile on a bf16 Ŵ):
+# gemm_route's names (csrc/cpu/gemm.cpp).
+BF16_ROUTES = ("avx512bf16", "amx", "amx_emulated", "amx_rows", "amx_rows_emulated", "gemv_bf16", "tile_f32_bf16w")
 
 
 def cpu_route(a: torch.Tensor, transposed: bool = False) -> str:
@@ -91,7 +94,7 @@ def cpu_route_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | float:
     EPS_BF16_ROUTE · Σ_k |x_k|·|w_k|; zeros for the exact fp32 routes."""
     route = cpu_route(x)
     x = x.double().reshape(-1, x.shape[-1])
-    if route in ("avx512bf16", "amx", "amx_emulated", "gemv_bf16", "tile_f32_bf16w"):
+    if route in BF16_ROUTES:
         return EPS_BF16_ROUTE * x.abs() @ w.double().abs().T
     if route not in ("gemv_i16", "tile_i16"):
         return torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
@@ -110,7 +113,7 @@ def cpu_route_t_bound(gy: torch.Tensor, w: torch.Tensor, block: int) -> torch.Te
     route = cpu_route(gy, transposed=True)
     gy = gy.double().reshape(-1, gy.shape[-1])
     rows, (n, k) = gy.shape[0], w.shape
-    if route in ("avx512bf16", "amx", "amx_emulated", "gemv_bf16", "tile_f32_bf16w"):
+    if route in BF16_ROUTES:
         return EPS_BF16_ROUTE * gy.abs() @ w.double().abs()
     if route != "tile_i16" or n % 32:
         return 0.0

@@ -63,12 +63,12 @@ def test_crossover_runs_and_restores(path, tmp_path, capsys):
     engine = "amx_emulated" if path == "amx-emulated" else path
     assert {(c["dtype"], c["fmt"]) for c in res["crossover"]} == {
         (d, f) for d in ("torch.bfloat16", "torch.float32") for f in ("nf4+dq", "int4")}
-    kernels = ["gemv_i16", "gemv_bf16", "engine"] if path == "avx512bf16" else ["gemv_i16", "engine"]
+    kernels = ["gemv_i16", "gemv_bf16", "engine"] if path == "avx512bf16" else ["gemv_i16", "rows", "engine"]
     assert all(c["engine"] == engine and c["kernels"] == kernels for c in res["crossover"])
     routed = {(r["dtype"], r["fmt"], r["m"]): r["routed"] for r in res["rows"]}
-    # M = 6: fp32 x under medium — the dot form where the path has it, else the engine
-    assert routed[("torch.float32", "int4", 6)] == ("gemv_bf16" if path == "avx512bf16" else "engine")
-    assert routed[("torch.float32", "nf4+dq", 6)] == ("gemv_bf16" if path == "avx512bf16" else "engine")
+    # M = 6: fp32 x under medium — the dot form on 'avx512bf16', the rows form on the AMX paths
+    assert routed[("torch.float32", "int4", 6)] == ("gemv_bf16" if path == "avx512bf16" else "rows")
+    assert routed[("torch.float32", "nf4+dq", 6)] == ("gemv_bf16" if path == "avx512bf16" else "rows")
     assert routed[("torch.bfloat16", "int4", 1)] == ("gemv_bf16" if path == "avx512bf16" else "gemv_i16")
     assert len(res["rows"]) == 8 and all(set(r["ms"]) == set(kernels) and min(r["ms"].values()) > 0
                                          for r in res["rows"])

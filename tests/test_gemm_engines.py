@@ -215,6 +215,120 @@ def check_lowrank_out(y, xa, x, a, b, s, bias, qt, dtype):
         assert err <= 1e-5 * scale + 2.0 ** -8 * branch
 
 
+# ---------------------------------------------------------------- small M on AMX: the rows form
+AMX_PATHS = [p for p in ("amx-emulated", "amx") if p in ENGINES]
+ROWS_ROUTE = {"amx-emulated": "amx_rows_emulated", "amx": "amx_rows"}
+# the decodes the rows form can run here: the dot form's (AVX-512 BF16 CPUs) and the emulator's generic one
+ROWS_DECODES = ["generic"] + (["fast"] if "avx512bf16" in ENGINES else [])
+
+
+@pytest.fixture
+def rows_path(request, monkeypatch):
+    """An AMX path with every M ≤ 32 on the rows form (gemm_amx.h) and the given decode."""
+    path, decode = request.param
+    monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "0")
+    monkeypatch.setenv("LOWBIT_AMX_ROWS_MAX_M", "32")
+    monkeypatch.setenv("LOWBIT_AMX_ROWS_DECODE", decode)
+    old = _C.cpu_path()
+    _C.set_cpu_path(path)
+    yield path
+    _C.set_cpu_path(old)
+
+
+ROWS_PARAMS = [(p, d) for p in AMX_PATHS for d in ROWS_DECODES]
+
+
+@pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
+@pytest.mark.parametrize("fmt,block,dq", CASES)
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 32])
+@pytest.mark.parametrize("kb", [3, 5])
+def test_amx_rows_gemm(rows_path, fmt, block, dq, m, kb):
+    """The rows form against float64 on its operands (bf16 x, dequantize(bf16)): every format and block,
+    K = 3 or 5 blocks (whole steps of 64 / 128 weights and the k-order tails: K % 64 = 32, K % 128 = 32,
+    64 or 96), N odd or 200 (a partial group of 32 rows), one or two B tiles of x (M ≤ 16, ≤ 32)."""
+    k = block * kb
+    n = block * 3 + 1 if m % 2 else 200
+    qt = quantized(n, k, fmt, block, dq, seed=m + kb)
+    g = torch.Generator().manual_seed(200 + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    assert _C.gemm_route(1, m, False) == ROWS_ROUTE[rows_path]
+    y = lowbit.linear(x, qt, bias)
+    wd = qt.dequantize(torch.bfloat16).double()
+    assert y.dtype == torch.bfloat16
+    assert_bf16_out(y, x.double() @ wd.T + bias.double(), float((x.double().abs() @ wd.abs().T).max()))
+
+
+@pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m", [3, 24])
+def test_amx_rows_fp32_accumulation(rows_path, fmt, m):
+    """fp32 x under 'medium' on the rows form: only fp32 accumulation error against the float64 product of
+    the same rounded operands (≤ 1e-5 of max|ref| at K = 768)."""
+    n, k = 136, 768
+    qt = quantized(n, k, fmt, 64, True, seed=5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    with lowbit.matmul_precision("medium"):
+        assert _C.gemm_route(0, m, False) == ROWS_ROUTE[rows_path]
+        y = lowbit.linear(x, qt)
+    assert y.dtype == torch.float32
+    assert_f32_out(y, bf16_ref(x) @ qt.dequantize(torch.bfloat16).double().T, 1e-5)
+
+
+@pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
+@pytest.mark.parametrize("fmt,block,dq", [("nf4", 64, True), ("int4", 32, False), ("int2", 256, True)])
+@pytest.mark.parametrize("m,r", [(1, 1), (5, 16), (17, 40), (32, 120)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_amx_rows_lowrank(rows_path, fmt, block, dq, m, r, dtype):
+    """The lowrank forward on the rows form: xa = x·Aᵀ on the tiles, then (s·xa in bf16)·Bᵀ as a second
+    term of the same C tiles (one or two groups of A's rows; B padded from r to 32·⌈r/32⌉)."""
+    qt, x, a, b, bias, n, k = lowrank_case(fmt, block, dq, m, r, dtype)
+    with lowbit.matmul_precision("medium"):
+        assert _C.gemm_route(DT_ID[dtype], m, False) == ROWS_ROUTE[rows_path]
+        y, xa = lowrank_op(x, *lowbit.ops.weight_args(qt), a, b, 0.75, bias, n, k, block, fmt)
+    check_lowrank_out(y, xa, x, a, b, 0.75, bias, qt, dtype)
+
+
+@pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
+def test_amx_rows_threads_and_non_finite_rows(rows_path):
+    """One thread sums each output in one order (bits independent of the thread count); a non-finite x
+    element reaches only its own row of y."""
+    n, k = 300, 512
+    qt = quantized(n, k, "int4", 128, False, seed=2)
+    x = torch.randn(20, k).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(lowbit.linear(x, qt))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    x[3, 17], x[18, 200] = float("nan"), float("inf")
+    bad = ~torch.isfinite(lowbit.linear(x, qt))
+    assert bool(bad[3].all()) and bool(bad[18].any())
+    assert not bool(bad[[i for i in range(20) if i not in (3, 18)]].any())
+
+
+@pytest.mark.parametrize("path", AMX_PATHS)
+def test_amx_rows_default_range(path, monkeypatch):
+    """With no test hooks set: on the AMX paths the GEMV keeps M ≤ 4 (bf16 x), the rows form M = 5-32, the
+    engine from 33; the hook LOWBIT_AMX_ROWS_MAX_M=0 turns the rows form off."""
+    for v in ("LOWBIT_GEMV_MAX_M", "LOWBIT_GEMV_BF16_MAX_M", "LOWBIT_AMX_ROWS_MAX_M"):
+        monkeypatch.delenv(v, raising=False)
+    old = _C.cpu_path()
+    _C.set_cpu_path(path)
+    try:
+        routes = [_C.gemm_route(1, m, False) for m in range(1, 35)]
+        assert routes == ["gemv_i16"] * 4 + [ROWS_ROUTE[path]] * 28 + [ROUTE[path]] * 2
+        assert all(_C.gemm_route(1, m, True) == ROUTE[path] for m in (1, 8, 32))  # gemm_t: the engine
+        monkeypatch.setenv("LOWBIT_AMX_ROWS_MAX_M", "0")
+        assert _C.gemm_route(1, 8, False) == ROUTE[path]
+    finally:
+        _C.set_cpu_path(old)
+
+
 # ---------------------------------------------------------------- small M: the dot-form bf16 GEMV
 @pytest.fixture
 def dot_path(monkeypatch):
@@ -649,7 +763,8 @@ def test_policy_fp16_never_bf16():
     for precision in ("highest", "high", "medium"):
         with lowbit.matmul_precision(precision):
             for m in (1, 100):
-                assert _C.gemm_route(2, m, False) not in ("avx512bf16", "amx", "amx_emulated", "gemv_bf16")
+                assert _C.gemm_route(2, m, False) not in ("avx512bf16", "amx", "amx_emulated", "gemv_bf16", "amx_rows",
+                                                          "amx_rows_emulated")
                 assert _C.gemm_route(2, m, True) not in ("avx512bf16", "amx", "amx_emulated")
 
 
@@ -684,7 +799,7 @@ def test_info_reports_engines():
         assert rows["gemm"] and rows["gemm_t"]
         for rng, route in rows["gemm"]:
             assert route in ("gemv_i16", "gemv_bf16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx",
-                             "amx_emulated", "portable")
+                             "amx_emulated", "amx_rows", "amx_rows_emulated", "portable")
     assert ("amx" in d["cpu_paths"]) == (d["amx_status"] == "")
 
 

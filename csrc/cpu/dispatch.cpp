@@ -152,6 +152,7 @@ std::vector<std::string> available_cpu_paths() {
   return out;
 }
 std::string amx_unavailable_reason() { return amx_status(); }
+bool cpu_can_avx512bf16() { return cpu_has_avx512bf16(); }
 
 Precision matmul_precision() { return Precision(g_precision.load(std::memory_order_relaxed)); }
 void set_matmul_precision(Precision p) {

@@ -136,7 +136,7 @@ std::string gemm_route_name(DType dt, int64_t m, bool transposed, Fmt fmt) {
 #if LOWBIT_HAVE_AVX2_TU
   if (use_avx2()) {
     static const char* names[] = {"gemv_i16", "tile_f32", "tile_f32_bf16w", "tile_i16", "avx512bf16", "amx", "amx_emulated",
-                                  "gemv_bf16"};
+                                  "gemv_bf16", "amx_rows", "amx_rows_emulated"};
     return names[int(gemm_route(dt, m, transposed, fmt))];
   }
 #endif

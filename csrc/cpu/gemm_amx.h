@@ -14,6 +14,10 @@
 #include "cpu/gemm_bf16.h"
 #include "cpu/tile.h"
 
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
 namespace lowbit::cpu {
 namespace {
 
@@ -51,5 +55,195 @@ struct Amx {
   }
 };
 
+
+// ---- The rows form (small M, route amx_rows): W's decoded rows as the A tiles ----------------------------
+// C = X · Ŵᵀ computed as Cᵀ = Ŵ · Xᵀ: A tiles = 16 rows of Ŵ × 32 k, row-major as the decode writes
+// them — no transpose into the B layout (the engine's tile_rows spends ≈ 4 of its ≈ 11 instructions per 32
+// weights on it); B tiles = x packed once per call, 16 k-pairs × 16 rows of x; C tiles = 16 rows of W ×
+// 16 rows of x, in the tile registers over all of K (no C round trips between k blocks). M ≤ 32: one or
+// two B tiles per 32 k (G = 1, 2); per 32 k, 2 A loads, G B loads, 2G tdpbf16ps.
+// Per thread, groups of 32 rows of W (dynamic): the group's 32 rows decoded over all of K into a buffer
+// (64 KiB at K = 1024; 256 KiB at 4096: L2), then the tile loop. The decode is the dot form's
+// (decode_rows_avx512bf16: nf4 / fp4 / int4 4 instructions per 64 weights, int2 3 per 32), whose
+// order within a chunk of 64 (int2: 128) weights is its own (the step order): x is packed in the same
+// order. The emulator on a CPU without AVX-512 BF16 decodes each row with src_row_bf16 and reorders it in
+// scalar code (LOWBIT_AMX_ROWS_DECODE=generic forces that path: tests).
+// Lowrank (lr): xa = x · Aᵀ first, the same way (A's rows as the A tiles, x packed in k order), then
+// s·xa rounded to bf16 packed as B tiles, and B's rows (N × r) as A tiles: a second term accumulated into
+// the same C tiles after W's.
+// Arithmetic: the engine's (bf16 products, fp32 sums in the tiles' order); every output element is summed
+// by one thread in a fixed order: independent of the thread count.
+constexpr int kRowsGroup = 32;
+
+// One row of k bf16 values in the step order of chunks of `chunk` (64: the 4-bit formats, 128: int2):
+// each whole chunk as its chunk / 32 phases (phase p: elements p, p + chunk/32, ...), a last partial chunk
+// as it lies — deinterleave64 / deinterleave128 of gemm_avx512bf16.cpp, in portable code.
+inline void step_order_generic(int chunk, const uint16_t* src, int64_t k, uint16_t* dst) {
+  const int ph = chunk / 32;
+  int64_t c = 0;
+  for (; c + chunk <= k; c += chunk)
+    for (int p = 0; p < ph; ++p)
+      for (int j = 0; j < 32; ++j) dst[c + 32 * p + j] = src[c + ph * j + p];
+  for (; c < k; ++c) dst[c] = src[c];
+}
+
+inline bool rows_fast_decode() {
+  const char* e = std::getenv("LOWBIT_AMX_ROWS_DECODE");
+  return cpu_can_avx512bf16() && !(e && std::strcmp(e, "generic") == 0);
+}
+
+// A term of the rows form: A rows from src (rows past its end read as zeros), kp columns (a multiple of 32)
+// in `order` (0: k order; 64 / 128: the step order, quantized W only), against the B tiles b.
+struct RowsTerm {
+  RowSrc src;
+  int order;
+  const int32_t* b;
+  int64_t kp;
+};
+
+// Rows [n0, n0 + 32) of t's source → a (row stride lda), kp columns.
+inline void rows_a(const RowsTerm& t, int64_t n0, bool fast, uint16_t* a, int64_t lda, uint16_t* tmp) {
+  const int nr = int(std::clamp<int64_t>(t.src.rows - n0, 0, kRowsGroup));
+  if (t.src.w && t.order && fast) {
+    decode_rows_avx512bf16(*t.src.w, n0, nr, a, lda);
+  } else {
+    for (int r = 0; r < nr; ++r) {
+      if (!t.order) {
+        src_row_bf16(t.src, n0 + r, 0, int(t.kp), a + r * lda);
+        continue;
+      }
+      src_row_bf16(t.src, n0 + r, 0, int(t.kp), tmp);
+      step_order_generic(t.order, tmp, t.kp, a + r * lda);
+    }
+  }
+  for (int r = nr; r < kRowsGroup; ++r) std::memset(a + r * lda, 0, sizeof(uint16_t) * size_t(t.kp));
+}
+
+// The C tiles of one group of 32 source rows over the terms → cbuf[32 rows][32 columns] (fp32).
+template <int G>
+void rows_group(const RowsTerm* terms, int nt, int64_t n0, bool fast, uint16_t* a, int64_t lda, uint16_t* tmp, float* cbuf) {
+  tile::zero<0>(), tile::zero<2>();
+  if (G == 2) tile::zero<1>(), tile::zero<3>();
+  for (int t = 0; t < nt; ++t) {
+    const RowsTerm& T = terms[t];
+    rows_a(T, n0, fast, a, lda, tmp);
+    const int64_t sa = lda * 2;
+    for (int64_t ks = 0; ks < T.kp / 32; ++ks) {
+      const int32_t* b = T.b + ks * G * 256;
+      tile::load<4>(a + ks * 32, sa);
+      tile::load<5>(a + 16 * lda + ks * 32, sa);
+      tile::load<6>(b, 64);
+      tile::dpbf16ps<0, 4, 6>();
+      tile::dpbf16ps<2, 5, 6>();
+      if (G == 2) {
+        tile::load<7>(b + 256, 64);
+        tile::dpbf16ps<1, 4, 7>();
+        tile::dpbf16ps<3, 5, 7>();
+      }
+    }
+  }
+  tile::store<0>(cbuf, 128), tile::store<2>(cbuf + 16 * 32, 128);
+  if (G == 2) tile::store<1>(cbuf + 16, 128), tile::store<3>(cbuf + 16 * 32 + 16, 128);
+}
+
+// B tiles of 16·G rows (rows [0, 16G) of xr, row stride k, bf16 in the term's order): tile (ks, g) at
+// (ks·G + g) · 256 dwords, row p, column c = the pair at k = 32ks + 2p of row 16g + c. Steps [ka, kb).
+inline void pack_rows_b(const uint16_t* xr, int64_t k, int G, int64_t ka, int64_t kb, int32_t* out) {
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(xr);
+  const int64_t l = k / 2;
+  for (int64_t ks = ka; ks < kb; ++ks)
+    for (int g = 0; g < G; ++g) {
+      int32_t* tile = out + (ks * G + g) * 256;
+      for (int cb = 0; cb < 2; ++cb)
+        for (int pb = 0; pb < 2; ++pb) transpose8x8(x32 + (16 * g + 8 * cb) * l + 16 * ks + 8 * pb, l, tile + 8 * pb * 16 + 8 * cb, 16);
+    }
+}
+
+// Rows [0, mv) × columns [0, nv) of the transposed C of a group: ct[m][i] = cbuf[i][m].
+inline void rows_transpose(const float* cbuf, int G, float* ct) {
+  const int32_t* c = reinterpret_cast<const int32_t*>(cbuf);
+  int32_t* t = reinterpret_cast<int32_t*>(ct);
+  for (int mb = 0; mb < 16 * G; mb += 8)
+    for (int ib = 0; ib < kRowsGroup; ib += 8) transpose8x8(c + ib * 32 + mb, 32, t + mb * 32 + ib, 32);
+}
+
+template <int G>
+void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;  // M ≤ 16·G; K % 32 == 0 (block ≥ 32)
+  const int r = lr ? lr->r : 0;
+  const int64_t rp = round_up(r, 32);
+  const int order = p.w.fmt == Fmt::int2 ? 128 : 64;
+  const bool fast = rows_fast_decode();
+  static thread_local AlignedBufT<uint16_t> xs_buf, xk_buf, xas_buf;
+  static thread_local AlignedBufT<int32_t> bs_buf, bk_buf, bxa_buf;
+  uint16_t* xs = xs_buf.get(size_t(16 * G * K));                  // x in the step order (W's term)
+  uint16_t* xk = lr ? xk_buf.get(size_t(16 * G * K)) : nullptr;   // x in k order (A's term)
+  int32_t* bs = bs_buf.get(size_t(K / 32 * G * 256));
+  int32_t* bk = lr ? bk_buf.get(size_t(K / 32 * G * 256)) : nullptr;
+  uint16_t* xas = lr ? xas_buf.get(size_t(16 * G * rp)) : nullptr;  // bf16(s·xa), rows of rp
+  int32_t* bxa = lr ? bxa_buf.get(size_t(rp / 32 * G * 256)) : nullptr;
+  RowSrc wsrc;
+  wsrc.w = &p.w, wsrc.rows = N, wsrc.cols = K;
+  RowSrc asrc, bsrc;
+  if (lr) {
+    asrc.a = lr->a, asrc.dt = p.dtype, asrc.ld = K, asrc.rows = r, asrc.cols = K;
+    bsrc.a = lr->b, bsrc.dt = p.dtype, bsrc.ld = r, bsrc.rows = N, bsrc.cols = r;
+  }
+  const int64_t lda = std::max(K, rp) + kRowPad;
+#pragma omp parallel
+  {
+    static thread_local AlignedBufT<uint16_t> a_buf, tmp_buf;
+    static thread_local AlignedBuf c_buf, ct_buf;
+    uint16_t* a = a_buf.get(size_t(kRowsGroup * lda));
+    uint16_t* tmp = tmp_buf.get(size_t(std::max(K, rp)));
+    float* cbuf = c_buf.get(size_t(kRowsGroup * 32));
+    float* ct = ct_buf.get(size_t(kRowsGroup * 32));
+    Amx::thread_init();
+    // x's rows in bf16, in both orders where the branch needs k order too; rows past M zero
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < 16 * G; ++m) {
+      uint16_t* row = xk ? xk + m * K : tmp;
+      if (m < M) pack_row_bf16(p.x, p.dtype, K, m, K, K, row);
+      else std::memset(row, 0, sizeof(uint16_t) * size_t(K));
+      if (fast) step_order_avx512bf16(p.w.fmt, row, K, xs + m * K);
+      else step_order_generic(order, row, K, xs + m * K);
+    }
+#pragma omp for schedule(static)
+    for (int64_t ks = 0; ks < K / 32; ++ks) {
+      pack_rows_b(xs, K, G, ks, ks + 1, bs);
+      if (lr) pack_rows_b(xk, K, G, ks, ks + 1, bk);
+    }
+    if (lr) {  // xa = x·Aᵀ by groups of 32 of A's rows; then s·xa in bf16 as B tiles
+      const RowsTerm ta{asrc, 0, bk, K};
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i0 = 0; i0 < rp; i0 += kRowsGroup) {
+        rows_group<G>(&ta, 1, i0, fast, a, lda, tmp, cbuf);
+        rows_transpose(cbuf, G, ct);
+        for (int64_t m = 0; m < 16 * G; ++m)
+          for (int64_t i = i0; i < std::min<int64_t>(rp, i0 + kRowsGroup); ++i) {
+            const float v = ct[m * 32 + (i - i0)];
+            if (m < M && i < r) store_from_float(lr->xa, p.dtype, m * r + i, v);
+            xas[m * rp + i] = m < M && i < r ? float_to_bf16(lr->s * v) : 0;
+          }
+      }
+#pragma omp for schedule(static)
+      for (int64_t ks = 0; ks < rp / 32; ++ks) pack_rows_b(xas, rp, G, ks, ks + 1, bxa);
+    }
+    const RowsTerm terms[2] = {{wsrc, order, bs, K}, {bsrc, 0, bxa, rp}};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n0 = 0; n0 < N; n0 += kRowsGroup) {
+      rows_group<G>(terms, lr ? 2 : 1, n0, fast, a, lda, tmp, cbuf);
+      rows_transpose(cbuf, G, ct);
+      store_rows(ct, 32, M, int(std::min<int64_t>(kRowsGroup, N - n0)), p.bias, p.dtype, p.y, N, n0);
+    }
+    Amx::thread_done();
+  }
+}
+
+inline void gemm_rows_any(const GemmParams& p, const LowrankParams* lr) {
+  if (p.m > 32) throw std::logic_error("gemm_rows: M > 32 (gemm_route keeps it to 32)");
+  if (p.m > 16) return gemm_rows<2>(p, lr);
+  gemm_rows<1>(p, lr);
+}
 }  // namespace
 }  // namespace lowbit::cpu

@@ -436,6 +436,20 @@ inline int64_t gemv_bf16_max_m(Engine e) {
   return e == Engine::avx512bf16 || e == Engine::amx ? env_m("LOWBIT_GEMV_BF16_MAX_M", dflt) : 0;
 }
 
+// The AMX rows form's range (gemm_amx.h: W's decoded rows as the A tiles, x as the B tiles, C transposed
+// in the epilogue), above the GEMV's: up to 32 rows of x (two B tiles). Written from the instruction
+// counts (the engine's decode: ≈ 11 instructions per 32 weights, 4 of them the transpose into the B
+// layout, once per call; the rows form's: ≈ 2-3 per 32, no transpose) and tested through the emulator;
+// **not yet timed on an AMX CPU** — bench/amx_check.py's crossover compares it with the engine there
+// (LOWBIT_AMX_ROWS_MAX_M: the hook, 0 = never; with LOWBIT_GEMV_MAX_M set and this not, none, as for
+// the dot form).
+constexpr int64_t kAmxRowsMaxM = 32;
+inline int64_t amx_rows_max_m(Engine e) {
+  if (e != Engine::amx && e != Engine::amx_emulated) return 0;
+  const int64_t dflt = std::getenv("LOWBIT_GEMV_MAX_M") ? 0 : kAmxRowsMaxM;
+  return std::min<int64_t>(kAmxRowsMaxM, env_m("LOWBIT_AMX_ROWS_MAX_M", dflt));
+}
+
 Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
   const Engine e = bf16_engine();
   const Precision pr = matmul_precision();
@@ -443,6 +457,7 @@ Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
   const bool exact = dt != DType::bf16 && pr == Precision::highest;
   if (!transposed && !exact && m <= gemv_max_m(e, engine, dt, fmt)) return Route::gemv_i16;
   if (!transposed && engine && m <= gemv_bf16_max_m(e)) return Route::gemv_bf16;
+  if (!transposed && engine && m <= amx_rows_max_m(e)) return e == Engine::amx ? Route::amx_rows : Route::amx_rows_emulated;
   if (engine) return e == Engine::avx512bf16 ? Route::avx512bf16 : (e == Engine::amx ? Route::amx : Route::amx_emulated);
   if (dt == DType::bf16) return Route::tile_f32_bf16w;
   if (exact) return Route::tile_f32;
@@ -459,6 +474,8 @@ void gemm_avx2(const GemmParams& p, const LowrankParams* lr) {
     case Route::avx512bf16: return gemm_bf16_avx512bf16(p, lr);
     case Route::amx: return gemm_bf16_amx(p, lr);
     case Route::amx_emulated: return gemm_bf16_amx_emu(p, lr);
+    case Route::amx_rows: return gemm_rows_amx(p, lr);
+    case Route::amx_rows_emulated: return gemm_rows_amx_emu(p, lr);
     default: return gemm_tile(p, lr, r);
   }
 }

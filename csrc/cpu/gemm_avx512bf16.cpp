@@ -192,12 +192,14 @@ inline void deinterleave128(const uint16_t* src, int64_t K, uint16_t* dst) {
   if (k < K) std::memcpy(dst + k, src + k, sizeof(uint16_t) * size_t(K - k));
 }
 
-// Rows [j0, j0 + R) of W against the MM rows of x (bf16, row stride ldx): res[m][r] = Σ_k x·Ŵ. xb: x as
-// it lies; xp: the same rows through deinterleave64 (4-bit formats) or deinterleave128 (int2). kPair32: blocks
-// of 32 (a 64-weight step spans two). sc: room for R · K / block floats (the rows' scales, decoded up front).
-template <class L, int MM, int R, bool kPair32>
-[[gnu::noinline]] void dot_rows(const GemmWeight& w, const uint16_t* xb, const uint16_t* xp, int64_t ldx, int64_t j0,
-                                float* sc, float (&res)[MM][R]) {
+// Rows [j0, j0 + R) of W decoded 32 weights at a time into registers, each slab handed to use(pos, wv):
+// wv[r] = row r's 32 values (bf16, exactly dequantize(bf16)) at positions [pos, pos + 32) of the *step
+// order* — every whole chunk of 64 (4-bit formats; 128 for int2) as deinterleave64 (deinterleave128) stores
+// x, a last partial chunk in k order. The dot form pairs them with x in that order; the AMX rows form
+// (rows_bf16_avx512bf16) stores them as its A tiles. kPair32: blocks of 32 (a 64-weight step spans two).
+// sc: room for R · K / block floats (the rows' scales, decoded up front).
+template <class L, int R, bool kPair32, class Use>
+[[gnu::always_inline]] inline void decode_steps(const GemmWeight& w, int64_t j0, float* sc, Use&& use) {
   const int64_t K = w.k, nbr = K / w.block;
   const int sh = __builtin_ctz(unsigned(w.block));
   constexpr bool kTab = L::kIsTable;
@@ -245,14 +247,11 @@ template <class L, int MM, int R, bool kPair32>
     const __m512i t1 = b1 == b0 ? t0 : L::table_of(w, sc[r * nbr + b1], (j0 + r) * nbr + b1);
     return _mm512_inserti64x4(t0, _mm512_castsi512_si256(t1), 1);
   };
-  __m512 acc[MM][R];
-#pragma GCC unroll 16
-  for (int i = 0; i < MM * R; ++i) acc[i / R][i % R] = _mm512_setzero_ps();
   const uint8_t* src[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) src[r] = w.codes + (j0 + r) * K * L::kCodeBits / 8;
   __m512i lut[R];
-  // 32 weights in k order (index4 / L::index) against x's 32 values as they lie
+  // 32 weights in k order (index4 / L::index): a last partial chunk
   auto step = [&](int64_t k0) {
     __m512bh wv[R];
 #pragma GCC unroll 4
@@ -260,12 +259,7 @@ template <class L, int MM, int R, bool kPair32>
       const uint8_t* c = src[r] + k0 * L::kCodeBits / 8;
       wv[r] = (__m512bh)_mm512_permutexvar_epi16(L::kCodeBits == 4 ? index4(c) : L::index(c), lut[r]);
     }
-#pragma GCC unroll 8
-    for (int m = 0; m < MM; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + m * ldx + k0);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
+    use(k0, wv);
   };
   if constexpr (L::kCodeBits == 4) {
     // 64 weights per step, 4 instructions of decode per row: the 32 code bytes widened to words (word j =
@@ -288,16 +282,8 @@ template <class L, int MM, int R, bool kPair32>
         we[r] = (__m512bh)_mm512_permutexvar_epi16(ie, lut[r]);
         wo[r] = (__m512bh)_mm512_permutexvar_epi16(io, lut[r]);
       }
-#pragma GCC unroll 8
-      for (int m = 0; m < MM; ++m) {
-        const __m512bh xe = (__m512bh)_mm512_loadu_si512(xp + m * ldx + k0);
-        const __m512bh xo = (__m512bh)_mm512_loadu_si512(xp + m * ldx + k0 + 32);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xe, we[r]);
-          acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xo, wo[r]);
-        }
-      }
+      use(k0, we);
+      use(k0 + 32, wo);
     };
     int64_t k0 = 0;
     if constexpr (kPair32) {
@@ -313,7 +299,7 @@ template <class L, int MM, int R, bool kPair32>
         for (k0 = kb; k0 < kb + w.block; k0 += 64) step64(k0);
       }
     }
-    if (k0 < K) {  // K % 64 == 32 (blocks of 32): the last block in k order, x's tail as it lies
+    if (k0 < K) {  // K % 64 == 32 (blocks of 32): the last block in k order
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) lut[r] = table2(r, k0 >> 5, k0 >> 5);
       step(k0);
@@ -361,12 +347,7 @@ template <class L, int MM, int R, bool kPair32>
           const __m512i q = ph == 3 ? z[r] : _mm512_srli_epi16(z[r], unsigned(6 - 2 * ph));
           wv[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(q, _mm512_set1_epi16(3), blk, 0xEA), lut[r]);
         }
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; ++m) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * ldx + k0 + 32 * ph);
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-        }
+        use(k0 + 32 * ph, wv);
       }
     };
     int64_t k0 = 0;
@@ -383,12 +364,30 @@ template <class L, int MM, int R, bool kPair32>
         for (k0 = kb; k0 < kb + w.block; k0 += 128) step128(k0);
       }
     }
-    for (; k0 < K; k0 += 32) {  // K % 128 (blocks of 32, 64): the last blocks in k order, x as it lies
+    for (; k0 < K; k0 += 32) {  // K % 128 (blocks of 32, 64): the last blocks in k order
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) lut[r] = table2(r, k0 >> sh, k0 >> sh);
       step(k0);
     }
   }
+}
+
+// Rows [j0, j0 + R) of W against the MM rows of x: res[m][r] = Σ_k x·Ŵ. xp: x's rows (bf16, row stride ldx)
+// in the step order (deinterleave64 for the 4-bit formats, deinterleave128 for int2).
+template <class L, int MM, int R, bool kPair32>
+[[gnu::noinline]] void dot_rows(const GemmWeight& w, const uint16_t* xp, int64_t ldx, int64_t j0, float* sc,
+                                float (&res)[MM][R]) {
+  __m512 acc[MM][R];
+#pragma GCC unroll 16
+  for (int i = 0; i < MM * R; ++i) acc[i / R][i % R] = _mm512_setzero_ps();
+  decode_steps<L, R, kPair32>(w, j0, sc, [&](int64_t pos, const __m512bh (&wv)[R]) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * ldx + pos);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  });
   if constexpr (MM * R == 16) {  // the 16 sums at once (a transpose-add tree: 15 adds, 30 shuffles)
     __m512 v[16];
 #pragma GCC unroll 16
@@ -417,10 +416,10 @@ void dot_dense(const uint16_t* xb, int64_t ldx, const uint16_t* a, int64_t K, fl
 
 // dot_rows with the step the weight's block needs (blocks of 32 pair in the 4-bit step; int2 has one kind).
 template <class L, int MM, int R>
-void dot_rows_any(const GemmWeight& w, const uint16_t* xb, const uint16_t* xp, int64_t j0, float* sc, float (&res)[MM][R]) {
+void dot_rows_any(const GemmWeight& w, const uint16_t* xp, int64_t j0, float* sc, float (&res)[MM][R]) {
   if constexpr (L::kCodeBits == 4)
-    if (w.block == 32) return dot_rows<L, MM, R, true>(w, xb, xp, w.k, j0, sc, res);
-  dot_rows<L, MM, R, false>(w, xb, xp, w.k, j0, sc, res);
+    if (w.block == 32) return dot_rows<L, MM, R, true>(w, xp, w.k, j0, sc, res);
+  dot_rows<L, MM, R, false>(w, xp, w.k, j0, sc, res);
 }
 
 // Rows of W per pass: at M ≤ 4, 4 rows (16 accumulators); above, 2 (MM · 2 ≤ 16).
@@ -483,13 +482,13 @@ void gemv_bf16_run(const GemmParams& p, const LowrankParams* lr) {
       int64_t j = ja;
       for (; j + R <= jb; j += R) {
         float res[MM][R];
-        dot_rows_any<L, MM, R>(w, xb, xp, j, sc, res);
+        dot_rows_any<L, MM, R>(w, xp, j, sc, res);
         for (int m = 0; m < MM; ++m)
           for (int rr = 0; rr < R; ++rr) ys[m][j - ja + rr] = res[m][rr];
       }
       for (; j < jb; ++j) {
         float res[MM][1];
-        dot_rows_any<L, MM, 1>(w, xb, xp, j, sc, res);
+        dot_rows_any<L, MM, 1>(w, xp, j, sc, res);
         for (int m = 0; m < MM; ++m) ys[m][j - ja] = res[m][0];
       }
       for (int m = 0; m < MM; ++m)
@@ -556,6 +555,48 @@ void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) {
       case Fmt::int2: gemv_bf16_fmt<LutDecode<2, false>>(q, l); break;
     }
   });
+}
+
+// ---- the AMX rows form's decode (gemm_amx.h): W's rows for the A tiles, in the step order ------------
+namespace {
+
+template <class L, int R, bool kPair32>
+[[gnu::noinline]] void store_steps(const GemmWeight& w, int64_t j0, float* sc, uint16_t* out, int64_t ldo) {
+  decode_steps<L, R, kPair32>(w, j0, sc, [&](int64_t pos, const __m512bh (&wv)[R]) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) _mm512_storeu_si512(out + r * ldo + pos, (__m512i)wv[r]);
+  });
+}
+
+template <class L, int R>
+void store_steps_any(const GemmWeight& w, int64_t j0, float* sc, uint16_t* out, int64_t ldo) {
+  if constexpr (L::kCodeBits == 4)
+    if (w.block == 32) return store_steps<L, R, true>(w, j0, sc, out, ldo);
+  store_steps<L, R, false>(w, j0, sc, out, ldo);
+}
+
+template <class L>
+void decode_rows_fmt(const GemmWeight& w, int64_t n0, int nr, uint16_t* out, int64_t ldo) {
+  static thread_local AlignedBuf sc_buf;
+  float* sc = sc_buf.get(size_t(4 * (w.k / w.block)));
+  int r = 0;
+  for (; r + 4 <= nr; r += 4) store_steps_any<L, 4>(w, n0 + r, sc, out + r * ldo, ldo);
+  for (; r < nr; ++r) store_steps_any<L, 1>(w, n0 + r, sc, out + r * ldo, ldo);
+}
+
+}  // namespace
+
+void decode_rows_avx512bf16(const GemmWeight& w, int64_t n0, int nr, uint16_t* out, int64_t ldo) {
+  switch (w.fmt) {
+    case Fmt::nf4:
+    case Fmt::fp4: return decode_rows_fmt<LutDecode<4, true>>(w, n0, nr, out, ldo);
+    case Fmt::int4: return decode_rows_fmt<LutDecode<4, false>>(w, n0, nr, out, ldo);
+    case Fmt::int2: return decode_rows_fmt<LutDecode<2, false>>(w, n0, nr, out, ldo);
+  }
+}
+
+void step_order_avx512bf16(Fmt fmt, const uint16_t* src, int64_t k, uint16_t* dst) {
+  (fmt == Fmt::int2 ? deinterleave128 : deinterleave64)(src, k, dst);
 }
 
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) { gemm_bf16<Avx512Bf16>(p, lr); }

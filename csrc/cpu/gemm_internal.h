@@ -31,7 +31,8 @@ void gemm_avx2(const GemmParams& p, const LowrankParams* lr);
 void gemm_t_avx2(const GemmParams& p);
 
 // The kernel a product runs (gemm_avx2.cpp: gemm_route, where the rules are written down).
-enum class Route { gemv_i16, tile_f32, tile_f32_bf16w, tile_i16, avx512bf16, amx, amx_emulated, gemv_bf16 };
+enum class Route { gemv_i16, tile_f32, tile_f32_bf16w, tile_i16, avx512bf16, amx, amx_emulated, gemv_bf16, amx_rows,
+                   amx_rows_emulated };
 Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt);
 // The bf16 engines (cpu/gemm_bf16.h): gemm / lowrank forward (lr) and gemm_t, per engine TU.
 void gemm_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // gemm_avx512bf16.cpp
@@ -42,6 +43,14 @@ void gemm_bf16_amx_emu(const GemmParams& p, const LowrankParams* lr);  // gemm_a
 void gemm_t_bf16_amx_emu(const GemmParams& p);
 void lowrank_backward_bf16_avx512bf16(const LowrankBackwardParams& p);  // the lowrank backward, same TUs
 void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // small M, the dot form
+// The AMX rows form (gemm_amx.h) on CPUs with AVX-512 BF16 (every 'amx' CPU; 'amx-emulated' where present):
+// rows [n0, n0 + nr) of W, all K, decoded into out (row stride ldo) in the dot form's step order; x's row
+// of k values put in that order (deinterleave64 / deinterleave128 of gemm_avx512bf16.cpp).
+void decode_rows_avx512bf16(const GemmWeight& w, int64_t n0, int nr, uint16_t* out, int64_t ldo);
+void step_order_avx512bf16(Fmt fmt, const uint16_t* src, int64_t k, uint16_t* dst);
+bool cpu_can_avx512bf16();  // dispatch.cpp: the CPU has AVX-512 F/BW/VL/VNNI/BF16 (whatever the path)
+void gemm_rows_amx(const GemmParams& p, const LowrankParams* lr);      // gemm_amx.cpp
+void gemm_rows_amx_emu(const GemmParams& p, const LowrankParams* lr);  // gemm_amx_emu_avx2.cpp
 void lowrank_backward_bf16_amx(const LowrankBackwardParams& p);
 void lowrank_backward_bf16_amx_emu(const LowrankBackwardParams& p);
 
