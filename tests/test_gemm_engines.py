@@ -260,6 +260,19 @@ def test_amx_rows_gemm(rows_path, fmt, block, dq, m, kb):
 
 
 @pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
+@pytest.mark.parametrize("fmt,block", [("nf4", 64), ("int2", 64), ("int4", 32)])
+def test_amx_rows_long_k(rows_path, fmt, block):
+    """K above the rows form's chunk of 4096 columns: the second chunk's decode starts mid-row (its scales,
+    tables and the int2 / 4-bit tails of the step order at K % 128 = 64, K % 64 = 32)."""
+    k = 4096 + (320 if block == 64 else 288)
+    qt = quantized(40, k, fmt, block, True, seed=11)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    assert _C.gemm_route(1, 3, False) == ROWS_ROUTE[rows_path]
+    wd = qt.dequantize(torch.bfloat16).double()
+    assert_bf16_out(lowbit.linear(x, qt), x.double() @ wd.T, float((x.double().abs() @ wd.abs().T).max()))
+
+
+@pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("m", [3, 24])
 def test_amx_rows_fp32_accumulation(rows_path, fmt, m):

@@ -62,8 +62,8 @@ struct Amx {
 // weights on it); B tiles = x packed once per call, 16 k-pairs × 16 rows of x; C tiles = 16 rows of W ×
 // 16 rows of x, in the tile registers over all of K (no C round trips between k blocks). M ≤ 32: one or
 // two B tiles per 32 k (G = 1, 2); per 32 k, 2 A loads, G B loads, 2G tdpbf16ps.
-// Per thread, groups of 32 rows of W (dynamic): the group's 32 rows decoded over all of K into a buffer
-// (64 KiB at K = 1024; 256 KiB at 4096: L2), then the tile loop. The decode is the dot form's
+// Per thread, groups of 32 rows of W (dynamic): per chunk of up to 4096 k, the group's 32 rows decoded into
+// a buffer, then the chunk's tile steps. The decode is the dot form's
 // (decode_rows_avx512bf16: nf4 / fp4 / int4 4 instructions per 64 weights, int2 3 per 32), whose
 // order within a chunk of 64 (int2: 128) weights is its own (the step order): x is packed in the same
 // order. The emulator on a CPU without AVX-512 BF16 decodes each row with src_row_bf16 and reorders it in
@@ -73,7 +73,7 @@ struct Amx {
 // the same C tiles after W's.
 // Arithmetic: the engine's (bf16 products, fp32 sums in the tiles' order); every output element is summed
 // by one thread in a fixed order: independent of the thread count.
-constexpr int kRowsGroup = 32;
+constexpr int kRowsGroup = 32, kRowsKC = 4096;
 
 // One row of k bf16 values in the step order of chunks of `chunk` (64: the 4-bit formats, 128: int2):
 // each whole chunk as its chunk / 32 phases (phase p: elements p, p + chunk/32, ...), a last partial chunk
@@ -101,37 +101,42 @@ struct RowsTerm {
   int64_t kp;
 };
 
-// Rows [n0, n0 + 32) of t's source → a (row stride lda), kp columns.
-inline void rows_a(const RowsTerm& t, int64_t n0, bool fast, uint16_t* a, int64_t lda, uint16_t* tmp) {
+// Rows [n0, n0 + 32) of t's source, columns [k0, k0 + kc) → a (row stride lda).
+inline void rows_a(const RowsTerm& t, int64_t n0, int64_t k0, int kc, bool fast, uint16_t* a, int64_t lda, uint16_t* tmp) {
   const int nr = int(std::clamp<int64_t>(t.src.rows - n0, 0, kRowsGroup));
   if (t.src.w && t.order && fast) {
-    decode_rows_avx512bf16(*t.src.w, n0, nr, a, lda);
+    decode_rows_avx512bf16(*t.src.w, n0, nr, k0, kc, a, lda);
   } else {
     for (int r = 0; r < nr; ++r) {
       if (!t.order) {
-        src_row_bf16(t.src, n0 + r, 0, int(t.kp), a + r * lda);
+        src_row_bf16(t.src, n0 + r, k0, kc, a + r * lda);
         continue;
       }
-      src_row_bf16(t.src, n0 + r, 0, int(t.kp), tmp);
-      step_order_generic(t.order, tmp, t.kp, a + r * lda);
+      src_row_bf16(t.src, n0 + r, k0, kc, tmp);
+      step_order_generic(t.order, tmp, kc, a + r * lda);
     }
   }
-  for (int r = nr; r < kRowsGroup; ++r) std::memset(a + r * lda, 0, sizeof(uint16_t) * size_t(t.kp));
+  for (int r = nr; r < kRowsGroup; ++r) std::memset(a + r * lda, 0, sizeof(uint16_t) * size_t(kc));
 }
 
-// The C tiles of one group of 32 source rows over the terms → cbuf[32 rows][32 columns] (fp32).
+// The C tiles of one group of 32 source rows over the terms → cbuf[32 rows][32 columns] (fp32). Each term
+// in chunks of kRowsKC columns (the decoded chunk: 32 × 4096 bf16, 256 KiB, in L2): smaller chunks cost
+// more in the decode's per-call set-up (its scales and tables per 4 rows) than they saved — Zen 4, the
+// tile operations elided (docs/kernels.md), 4096², M = 1-32: chunks of 256 ≈ 5×, of 1024 ≈ 1.3× the time.
 template <int G>
 void rows_group(const RowsTerm* terms, int nt, int64_t n0, bool fast, uint16_t* a, int64_t lda, uint16_t* tmp, float* cbuf) {
   tile::zero<0>(), tile::zero<2>();
   if (G == 2) tile::zero<1>(), tile::zero<3>();
   for (int t = 0; t < nt; ++t) {
     const RowsTerm& T = terms[t];
-    rows_a(T, n0, fast, a, lda, tmp);
+    for (int64_t k0 = 0; k0 < T.kp; k0 += kRowsKC) {
+    const int kc = int(std::min<int64_t>(kRowsKC, T.kp - k0));
+    rows_a(T, n0, k0, kc, fast, a, lda, tmp);
     const int64_t sa = lda * 2;
-    for (int64_t ks = 0; ks < T.kp / 32; ++ks) {
+    for (int64_t ks = k0 / 32; ks < (k0 + kc) / 32; ++ks) {
       const int32_t* b = T.b + ks * G * 256;
-      tile::load<4>(a + ks * 32, sa);
-      tile::load<5>(a + 16 * lda + ks * 32, sa);
+      tile::load<4>(a + (ks * 32 - k0), sa);
+      tile::load<5>(a + 16 * lda + (ks * 32 - k0), sa);
       tile::load<6>(b, 64);
       tile::dpbf16ps<0, 4, 6>();
       tile::dpbf16ps<2, 5, 6>();
@@ -140,6 +145,7 @@ void rows_group(const RowsTerm* terms, int nt, int64_t n0, bool fast, uint16_t* 
         tile::dpbf16ps<1, 4, 7>();
         tile::dpbf16ps<3, 5, 7>();
       }
+    }
     }
   }
   tile::store<0>(cbuf, 128), tile::store<2>(cbuf + 16 * 32, 128);
@@ -189,13 +195,13 @@ void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
     asrc.a = lr->a, asrc.dt = p.dtype, asrc.ld = K, asrc.rows = r, asrc.cols = K;
     bsrc.a = lr->b, bsrc.dt = p.dtype, bsrc.ld = r, bsrc.rows = N, bsrc.cols = r;
   }
-  const int64_t lda = std::max(K, rp) + kRowPad;
+  const int64_t lda = std::min<int64_t>(std::max(K, rp), kRowsKC) + kRowPad;
 #pragma omp parallel
   {
     static thread_local AlignedBufT<uint16_t> a_buf, tmp_buf;
     static thread_local AlignedBuf c_buf, ct_buf;
     uint16_t* a = a_buf.get(size_t(kRowsGroup * lda));
-    uint16_t* tmp = tmp_buf.get(size_t(std::max(K, rp)));
+    uint16_t* tmp = tmp_buf.get(size_t(std::max<int64_t>(K, kRowsKC)));
     float* cbuf = c_buf.get(size_t(kRowsGroup * 32));
     float* ct = ct_buf.get(size_t(kRowsGroup * 32));
     Amx::thread_init();

@@ -197,32 +197,42 @@ inline void deinterleave128(const uint16_t* src, int64_t K, uint16_t* dst) {
 // order* — every whole chunk of 64 (4-bit formats; 128 for int2) as deinterleave64 (deinterleave128) stores
 // x, a last partial chunk in k order. The dot form pairs them with x in that order; the AMX rows form
 // (rows_bf16_avx512bf16) stores them as its A tiles. kPair32: blocks of 32 (a 64-weight step spans two).
-// sc: room for R · K / block floats (the rows' scales, decoded up front).
+// Columns [kb, ke) only (kb a multiple of 128, ke = K or a multiple of 128: the rows form's chunks; the dot
+// form takes all of K). sc: room for R · K / block floats (the rows' scales, decoded up front, at
+// sc[r · K / block + block index]).
 template <class L, int R, bool kPair32, class Use>
-[[gnu::always_inline]] inline void decode_steps(const GemmWeight& w, int64_t j0, float* sc, Use&& use) {
-  const int64_t K = w.k, nbr = K / w.block;
+[[gnu::always_inline]] inline void decode_steps(const GemmWeight& w, int64_t j0, float* sc, Use&& use, int64_t kb = 0,
+                                                int64_t ke = -1) {
+  const int64_t K = ke < 0 ? w.k : ke, nbr = w.k / w.block;
   const int sh = __builtin_ctz(unsigned(w.block));
   constexpr bool kTab = L::kIsTable;
-  block_scales(w, j0 * nbr, R * nbr, sc);
+  // the range's blocks, row by row: [b0, b0 + nbc) of each row (all of them in one run when the range is the row)
+  const int64_t b0 = kb >> sh, nbc = ((K - kb) + w.block - 1) >> sh;
+  const bool whole = kb == 0 && K == w.k;
+  const int runs = whole ? 1 : R;
+  const int64_t run_len = whole ? R * nbr : nbc;
+  auto run_at = [&](int i) { return whole ? int64_t(0) : i * nbr + b0; };  // offset of run i in sc (and its rows' blocks)
+  for (int i = 0; i < runs; ++i) block_scales(w, j0 * nbr + run_at(i), run_len, sc + run_at(i));
   // one vcvtneps2bf16 per table when no value can be denormal (LutDecode::tables16's conditions, here
   // over all R rows at once); else the table_of path, which rounds denormals as dequantize does
   bool fast = true;
-  {
+  for (int ri = 0; ri < runs; ++ri) {
+    const float* scr = sc + run_at(ri);
     __m512 lo = _mm512_set1_ps(kTab ? 0x1p-118f : 0x1p-100f);
     __mmask16 bad = 0;
     int64_t i = 0;
-    for (; i + 16 <= R * nbr; i += 16) bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(sc + i)), lo, _CMP_LT_OQ);
-    for (; i < R * nbr; ++i) bad |= std::fabs(sc[i]) < (kTab ? 0x1p-118f : 0x1p-100f);
-    fast = !bad;
+    for (; i + 16 <= run_len; i += 16) bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(scr + i)), lo, _CMP_LT_OQ);
+    for (; i < run_len; ++i) bad |= std::fabs(scr[i]) < (kTab ? 0x1p-118f : 0x1p-100f);
+    fast = fast && !bad;
     if (!kTab && fast) {  // (q − z)·s: every zero on an integer, or ≥ 2^-26 from one
-      const float* z = w.zero + j0 * nbr;
-      for (i = 0; i + 16 <= R * nbr; i += 16) {
+      const float* z = w.zero + j0 * nbr + run_at(ri);
+      for (i = 0; i + 16 <= run_len; i += 16) {
         const __m512 zv = _mm512_loadu_ps(z + i);
         const __m512 f = _mm512_abs_ps(_mm512_sub_ps(zv, _mm512_roundscale_ps(zv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
         bad |= _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_NEQ_OQ), f, _mm512_set1_ps(0x1p-26f),
                                        _CMP_LT_OQ);
       }
-      for (; i < R * nbr; ++i) {
+      for (; i < run_len; ++i) {
         const float f = std::fabs(z[i] - std::nearbyint(z[i]));
         bad |= f != 0.0f && f < 0x1p-26f;
       }
@@ -249,7 +259,7 @@ template <class L, int R, bool kPair32, class Use>
   };
   const uint8_t* src[R];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) src[r] = w.codes + (j0 + r) * K * L::kCodeBits / 8;
+  for (int r = 0; r < R; ++r) src[r] = w.codes + (j0 + r) * w.k * L::kCodeBits / 8;
   __m512i lut[R];
   // 32 weights in k order (index4 / L::index): a last partial chunk
   auto step = [&](int64_t k0) {
@@ -285,7 +295,7 @@ template <class L, int R, bool kPair32, class Use>
       use(k0, we);
       use(k0 + 32, wo);
     };
-    int64_t k0 = 0;
+    int64_t k0 = kb;
     if constexpr (kPair32) {
       for (; k0 + 64 <= K; k0 += 64) {
 #pragma GCC unroll 4
@@ -293,10 +303,10 @@ template <class L, int R, bool kPair32, class Use>
         step64(k0);
       }
     } else {
-      for (int64_t kb = 0; kb < K; kb += w.block) {
+      for (int64_t c = kb; c < K; c += w.block) {
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) lut[r] = table2(r, kb >> sh, kb >> sh);
-        for (k0 = kb; k0 < kb + w.block; k0 += 64) step64(k0);
+        for (int r = 0; r < R; ++r) lut[r] = table2(r, c >> sh, c >> sh);
+        for (k0 = c; k0 < c + w.block; k0 += 64) step64(k0);
       }
     }
     if (k0 < K) {  // K % 64 == 32 (blocks of 32): the last block in k order
@@ -350,7 +360,7 @@ template <class L, int R, bool kPair32, class Use>
         use(k0 + 32 * ph, wv);
       }
     };
-    int64_t k0 = 0;
+    int64_t k0 = kb;
     if (bpc > 1) {
       for (; k0 + 128 <= K; k0 += 128) {
 #pragma GCC unroll 4
@@ -358,10 +368,10 @@ template <class L, int R, bool kPair32, class Use>
         step128(k0);
       }
     } else {
-      for (int64_t kb = 0; kb < K; kb += w.block) {
+      for (int64_t c = kb; c < K; c += w.block) {
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) lut[r] = table_step(r, kb >> sh);
-        for (k0 = kb; k0 < kb + w.block; k0 += 128) step128(k0);
+        for (int r = 0; r < R; ++r) lut[r] = table_step(r, c >> sh);
+        for (k0 = c; k0 < c + w.block; k0 += 128) step128(k0);
       }
     }
     for (; k0 < K; k0 += 32) {  // K % 128 (blocks of 32, 64): the last blocks in k order
@@ -561,37 +571,40 @@ void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr) {
 namespace {
 
 template <class L, int R, bool kPair32>
-[[gnu::noinline]] void store_steps(const GemmWeight& w, int64_t j0, float* sc, uint16_t* out, int64_t ldo) {
-  decode_steps<L, R, kPair32>(w, j0, sc, [&](int64_t pos, const __m512bh (&wv)[R]) {
+[[gnu::noinline]] void store_steps(const GemmWeight& w, int64_t j0, int64_t k0, int64_t k1, float* sc, uint16_t* out, int64_t ldo) {
+  decode_steps<L, R, kPair32>(
+      w, j0, sc,
+      [&](int64_t pos, const __m512bh (&wv)[R]) {
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) _mm512_storeu_si512(out + r * ldo + pos, (__m512i)wv[r]);
-  });
+        for (int r = 0; r < R; ++r) _mm512_storeu_si512(out + r * ldo + (pos - k0), (__m512i)wv[r]);
+      },
+      k0, k1);
 }
 
 template <class L, int R>
-void store_steps_any(const GemmWeight& w, int64_t j0, float* sc, uint16_t* out, int64_t ldo) {
+void store_steps_any(const GemmWeight& w, int64_t j0, int64_t k0, int64_t k1, float* sc, uint16_t* out, int64_t ldo) {
   if constexpr (L::kCodeBits == 4)
-    if (w.block == 32) return store_steps<L, R, true>(w, j0, sc, out, ldo);
-  store_steps<L, R, false>(w, j0, sc, out, ldo);
+    if (w.block == 32) return store_steps<L, R, true>(w, j0, k0, k1, sc, out, ldo);
+  store_steps<L, R, false>(w, j0, k0, k1, sc, out, ldo);
 }
 
 template <class L>
-void decode_rows_fmt(const GemmWeight& w, int64_t n0, int nr, uint16_t* out, int64_t ldo) {
+void decode_rows_fmt(const GemmWeight& w, int64_t n0, int nr, int64_t k0, int kc, uint16_t* out, int64_t ldo) {
   static thread_local AlignedBuf sc_buf;
   float* sc = sc_buf.get(size_t(4 * (w.k / w.block)));
   int r = 0;
-  for (; r + 4 <= nr; r += 4) store_steps_any<L, 4>(w, n0 + r, sc, out + r * ldo, ldo);
-  for (; r < nr; ++r) store_steps_any<L, 1>(w, n0 + r, sc, out + r * ldo, ldo);
+  for (; r + 4 <= nr; r += 4) store_steps_any<L, 4>(w, n0 + r, k0, k0 + kc, sc, out + r * ldo, ldo);
+  for (; r < nr; ++r) store_steps_any<L, 1>(w, n0 + r, k0, k0 + kc, sc, out + r * ldo, ldo);
 }
 
 }  // namespace
 
-void decode_rows_avx512bf16(const GemmWeight& w, int64_t n0, int nr, uint16_t* out, int64_t ldo) {
+void decode_rows_avx512bf16(const GemmWeight& w, int64_t n0, int nr, int64_t k0, int kc, uint16_t* out, int64_t ldo) {
   switch (w.fmt) {
     case Fmt::nf4:
-    case Fmt::fp4: return decode_rows_fmt<LutDecode<4, true>>(w, n0, nr, out, ldo);
-    case Fmt::int4: return decode_rows_fmt<LutDecode<4, false>>(w, n0, nr, out, ldo);
-    case Fmt::int2: return decode_rows_fmt<LutDecode<2, false>>(w, n0, nr, out, ldo);
+    case Fmt::fp4: return decode_rows_fmt<LutDecode<4, true>>(w, n0, nr, k0, kc, out, ldo);
+    case Fmt::int4: return decode_rows_fmt<LutDecode<4, false>>(w, n0, nr, k0, kc, out, ldo);
+    case Fmt::int2: return decode_rows_fmt<LutDecode<2, false>>(w, n0, nr, k0, kc, out, ldo);
   }
 }
 

@@ -44,9 +44,10 @@ void gemm_t_bf16_amx_emu(const GemmParams& p);
 void lowrank_backward_bf16_avx512bf16(const LowrankBackwardParams& p);  // the lowrank backward, same TUs
 void gemv_bf16_avx512bf16(const GemmParams& p, const LowrankParams* lr);  // small M, the dot form
 // The AMX rows form (gemm_amx.h) on CPUs with AVX-512 BF16 (every 'amx' CPU; 'amx-emulated' where present):
-// rows [n0, n0 + nr) of W, all K, decoded into out (row stride ldo) in the dot form's step order; x's row
-// of k values put in that order (deinterleave64 / deinterleave128 of gemm_avx512bf16.cpp).
-void decode_rows_avx512bf16(const GemmWeight& w, int64_t n0, int nr, uint16_t* out, int64_t ldo);
+// rows [n0, n0 + nr) of W, columns [k0, k0 + kc) (k0 a multiple of 128; kc too, or k0 + kc = K), decoded
+// into out (row stride ldo) in the dot form's step order; x's row of k values put in that order
+// (deinterleave64 / deinterleave128 of gemm_avx512bf16.cpp).
+void decode_rows_avx512bf16(const GemmWeight& w, int64_t n0, int nr, int64_t k0, int kc, uint16_t* out, int64_t ldo);
 void step_order_avx512bf16(Fmt fmt, const uint16_t* src, int64_t k, uint16_t* dst);
 bool cpu_can_avx512bf16();  // dispatch.cpp: the CPU has AVX-512 F/BW/VL/VNNI/BF16 (whatever the path)
 void gemm_rows_amx(const GemmParams& p, const LowrankParams* lr);      // gemm_amx.cpp
