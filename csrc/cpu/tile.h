@@ -27,6 +27,7 @@
 // thread_local memory), configurations other than 16 × 64.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -106,6 +107,20 @@ inline Regs& regs() {
 inline void need_config() {
   if (!regs().configured) throw std::logic_error("tile emulator: tile instruction before configure()");
 }
+// Timing builds only (CMake -DLOWBIT_TILE_PROXY=ON, bench/amx_proxy.py): with LOWBIT_TILE_ELIDE=1 in the
+// environment, load, store and the products do nothing — what is left of an AMX kernel is the work around
+// its tile operations (decode, packing, epilogue), timed on a CPU without AMX. Results are then wrong.
+#if LOWBIT_TILE_ELIDE
+inline bool elided() {
+  static const bool e = [] {
+    const char* v = std::getenv("LOWBIT_TILE_ELIDE");
+    return v && v[0] == '1';
+  }();
+  return e;
+}
+#else
+constexpr bool elided() { return false; }
+#endif
 
 inline void configure() {
   Regs& r = regs();
@@ -117,10 +132,12 @@ template <int T> inline void zero() {
   std::memset(regs().t[T], 0, sizeof regs().t[T]);
 }
 template <int T> inline void load(const void* p, int64_t stride) {
+  if (elided()) return;
   need_config();
   for (int r = 0; r < kRows; ++r) std::memcpy(regs().t[T][r], static_cast<const uint8_t*>(p) + r * stride, kColsB);
 }
 template <int T> inline void store(void* p, int64_t stride) {
+  if (elided()) return;
   need_config();
   for (int r = 0; r < kRows; ++r) std::memcpy(static_cast<uint8_t*>(p) + r * stride, regs().t[T][r], kColsB);
 }
@@ -144,6 +161,7 @@ inline float ftz(float f) {
 
 template <int C, int A, int B> inline void dpbf16ps() {
   static_assert(C != A && C != B && A != B, "tdpbf16ps needs three different tiles");
+  if (elided()) return;
   need_config();
   Regs& R = regs();
   for (int m = 0; m < kRows; ++m) {
@@ -161,6 +179,7 @@ template <int C, int A, int B> inline void dpbf16ps() {
 }
 template <int C, int A, int B, bool BSigned> inline void dpbd() {
   static_assert(C != A && C != B && A != B, "tdpb*d needs three different tiles");
+  if (elided()) return;
   need_config();
   Regs& R = regs();
   for (int m = 0; m < kRows; ++m) {
