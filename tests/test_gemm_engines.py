@@ -65,6 +65,19 @@ def assert_f32_out(y, ref, rel):
 
 
 # ---------------------------------------------------------------- bf16 activations: torch's bf16 matmul
+def check_linear_bf16(qt, m, g):
+    """lowbit.linear on m random bf16 rows (and a bf16 bias) from g against float64 on the same operands;
+    the weight it decodes (dequantize(bf16), float64)."""
+    n, k = qt.shape
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    y = lowbit.linear(x, qt, bias)
+    wd = qt.dequantize(torch.bfloat16).double()
+    assert y.dtype == torch.bfloat16
+    assert_bf16_out(y, x.double() @ wd.T + bias.double(), float((x.double().abs() @ wd.abs().T).max()))
+    return wd
+
+
 CASES = [  # (fmt, block, double quant): every format, every block, dq on and off
     ("nf4", 64, True), ("nf4", 32, False), ("fp4", 128, True), ("fp4", 256, False),
     ("int4", 32, False), ("int4", 256, True), ("int2", 64, False), ("int2", 128, True),
@@ -79,14 +92,8 @@ def test_engine_gemm_bf16(engine_path, fmt, block, dq, m):
     n = block * 3 if m % 2 else 200
     qt = quantized(n, k, fmt, block, dq, seed=m)
     g = torch.Generator().manual_seed(100 + m)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    bias = torch.randn(n, generator=g).to(torch.bfloat16)
     assert _C.gemm_route(1, m, False) == ROUTE[engine_path]
-    y = lowbit.linear(x, qt, bias)
-    wd = qt.dequantize(torch.bfloat16).double()
-    ref = x.double() @ wd.T + bias.double()
-    assert y.dtype == torch.bfloat16
-    assert_bf16_out(y, ref, float((x.double().abs() @ wd.abs().T).max()))
+    wd = check_linear_bf16(qt, m, g)
     # gemm_t: gx = gy · Ŵ, contraction over N (odd or not a multiple of 32: zero-padded)
     gy = torch.randn(m, n, generator=g).to(torch.bfloat16)
     assert _C.gemm_route(1, m, True) == ROUTE[engine_path]
@@ -249,14 +256,8 @@ def test_amx_rows_gemm(rows_path, fmt, block, dq, m, kb):
     k = block * kb
     n = block * 3 + 1 if m % 2 else 200
     qt = quantized(n, k, fmt, block, dq, seed=m + kb)
-    g = torch.Generator().manual_seed(200 + m)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    bias = torch.randn(n, generator=g).to(torch.bfloat16)
     assert _C.gemm_route(1, m, False) == ROWS_ROUTE[rows_path]
-    y = lowbit.linear(x, qt, bias)
-    wd = qt.dequantize(torch.bfloat16).double()
-    assert y.dtype == torch.bfloat16
-    assert_bf16_out(y, x.double() @ wd.T + bias.double(), float((x.double().abs() @ wd.abs().T).max()))
+    check_linear_bf16(qt, m, torch.Generator().manual_seed(200 + m))
 
 
 @pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
