@@ -55,7 +55,6 @@ struct Amx {
   }
 };
 
-
 // ---- The rows form (small M, route amx_rows): W's decoded rows as the A tiles ----------------------------
 // C = X · Ŵᵀ computed as Cᵀ = Ŵ · Xᵀ: A tiles = 16 rows of Ŵ × 32 k, row-major as the decode writes
 // them — no transpose into the B layout (the engine's tile_rows spends ≈ 4 of its ≈ 11 instructions per 32
@@ -130,22 +129,21 @@ void rows_group(const RowsTerm* terms, int nt, int64_t n0, bool fast, uint16_t* 
   for (int t = 0; t < nt; ++t) {
     const RowsTerm& T = terms[t];
     for (int64_t k0 = 0; k0 < T.kp; k0 += kRowsKC) {
-    const int kc = int(std::min<int64_t>(kRowsKC, T.kp - k0));
-    rows_a(T, n0, k0, kc, fast, a, lda, tmp);
-    const int64_t sa = lda * 2;
-    for (int64_t ks = k0 / 32; ks < (k0 + kc) / 32; ++ks) {
-      const int32_t* b = T.b + ks * G * 256;
-      tile::load<4>(a + (ks * 32 - k0), sa);
-      tile::load<5>(a + 16 * lda + (ks * 32 - k0), sa);
-      tile::load<6>(b, 64);
-      tile::dpbf16ps<0, 4, 6>();
-      tile::dpbf16ps<2, 5, 6>();
-      if (G == 2) {
-        tile::load<7>(b + 256, 64);
-        tile::dpbf16ps<1, 4, 7>();
-        tile::dpbf16ps<3, 5, 7>();
+      const int kc = int(std::min<int64_t>(kRowsKC, T.kp - k0));
+      rows_a(T, n0, k0, kc, fast, a, lda, tmp);
+      for (int64_t s = 0; s < kc; s += 32) {
+        const int32_t* b = T.b + (k0 + s) / 32 * G * 256;
+        tile::load<4>(a + s, lda * 2);
+        tile::load<5>(a + 16 * lda + s, lda * 2);
+        tile::load<6>(b, 64);
+        tile::dpbf16ps<0, 4, 6>();
+        tile::dpbf16ps<2, 5, 6>();
+        if (G == 2) {
+          tile::load<7>(b + 256, 64);
+          tile::dpbf16ps<1, 4, 7>();
+          tile::dpbf16ps<3, 5, 7>();
+        }
       }
-    }
     }
   }
   tile::store<0>(cbuf, 128), tile::store<2>(cbuf + 16 * 32, 128);
@@ -165,7 +163,7 @@ inline void pack_rows_b(const uint16_t* xr, int64_t k, int G, int64_t ka, int64_
     }
 }
 
-// Rows [0, mv) × columns [0, nv) of the transposed C of a group: ct[m][i] = cbuf[i][m].
+// The group's C transposed: ct[m][i] = cbuf[i][m] (32 × 16G → 16G × 32, 8 × 8 blocks).
 inline void rows_transpose(const float* cbuf, int G, float* ct) {
   const int32_t* c = reinterpret_cast<const int32_t*>(cbuf);
   int32_t* t = reinterpret_cast<int32_t*>(ct);

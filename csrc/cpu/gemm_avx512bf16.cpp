@@ -196,7 +196,7 @@ inline void deinterleave128(const uint16_t* src, int64_t K, uint16_t* dst) {
 // wv[r] = row r's 32 values (bf16, exactly dequantize(bf16)) at positions [pos, pos + 32) of the *step
 // order* — every whole chunk of 64 (4-bit formats; 128 for int2) as deinterleave64 (deinterleave128) stores
 // x, a last partial chunk in k order. The dot form pairs them with x in that order; the AMX rows form
-// (rows_bf16_avx512bf16) stores them as its A tiles. kPair32: blocks of 32 (a 64-weight step spans two).
+// (decode_rows_avx512bf16) stores them as its A tiles. kPair32: blocks of 32 (a 64-weight step spans two).
 // Columns [kb, ke) only (kb a multiple of 128, ke = K or a multiple of 128: the rows form's chunks; the dot
 // form takes all of K). sc: room for R · K / block floats (the rows' scales, decoded up front, at
 // sc[r · K / block + block index]).
