@@ -100,7 +100,7 @@ def bench(args) -> int:
               + (["--quick"] if args.dry_run else []), "gemm_bf16"),
              ([py, "bench/bench_gemm.py", "--crossover", *th, "--json", f"{out}/crossover.json"]
               + (["--quick", "--ms-bf16", "1,3,4,8,13", "--ab-rounds", "7"] if args.dry_run
-                 else ["--ms-bf16", "1,2,3,4,5,6,8,12,16,24,32,40"]), "crossover"),  # up to the rows form's 32
+                 else ["--ms-bf16", "1,2,3,4,5,6,8,12,16,24,32,40,64,128"]), "crossover"),  # the rows form to 128
              ([py, "bench/bench_lowrank.py", "--quick", *th, "--json", f"{out}/lowrank.json"], "lowrank")]
     if not args.dry_run:
         steps += [([py, "bench/bench_lowrank.py", "--train-shapes", *th, "--json", f"{out}/train_shapes.json"],

@@ -5,8 +5,9 @@ packing around the tiles — ordinary AVX-512 code that any AVX-512 BF16 CPU run
 extension once more with -DLOWBIT_TILE_PROXY=ON (into build/amx-proxy; never installed): the emulated AMX
 engine compiled with the AMX build's AVX-512 decode, and tile operations that do nothing when
 LOWBIT_TILE_ELIDE=1. It validates both small-M forms of the AMX path with the tiles emulated (a child
-process, against float64), then times the rows form (csrc/cpu/gemm_amx.h, route amx_rows, M <= 32) against
-the panel engine (route amx) with the tiles elided, alternated in one process (medians, ratios).
+process, against float64), then times the rows form (csrc/cpu/gemm_amx.h, route amx_rows) against
+the panel engine (route amx) with the tiles elided, alternated in one process (medians, ratios); M up to
+128 (the rows form's m-blocks; its route's default stops at 32).
 
 What the figure is: decode + packing + epilogue of each form. What it is not: the tile products (on AMX
 one tdpbf16ps, 16 x 16 x 32 MACs, per ~16 cycles per core) nor the cost of real tile loads. A ratio from
@@ -38,7 +39,7 @@ from bench_gemm import kernel_call, load_build  # noqa: E402
 
 BUILD = os.path.join(ROOT, "build", "amx-proxy")
 # route hooks (csrc/cpu/gemm_avx2.cpp, read per call): every M on the AMX engines, the rows form on or off
-FORMS = {"rows": "32", "engine": "0"}
+FORMS = {"rows": "128", "engine": "0"}
 
 
 def build() -> str:
@@ -100,8 +101,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
-    if any(m > 32 for m in ms):
-        raise SystemExit("--ms: the rows form takes M <= 32")
+    if any(m > 128 for m in ms):
+        raise SystemExit("--ms: the rows form takes M <= 128")
     torch.set_num_threads(args.threads)
     os.environ["LOWBIT_GEMV_MAX_M"] = "0"  # no GEMV: the AMX forms at every M
     if args.validate_only:

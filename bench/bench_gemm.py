@@ -295,7 +295,7 @@ def crossover_table(args) -> dict:
     """Which small-M kernel is fastest at each M (issue 13: "measure the crossover"): bf16 x (and fp32 x
     under ``medium``), nf4+dq and int4, the same kernel entry called with every M on the int16 / int8 GEMV
     (LOWBIT_GEMV_MAX_M=64), on the dot-form bf16 GEMV where the path has it (LOWBIT_GEMV_MAX_M=0,
-    LOWBIT_GEMV_BF16_MAX_M=64), on the AMX rows form on the AMX paths (M ≤ 32: LOWBIT_AMX_ROWS_MAX_M=32)
+    LOWBIT_GEMV_BF16_MAX_M=64), on the AMX rows form on the AMX paths (M ≤ 128: LOWBIT_AMX_ROWS_MAX_M=128)
     and on the engine (all 0; the variables are read per call), alternated, after each was validated
     against float64. Prints the fastest per M next to the kernel ``gemm_route`` picks now (the constants
     kGemvEngineMaxM, kGemvEngineMaxMI8, kGemvBf16MaxM, kAmxRowsMaxM and dot_path_gemv_max_m in
@@ -328,9 +328,9 @@ def crossover_table(args) -> dict:
             fn()
         return call
 
-    kernels = {"gemv_i16": ("64", "0", "0"), "gemv_bf16": ("0", "64", "0"), "rows": ("0", "0", "32"),
+    rows_max = 128  # the AMX rows form takes at most 128 rows of x (its route's default stops at 32)
+    kernels = {"gemv_i16": ("64", "0", "0"), "gemv_bf16": ("0", "64", "0"), "rows": ("0", "0", str(rows_max)),
                "engine": ("0", "0", "0")}
-    rows_max = 32  # the AMX rows form takes at most 32 rows of x
     try:
         for dtype, prec in ((torch.bfloat16, "high"), (torch.float32, "medium")):
             lowbit.set_matmul_precision(prec)

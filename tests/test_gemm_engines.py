@@ -231,10 +231,11 @@ ROWS_DECODES = ["generic"] + (["fast"] if "avx512bf16" in ENGINES else [])
 
 @pytest.fixture
 def rows_path(request, monkeypatch):
-    """An AMX path with every M ≤ 32 on the rows form (gemm_amx.h) and the given decode."""
+    """An AMX path with every M ≤ 128 on the rows form (gemm_amx.h; the route's default stops at 32) and
+    the given decode."""
     path, decode = request.param
     monkeypatch.setenv("LOWBIT_GEMV_MAX_M", "0")
-    monkeypatch.setenv("LOWBIT_AMX_ROWS_MAX_M", "32")
+    monkeypatch.setenv("LOWBIT_AMX_ROWS_MAX_M", "128")
     monkeypatch.setenv("LOWBIT_AMX_ROWS_DECODE", decode)
     old = _C.cpu_path()
     _C.set_cpu_path(path)
@@ -258,6 +259,17 @@ def test_amx_rows_gemm(rows_path, fmt, block, dq, m, kb):
     qt = quantized(n, k, fmt, block, dq, seed=m + kb)
     assert _C.gemm_route(1, m, False) == ROWS_ROUTE[rows_path]
     check_linear_bf16(qt, m, torch.Generator().manual_seed(200 + m))
+
+
+@pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
+@pytest.mark.parametrize("fmt,block,dq", [("nf4", 64, True), ("int4", 32, False), ("int2", 128, True)])
+@pytest.mark.parametrize("m", [33, 48, 100, 128])
+def test_amx_rows_m_blocks(rows_path, fmt, block, dq, m):
+    """M above 32: m-blocks of 32 rows of x per decoded chunk (the last one of 16 or 32 rows), C through the
+    buffer between chunks (K = 4096 + 3 blocks: two chunks)."""
+    qt = quantized(40, 4096 + 3 * block, fmt, block, dq, seed=m)
+    assert _C.gemm_route(1, m, False) == ROWS_ROUTE[rows_path]
+    check_linear_bf16(qt, m, torch.Generator().manual_seed(300 + m))
 
 
 @pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
@@ -291,7 +303,7 @@ def test_amx_rows_fp32_accumulation(rows_path, fmt, m):
 
 @pytest.mark.parametrize("rows_path", ROWS_PARAMS, indirect=True)
 @pytest.mark.parametrize("fmt,block,dq", [("nf4", 64, True), ("int4", 32, False), ("int2", 256, True)])
-@pytest.mark.parametrize("m,r", [(1, 1), (5, 16), (17, 40), (32, 120)])
+@pytest.mark.parametrize("m,r", [(1, 1), (5, 16), (17, 40), (32, 120), (70, 16)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_amx_rows_lowrank(rows_path, fmt, block, dq, m, r, dtype):
     """The lowrank forward on the rows form: xa = x·Aᵀ on the tiles, then (s·xa in bf16)·Bᵀ as a second
@@ -309,20 +321,21 @@ def test_amx_rows_threads_and_non_finite_rows(rows_path):
     element reaches only its own row of y."""
     n, k = 300, 512
     qt = quantized(n, k, "int4", 128, False, seed=2)
-    x = torch.randn(20, k).to(torch.bfloat16)
-    old = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(lowbit.linear(x, qt))
-    finally:
-        torch.set_num_threads(old)
-    assert all(torch.equal(o, outs[0]) for o in outs[1:])
-    x[3, 17], x[18, 200] = float("nan"), float("inf")
-    bad = ~torch.isfinite(lowbit.linear(x, qt))
-    assert bool(bad[3].all()) and bool(bad[18].any())
-    assert not bool(bad[[i for i in range(20) if i not in (3, 18)]].any())
+    for m in (20, 70):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        old = torch.get_num_threads()
+        try:
+            outs = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(lowbit.linear(x, qt))
+        finally:
+            torch.set_num_threads(old)
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        x[3, 17], x[m - 2, 200] = float("nan"), float("inf")
+        bad = ~torch.isfinite(lowbit.linear(x, qt))
+        assert bool(bad[3].all()) and bool(bad[m - 2].any())
+        assert not bool(bad[[i for i in range(m) if i not in (3, m - 2)]].any())
 
 
 @pytest.mark.parametrize("path", AMX_PATHS)

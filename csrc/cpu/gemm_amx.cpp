@@ -9,6 +9,6 @@ namespace lowbit::cpu {
 void gemm_bf16_amx(const GemmParams& p, const LowrankParams* lr) { gemm_bf16<Amx>(p, lr); }
 void gemm_t_bf16_amx(const GemmParams& p) { gemm_t_bf16<Amx>(p); }
 void lowrank_backward_bf16_amx(const LowrankBackwardParams& p) { lowrank_backward_bf16<Amx>(p); }
-void gemm_rows_amx(const GemmParams& p, const LowrankParams* lr) { gemm_rows_any(p, lr); }
+void gemm_rows_amx(const GemmParams& p, const LowrankParams* lr) { gemm_rows(p, lr); }
 
 }  // namespace lowbit::cpu

@@ -59,8 +59,10 @@ struct Amx {
 // C = X · Ŵᵀ computed as Cᵀ = Ŵ · Xᵀ: A tiles = 16 rows of Ŵ × 32 k, row-major as the decode writes
 // them — no transpose into the B layout (the engine's tile_rows spends ≈ 4 of its ≈ 11 instructions per 32
 // weights on it); B tiles = x packed once per call, 16 k-pairs × 16 rows of x; C tiles = 16 rows of W ×
-// 16 rows of x, in the tile registers over all of K (no C round trips between k blocks). M ≤ 32: one or
-// two B tiles per 32 k (G = 1, 2); per 32 k, 2 A loads, G B loads, 2G tdpbf16ps.
+// 16 rows of x, in the tile registers over all of K (no C round trips between k blocks) for M ≤ 32: one or
+// two B tiles per 32 k; per 32 k, 2 A loads, 1-2 B loads, 2-4 tdpbf16ps. Up to M = 128 (kRowsMaxM), in
+// m-blocks of 32 rows of x per decoded chunk, C through a buffer between chunks (the route's default stops
+// at 32; above is for the AMX crossover to time).
 // Per thread, groups of 32 rows of W (dynamic): per chunk of up to 4096 k, the group's 32 rows decoded into
 // a buffer, then the chunk's tile steps. The decode is the dot form's
 // (decode_rows_avx512bf16: nf4 / fp4 / int4 4 instructions per 64 weights, int2 3 per 32), whose
@@ -118,74 +120,102 @@ inline void rows_a(const RowsTerm& t, int64_t n0, int64_t k0, int kc, bool fast,
   for (int r = nr; r < kRowsGroup; ++r) std::memset(a + r * lda, 0, sizeof(uint16_t) * size_t(kc));
 }
 
-// The C tiles of one group of 32 source rows over the terms → cbuf[32 rows][32 columns] (fp32). Each term
-// in chunks of kRowsKC columns (the decoded chunk: 32 × 4096 bf16, 256 KiB, in L2): smaller chunks cost
-// more in the decode's per-call set-up (its scales and tables per 4 rows) than they saved — Zen 4, the
-// tile operations elided (docs/kernels.md), 4096², M = 1-32: chunks of 256 ≈ 5×, of 1024 ≈ 1.3× the time.
-template <int G>
-void rows_group(const RowsTerm* terms, int nt, int64_t n0, bool fast, uint16_t* a, int64_t lda, uint16_t* tmp, float* cbuf) {
-  tile::zero<0>(), tile::zero<2>();
-  if (G == 2) tile::zero<1>(), tile::zero<3>();
+// One m-block's k steps of a chunk: C tiles 0, 2 (and 1, 3: `two`, the block's second 16 rows of x) +=
+// the chunk's A rows (a, row stride lda, kc columns from column k0 of the term) · B tiles from g0 of gt.
+inline void rows_steps(const int32_t* b, int64_t gt, int64_t g0, bool two, const uint16_t* a, int64_t lda, int64_t k0, int kc) {
+  for (int64_t s = 0; s < kc; s += 32) {
+    const int32_t* bt = b + ((k0 + s) / 32 * gt + g0) * 256;
+    tile::load<4>(a + s, lda * 2);
+    tile::load<5>(a + 16 * lda + s, lda * 2);
+    tile::load<6>(bt, 64);
+    tile::dpbf16ps<0, 4, 6>();
+    tile::dpbf16ps<2, 5, 6>();
+    if (two) {
+      tile::load<7>(bt + 256, 64);
+      tile::dpbf16ps<1, 4, 7>();
+      tile::dpbf16ps<3, 5, 7>();
+    }
+  }
+}
+
+inline void rows_c_store(float* cb, bool two) {  // C tiles → cb[32 rows][32 columns]
+  tile::store<0>(cb, 128), tile::store<2>(cb + 16 * 32, 128);
+  if (two) tile::store<1>(cb + 16, 128), tile::store<3>(cb + 16 * 32 + 16, 128);
+}
+
+// The C of one group of 32 source rows over the terms, for gt 16-row groups of x → cbuf (per m-block of
+// 32 rows of x: [32 source rows][32 columns], 1024 floats). Each term in chunks of kRowsKC columns (the
+// decoded chunk: 32 × 4096 bf16, 256 KiB, in L2): smaller chunks cost more in the decode's per-call
+// set-up (its scales and tables per 4 rows) than they saved — Zen 4, the tile operations elided
+// (docs/kernels.md), 4096², M = 1-32: chunks of 256 ≈ 5×, of 1024 ≈ 1.3× the time. One m-block (M ≤ 32):
+// C stays in the tiles over every chunk and term; more: each chunk's decode serves every m-block, C going
+// through cbuf between chunks.
+inline void rows_group(const RowsTerm* terms, int nt, int64_t n0, int64_t gt, bool fast, uint16_t* a, int64_t lda,
+                       uint16_t* tmp, float* cbuf) {
+  const int64_t nmb = (gt + 1) / 2;
   for (int t = 0; t < nt; ++t) {
     const RowsTerm& T = terms[t];
     for (int64_t k0 = 0; k0 < T.kp; k0 += kRowsKC) {
       const int kc = int(std::min<int64_t>(kRowsKC, T.kp - k0));
       rows_a(T, n0, k0, kc, fast, a, lda, tmp);
-      for (int64_t s = 0; s < kc; s += 32) {
-        const int32_t* b = T.b + (k0 + s) / 32 * G * 256;
-        tile::load<4>(a + s, lda * 2);
-        tile::load<5>(a + 16 * lda + s, lda * 2);
-        tile::load<6>(b, 64);
-        tile::dpbf16ps<0, 4, 6>();
-        tile::dpbf16ps<2, 5, 6>();
-        if (G == 2) {
-          tile::load<7>(b + 256, 64);
-          tile::dpbf16ps<1, 4, 7>();
-          tile::dpbf16ps<3, 5, 7>();
+      for (int64_t mb = 0; mb < nmb; ++mb) {
+        const bool two = 2 * mb + 1 < gt, first = t == 0 && k0 == 0;
+        float* cb = cbuf + mb * 1024;
+        if (first) {
+          tile::zero<0>(), tile::zero<1>(), tile::zero<2>(), tile::zero<3>();
+        } else if (nmb > 1) {
+          tile::load<0>(cb, 128), tile::load<1>(cb + 16, 128);
+          tile::load<2>(cb + 16 * 32, 128), tile::load<3>(cb + 16 * 32 + 16, 128);
         }
+        rows_steps(T.b, gt, 2 * mb, two, a, lda, k0, kc);
+        if (nmb > 1) rows_c_store(cb, two);
       }
     }
   }
-  tile::store<0>(cbuf, 128), tile::store<2>(cbuf + 16 * 32, 128);
-  if (G == 2) tile::store<1>(cbuf + 16, 128), tile::store<3>(cbuf + 16 * 32 + 16, 128);
+  if (nmb == 1) rows_c_store(cbuf, gt == 2);
 }
 
-// B tiles of 16·G rows (rows [0, 16G) of xr, row stride k, bf16 in the term's order): tile (ks, g) at
-// (ks·G + g) · 256 dwords, row p, column c = the pair at k = 32ks + 2p of row 16g + c. Steps [ka, kb).
-inline void pack_rows_b(const uint16_t* xr, int64_t k, int G, int64_t ka, int64_t kb, int32_t* out) {
+// B tiles of 16·gt rows (rows [0, 16gt) of xr, row stride k, bf16 in the term's order): tile (ks, g) at
+// (ks·gt + g) · 256 dwords, row p, column c = the pair at k = 32ks + 2p of row 16g + c. Steps [ka, kb).
+inline void pack_rows_b(const uint16_t* xr, int64_t k, int64_t gt, int64_t ka, int64_t kb, int32_t* out) {
   const int32_t* x32 = reinterpret_cast<const int32_t*>(xr);
   const int64_t l = k / 2;
   for (int64_t ks = ka; ks < kb; ++ks)
-    for (int g = 0; g < G; ++g) {
-      int32_t* tile = out + (ks * G + g) * 256;
+    for (int64_t g = 0; g < gt; ++g) {
+      int32_t* tile = out + (ks * gt + g) * 256;
       for (int cb = 0; cb < 2; ++cb)
         for (int pb = 0; pb < 2; ++pb) transpose8x8(x32 + (16 * g + 8 * cb) * l + 16 * ks + 8 * pb, l, tile + 8 * pb * 16 + 8 * cb, 16);
     }
 }
 
-// The group's C transposed: ct[m][i] = cbuf[i][m] (32 × 16G → 16G × 32, 8 × 8 blocks).
-inline void rows_transpose(const float* cbuf, int G, float* ct) {
-  const int32_t* c = reinterpret_cast<const int32_t*>(cbuf);
+// An m-block's C transposed: ct[m][i] = cb[i][m] (32 × 32, 8 × 8 blocks).
+inline void rows_transpose(const float* cb, float* ct) {
+  const int32_t* c = reinterpret_cast<const int32_t*>(cb);
   int32_t* t = reinterpret_cast<int32_t*>(ct);
-  for (int mb = 0; mb < 16 * G; mb += 8)
+  for (int mb = 0; mb < 32; mb += 8)
     for (int ib = 0; ib < kRowsGroup; ib += 8) transpose8x8(c + ib * 32 + mb, 32, t + mb * 32 + ib, 32);
 }
 
-template <int G>
-void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
-  const int64_t M = p.m, N = p.w.n, K = p.w.k;  // M ≤ 16·G; K % 32 == 0 (block ≥ 32)
+// M ≤ kRowsMaxM (route amx_rows; gemm_route's default range is smaller: the rest is there for
+// bench/amx_check.py's crossover to time on an AMX CPU through LOWBIT_AMX_ROWS_MAX_M).
+constexpr int64_t kRowsMaxM = 128;
+
+inline void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
+  const int64_t M = p.m, N = p.w.n, K = p.w.k;  // K % 32 == 0 (block ≥ 32)
+  if (M > kRowsMaxM) throw std::logic_error("gemm_rows: M > 128 (gemm_route keeps it lower)");
+  const int64_t gt = (M + 15) / 16, mp = 16 * gt, nmb = (gt + 1) / 2;  // 16-row groups of x; m-blocks of 32
   const int r = lr ? lr->r : 0;
   const int64_t rp = round_up(r, 32);
   const int order = p.w.fmt == Fmt::int2 ? 128 : 64;
   const bool fast = rows_fast_decode();
   static thread_local AlignedBufT<uint16_t> xs_buf, xk_buf, xas_buf;
   static thread_local AlignedBufT<int32_t> bs_buf, bk_buf, bxa_buf;
-  uint16_t* xs = xs_buf.get(size_t(16 * G * K));                  // x in the step order (W's term)
-  uint16_t* xk = lr ? xk_buf.get(size_t(16 * G * K)) : nullptr;   // x in k order (A's term)
-  int32_t* bs = bs_buf.get(size_t(K / 32 * G * 256));
-  int32_t* bk = lr ? bk_buf.get(size_t(K / 32 * G * 256)) : nullptr;
-  uint16_t* xas = lr ? xas_buf.get(size_t(16 * G * rp)) : nullptr;  // bf16(s·xa), rows of rp
-  int32_t* bxa = lr ? bxa_buf.get(size_t(rp / 32 * G * 256)) : nullptr;
+  uint16_t* xs = xs_buf.get(size_t(mp * K));                  // x in the step order (W's term)
+  uint16_t* xk = lr ? xk_buf.get(size_t(mp * K)) : nullptr;   // x in k order (A's term)
+  int32_t* bs = bs_buf.get(size_t(K / 32 * gt * 256));
+  int32_t* bk = lr ? bk_buf.get(size_t(K / 32 * gt * 256)) : nullptr;
+  uint16_t* xas = lr ? xas_buf.get(size_t(mp * rp)) : nullptr;  // bf16(s·xa), rows of rp
+  int32_t* bxa = lr ? bxa_buf.get(size_t(rp / 32 * gt * 256)) : nullptr;
   RowSrc wsrc;
   wsrc.w = &p.w, wsrc.rows = N, wsrc.cols = K;
   RowSrc asrc, bsrc;
@@ -194,18 +224,19 @@ void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
     bsrc.a = lr->b, bsrc.dt = p.dtype, bsrc.ld = r, bsrc.rows = N, bsrc.cols = r;
   }
   const int64_t lda = std::min<int64_t>(std::max(K, rp), kRowsKC) + kRowPad;
+  const size_t es = p.dtype == DType::f32 ? 4 : 2;
 #pragma omp parallel
   {
     static thread_local AlignedBufT<uint16_t> a_buf, tmp_buf;
     static thread_local AlignedBuf c_buf, ct_buf;
     uint16_t* a = a_buf.get(size_t(kRowsGroup * lda));
     uint16_t* tmp = tmp_buf.get(size_t(std::max<int64_t>(K, kRowsKC)));
-    float* cbuf = c_buf.get(size_t(kRowsGroup * 32));
-    float* ct = ct_buf.get(size_t(kRowsGroup * 32));
+    float* cbuf = c_buf.get(size_t(nmb * 1024));
+    float* ct = ct_buf.get(1024);
     Amx::thread_init();
     // x's rows in bf16, in both orders where the branch needs k order too; rows past M zero
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < 16 * G; ++m) {
+    for (int64_t m = 0; m < mp; ++m) {
       uint16_t* row = xk ? xk + m * K : tmp;
       if (m < M) pack_row_bf16(p.x, p.dtype, K, m, K, K, row);
       else std::memset(row, 0, sizeof(uint16_t) * size_t(K));
@@ -214,40 +245,40 @@ void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
     }
 #pragma omp for schedule(static)
     for (int64_t ks = 0; ks < K / 32; ++ks) {
-      pack_rows_b(xs, K, G, ks, ks + 1, bs);
-      if (lr) pack_rows_b(xk, K, G, ks, ks + 1, bk);
+      pack_rows_b(xs, K, gt, ks, ks + 1, bs);
+      if (lr) pack_rows_b(xk, K, gt, ks, ks + 1, bk);
     }
     if (lr) {  // xa = x·Aᵀ by groups of 32 of A's rows; then s·xa in bf16 as B tiles
       const RowsTerm ta{asrc, 0, bk, K};
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i0 = 0; i0 < rp; i0 += kRowsGroup) {
-        rows_group<G>(&ta, 1, i0, fast, a, lda, tmp, cbuf);
-        rows_transpose(cbuf, G, ct);
-        for (int64_t m = 0; m < 16 * G; ++m)
-          for (int64_t i = i0; i < std::min<int64_t>(rp, i0 + kRowsGroup); ++i) {
-            const float v = ct[m * 32 + (i - i0)];
-            if (m < M && i < r) store_from_float(lr->xa, p.dtype, m * r + i, v);
-            xas[m * rp + i] = m < M && i < r ? float_to_bf16(lr->s * v) : 0;
-          }
+        rows_group(&ta, 1, i0, gt, fast, a, lda, tmp, cbuf);
+        for (int64_t mb = 0; mb < nmb; ++mb) {
+          rows_transpose(cbuf + mb * 1024, ct);
+          for (int64_t m = 32 * mb; m < std::min(mp, 32 * mb + 32); ++m)
+            for (int64_t i = i0; i < i0 + kRowsGroup; ++i) {
+              const float v = ct[(m - 32 * mb) * 32 + (i - i0)];
+              if (m < M && i < r) store_from_float(lr->xa, p.dtype, m * r + i, v);
+              xas[m * rp + i] = m < M && i < r ? float_to_bf16(lr->s * v) : 0;
+            }
+        }
       }
 #pragma omp for schedule(static)
-      for (int64_t ks = 0; ks < rp / 32; ++ks) pack_rows_b(xas, rp, G, ks, ks + 1, bxa);
+      for (int64_t ks = 0; ks < rp / 32; ++ks) pack_rows_b(xas, rp, gt, ks, ks + 1, bxa);
     }
     const RowsTerm terms[2] = {{wsrc, order, bs, K}, {bsrc, 0, bxa, rp}};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n0 = 0; n0 < N; n0 += kRowsGroup) {
-      rows_group<G>(terms, lr ? 2 : 1, n0, fast, a, lda, tmp, cbuf);
-      rows_transpose(cbuf, G, ct);
-      store_rows(ct, 32, M, int(std::min<int64_t>(kRowsGroup, N - n0)), p.bias, p.dtype, p.y, N, n0);
+      rows_group(terms, lr ? 2 : 1, n0, gt, fast, a, lda, tmp, cbuf);
+      for (int64_t mb = 0; mb < nmb; ++mb) {
+        rows_transpose(cbuf + mb * 1024, ct);
+        store_rows(ct, 32, std::min<int64_t>(32, M - 32 * mb), int(std::min<int64_t>(kRowsGroup, N - n0)), p.bias,
+                   p.dtype, static_cast<char*>(p.y) + size_t(32 * mb * N) * es, N, n0);
+      }
     }
     Amx::thread_done();
   }
 }
 
-inline void gemm_rows_any(const GemmParams& p, const LowrankParams* lr) {
-  if (p.m > 32) throw std::logic_error("gemm_rows: M > 32 (gemm_route keeps it to 32)");
-  if (p.m > 16) return gemm_rows<2>(p, lr);
-  gemm_rows<1>(p, lr);
-}
 }  // namespace
 }  // namespace lowbit::cpu

@@ -437,17 +437,18 @@ inline int64_t gemv_bf16_max_m(Engine e) {
 }
 
 // The AMX rows form's range (gemm_amx.h: W's decoded rows as the A tiles, x as the B tiles, C transposed
-// in the epilogue), above the GEMV's: up to 32 rows of x (two B tiles). Written from the instruction
-// counts (the engine's decode: ≈ 11 instructions per 32 weights, 4 of them the transpose into the B
-// layout, once per call; the rows form's: ≈ 2-3 per 32, no transpose) and tested through the emulator;
-// **not yet timed on an AMX CPU** — bench/amx_check.py's crossover compares it with the engine there
-// (LOWBIT_AMX_ROWS_MAX_M: the hook, 0 = never; with LOWBIT_GEMV_MAX_M set and this not, none, as for
-// the dot form).
-constexpr int64_t kAmxRowsMaxM = 32;
+// in the epilogue), above the GEMV's: up to 32 rows of x (two B tiles, C kept in the tiles). Written from
+// the instruction counts (the engine's decode: ≈ 11 instructions per 32 weights, 4 of them the transpose
+// into the B layout, once per call; the rows form's: ≈ 2-3 per 32, no transpose; bench/amx_proxy.py, the
+// work around the tile operations on Zen 4: 1.9-2.2× less than the engine's at M = 1-32) and tested
+// through the emulator; **not yet timed on an AMX CPU** — bench/amx_check.py's crossover compares it with
+// the engine there. LOWBIT_AMX_ROWS_MAX_M: the hook, 0 = never, up to 128 (the form's m-blocks; what the
+// crossover times above 32); with LOWBIT_GEMV_MAX_M set and this not, none, as for the dot form.
+constexpr int64_t kAmxRowsMaxM = 32, kAmxRowsCapM = 128;
 inline int64_t amx_rows_max_m(Engine e) {
   if (e != Engine::amx && e != Engine::amx_emulated) return 0;
   const int64_t dflt = std::getenv("LOWBIT_GEMV_MAX_M") ? 0 : kAmxRowsMaxM;
-  return std::min<int64_t>(kAmxRowsMaxM, env_m("LOWBIT_AMX_ROWS_MAX_M", dflt));
+  return std::min<int64_t>(kAmxRowsCapM, env_m("LOWBIT_AMX_ROWS_MAX_M", dflt));
 }
 
 Route gemm_route(DType dt, int64_t m, bool transposed, Fmt fmt) {
