@@ -162,7 +162,8 @@ inline void rows_group(const RowsTerm* terms, int nt, int64_t n0, int64_t gt, bo
         const bool two = 2 * mb + 1 < gt, first = t == 0 && k0 == 0;
         float* cb = cbuf + mb * 1024;
         if (first) {
-          tile::zero<0>(), tile::zero<1>(), tile::zero<2>(), tile::zero<3>();
+          tile::zero<0>(), tile::zero<2>();
+          if (two) tile::zero<1>(), tile::zero<3>();
         } else if (nmb > 1) {
           tile::load<0>(cb, 128), tile::load<1>(cb + 16, 128);
           tile::load<2>(cb + 16 * 32, 128), tile::load<3>(cb + 16 * 32 + 16, 128);
