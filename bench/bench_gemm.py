@@ -417,7 +417,8 @@ def kernel_call(mod, product: str, x: torch.Tensor, qt, out: torch.Tensor):
     head = [x.data_ptr(), out.data_ptr()] + ([0] if product == "gemm" else [])
     args = head + [DTYPE_ID[x.dtype], x.shape[0], n, k] + ptrs + [off, qt.block_size, FMT_ID[qt.fmt]]
     fn = getattr(mod, product)
-    return lambda: fn(*args)
+    keep = (x, out, qt)  # the call holds what its pointers point into (a temporary out would be freed)
+    return lambda: fn(*args) if keep else None
 
 
 def ab_table(args) -> int:
