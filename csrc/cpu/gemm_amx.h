@@ -176,17 +176,16 @@ inline void rows_group(const RowsTerm* terms, int nt, int64_t n0, int64_t gt, bo
   if (nmb == 1) rows_c_store(cbuf, gt == 2);
 }
 
-// B tiles of 16·gt rows (rows [0, 16gt) of xr, row stride k, bf16 in the term's order): tile (ks, g) at
-// (ks·gt + g) · 256 dwords, row p, column c = the pair at k = 32ks + 2p of row 16g + c. Steps [ka, kb).
-inline void pack_rows_b(const uint16_t* xr, int64_t k, int64_t gt, int64_t ka, int64_t kb, int32_t* out) {
+// Step ks's B tiles of 16·gt rows (rows [0, 16gt) of xr, row stride k, bf16 in the term's order): tile
+// (ks, g) at (ks·gt + g) · 256 dwords, row p, column c = the pair at k = 32ks + 2p of row 16g + c.
+inline void pack_rows_b(const uint16_t* xr, int64_t k, int64_t gt, int64_t ks, int32_t* out) {
   const int32_t* x32 = reinterpret_cast<const int32_t*>(xr);
   const int64_t l = k / 2;
-  for (int64_t ks = ka; ks < kb; ++ks)
-    for (int64_t g = 0; g < gt; ++g) {
-      int32_t* tile = out + (ks * gt + g) * 256;
-      for (int cb = 0; cb < 2; ++cb)
-        for (int pb = 0; pb < 2; ++pb) transpose8x8(x32 + (16 * g + 8 * cb) * l + 16 * ks + 8 * pb, l, tile + 8 * pb * 16 + 8 * cb, 16);
-    }
+  for (int64_t g = 0; g < gt; ++g) {
+    int32_t* tile = out + (ks * gt + g) * 256;
+    for (int cb = 0; cb < 2; ++cb)
+      for (int pb = 0; pb < 2; ++pb) transpose8x8(x32 + (16 * g + 8 * cb) * l + 16 * ks + 8 * pb, l, tile + 8 * pb * 16 + 8 * cb, 16);
+  }
 }
 
 // An m-block's C transposed: ct[m][i] = cb[i][m] (32 × 32, 8 × 8 blocks).
@@ -246,8 +245,8 @@ inline void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
     }
 #pragma omp for schedule(static)
     for (int64_t ks = 0; ks < K / 32; ++ks) {
-      pack_rows_b(xs, K, gt, ks, ks + 1, bs);
-      if (lr) pack_rows_b(xk, K, gt, ks, ks + 1, bk);
+      pack_rows_b(xs, K, gt, ks, bs);
+      if (lr) pack_rows_b(xk, K, gt, ks, bk);
     }
     if (lr) {  // xa = x·Aᵀ by groups of 32 of A's rows; then s·xa in bf16 as B tiles
       const RowsTerm ta{asrc, 0, bk, K};
@@ -265,7 +264,7 @@ inline void gemm_rows(const GemmParams& p, const LowrankParams* lr) {
         }
       }
 #pragma omp for schedule(static)
-      for (int64_t ks = 0; ks < rp / 32; ++ks) pack_rows_b(xas, rp, gt, ks, ks + 1, bxa);
+      for (int64_t ks = 0; ks < rp / 32; ++ks) pack_rows_b(xas, rp, gt, ks, bxa);
     }
     const RowsTerm terms[2] = {{wsrc, order, bs, K}, {bsrc, 0, bxa, rp}};
 #pragma omp for schedule(dynamic, 1)

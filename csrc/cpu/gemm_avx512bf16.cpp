@@ -21,6 +21,7 @@
 // rounded to nearest even, denormals flushed (Intel's VDPBF16PS pseudo-code); products of two bf16
 // are exact in fp32. Error vs the float64 product of the same bf16 operands: fp32 accumulation only.
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/gemm_bf16.h"
 
@@ -424,12 +425,18 @@ void dot_dense(const uint16_t* xb, int64_t ldx, const uint16_t* a, int64_t K, fl
   for (int m = 0; m < MM; ++m) res[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// dot_rows with the step the weight's block needs (blocks of 32 pair in the 4-bit step; int2 has one kind).
+// f(kPair32) with the step kind the weight's block needs, as a std::bool_constant (blocks of 32 pair in the
+// 4-bit step; int2 has one kind): the one dispatch of dot_rows and store_steps.
+template <class L, class F>
+void by_step_kind(const GemmWeight& w, F&& f) {
+  if constexpr (L::kCodeBits == 4)
+    if (w.block == 32) return f(std::true_type{});
+  f(std::false_type{});
+}
+
 template <class L, int MM, int R>
 void dot_rows_any(const GemmWeight& w, const uint16_t* xp, int64_t j0, float* sc, float (&res)[MM][R]) {
-  if constexpr (L::kCodeBits == 4)
-    if (w.block == 32) return dot_rows<L, MM, R, true>(w, xp, w.k, j0, sc, res);
-  dot_rows<L, MM, R, false>(w, xp, w.k, j0, sc, res);
+  by_step_kind<L>(w, [&](auto pair) { dot_rows<L, MM, R, decltype(pair)::value>(w, xp, w.k, j0, sc, res); });
 }
 
 // Rows of W per pass: at M ≤ 4, 4 rows (16 accumulators); above, 2 (MM · 2 ≤ 16).
@@ -583,9 +590,7 @@ template <class L, int R, bool kPair32>
 
 template <class L, int R>
 void store_steps_any(const GemmWeight& w, int64_t j0, int64_t k0, int64_t k1, float* sc, uint16_t* out, int64_t ldo) {
-  if constexpr (L::kCodeBits == 4)
-    if (w.block == 32) return store_steps<L, R, true>(w, j0, k0, k1, sc, out, ldo);
-  store_steps<L, R, false>(w, j0, k0, k1, sc, out, ldo);
+  by_step_kind<L>(w, [&](auto pair) { store_steps<L, R, decltype(pair)::value>(w, j0, k0, k1, sc, out, ldo); });
 }
 
 template <class L>
